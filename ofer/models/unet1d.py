@@ -1,0 +1,291 @@
+"""The OFER denoiser: a "1D U-Net" over the channels of a FLAME parameter vector.
+
+OFER treats a parameter vector (B, D) as a signal of length 1 with D channels, so every kernel-size-1
+convolution of the public code is a Linear layer. We write it as such on (B, C) tensors: no fake length
+dimension, no `squeeze()` that breaks at batch size 1.
+
+Structure (OFER public code, `src/models/network/flameAttnNetwork.py`, `Unet`), for widths [w0, w1, ..., wL]:
+
+    x (B, D) -> input projection -> r (B, w0)
+    down level l (w_l -> w_{l+1}): ResBlock(w_l) x blocks_per_level (a skip after each; attention after the
+        last one, before its skip), then an MLP Linear(w_l, w_l)-SiLU-Linear(w_l, w_{l+1})
+    middle: ResBlock(wL), attention, ResBlock(wL)
+    up level l (w_{l+1} -> w_l): MLP Linear(w_{l+1}, w_{l+1})-SiLU-Linear(w_{l+1}, w_l), then
+        ResBlock(2 w_l -> w_l) x blocks_per_level, each fed concat(x, skip), then attention
+    final: ResBlock(concat(x, r): 2 w0 -> w0), attention, Linear(w0, D) -> predicted noise (B, D)
+
+Conditioning (time and image feature) enters only through FiLM in the ResBlocks, never by attention.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["Denoiser", "FiLMResBlock", "TokenSelfAttention", "RMSNorm", "sinusoidal_embedding"]
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int, *, theta: float = 10000.0) -> torch.Tensor:
+    """Transformer-style sinusoidal embedding of diffusion timesteps.
+
+    Args:
+        t: timesteps, shape (B,), any real or integer dtype.
+        dim: embedding size (even).
+        theta: largest wavelength factor.
+
+    Returns:
+        (B, dim) float32: [sin(t f_0..f_{h-1}), cos(t f_0..f_{h-1})], f_i = theta^(-i / (h - 1)), h = dim / 2.
+    """
+    # OFER: `SinusoidalPosEmb` of the public code (frequencies spaced by log(theta) / (half - 1)).
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, device=t.device, dtype=torch.float32) * (-math.log(theta) / (half - 1)))
+    args = t.to(torch.float32)[:, None] * freqs[None, :]  # (B, half)
+    return torch.cat((args.sin(), args.cos()), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation over the channel dimension with a learned gain (public code's `RMSNorm`)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.scale = dim**0.5
+        self.gain = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C) -> (B, C)."""
+        return F.normalize(x, dim=-1) * self.gain * self.scale
+
+
+class TokenSelfAttention(nn.Module):
+    """Pre-norm residual self-attention over `tokens` learned projections of one vector.
+
+    OFER's attention: the (B, C) vector is projected by `tokens` separate maps into `tokens` query/key/value
+    triples (the public code keeps these 16 maps in a plain Python list, so they are neither trained nor saved
+    and are re-drawn at random on every load). Here the maps are one registered Linear(C, tokens * 3 * H * Dh)
+    that yields all tokens in one matmul; its weight is, row block by row block, exactly the stack of the 16
+    public maps. The H-head attention output (B, H, T, Dh) is mapped back to C channels per token and the
+    tokens are mixed into one vector by a learned Linear(T, 1), as in the public code.
+    """
+
+    def __init__(self, dim: int, *, heads: int, head_dim: int, tokens: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim, self.tokens = heads, head_dim, tokens
+        hidden = heads * head_dim
+        self.norm = RMSNorm(dim)
+        self.to_qkv = nn.Linear(dim, tokens * 3 * hidden, bias=False)
+        self.to_out = nn.Linear(hidden, dim)
+        self.token_mix = nn.Linear(tokens, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C) -> x + attention(norm(x)), (B, C)."""
+        b = x.shape[0]
+        qkv = self.to_qkv(self.norm(x)).view(b, self.tokens, 3, self.heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, Dh)
+        o = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, Dh); scale Dh^-0.5 as the public code
+        # to_out per token followed by the token mix is linear in o, so mix the T tokens first (a T-times
+        # smaller matmul): sum_t w_t (W o_t + b) + c = W (sum_t w_t o_t) + b sum_t w_t + c.
+        w = self.token_mix.weight[0].to(o.dtype)  # (T,)
+        pooled = torch.einsum("bhtd,t->bhd", o, w).reshape(b, self.heads * self.head_dim)  # (B, H*Dh)
+        bias = self.to_out.bias * self.token_mix.weight.sum() + self.token_mix.bias
+        return x + F.linear(pooled, self.to_out.weight, bias)
+
+
+class FiLMResBlock(nn.Module):
+    """Residual block: Linear -> GroupNorm -> FiLM -> SiLU -> Linear -> GroupNorm -> SiLU, plus a skip.
+
+    OFER: `ResnetBlock` of the public code; FiLM (x * (1 + scale) + shift) acts in the first of the two
+    layers only, and the skip is a Linear when the width changes. The FiLM projection itself lives in
+    `Denoiser.film` (one fused matmul for all blocks); this block receives its (scale, shift).
+    """
+
+    def __init__(self, dim_in: int, dim_out: int, *, groups: int) -> None:
+        super().__init__()
+        self.lin1 = nn.Linear(dim_in, dim_out)
+        self.norm1 = nn.GroupNorm(groups, dim_out)
+        self.lin2 = nn.Linear(dim_out, dim_out)
+        self.norm2 = nn.GroupNorm(groups, dim_out)
+        self.skip = nn.Linear(dim_in, dim_out) if dim_in != dim_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """x: (B, dim_in); scale, shift: (B, dim_out) -> (B, dim_out)."""
+        h = F.silu(self.norm1(self.lin1(x)) * (1 + scale) + shift)
+        h = F.silu(self.norm2(self.lin2(h)))
+        return h + self.skip(x)
+
+
+def _width_mlp(dim_in: int, dim_out: int) -> nn.Sequential:
+    # OFER: `Downsample` / `Upsample` of the public code: Linear(in, in) -> SiLU -> Linear(in, out).
+    return nn.Sequential(nn.Linear(dim_in, dim_in), nn.SiLU(), nn.Linear(dim_in, dim_out))
+
+
+class Denoiser(nn.Module):
+    """OFER's noise predictor eps(x_t, t, cond) for IdGen (D=300) and ExpGen (D=53).
+
+    Paper settings: IdGen dim=300, widths (300, 50, 10), cond_dim=512 (ArcFace); ExpGen dim=53,
+    widths (53, 25, 10), cond_dim=1024 (ArcFace (+) FaRL). With attention both have the parameter counts
+    of the public code including its 16 unregistered projections: 12,452,394 and 3,161,209.
+
+    Args:
+        dim: size D of the parameter vector.
+        cond_dim: size of the conditioning vector.
+        widths: channel widths of the U-Net levels, widest first.
+        time_dim: size of the sinusoidal time embedding and of its MLP.
+        attention: use the token self-attention blocks (OFER: on). Off gives a pure FiLM-MLP U-Net.
+        attn_heads, attn_head_dim, attn_tokens: attention shape (OFER: 4 heads x 32 over 16 tokens).
+        groups: GroupNorm groups (OFER: 1, i.e. normalise over all channels); must divide every width.
+        blocks_per_level: ResBlocks per down and per up level (OFER: 2).
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        cond_dim: int,
+        widths: Sequence[int] = (300, 50, 10),
+        time_dim: int = 512,
+        attention: bool = True,
+        attn_heads: int = 4,
+        attn_head_dim: int = 32,
+        attn_tokens: int = 16,
+        groups: int = 1,
+        blocks_per_level: int = 2,
+    ) -> None:
+        super().__init__()
+        widths = tuple(int(w) for w in widths)
+        if dim < 1 or cond_dim < 1:
+            raise ValueError(f"Denoiser: dim and cond_dim must be >= 1, got dim={dim}, cond_dim={cond_dim}")
+        if len(widths) < 2 or min(widths) < 1:
+            raise ValueError(f"Denoiser: widths must list >= 2 positive widths (e.g. [300, 50, 10]), got {widths}")
+        if groups < 1 or any(w % groups for w in widths):
+            raise ValueError(f"Denoiser: groups={groups} must be >= 1 and divide every width in {widths}")
+        if time_dim < 4 or time_dim % 2:
+            raise ValueError(f"Denoiser: time_dim must be an even number >= 4, got {time_dim}")
+        if blocks_per_level < 1:
+            raise ValueError(f"Denoiser: blocks_per_level must be >= 1, got {blocks_per_level}")
+        if attention and min(attn_heads, attn_head_dim, attn_tokens) < 1:
+            raise ValueError(
+                f"Denoiser: attn_heads, attn_head_dim, attn_tokens must be >= 1, got "
+                f"{attn_heads}, {attn_head_dim}, {attn_tokens}"
+            )
+        self.dim, self.cond_dim, self.widths, self.time_dim = dim, cond_dim, widths, time_dim
+
+        def attn(w: int) -> nn.Module:
+            if not attention:
+                return nn.Identity()
+            return TokenSelfAttention(w, heads=attn_heads, head_dim=attn_head_dim, tokens=attn_tokens)
+
+        # OFER: sinusoidal 512 -> Linear -> GELU -> Linear.
+        self.time_mlp = nn.Sequential(nn.Linear(time_dim, time_dim), nn.GELU(), nn.Linear(time_dim, time_dim))
+        self.in_proj = nn.Linear(dim, widths[0])
+
+        film_widths: list[int] = []  # output width of every FiLM'd block, in forward order
+
+        def block(w_in: int, w_out: int) -> FiLMResBlock:
+            film_widths.append(w_out)
+            return FiLMResBlock(w_in, w_out, groups=groups)
+
+        levels = list(zip(widths[:-1], widths[1:]))
+        self.down_blocks = nn.ModuleList()
+        self.down_attn = nn.ModuleList()
+        self.down_mlp = nn.ModuleList()
+        for w_in, w_out in levels:
+            self.down_blocks.append(nn.ModuleList([block(w_in, w_in) for _ in range(blocks_per_level)]))
+            self.down_attn.append(attn(w_in))
+            self.down_mlp.append(_width_mlp(w_in, w_out))
+        w_mid = widths[-1]
+        self.mid_block1 = block(w_mid, w_mid)
+        self.mid_attn = attn(w_mid)
+        self.mid_block2 = block(w_mid, w_mid)
+        self.up_mlp = nn.ModuleList()
+        self.up_blocks = nn.ModuleList()
+        self.up_attn = nn.ModuleList()
+        for w_shallow, w_deep in reversed(levels):
+            self.up_mlp.append(_width_mlp(w_deep, w_shallow))
+            self.up_blocks.append(nn.ModuleList([block(2 * w_shallow, w_shallow) for _ in range(blocks_per_level)]))
+            self.up_attn.append(attn(w_shallow))
+        self.final_block = block(2 * widths[0], widths[0])
+        self.final_attn = attn(widths[0])
+        self.out_proj = nn.Linear(widths[0], dim)
+
+        # Our choice: the FiLM maps of all blocks are one Linear (same parameters as one per block, as in the
+        # public code) so a forward does one matmul for all (scale, shift) pairs instead of one per block.
+        # Its input is SiLU(concat(time embedding, cond)) (OFER: SiLU -> Linear on that concat).
+        self._film_sizes = [2 * w for w in film_widths]
+        self.film = nn.Linear(time_dim + cond_dim, sum(self._film_sizes))
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """(Re-)initialise all weights.
+
+        Linear layers keep PyTorch's default init (as the public code) and GroupNorm/RMSNorm start at unit
+        gain. Two special cases (DiT's adaLN-Zero recipe, our choice):
+        * the FiLM projection is zero, so every block starts unmodulated (scale + 1 = 1, shift = 0): time and
+          image feature are phased in by training instead of multiplying activations by random gains at step 0;
+        * the output layer is zero, so the first prediction is eps = 0 and training starts from the trivial
+          predictor instead of a random one whose error feeds back through the whole sampler.
+        Consequence: at initialisation the gradient reaching everything before the output layer (and the
+        gradient w.r.t. cond) is exactly zero; the first optimiser step moves only the output layer, the
+        second one reaches the rest of the network.
+        """
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+            if isinstance(module, RMSNorm):
+                nn.init.ones_(module.gain)
+        nn.init.zeros_(self.film.weight)
+        nn.init.zeros_(self.film.bias)
+        nn.init.zeros_(self.out_proj.weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Predict the noise in x.
+
+        Args:
+            x: noisy parameters x_t, shape (B, dim).
+            t: integer timesteps, shape (B,), int64.
+            cond: conditioning feature, shape (B, cond_dim).
+
+        Returns:
+            predicted noise, shape (B, dim).
+        """
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"Denoiser.forward: x must have shape (B, {self.dim}), got {tuple(x.shape)}")
+        b = x.shape[0]
+        if t.shape != (b,):
+            raise ValueError(f"Denoiser.forward: t must have shape ({b},), got {tuple(t.shape)}")
+        if cond.shape != (b, self.cond_dim):
+            raise ValueError(f"Denoiser.forward: cond must have shape ({b}, {self.cond_dim}), got {tuple(cond.shape)}")
+
+        t_emb = self.time_mlp(sinusoidal_embedding(t, self.time_dim))  # (B, time_dim)
+        emb = F.silu(torch.cat((t_emb, cond.to(t_emb.dtype)), dim=-1))  # (B, time_dim + cond_dim)
+        films = iter(self.film(emb).split(self._film_sizes, dim=-1))  # per block (B, 2 * w_out)
+
+        def run(block: FiLMResBlock, h: torch.Tensor) -> torch.Tensor:
+            scale, shift = next(films).chunk(2, dim=-1)
+            return block(h, scale, shift)
+
+        h = self.in_proj(x)
+        r = h
+        skips: list[torch.Tensor] = []
+        for blocks, attn, down in zip(self.down_blocks, self.down_attn, self.down_mlp):
+            for i, blk in enumerate(blocks):
+                h = run(blk, h)
+                if i == len(blocks) - 1:
+                    h = attn(h)
+                skips.append(h)
+            h = down(h)
+        h = run(self.mid_block1, h)
+        h = self.mid_attn(h)
+        h = run(self.mid_block2, h)
+        for up, blocks, attn in zip(self.up_mlp, self.up_blocks, self.up_attn):
+            h = up(h)
+            for blk in blocks:
+                h = run(blk, torch.cat((h, skips.pop()), dim=-1))
+            h = attn(h)
+        h = run(self.final_block, torch.cat((h, r), dim=-1))
+        h = self.final_attn(h)
+        return self.out_proj(h)
