@@ -193,9 +193,9 @@ def make_head_model(seed: int = 0) -> dict:
 
     # Shape: 300 smooth components over the whole head, low frequencies first, ~5 mm -> ~0.05 mm RMS.
     K_shape = 300
-    widths = 0.09 * (np.arange(1, K_shape + 1) ** -0.45)
+    widths = 0.1 * (np.arange(1, K_shape + 1) ** -0.4)
     shape_fields = _rbf_fields(rng, v, normals, widths, np.ones(V), n_centres=4)
-    shapedirs = _orthonormal_fields(shape_fields, 0.005 * np.arange(1, K_shape + 1) ** -0.8)
+    shapedirs = _orthonormal_fields(shape_fields, 0.005 * np.arange(1, K_shape + 1) ** -1.0)
 
     # Expression: 100 components localised on the face; a few named ones first.
     face_w = front * (1.0 - neck_t) * _smoothstep(0.075, 0.05, np.abs(x)) * _smoothstep(0.075, 0.055, y)

@@ -1,25 +1,52 @@
 """`scripts/make_synthetic.py`: every synthetic asset in the official formats, generated deterministically."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
+from typing import Any, Mapping
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ofer.config import build_flame
+from ofer.flame import FLAME
 from ofer.synthetic.assets import ensure_synthetic_flame
+from ofer.synthetic.dataset import write_mica_dataset
 from ofer.synthetic.export import export_samples
 
 log = logging.getLogger(__name__)
+
+
+def ensure_datasets(root: str | Path, flame: FLAME, datasets: Mapping[str, Mapping[str, Any]], *,
+                    force: bool = False) -> dict[str, Path]:
+    """Write each named dataset unless one generated with the same options is already there."""
+    root = Path(root)
+    out = {}
+    for name, opts in datasets.items():
+        opts = dict(opts)
+        stamp = root / name / "generator.json"
+        if not force and stamp.is_file() and (root / "image_paths" / f"{name}.npy").is_file():
+            try:
+                old = json.loads(stamp.read_text())
+                if all(old.get(k) == v for k, v in opts.items()):
+                    out[name] = root / name
+                    continue
+            except (OSError, ValueError):
+                pass
+        log.info("rendering synthetic dataset %s (%s)", name, opts)
+        out[name] = write_mica_dataset(root, name, flame, **opts)
+    return out
 
 
 def make_synthetic(cfg: DictConfig) -> dict[str, Path]:
     root = Path(cfg.paths.synthetic_dir)
     flame_paths = ensure_synthetic_flame(root, seed=int(cfg.seed), force=bool(cfg.force))
     flame = build_flame(cfg.paths)
+    datasets = OmegaConf.to_container(cfg.datasets, resolve=True) if cfg.get("datasets") else {}
+    written = ensure_datasets(root, flame, datasets, force=bool(cfg.force))
     meshes = export_samples(flame, Path(cfg.paths.output_dir) / "meshes", n=int(cfg.samples), seed=int(cfg.seed))
-    log.info("synthetic FLAME: %s", flame_paths.flame_model.parent)
-    log.info("sample meshes (mm): %s", meshes[0].parent)
     print(f"synthetic FLAME model: {flame_paths.flame_model}")
+    for name, path in written.items():
+        print(f"dataset {name}: {path}")
     print(f"sample meshes: {meshes[0].parent} ({len(meshes)} files)")
-    return {"flame": flame_paths.flame_model, "meshes": meshes[0].parent}
+    return {"flame": flame_paths.flame_model, "meshes": meshes[0].parent, **written}
