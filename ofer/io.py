@@ -103,6 +103,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _numpy_reconstruct()
         if (module, name) in (("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")):
             return _numpy_scalar()
+        if name == "_frombuffer" and module in ("numpy.core.numeric", "numpy._core.numeric"):
+            from numpy._core.numeric import _frombuffer  # protocol-5 pickles of arrays
+
+            return _frombuffer
         if (module, name) in (("copy_reg", "_reconstructor"), ("copyreg", "_reconstructor")):
             return _reconstructor
         if module.startswith("scipy.sparse") and name in (
