@@ -1,0 +1,192 @@
+"""The OFER pipeline: features -> IdGen N shapes -> IdRank -> best shape -> ExpGen N expressions.
+
+Everything is batched over images: B images x N hypotheses run as one denoiser batch of B*N rows per
+sampling step, on whatever device the models live on.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch import Tensor, nn
+
+from ofer.diffusion import GaussianDiffusion
+from ofer.flame import FLAME, MM_PER_M
+from ofer.tasks.generator import JAW
+from ofer.training.checkpoint import (
+    load_checkpoint, model_state_from_checkpoint, resolve_checkpoint_path,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Hypotheses", "OferPipeline", "load_generator", "load_ranker", "file_digest"]
+
+
+@dataclass
+class Hypotheses:
+    """Output of the pipeline for B images and N hypotheses (coefficients; decode with FLAME)."""
+
+    shapes: Tensor  # (B,N,300) IdGen samples
+    scores: Tensor  # (B,N) IdRank logits (comparable within one image only)
+    best: Tensor  # (B,) index of the ranked shape
+    expressions: Tensor  # (B,N,50) ExpGen expression samples
+    jaw: Tensor  # (B,N,3) ExpGen jaw axis-angle samples
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> Tensor:
+        """The ranked identity (B,300)."""
+        return self.shapes[torch.arange(self.shapes.shape[0], device=self.shapes.device), self.best]
+
+    def select(self, i: int) -> "Hypotheses":
+        return Hypotheses(self.shapes[i:i + 1], self.scores[i:i + 1], self.best[i:i + 1],
+                          self.expressions[i:i + 1], self.jaw[i:i + 1], dict(self.meta))
+
+
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_kind(ckpt: dict, path: Path, allowed: tuple[str, ...]) -> None:
+    kind = ckpt.get("task_name")
+    if kind not in allowed:
+        raise ValueError(f"{path}: a checkpoint of task {kind!r}, expected one of {list(allowed)}")
+
+
+def load_generator(path: str | Path, *, kind: str, device: str | torch.device = "cpu",
+                   use_ema: bool = True) -> tuple[nn.Module, GaussianDiffusion, dict]:
+    """Rebuild an IdGen/ExpGen denoiser and its diffusion from a checkpoint (file or run dir) alone."""
+    path = resolve_checkpoint_path(path)
+    ckpt = load_checkpoint(path, map_location="cpu")
+    _check_kind(ckpt, path, (kind,))
+    cfg = OmegaConf.create(ckpt["config"])
+    model = instantiate(cfg.model)
+    model.load_state_dict(model_state_from_checkpoint(ckpt, use_ema=use_ema), strict=True)
+    diffusion = instantiate(cfg.diffusion)
+    info = {"path": str(path), "step": int(ckpt["step"]), "sha256": file_digest(path),
+            "meta": ckpt.get("task_meta") or {}}
+    return model.to(device).eval(), diffusion.to(device), info
+
+
+def load_ranker(path: str | Path, *, device: str | torch.device = "cpu", use_ema: bool = True) -> tuple[nn.Module, dict]:
+    path = resolve_checkpoint_path(path)
+    ckpt = load_checkpoint(path, map_location="cpu")
+    _check_kind(ckpt, path, ("idrank",))
+    cfg = OmegaConf.create(ckpt["config"])
+    model = instantiate(cfg.model)
+    model.load_state_dict(model_state_from_checkpoint(ckpt, use_ema=use_ema), strict=True)
+    info = {"path": str(path), "step": int(ckpt["step"]), "sha256": file_digest(path),
+            "meta": ckpt.get("task_meta") or {}}
+    return model.to(device).eval(), info
+
+
+class OferPipeline(nn.Module):
+    """`pipeline(arcface (B,512), farl (B,512)) -> Hypotheses`.
+
+    Args:
+        flame: FLAME layer with the `face` mask (IdRank's input region).
+        idgen, id_diffusion, id_sampling: the identity generator, its diffusion and sampler options
+            (`sampler`, `steps`, `eta`, `timestep_spacing`; OFER: DDPM over all 1000 steps).
+        expgen, exp_diffusion, exp_sampling: the same for expressions (53 = 50 expression + 3 jaw).
+        ranker: IdRank; `ranker(face_vertices_mm (B,N,Vf,3), ctx (B,1024)) -> (B,N)`.
+        num_samples: N hypotheses per image (OFER: 100).
+        jaw_scale: factor on the sampled jaw. The public OFER code multiplies it by 0.5 at test time
+            [code]; our default 1.0 keeps the distribution the model was trained on (set 0.5 to mimic it).
+    """
+
+    def __init__(self, *, flame: FLAME, idgen: nn.Module, id_diffusion: GaussianDiffusion, expgen: nn.Module,
+                 exp_diffusion: GaussianDiffusion, ranker: nn.Module, id_sampling: dict | None = None,
+                 exp_sampling: dict | None = None, num_samples: int = 100, jaw_scale: float = 1.0,
+                 meta: dict | None = None) -> None:
+        super().__init__()
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        self.flame, self.idgen, self.expgen, self.ranker = flame, idgen, expgen, ranker
+        self.id_diffusion, self.exp_diffusion = id_diffusion, exp_diffusion
+        self.id_sampling = dict(id_sampling or {"sampler": "ddpm"})
+        self.exp_sampling = dict(exp_sampling or {"sampler": "ddpm"})
+        self.num_samples = num_samples
+        self.jaw_scale = jaw_scale
+        self.meta = dict(meta or {})
+        self.register_buffer("face_idx", flame.face_mask("face"), persistent=False)
+
+    @torch.no_grad()
+    def forward(self, arcface: Tensor, farl: Tensor, *, generator: torch.Generator | None = None) -> Hypotheses:
+        if arcface.ndim != 2 or farl.ndim != 2 or arcface.shape[0] != farl.shape[0]:
+            raise ValueError(f"pipeline: arcface (B,512) and farl (B,512) expected, got {tuple(arcface.shape)} "
+                             f"and {tuple(farl.shape)}")
+        from ofer.models.ranker import candidate_vertices
+
+        B, N = arcface.shape[0], self.num_samples
+        arcface, farl = arcface.float(), farl.float()
+        ctx = torch.cat([arcface, farl], dim=-1)  # (B,1024) OFER: ArcFace (+) FaRL
+        shapes = self.id_diffusion.sample(self.idgen, arcface, dim=300, num_samples=N, generator=generator,
+                                          **self.id_sampling)  # (B,N,300)
+        verts = candidate_vertices(self.flame, shapes, self.face_idx)  # (B,N,Vf,3) mm
+        scores = self.ranker(verts, ctx).float()  # (B,N)
+        best = scores.argmax(dim=1)
+        exp = self.exp_diffusion.sample(self.expgen, ctx, dim=53, num_samples=N, generator=generator,
+                                        **self.exp_sampling)  # (B,N,53)
+        return Hypotheses(shapes=shapes, scores=scores, best=best, expressions=exp[..., :50],
+                          jaw=exp[..., 50:53] * self.jaw_scale, meta=dict(self.meta))
+
+    @torch.no_grad()
+    def decode(self, h: Hypotheses, i: int, *, max_expressions: int | None = None) -> dict[str, Tensor]:
+        """Meshes of image i in metres: `neutral` (V,3) ranked shape, `samples` (N,V,3) neutral IdGen samples,
+        `expressions` (M,V,3) ranked shape + each expression sample, and their NoW landmarks (.., 7, 3)."""
+        flame = self.flame
+        dev = flame.v_template.device
+        shapes = h.shapes[i].to(dev)
+        best = int(h.best[i])
+        M = h.expressions.shape[1] if max_expressions is None else min(max_expressions, h.expressions.shape[1])
+        exp = torch.zeros(M, flame.n_exp, device=dev)
+        exp[:, :50] = h.expressions[i, :M].to(dev)
+        pose = torch.zeros(M, 15, device=dev)
+        pose[:, JAW] = h.jaw[i, :M].to(dev)
+        neutral = flame(shapes[best:best + 1])
+        expr = flame(shapes[best:best + 1].expand(M, -1), exp, pose)
+        out = {"neutral": neutral.vertices[0], "samples": flame.shape_vertices(shapes),
+               "expressions": expr.vertices}
+        if flame.landmark_ids:
+            out["neutral_landmarks"] = neutral.now_landmarks()[0]
+            out["expression_landmarks"] = expr.now_landmarks()
+        return out
+
+
+def build_pipeline(cfg: Any, flame: FLAME, *, device: str | torch.device) -> OferPipeline:
+    """From the `pipeline` config block: checkpoints by path, sampler options, N, jaw scale.
+
+    An IdRank trained on candidate pools of another IdGen checkpoint is reported (its pools' hash is
+    stored in the IdRank checkpoint's task metadata)."""
+    idgen, id_diff, id_info = load_generator(cfg.idgen_ckpt, kind="idgen", device=device)
+    expgen, exp_diff, exp_info = load_generator(cfg.expgen_ckpt, kind="expgen", device=device)
+    ranker, rank_info = load_ranker(cfg.idrank_ckpt, device=device)
+    trained_on = rank_info["meta"].get("idgen_sha256")
+    mismatch = bool(trained_on) and trained_on != id_info["sha256"]
+    if mismatch:
+        log.warning("IdRank %s was trained on candidates of IdGen checkpoint %s..., not of %s (%s...): ranking "
+                    "quality may differ", rank_info["path"], trained_on[:12], id_info["path"], id_info["sha256"][:12])
+    meta = {"idgen": id_info["path"], "expgen": exp_info["path"], "idrank": rank_info["path"],
+            "idrank_idgen_mismatch": mismatch}
+    to_dict = (lambda c: OmegaConf.to_container(c, resolve=True) if c is not None else None)
+    return OferPipeline(flame=flame.to(device), idgen=idgen, id_diffusion=id_diff, expgen=expgen,
+                        exp_diffusion=exp_diff, ranker=ranker, id_sampling=to_dict(cfg.id_sampling),
+                        exp_sampling=to_dict(cfg.exp_sampling), num_samples=int(cfg.num_samples),
+                        jaw_scale=float(cfg.jaw_scale), meta=meta).to(device)
+
+
+def spread_mm(samples: Tensor) -> np.ndarray:
+    """Per-vertex spread across samples (V,) in mm: sqrt(mean_n ||x_vn - mean_n x_vn||^2)."""
+    centred = samples - samples.mean(0, keepdim=True)
+    return (centred.pow(2).sum(-1).mean(0).sqrt() * MM_PER_M).cpu().numpy()
