@@ -1,0 +1,223 @@
+"""IdRank: the network that scores N candidate identities (FLAME shapes) of one image.
+
+OFER (public code `src/models/network/rank_network.py`, `layers.py::ScaleShiftGNMLPLayerRank`,
+`flameparamrank_model.py::decode`). Each candidate i of an image is its neutral FLAME mesh (zero expression
+and pose) restricted to the front-face vertices, in millimetres: S_i (Vf, 3). With M the mean of the N
+candidates of the same image, candidate i is presented as the flattened concatenation
+
+    [M, S_i - M]  (2 * Vf * 3 numbers; 10,710 for the 1785 face vertices of the public code)
+
+and an MLP with widths [2*Vf*3, 4096, 1024, 256, 64, 1] maps it to one logit. Every layer is modulated by
+the image context ctx = ArcFace (+) FaRL (1024-d):
+
+    hidden: h = GroupNorm(8)(SELU(W x + b)) * sigmoid(W_s ctx + b_s) + W_t ctx
+    last:   z = (W x + b) * sigmoid(W_s ctx + b_s) + W_t ctx
+
+(W_t has no bias, as in the public code.) The logits of the N candidates go through a softmax over the
+candidates (in the loss, `ofer.ranking.listnet_loss`); the best-scored candidate is the identity.
+
+Behaviour to know:
+* Logits are comparable within one image only. M is the mean of the candidates handed in, so the input of
+  candidate i, and its logit, depend on which other candidates are present and on N. A network trained
+  with N = 100 and run with N = 20 sees noisier means and smaller residual spreads than in training (the
+  residual's scale shrinks slightly with N); argmax selection stays meaningful, but absolute logits and the
+  softmax sharpness shift. Keep N at inference equal to training when possible.
+* N = 1 works: M = S_1, the residual half is zero, and the softmax over a single candidate is 1 whatever
+  the logit.
+* The final layer's shift W_t ctx adds the same number to all N logits of an image, and sigmoid(W_s ctx + b_s)
+  multiplies them all by the same positive factor: the first is invisible to the softmax (a no-op kept so
+  the structure and state dict match the public code), the second acts as a per-image temperature.
+* The context vector is whatever the caller concatenates. The public code builds it as cat(FaRL, ArcFace)
+  (FaRL first); this order matters only when loading its weights.
+
+Deviations from the public code (ours, on purpose):
+* GroupNorm is applied for every batch size; the public layer skips it when the flattened batch has one row
+  (B * N == 1), which changes the function at N = 1, B = 1.
+* The first Linear acts on [M, R] as W_M M + W_R R: the mean half is computed once per image instead of once
+  per candidate, and the (B*N, 2*Vf*3) concatenation is never materialised. Same function, ~2x fewer FLOPs in
+  the largest layer. `ranker_input` builds the explicit concatenation as a reference.
+* The context projections run once per image (B rows) and are broadcast over the N candidates instead of
+  tiling the context N times.
+* Weights are initialised in one named method (`initialize_weights`); the values are PyTorch's Linear and
+  GroupNorm defaults, which is what the public code trains from.
+
+Shapes: B images, N candidates per image, Vf front-face vertices, C ctx_dim.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ofer.flame import FLAME, MM_PER_M
+
+__all__ = ["IdRanker", "RankLayer", "candidate_vertices", "ranker_input"]
+
+
+def candidate_vertices(flame: FLAME, shapes: Tensor, face_idx: Tensor) -> Tensor:
+    """Front-face vertices of N candidate shapes per image, in millimetres.
+
+    One FLAME call over all B*N rows, with zero expression and pose (`FLAME.shape_vertices`: at zero pose
+    skinning is the identity, so it is skipped).
+
+    Args:
+        flame: FLAME layer (metres).
+        shapes: FLAME shape coefficients, shape (B, N, flame.n_shape).
+        face_idx: vertex indices (Vf,) of the front face, e.g. `flame.face_mask("face")` (OFER: 1785 of 5023
+            in the public code; the `face` region of FLAME_masks has 1787).
+
+    Returns:
+        vertices, shape (B, N, Vf, 3), millimetres.
+    """
+    if shapes.ndim != 3 or shapes.shape[-1] != flame.n_shape:
+        raise ValueError(f"candidate_vertices: shapes must have shape (B, N, {flame.n_shape}), got {tuple(shapes.shape)}")
+    if face_idx.ndim != 1 or face_idx.dtype not in (torch.int64, torch.int32) or face_idx.numel() == 0:
+        raise ValueError(f"candidate_vertices: face_idx must be a non-empty 1-D integer tensor, got dtype "
+                         f"{face_idx.dtype} and shape {tuple(face_idx.shape)}")
+    V = flame.num_vertices
+    lo, hi = int(face_idx.min()), int(face_idx.max())
+    if lo < 0 or hi >= V:
+        raise ValueError(f"candidate_vertices: face_idx spans [{lo}, {hi}], outside the {V} FLAME vertices")
+    B, N, _ = shapes.shape
+    verts = flame.shape_vertices(shapes.reshape(B * N, -1))  # (B*N, V, 3) metres
+    face = verts[:, face_idx.to(verts.device)] * MM_PER_M  # (B*N, Vf, 3) mm
+    return face.view(B, N, face_idx.numel(), 3)
+
+
+def ranker_input(face_vertices_mm: Tensor) -> Tensor:
+    """The explicit IdRank input of the public code: per candidate the flattened concat(M, S_i - M).
+
+    Args:
+        face_vertices_mm: candidates S, shape (B, N, Vf, 3).
+
+    Returns:
+        shape (B, N, 2 * Vf * 3): [M (Vf*3, vertex-major, xyz inner), S_i - M (same layout)].
+    """
+    B, N, Vf, _ = face_vertices_mm.shape
+    mean = face_vertices_mm.mean(dim=1, keepdim=True)  # (B, 1, Vf, 3)
+    both = torch.cat([mean.expand(B, N, Vf, 3), face_vertices_mm - mean], dim=2)  # (B, N, 2Vf, 3)
+    return both.reshape(B, N, 2 * Vf * 3)
+
+
+class RankLayer(nn.Module):
+    """One context-modulated layer (OFER `ScaleShiftGNMLPLayerRank`).
+
+    Hidden (groups given): GroupNorm(SELU(mlp(x))) * sigmoid(scale(ctx)) + shift(ctx).
+    Last (groups None): mlp(x) * sigmoid(scale(ctx)) + shift(ctx).
+    GroupNorm acts on each candidate row separately (statistics over the channels of one row).
+    Submodule names (mlp, scale, shift, gn) follow the public code so its weights map by key prefix.
+    """
+
+    def __init__(self, dim_in: int, dim_out: int, ctx_dim: int, *, groups: int | None) -> None:
+        super().__init__()
+        self.mlp = nn.Linear(dim_in, dim_out)
+        self.scale = nn.Linear(ctx_dim, dim_out)
+        self.shift = nn.Linear(ctx_dim, dim_out, bias=False)  # OFER: shift has no bias
+        self.gn = nn.GroupNorm(groups, dim_out) if groups is not None else None
+
+    def modulate(self, h: Tensor, ctx: Tensor) -> Tensor:
+        """Everything after the Linear: h (B, N, dim_out) pre-activation, ctx (B, C) -> (B, N, dim_out)."""
+        if self.gn is not None:
+            B, N, D = h.shape
+            h = self.gn(F.selu(h).reshape(B * N, D)).view(B, N, D)  # per-row statistics
+        scale = torch.sigmoid(self.scale(ctx)).unsqueeze(1)  # (B, 1, dim_out)
+        shift = self.shift(ctx).unsqueeze(1)  # (B, 1, dim_out)
+        return h * scale + shift
+
+    def forward(self, x: Tensor, ctx: Tensor) -> Tensor:
+        """x: (B, N, dim_in), ctx: (B, C) -> (B, N, dim_out)."""
+        return self.modulate(self.mlp(x), ctx)
+
+
+class IdRanker(nn.Module):
+    """IdRank scorer: `forward(face_vertices_mm (B,N,Vf,3), ctx (B,C)) -> logits (B,N)`.
+
+    Paper settings: num_face_vertices = number of front-face vertices (OFER public code: 1785; the `face`
+    region of FLAME_masks: 1787), ctx_dim = 1024 (ArcFace (+) FaRL), widths (4096, 1024, 256, 64), groups 8.
+    59,505,986 parameters at 1785 vertices (59,555,138 at 1787).
+
+    Args:
+        num_face_vertices: Vf, vertices per candidate.
+        ctx_dim: size C of the image context vector.
+        widths: hidden widths; a final Linear to one logit follows.
+        groups: GroupNorm groups of every hidden layer; must divide every width.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_face_vertices: int,
+        ctx_dim: int = 1024,
+        widths: Sequence[int] = (4096, 1024, 256, 64),
+        groups: int = 8,
+    ) -> None:
+        super().__init__()
+        widths = tuple(int(w) for w in widths)
+        if num_face_vertices < 1:
+            raise ValueError(f"IdRanker: num_face_vertices must be >= 1, got {num_face_vertices}")
+        if ctx_dim < 1:
+            raise ValueError(f"IdRanker: ctx_dim must be >= 1, got {ctx_dim}")
+        if len(widths) < 1 or min(widths) < 1:
+            raise ValueError(f"IdRanker: widths must list >= 1 positive hidden widths (e.g. [4096, 1024, 256, 64]), "
+                             f"got {list(widths)}")
+        if groups < 1 or any(w % groups for w in widths):
+            raise ValueError(f"IdRanker: groups={groups} must be >= 1 and divide every width in {list(widths)}")
+        self.num_face_vertices, self.ctx_dim, self.widths, self.groups = num_face_vertices, ctx_dim, widths, groups
+        self.in_dim = 2 * num_face_vertices * 3
+        dims = (self.in_dim, *widths)
+        layers = [RankLayer(a, b, ctx_dim, groups=groups) for a, b in zip(dims[:-1], dims[1:])]
+        layers.append(RankLayer(widths[-1], 1, ctx_dim, groups=None))
+        self.layers = nn.ModuleList(layers)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """PyTorch's defaults, stated explicitly (the public code trains from them, and with its 1e-6
+        learning rate the network stays close to its initialisation, so the init is part of the method):
+        Linear weight and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)); GroupNorm weight 1, bias 0."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                bound = 1.0 / math.sqrt(module.in_features)
+                nn.init.uniform_(module.weight, -bound, bound)  # = kaiming_uniform_(a=sqrt(5))
+                if module.bias is not None:
+                    nn.init.uniform_(module.bias, -bound, bound)
+            elif isinstance(module, nn.GroupNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def extra_repr(self) -> str:
+        return (f"num_face_vertices={self.num_face_vertices}, ctx_dim={self.ctx_dim}, "
+                f"widths={list(self.widths)}, groups={self.groups}")
+
+    def forward(self, face_vertices_mm: Tensor, ctx: Tensor) -> Tensor:
+        """Score N candidates per image.
+
+        Args:
+            face_vertices_mm: candidates' front-face vertices S, shape (B, N, Vf, 3), millimetres
+                (`candidate_vertices`). Any N >= 1.
+            ctx: image context, shape (B, ctx_dim).
+
+        Returns:
+            logits, shape (B, N); softmax over dim 1 gives the candidate probabilities.
+        """
+        x = face_vertices_mm
+        if x.ndim != 4 or x.shape[-1] != 3 or x.shape[2] != self.num_face_vertices or x.shape[1] < 1:
+            raise ValueError(f"IdRanker: face_vertices_mm must have shape (B, N >= 1, {self.num_face_vertices}, 3), "
+                             f"got {tuple(x.shape)}")
+        B, N = x.shape[:2]
+        if ctx.shape != (B, self.ctx_dim):
+            raise ValueError(f"IdRanker: ctx must have shape ({B}, {self.ctx_dim}), got {tuple(ctx.shape)}")
+        mean = x.mean(dim=1)  # (B, Vf, 3)
+        resid = x - mean.unsqueeze(1)  # (B, N, Vf, 3)
+        first = self.layers[0]
+        half = self.in_dim // 2
+        # Linear on concat(M, R) = W_M M + W_R R + b, with the M term computed once per image.
+        h = F.linear(resid.reshape(B, N, half), first.mlp.weight[:, half:])  # (B, N, w0)
+        h = h + F.linear(mean.reshape(B, half), first.mlp.weight[:, :half], first.mlp.bias).unsqueeze(1)
+        h = first.modulate(h, ctx)
+        for layer in self.layers[1:]:
+            h = layer(h, ctx)
+        return h.squeeze(-1)  # (B, N)
