@@ -285,7 +285,10 @@ class GaussianDiffusion(nn.Module):
         timestep_spacing: str = "trailing",
         device: torch.device | str = "cpu",
     ) -> SamplerPlan:
-        """Timesteps and per-step coefficients of a sampler (cached per argument set).
+        """Timesteps and per-step coefficients of a sampler (cached per argument set and device).
+
+        Building a plan copies it to the device once (a host sync); ``sample`` reuses the cached plan, so
+        call this beforehand where even that first sync matters (CUDA graph capture).
 
         Args:
             sampler: one of ``SAMPLERS``.
@@ -306,8 +309,10 @@ class GaussianDiffusion(nn.Module):
             raise ValueError(f"eta only applies to sampler 'ddim', got eta={eta} with sampler {sampler!r}")
         if not 0.0 <= eta:
             raise ValueError(f"eta must be >= 0, got {eta}")
+        if timestep_spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {timestep_spacing!r}")
         steps = self.num_steps if steps is None else steps
-        device = torch.device(device)
+        device = torch.empty(0, device=device).device  # canonical form: "cuda" -> "cuda:0"
         key = (sampler, steps, float(eta), timestep_spacing, str(device))
         if key not in self._plans:
             if sampler == "ddpm":

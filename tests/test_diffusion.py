@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import math
 
+import diffusers  # test-only dependency (pip install diffusers): the reference schedulers
 import numpy as np
 import pytest
 import torch
 
 from ofer.diffusion import SAMPLERS, GaussianDiffusion, denoise_step
-
-diffusers = pytest.importorskip("diffusers")
 
 T = 1000
 BETA0, BETA1 = 1e-4, 1e-2  # OFER
@@ -422,3 +421,20 @@ def test_sampling_loop_never_syncs_with_host(sampler: str, steps) -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert out.shape == (2, 8, 53) and torch.isfinite(out).all()
+
+
+def test_configs_build_the_ofer_process_and_valid_sampling_kwargs() -> None:
+    import inspect
+    from pathlib import Path
+
+    import hydra
+    from omegaconf import OmegaConf
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    gd = hydra.utils.instantiate(OmegaConf.load(root / "diffusion" / "default.yaml"))
+    assert isinstance(gd, GaussianDiffusion)
+    assert (gd.num_steps, gd.beta_start, gd.beta_end, gd.schedule, gd.loss_type) == (1000, 1e-4, 1e-2, "linear", "l1")
+    sampling = OmegaConf.to_container(OmegaConf.load(root / "sampling" / "default.yaml"))
+    assert set(sampling) <= set(inspect.signature(GaussianDiffusion.sample).parameters)
+    out = gd.sample(toy_model, torch.zeros(1, 2), dim=2, num_samples=3, **{**sampling, "sampler": "ddim", "steps": 5})
+    assert out.shape == (1, 3, 2)
