@@ -32,6 +32,7 @@ __all__ = [
     "read_pp",
     "write_pp",
     "read_landmarks",
+    "atomic_write",
     "MESH_SUFFIXES",
 ]
 
@@ -577,6 +578,14 @@ def _validate_mesh(vertices: np.ndarray, faces: np.ndarray, path: Path, *, requi
                 f"{path}: face indices out of range [{lo}, {hi}] for {vertices.shape[0]} vertices "
                 "(expected 0-based indices in [0, V))"
             )
+
+
+def atomic_write(path: str | os.PathLike, payload: bytes) -> Path:
+    """Write bytes to `path` through a temporary file in the same folder and a rename (readers never see a
+    partial file); parent folders are created."""
+    path = Path(path)
+    _atomic_write(path, payload)
+    return path
 
 
 def _atomic_write(path: Path, payload: bytes) -> None:
