@@ -16,6 +16,15 @@ from ofer.synthetic.export import export_samples
 
 log = logging.getLogger(__name__)
 
+# The synthetic sets, name -> options of write_mica_dataset (seeds differ so the sets are disjoint).
+# scripts/make_synthetic.py may override any of them (datasets.<NAME>.<key>=...).
+DEFAULT_DATASETS: dict[str, dict[str, Any]] = {
+    "SYNTH_TRAIN": {"mode": "identity", "actors": 120, "images_per_actor": 4, "seed": 1},
+    "SYNTH_TEST": {"mode": "identity", "actors": 24, "images_per_actor": 2, "seed": 2},
+    "SYNTHEXP_TRAIN": {"mode": "frame", "actors": 240, "images_per_actor": 1, "seed": 3},
+    "SYNTHEXP_TEST": {"mode": "frame", "actors": 48, "images_per_actor": 1, "seed": 4},
+}
+
 
 def ensure_datasets(root: str | Path, flame: FLAME, datasets: Mapping[str, Mapping[str, Any]], *,
                     force: bool = False) -> dict[str, Path]:
@@ -42,7 +51,9 @@ def make_synthetic(cfg: DictConfig) -> dict[str, Path]:
     root = Path(cfg.paths.synthetic_dir)
     flame_paths = ensure_synthetic_flame(root, seed=int(cfg.seed), force=bool(cfg.force))
     flame = build_flame(cfg.paths)
-    datasets = OmegaConf.to_container(cfg.datasets, resolve=True) if cfg.get("datasets") else {}
+    overrides = OmegaConf.to_container(cfg.datasets, resolve=True) if cfg.get("datasets") else {}
+    datasets = {k: {**v, **(overrides.get(k) or {})} for k, v in DEFAULT_DATASETS.items()}
+    datasets.update({k: v for k, v in overrides.items() if k not in datasets})
     written = ensure_datasets(root, flame, datasets, force=bool(cfg.force))
     meshes = export_samples(flame, Path(cfg.paths.output_dir) / "meshes", n=int(cfg.samples), seed=int(cfg.seed))
     print(f"synthetic FLAME model: {flame_paths.flame_model}")

@@ -1,0 +1,114 @@
+"""Assembly of the training jobs from their Hydra configs (the scripts in `scripts/` only call these).
+
+Data flow with frozen encoders (the default, and what a sweep wants): every dataset image is encoded once
+into the feature cache (`ofer.data.features`), and the jobs train from `<slot>_feat` vectors.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ofer.config import build_flame
+from ofer.data.datasets import build_dataset, build_dataset_from_config
+from ofer.data.features import StaleCacheError, load_features, precompute_features, resolve_device
+from ofer.encoders import build_encoder
+from ofer.tasks.generator import GeneratorTask
+from ofer.training import seed_everything, train
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ensure_synthetic_data", "ensure_features", "feature_dataset", "train_generator", "run_dir_of"]
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path(cfg.paths.output_dir)
+
+
+def _entries(data_cfg: Any) -> dict[str, dict]:
+    if isinstance(data_cfg, DictConfig):
+        data_cfg = OmegaConf.to_container(data_cfg, resolve=True)
+    return dict(data_cfg.get("datasets") or {})
+
+
+def ensure_synthetic_data(paths: Any, *data_cfgs: Any) -> None:
+    """Render the synthetic datasets that these data configs read from `paths.synthetic_dir`, if absent."""
+    from ofer.synthetic.make import DEFAULT_DATASETS, ensure_datasets
+
+    synth = Path(paths.synthetic_dir).resolve()
+    wanted = {}
+    for data_cfg in data_cfgs:
+        for entry in _entries(data_cfg).values():
+            if Path(entry.get("root", "")).resolve() == synth and entry.get("name") in DEFAULT_DATASETS:
+                wanted[entry["name"]] = DEFAULT_DATASETS[entry["name"]]
+    if wanted:
+        flame = build_flame(paths)
+        ensure_datasets(synth, flame, wanted)
+
+
+def ensure_features(data_cfg: Any, encoders: dict[str, torch.nn.Module], *, cache_dir: str | Path,
+                    device: str, precompute_missing: bool, batch_size: int = 256) -> None:
+    """Check the feature cache of every dataset and slot; (re)compute what is missing or stale when allowed."""
+    for key, entry in sorted(_entries(data_cfg).items()):
+        ds = build_dataset_from_config(entry, inputs=(), key=key)
+        for slot, enc in encoders.items():
+            try:
+                load_features(ds, enc, slot=slot, cache_dir=cache_dir)
+            except StaleCacheError as err:
+                if not precompute_missing:
+                    raise
+                log.info("feature cache of %s/%s: %s -> computing it", key, slot, str(err).split(".")[0])
+                precompute_features(ds, enc, slot=slot, cache_dir=cache_dir, device=device, batch_size=batch_size,
+                                    overwrite=True)
+
+
+def feature_dataset(cfg: DictConfig, data_cfg: Any, slots: list[str], device: str) -> torch.utils.data.Dataset:
+    """The mixer over `data_cfg` serving cached `<slot>_feat` features, computing the cache when allowed."""
+    encoders = {s: build_encoder(cfg.encoders[s], slot=s) for s in slots}
+    ensure_features(data_cfg, encoders, cache_dir=cfg.features.cache_dir, device=device,
+                    precompute_missing=bool(cfg.features.precompute_missing),
+                    batch_size=int(cfg.features.batch_size))
+    return build_dataset(data_cfg, inputs=tuple(slots), encoders=encoders, cache_dir=cfg.features.cache_dir)
+
+
+def _device(cfg: DictConfig) -> str:
+    return str(resolve_device(cfg.device))
+
+
+def train_generator(cfg: DictConfig) -> Any:
+    """IdGen (`job=idgen`) or ExpGen (`job=expgen`) training on the shared loop."""
+    device = _device(cfg)
+    seed_everything(int(cfg.seed))
+    if cfg.get("synthetic", {}).get("ensure", True):
+        ensure_synthetic_data(cfg.paths, cfg.data, cfg.get("eval_data"))
+    slots = list(cfg.cond_slots)
+    train_ds = feature_dataset(cfg, cfg.data, slots, device)
+    eval_ds = feature_dataset(cfg, cfg.eval_data, slots, device) if cfg.get("eval_data") else None
+    model = instantiate(cfg.model)
+    diffusion = instantiate(cfg.diffusion)
+    flame = build_flame(cfg.paths)
+    encoders_meta = {s: OmegaConf.to_container(cfg.encoders[s], resolve=True) for s in slots}
+    task = GeneratorTask(
+        name=str(cfg.job), model=model, diffusion=diffusion, dataset=train_ds, target=str(cfg.target),
+        cond_keys=[f"{s}_feat" for s in slots], lr=float(cfg.trainer.lr), eval_dataset=eval_ds, flame=flame,
+        eval_items=int(cfg.eval.num_items), eval_samples=int(cfg.eval.num_samples),
+        eval_sampling=OmegaConf.to_container(cfg.eval.sampling, resolve=True),
+        describe={"encoders": encoders_meta, "random_encoders": any(e.get("weights") == "random"
+                                                                     for e in encoders_meta.values())},
+    )
+    diffusion.to(device)
+    result = train(task, cfg.trainer, run_dir=run_dir_of(cfg), device=device,
+                   resolved_config=OmegaConf.to_container(cfg, resolve=True), logger_cfg=cfg.logger)
+    log.info("done: step %d, checkpoint %s, metrics %s", result.step, result.checkpoint, result.metrics)
+    print(f"checkpoint: {result.checkpoint}")
+    if result.metrics:
+        print("held-out: " + ", ".join(f"{k}={v:.3f}" for k, v in sorted(result.metrics.items())))
+    return result
