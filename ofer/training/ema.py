@@ -1,0 +1,62 @@
+"""Exponential moving average of a module's weights (evaluation and sampling use it by default)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+
+class EMA:
+    """``ema = decay * ema + (1 - decay) * param`` after every optimizer step.
+
+    Only trainable floating-point parameters are averaged; frozen parameters and buffers (e.g.
+    GroupNorm has none, BatchNorm running stats do) are copied as they are, because an average of
+    a value that does not train is the value itself. The averaged copy lives in :attr:`module`
+    (eval mode, no gradients) on the same device as the source. No warm-up of the decay: the
+    average starts at the initial weights (our choice, as DiT; OFER's public code has no EMA).
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval()
+        self.module.requires_grad_(False)
+        self.num_updates = 0
+
+    def _pairs(self, model: nn.Module) -> tuple[list[Tensor], list[Tensor], list[tuple[Tensor, Tensor]]]:
+        src = dict(model.named_parameters())
+        averaged, sources, copied = [], [], []
+        for name, ema_p in self.module.named_parameters():
+            if name not in src:
+                raise KeyError(f"EMA: parameter {name!r} is missing from the model being averaged")
+            p = src[name]
+            if p.requires_grad and p.is_floating_point():
+                averaged.append(ema_p)
+                sources.append(p.detach())
+            else:
+                copied.append((ema_p, p.detach()))
+        src_buffers = dict(model.named_buffers())
+        for name, ema_b in self.module.named_buffers():
+            copied.append((ema_b, src_buffers[name]))
+        return averaged, sources, copied
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Fold the current weights of ``model`` (same architecture, not the DDP wrapper) in."""
+        averaged, sources, copied = self._pairs(model)
+        if averaged:
+            torch._foreach_lerp_(averaged, sources, 1.0 - self.decay)
+        for dst, src in copied:
+            dst.copy_(src)
+        self.num_updates += 1
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The averaged module's ``state_dict`` (loadable into a fresh model of the same class)."""
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        self.module.load_state_dict(state, strict=True)

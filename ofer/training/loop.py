@@ -1,0 +1,615 @@
+"""The one training loop of every job: :func:`train`.
+
+Per step: next batch of the deterministic sampler -> ``task.loss`` (bf16 autocast on CUDA when
+asked) -> backward -> gradient norm -> one collective + one host sync of a small stats vector
+(loss sums, per-quartile sums, non-finite flag, stop flag) -> clip, AdamW, EMA, LR schedule ->
+log / evaluate / checkpoint when due. The step counter counts optimizer steps including skipped
+ones, so the data position and LR schedule are functions of it.
+
+Resume is automatic: when ``<run_dir>/checkpoints/last.pt`` (or, if that one is damaged, a previous
+good one) exists, the run continues from it and is bitwise the same run (on CPU; on GPU up to
+non-deterministic kernels) as one that was never interrupted: same weights, optimizer, EMA, LR
+scheduler, RNG streams and next batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import sys
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from ofer.training.checkpoint import (
+    CheckpointStore,
+    ConfigMismatchError,
+    capture_rng_state,
+    config_differences,
+    restore_rng_state,
+    software_versions,
+    to_plain,
+)
+from ofer.training.config import TrainerConfig
+from ofer.training.distributed import DistContext
+from ofer.training.ema import EMA
+from ofer.training.loggers import MetricsLogger, build_logger, check_logger_cfg
+from ofer.training.preemption import PreemptionWatcher, TrainingPreempted
+from ofer.training.sampler import DeterministicBatchSampler
+from ofer.training.seeding import seed_everything, set_deterministic
+from ofer.training.task import check_task
+
+log = logging.getLogger("ofer.training")
+
+_NUM_QUARTILES = 4
+
+
+class NonFiniteLossError(RuntimeError):
+    """A step produced a NaN/inf loss or gradient (nan_policy "stop", or too many skips in a row)."""
+
+    def __init__(self, message: str, *, step: int, batch_indices: list[int]) -> None:
+        super().__init__(message)
+        self.step = step
+        self.batch_indices = batch_indices
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the last step, the last checkpoint and the last metrics."""
+
+    step: int
+    checkpoint: Path | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    skipped: int = 0
+
+
+def train(
+    task: Any,
+    cfg_trainer: Mapping[str, Any] | TrainerConfig,
+    *,
+    run_dir: str | Path,
+    device: str | torch.device,
+    resolved_config: Mapping[str, Any],
+    logger_cfg: Mapping[str, Any] | None = None,
+    on_step_end: Callable[[int], None] | None = None,
+) -> TrainResult:
+    """Train ``task`` (see :class:`ofer.training.task.Task`) until ``trainer.max_steps``.
+
+    Args:
+        task: the job; its ``model`` is moved to ``device`` and trained in place.
+        cfg_trainer: the ``trainer`` config group (mapping or :class:`TrainerConfig`).
+        run_dir: everything is written here: ``checkpoints/``, ``metrics.jsonl``.
+        device: "cpu", "cuda" (becomes ``cuda:LOCAL_RANK`` under torchrun) or "cuda:N".
+        resolved_config: the whole resolved run config, stored in checkpoints; its
+            ``trainer.model_keys`` subtrees (default ``model``) must match on resume.
+        logger_cfg: the ``logger`` config group; None = metrics.jsonl only.
+        on_step_end: called with the step number after each step (after its checkpoint); for
+            tools and tests.
+
+    Raises:
+        TrainingPreempted: (a SystemExit with code EXIT_PREEMPTED) after SIGTERM/SIGUSR2 and the
+            checkpoint that follows.
+        NonFiniteLossError, CheckpointWriteError, ConfigMismatchError, ValueError on bad config.
+    """
+    cfg = TrainerConfig.from_mapping(cfg_trainer)
+    check_task(task)
+    logger_cfg = check_logger_cfg(logger_cfg)
+    config = to_plain(resolved_config, "resolved_config")
+    ctx = DistContext.setup(device)
+    try:
+        return _Trainer(task, cfg, Path(run_dir), ctx, config, logger_cfg, on_step_end).run()
+    finally:
+        ctx.close()
+
+
+def _move(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: _move(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_move(v, device) for v in batch)
+    return batch
+
+
+def _lr_lambda(cfg: TrainerConfig) -> Callable[[int], float]:
+    warmup, total, floor = cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.lr_scheduler == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class _Trainer:
+    def __init__(
+        self,
+        task: Any,
+        cfg: TrainerConfig,
+        run_dir: Path,
+        ctx: DistContext,
+        config: dict[str, Any],
+        logger_cfg: dict[str, Any],
+        on_step_end: Callable[[int], None] | None,
+    ) -> None:
+        self.task, self.cfg, self.run_dir, self.ctx = task, cfg, run_dir, ctx
+        self.config, self.logger_cfg, self.on_step_end = config, logger_cfg, on_step_end
+        self.device = ctx.device
+        self.use_bf16 = cfg.precision == "bf16" and self.device.type == "cuda"
+        self.logger: MetricsLogger | None = None
+        # loop state saved in checkpoints
+        self.step = 0
+        self.position = (0, 0)  # (epoch, batch in epoch) of the next batch
+        self.skipped_total = 0
+        self.consecutive_skips = 0
+        self.plateau_sum = 0.0
+        self.plateau_count = 0
+        self.last_ckpt: Path | None = None
+        self.last_ckpt_step: int | None = None
+        self.last_metrics: dict[str, float] = {}
+        self._term_keys: list[str] | None = None
+        self._window = self._empty_window()
+
+    # ------------------------------------------------------------------------------------- setup
+
+    def _event(self, name: str, **info: Any) -> None:
+        log.info("%s at step %d: %s", name, self.step, info)
+        if self.logger is not None:
+            self.logger.event(self.step, name, info)
+
+    def _check_param_groups(self, groups: Any, model: nn.Module) -> list[dict]:
+        if not isinstance(groups, list) or not all(isinstance(g, Mapping) and "params" in g for g in groups):
+            raise TypeError(f"task {self.task.name!r}: param_groups() must return a list of dicts with 'params'")
+        names = {id(p): n for n, p in model.named_parameters()}
+        seen: set[int] = set()
+        out = []
+        for i, g in enumerate(groups):
+            params = list(g["params"])
+            for p in params:
+                if id(p) not in names:
+                    raise ValueError(
+                        f"task {self.task.name!r}: param group {i} holds a tensor that is not a parameter of "
+                        "task.model (it would be trained but neither saved nor averaged)"
+                    )
+                if id(p) in seen:
+                    raise ValueError(f"task {self.task.name!r}: parameter {names[id(p)]!r} is in two param groups")
+                seen.add(id(p))
+            out.append({**g, "params": params})
+        orphans = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
+        if orphans:
+            raise ValueError(
+                f"task {self.task.name!r}: trainable parameters {orphans[:8]}{'...' if len(orphans) > 8 else ''} "
+                "are in no param group; add them or set requires_grad=False to freeze them"
+            )
+        return out
+
+    def _build(self) -> None:
+        cfg, task = self.cfg, self.task
+        self.model: nn.Module = task.model.to(self.device)
+        self.groups = self._check_param_groups(task.param_groups(), self.model)
+        self.params = [p for g in self.groups for p in g["params"]]
+        if self.ctx.enabled:
+            # DDP broadcasts rank 0's weights here, so the EMA below starts identical on all ranks
+            self.ddp: nn.Module = DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=cfg.ddp_find_unused_parameters,
+            )
+        else:
+            self.ddp = self.model
+        self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.optimizer = torch.optim.AdamW(
+            self.groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+        )
+        self.dataset = task.train_dataset()
+        self.num_items = len(self.dataset)
+        probe = DeterministicBatchSampler(
+            num_items=self.num_items, batch_size=cfg.batch_size, seed=cfg.seed, world_size=self.ctx.world_size
+        )
+        self.steps_per_epoch = probe.steps_per_epoch
+        self.plateau_every = cfg.plateau_every or self.steps_per_epoch
+        if cfg.lr_scheduler == "plateau":
+            self.scheduler: Any = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                self.optimizer, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience
+            )
+        else:
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg))
+        self.num_timesteps = getattr(task, "num_timesteps", None)
+
+    # ------------------------------------------------------------------------------------ resume
+
+    def _resume(self) -> None:
+        store = self.store
+        found_path: str | None = None
+        if self.ctx.is_main:
+            for p in store.remove_stale_temp_files():
+                log.warning("removed a temp file left by an interrupted checkpoint write: %s", p)
+            found = store.latest_valid()
+            found_path = str(found[0]) if found is not None else None
+        found_path = self.ctx.broadcast_from_main(found_path)
+        if found_path is None:
+            return
+        from ofer.training.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(found_path)
+        self._check_compatible(Path(found_path), ckpt)
+        self.model.load_state_dict(ckpt["model"], strict=True)
+        if self.ema is not None:
+            if ckpt.get("ema") is not None:
+                self.ema.load_state_dict(ckpt["ema"])
+            else:
+                self.ema = EMA(self.model, self.cfg.ema_decay)
+                self._event("ema_started_on_resume", path=found_path)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        loop = ckpt["loop"]
+        if loop["lr_scheduler"] == self.cfg.lr_scheduler:
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        else:
+            self._event("scheduler_changed_on_resume", old=loop["lr_scheduler"], new=self.cfg.lr_scheduler)
+        self.step = int(ckpt["step"])
+        sampler = ckpt["sampler"]
+        self.position = (int(sampler["epoch"]), int(sampler["batch_in_epoch"]))
+        self.skipped_total = int(loop["skipped_total"])
+        self.consecutive_skips = int(loop["consecutive_skips"])
+        self.plateau_sum = float(loop["plateau_sum"])
+        self.plateau_count = int(loop["plateau_count"])
+        if int(ckpt["world_size"]) == self.ctx.world_size:
+            restore_rng_state(ckpt["rng"][self.ctx.rank], self.device)
+        else:
+            seed_everything(self.cfg.seed, rank=self.ctx.rank + self.ctx.world_size * (self.step + 1))
+            self._event("rng_reseeded_on_resume", old_world_size=int(ckpt["world_size"]))
+        self.last_ckpt, self.last_ckpt_step = Path(found_path), self.step
+        self._event("resume", path=found_path, epoch=self.position[0], batch_in_epoch=self.position[1])
+
+    def _check_compatible(self, path: Path, ckpt: Mapping[str, Any]) -> None:
+        if ckpt["task_name"] != self.task.name:
+            raise ConfigMismatchError(
+                f"cannot resume from {path}: it was written by task {ckpt['task_name']!r}, this run is task "
+                f"{self.task.name!r}; use another run dir"
+            )
+        diffs = config_differences(ckpt["config"], self.config, self.cfg.model_keys)
+        if diffs:
+            raise ConfigMismatchError(
+                f"cannot resume from {path}: model-defining config differs ({'; '.join(diffs)}); "
+                "restore the config or use another run dir"
+            )
+        sampler = ckpt["sampler"]
+        for key, now in (("num_items", self.num_items), ("batch_size", self.cfg.batch_size), ("seed", self.cfg.seed)):
+            if int(sampler[key]) != now:
+                raise ConfigMismatchError(
+                    f"cannot resume from {path}: data order would change: checkpoint has {key}={sampler[key]}, "
+                    f"this run has {key}={now}; use another run dir"
+                )
+        others = config_differences(ckpt["config"], self.config, [""])
+        if others:
+            self._event("config_changed_on_resume", differences=others[:20])
+
+    # ------------------------------------------------------------------------------- checkpoints
+
+    def _payload(self, rng: list[dict]) -> dict[str, Any]:
+        describe = getattr(self.task, "describe", None)
+        return {
+            "task_name": self.task.name,
+            "task_meta": to_plain(describe() if describe is not None else {}, "task.describe()"),
+            "step": self.step,
+            "sampler": {
+                "epoch": self.position[0],
+                "batch_in_epoch": self.position[1],
+                "num_items": self.num_items,
+                "batch_size": self.cfg.batch_size,
+                "seed": self.cfg.seed,
+            },
+            "loop": {
+                "skipped_total": self.skipped_total,
+                "consecutive_skips": self.consecutive_skips,
+                "plateau_sum": self.plateau_sum,
+                "plateau_count": self.plateau_count,
+                "lr_scheduler": self.cfg.lr_scheduler,
+            },
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng,
+            "world_size": self.ctx.world_size,
+            "config": self.config,
+            "trainer": self.cfg.to_dict(),
+            "versions": software_versions(),
+        }
+
+    def _checkpoint(self, reason: str) -> None:
+        rng = self.ctx.all_gather(capture_rng_state(self.device))
+        t0 = time.perf_counter()
+        path = self.ctx.run_on_main(lambda: self.store.save(self._payload(rng)))
+        self.last_ckpt = path if path is not None else self.store.last
+        self.last_ckpt_step = self.step
+        self._event("checkpoint", path=str(self.store.last), reason=reason, seconds=round(time.perf_counter() - t0, 3))
+
+    # --------------------------------------------------------------------------------- one step
+
+    @staticmethod
+    def _empty_window() -> dict[str, Any]:
+        return {"steps": 0, "loss": 0.0, "count": 0.0, "grad_norm": 0.0, "q_sum": [0.0] * 4, "q_cnt": [0.0] * 4,
+                "terms": {}, "t0": time.perf_counter(), "step0": None}
+
+    def _check_terms(self, terms: Any) -> None:
+        if not isinstance(terms, Mapping) or "loss" not in terms:
+            raise TypeError(f"task {self.task.name!r}: loss() must return a dict with a 'loss' entry")
+        n = None
+        for k, v in terms.items():
+            if not isinstance(v, Tensor) or v.dim() != 1:
+                raise ValueError(
+                    f"task {self.task.name!r}: loss term {k!r} must be a per-sample tensor of shape (B,), got "
+                    f"{tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__}"
+                )
+            if n is not None and v.shape[0] != n:
+                raise ValueError(f"task {self.task.name!r}: loss terms have different lengths ({k!r}: {v.shape[0]})")
+            n = v.shape[0]
+        if "t" in terms:
+            if terms["t"].is_floating_point():
+                raise ValueError(f"task {self.task.name!r}: loss term 't' must hold integer timesteps")
+            if not isinstance(self.num_timesteps, int) or self.num_timesteps <= 0:
+                raise ValueError(
+                    f"task {self.task.name!r} returns timesteps 't' but task.num_timesteps={self.num_timesteps!r}; "
+                    "set it to the number of diffusion steps"
+                )
+        keys = sorted(k for k in terms if k not in ("loss", "t"))
+        if self._term_keys is None:
+            self._term_keys = keys
+        elif keys != self._term_keys:
+            raise ValueError(f"task {self.task.name!r}: loss terms changed from {self._term_keys} to {keys}")
+
+    def _stats(self, terms: Mapping[str, Tensor], loss: Tensor, grad_norm: Tensor, stop: bool) -> Tensor:
+        """Vector summed over ranks: [loss_sum, n, grad_norm, bad, stop, q_sum x4, q_cnt x4, terms...]."""
+        per_sample = terms["loss"].detach().float()
+        q_sum = torch.zeros(_NUM_QUARTILES, device=self.device)
+        q_cnt = torch.zeros(_NUM_QUARTILES, device=self.device)
+        if "t" in terms:
+            q = (terms["t"].detach().long() * _NUM_QUARTILES // self.num_timesteps).clamp(0, _NUM_QUARTILES - 1)
+            q_sum.scatter_add_(0, q, per_sample)
+            q_cnt.scatter_add_(0, q, torch.ones_like(per_sample))
+        bad = (~torch.isfinite(loss.detach())).float() + (~torch.isfinite(grad_norm)).float()
+        head = torch.stack([
+            per_sample.sum(),
+            torch.tensor(float(per_sample.numel()), device=self.device),
+            grad_norm.float() / self.ctx.world_size,
+            bad,
+            torch.tensor(float(stop), device=self.device),
+        ])
+        extra = [terms[k].detach().float().sum().reshape(1) for k in self._term_keys or []]
+        return torch.cat([head, q_sum, q_cnt, *extra])
+
+    def _nonfinite(self, terms: Mapping[str, Tensor], stats: list[float], epoch: int, b: int) -> None:
+        step = self.step + 1
+        indices = self.sampler.global_batch(epoch, b)
+        local = self.sampler.local_batch(epoch, b)
+        bad_rows = torch.nonzero(~torch.isfinite(terms["loss"].detach())).flatten().tolist()
+        bad_local = [local[i] for i in bad_rows if i < len(local)]
+        where = (
+            f"non-finite loss or gradient at step {step} (mean loss {stats[0] / max(stats[1], 1):.4g}, grad norm "
+            f"{stats[2]:.4g}); batch = dataset indices {indices} (epoch {epoch}, batch {b} of the epoch); "
+            f"samples with a non-finite loss on rank {self.ctx.rank}: {bad_local}"
+        )
+        if self.cfg.nan_policy == "stop":
+            self._event("nonfinite_stop", indices=indices)
+            raise NonFiniteLossError(
+                f"{where}. Stopped (trainer.nan_policy='stop'); the last good checkpoint is {self.last_ckpt} "
+                f"(step {self.last_ckpt_step})",
+                step=step,
+                batch_indices=indices,
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_total += 1
+        self.consecutive_skips += 1
+        self.step = step
+        self._event("nonfinite_skip", indices=indices, skipped_total=self.skipped_total)
+        if self.consecutive_skips > self.cfg.max_skips:
+            raise NonFiniteLossError(
+                f"{where}. {self.consecutive_skips} steps in a row were non-finite, more than trainer.max_skips="
+                f"{self.cfg.max_skips}; the last good checkpoint is {self.last_ckpt} (step {self.last_ckpt_step})",
+                step=step,
+                batch_indices=indices,
+            )
+
+    def _train_step(self, batch: Mapping[str, Any], stop: bool) -> tuple[bool, bool]:
+        """One step; returns (stepped, stop requested on any rank)."""
+        epoch, b = self.position
+        self.ddp.train()
+        autocast = (
+            torch.autocast(device_type="cuda", dtype=torch.bfloat16) if self.use_bf16 else contextlib.nullcontext()
+        )
+        with autocast:
+            terms = self.task.loss(self.ddp, batch)
+        self._check_terms(terms)
+        loss = terms["loss"].float().mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = [p.grad for p in self.params if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+        stats_t = self.ctx.all_reduce_sum(self._stats(terms, loss, grad_norm, stop))
+        stats = stats_t.tolist()  # the one host sync of the step
+        stop_any = stats[4] > 0
+        self.position = self.sampler.advance(epoch, b)
+        if stats[3] > 0:
+            self._nonfinite(terms, stats, epoch, b)
+            if self.cfg.lr_scheduler != "plateau":
+                with warnings.catch_warnings():
+                    # the schedule follows the step counter, skipped steps included: stepping it
+                    # without an optimizer step is intended
+                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                    self.scheduler.step()
+            return False, stop_any
+        if self.cfg.clip_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.cfg.clip_norm, grad_norm)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.step += 1
+        self.consecutive_skips = 0
+        self._accumulate(stats)
+        if self.cfg.lr_scheduler == "plateau":
+            self.plateau_sum += stats[0]
+            self.plateau_count += int(stats[1])
+            if self.step % self.plateau_every == 0:
+                self.scheduler.step(self.plateau_sum / self.plateau_count)
+                self.plateau_sum, self.plateau_count = 0.0, 0
+        else:
+            self.scheduler.step()
+        return True, stop_any
+
+    def _accumulate(self, stats: list[float]) -> None:
+        w = self._window
+        w["steps"] += 1
+        w["loss"] += stats[0]
+        w["count"] += stats[1]
+        w["grad_norm"] += stats[2]
+        for i in range(_NUM_QUARTILES):
+            w["q_sum"][i] += stats[5 + i]
+            w["q_cnt"][i] += stats[9 + i]
+        for j, k in enumerate(self._term_keys or []):
+            w["terms"][k] = w["terms"].get(k, 0.0) + stats[13 + j]
+
+    def _log(self) -> None:
+        w = self._window
+        if w["steps"] == 0:
+            return
+        record: dict[str, float] = {"loss": w["loss"] / w["count"]}
+        for i in range(_NUM_QUARTILES):
+            if w["q_cnt"][i] > 0:
+                record[f"loss_q{i}"] = w["q_sum"][i] / w["q_cnt"][i]
+        for k, v in w["terms"].items():
+            record[k] = v / w["count"]
+        record["grad_norm"] = w["grad_norm"] / w["steps"]
+        for i, g in enumerate(self.optimizer.param_groups):
+            record["lr" if i == 0 else f"lr_g{i}"] = float(g["lr"])
+        record["epoch"] = self.position[0] + self.position[1] / self.steps_per_epoch
+        record["skipped_total"] = self.skipped_total
+        record["steps_per_s"] = w["steps"] / max(time.perf_counter() - w["t0"], 1e-9)
+        self.last_metrics.update(record)
+        if self.logger is not None:
+            self.logger.log(self.step, record)
+        if self.pbar is not None:
+            self.pbar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.3g}")
+        self._window = self._empty_window()
+
+    def _evaluate(self) -> None:
+        evaluate = getattr(self.task, "evaluate", None)
+        if evaluate is None:
+            return
+        model = self.ema.module if self.ema is not None else self.model
+
+        def run() -> dict[str, float]:
+            # evaluation draws from its own copy of the RNG streams so that training does not depend
+            # on how often it is evaluated (our choice)
+            saved = capture_rng_state(self.device)
+            was_training = model.training
+            model.eval()
+            try:
+                with torch.no_grad():
+                    metrics = evaluate(model)
+            finally:
+                model.train(was_training)
+                restore_rng_state(saved, self.device)
+            if not isinstance(metrics, Mapping):
+                raise TypeError(f"task {self.task.name!r}: evaluate() must return a dict of floats")
+            return {f"eval/{k}": float(v) for k, v in metrics.items()}
+
+        metrics = self.ctx.run_on_main(run)
+        if metrics:
+            self.last_metrics.update(metrics)
+            if self.logger is not None:
+                self.logger.log(self.step, metrics)
+
+    # ----------------------------------------------------------------------------------- driver
+
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        determinism = set_deterministic(cfg.deterministic)
+        data_iter = None
+        self.pbar = None
+        try:
+            seed_everything(cfg.seed, rank=self.ctx.rank)
+            self._build()
+            if self.ctx.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.logger = build_logger(
+                self.logger_cfg, run_dir=self.run_dir, config=self.config, is_main=self.ctx.is_main
+            )
+            self.store = CheckpointStore(
+                self.run_dir, keep_every=cfg.keep_every, on_event=lambda name, info: self._event(name, **info)
+            )
+            if cfg.precision == "bf16" and not self.use_bf16:
+                self._event("bf16_ignored_on_cpu", device=str(self.device))
+            self._resume()
+            self.sampler = DeterministicBatchSampler(
+                num_items=self.num_items,
+                batch_size=cfg.batch_size,
+                seed=cfg.seed,
+                rank=self.ctx.rank,
+                world_size=self.ctx.world_size,
+                epoch=self.position[0],
+                batch_in_epoch=self.position[1],
+            )
+            loader = DataLoader(
+                self.dataset,
+                batch_sampler=self.sampler,
+                num_workers=cfg.num_workers,
+                pin_memory=self.device.type == "cuda",
+                persistent_workers=cfg.num_workers > 0,
+                # its own generator: creating the iterator must not draw from the global torch RNG,
+                # or a resumed run would diverge from an uninterrupted one
+                generator=torch.Generator().manual_seed(cfg.seed),
+            )
+            if self.step >= cfg.max_steps:
+                self._event("already_done", max_steps=cfg.max_steps)
+                return TrainResult(self.step, self.last_ckpt, dict(self.last_metrics), self.skipped_total)
+            show = cfg.progress and self.ctx.is_main and sys.stderr.isatty()
+            if show:
+                from tqdm import tqdm
+
+                self.pbar = tqdm(total=cfg.max_steps, initial=self.step, dynamic_ncols=True, desc=self.task.name)
+            data_iter = iter(loader)
+            with PreemptionWatcher(cfg.preempt_signals) as watcher:
+                while self.step < cfg.max_steps:
+                    batch = _move(next(data_iter), self.device)
+                    stepped, stop = self._train_step(batch, watcher.requested)
+                    if self.pbar is not None:
+                        self.pbar.update(1)
+                    final = self.step >= cfg.max_steps
+                    if stepped and (self.step % cfg.log_every == 0 or final or stop):
+                        self._log()
+                    if not stop and (final or (cfg.eval_every and self.step % cfg.eval_every == 0)):
+                        self._evaluate()
+                    if stop or final or (cfg.ckpt_every and self.step % cfg.ckpt_every == 0):
+                        self._checkpoint("preempted" if stop else "final" if final else "periodic")
+                    if self.on_step_end is not None:
+                        self.on_step_end(self.step)
+                    if stop:
+                        name = watcher.signal_name
+                        self._event("preempted", signal=name)
+                        if self.logger is not None:
+                            self.logger.close()
+                        watcher.chain()
+                        raise TrainingPreempted(step=self.step, signal_name=name, checkpoint=str(self.last_ckpt))
+            return TrainResult(self.step, self.last_ckpt, dict(self.last_metrics), self.skipped_total)
+        finally:
+            if self.pbar is not None:
+                self.pbar.close()
+            del data_iter
+            if self.logger is not None:
+                self.logger.close()
+            determinism.restore()

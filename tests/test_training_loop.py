@@ -1,0 +1,418 @@
+"""The shared training loop on a toy task: reference equality, resume, kills, SIGTERM, NaN, logging, DDP."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+from _toy_train import NUM_TIMESTEPS, ToyDataset, ToyTask, make_task, resolved, toy_trainer_cfg
+from ofer.training import (
+    EXIT_PREEMPTED,
+    ConfigMismatchError,
+    NonFiniteLossError,
+    TrainerConfig,
+    TrainingPreempted,
+    load_checkpoint,
+    train,
+)
+
+TOY_SCRIPT = Path(__file__).with_name("_toy_train.py")
+VENV_BIN = Path(sys.executable).parent
+
+
+def _run(task: Any, run_dir: Path, **overrides: Any) -> Any:
+    cfg = toy_trainer_cfg(**overrides)
+    return train(task, cfg, run_dir=run_dir, device="cpu", resolved_config=resolved(cfg))
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _events(run_dir: Path, name: str) -> list[dict]:
+    return [r for r in _records(run_dir) if r.get("event") == name]
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    torch.testing.assert_close(a["model"], b["model"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(a["ema"], b["ema"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(a["optimizer"]["state"], b["optimizer"]["state"], atol=1e-6, rtol=0)
+    assert a["step"] == b["step"] and a["sampler"] == b["sampler"]
+
+
+def _epoch_order(seed: int, epoch: int, n: int = 64) -> list[int]:
+    return np.random.default_rng([seed, epoch]).permutation(n).tolist()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """An uninterrupted 20-step run (seed 0, checkpoint every 5) that other tests compare against."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    task = make_task(0)
+    _run(task, run_dir, max_steps=20, ckpt_every=5)
+    return {"ckpt": load_checkpoint(run_dir / "checkpoints" / "last.pt"), "seen": task.seen, "dir": run_dir}
+
+
+# ------------------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "allowed"),
+    [
+        ("lr_scheduler", "linear", "['plateau', 'cosine', 'constant']"),
+        ("precision", "fp16", "['fp32', 'bf16']"),
+        ("nan_policy", "ignore", "['stop', 'skip']"),
+        ("optimizer", "sgd", "['adamw']"),
+    ],
+)
+def test_bad_config_values_fail_at_construction(key: str, value: str, allowed: str) -> None:
+    with pytest.raises(ValueError) as info:
+        TrainerConfig.from_mapping(toy_trainer_cfg(**{key: value}))
+    assert f"trainer.{key}={value!r}" in str(info.value) and allowed in str(info.value)
+
+
+def test_unknown_and_missing_config_keys() -> None:
+    with pytest.raises(ValueError, match=r"unknown trainer config keys \['lr_schedular'\]"):
+        TrainerConfig.from_mapping(toy_trainer_cfg(lr_schedular="cosine"))
+    with pytest.raises(ValueError, match=r"missing required keys \['max_steps'\]"):
+        TrainerConfig.from_mapping({"batch_size": 8, "max_steps": "???"})
+    with pytest.raises(ValueError, match="ema_decay"):
+        TrainerConfig.from_mapping(toy_trainer_cfg(ema_decay=1.0))
+
+
+def test_default_yaml_is_a_valid_trainer_config() -> None:
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(Path(__file__).parents[1] / "configs" / "trainer" / "default.yaml")
+    cfg.max_steps, cfg.batch_size = 10, 4  # the yaml leaves them required (???)
+    tc = TrainerConfig.from_mapping(cfg)
+    assert (tc.weight_decay, tc.ema_decay, tc.plateau_factor, tc.plateau_patience) == (1e-4, 0.999, 0.99, 2)
+
+
+def test_untrained_parameters_are_an_error(tmp_path: Path) -> None:
+    task = make_task(0, hidden=3)
+    task.param_groups = lambda: [{"params": list(task.model[0].parameters())}]  # forgets the last layer
+    with pytest.raises(ValueError, match=r"trainable parameters \['2.weight', '2.bias'\] are in no param group"):
+        _run(task, tmp_path)
+
+
+# ------------------------------------------------------------------------ independent reference
+
+
+def test_loop_equals_a_plain_pytorch_loop(tmp_path: Path) -> None:
+    """AdamW + EMA + clipping on the documented batch order, written out by hand, gives the same weights."""
+    steps, decay, clip = 12, 0.8, 3.0
+    task = make_task(5, deterministic_loss=True)
+    init = {k: v.clone() for k, v in task.model.state_dict().items()}
+    _run(task, tmp_path, max_steps=steps, ckpt_every=None, ema_decay=decay, grad_clip=clip, seed=5)
+    got = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+
+    model = nn.Linear(4, 1)
+    model.load_state_dict(init)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.999), weight_decay=1e-4)
+    ema = {k: v.clone() for k, v in init.items()}
+    data = ToyDataset()
+    order = _epoch_order(5, 0) + _epoch_order(5, 1)
+    for s in range(steps):
+        idx = torch.tensor(order[8 * s : 8 * s + 8])
+        pred = model(data.x[idx])[:, 0]
+        weight = 1.0 + (idx % NUM_TIMESTEPS).float() / NUM_TIMESTEPS
+        loss = (weight * (pred - data.y[idx]) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        for k, v in model.state_dict().items():
+            ema[k] = decay * ema[k] + (1 - decay) * v.detach()
+    torch.testing.assert_close(got["model"], model.state_dict(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got["ema"], ema, atol=1e-6, rtol=1e-6)
+    assert task.seen == [order[8 * s : 8 * s + 8] for s in range(steps)]
+
+
+# -------------------------------------------------------------------------------------- resume
+
+
+def test_resume_equals_uninterrupted_run(tmp_path: Path, reference: dict) -> None:
+    first = make_task(0)
+    result = _run(first, tmp_path, max_steps=10, ckpt_every=5)
+    assert result.step == 10 and result.checkpoint == tmp_path / "checkpoints" / "last.pt"
+    second = make_task(123)  # different fresh weights and RNG: all must come from the checkpoint
+    result = _run(second, tmp_path, max_steps=20, ckpt_every=5)
+    assert result.step == 20
+    _assert_same_state(load_checkpoint(result.checkpoint), reference["ckpt"])
+    assert first.seen + second.seen == reference["seen"]  # same batches, none re-read
+    assert _events(tmp_path, "resume")[0]["step"] == 10
+    # the documented order: epoch permutations of (seed, epoch), 8 batches of 8 per epoch
+    flat = [i for batch in reference["seen"] for i in batch]
+    assert flat == (_epoch_order(0, 0) + _epoch_order(0, 1) + _epoch_order(0, 2))[:160]
+
+
+def test_resume_with_different_model_config_names_both_values(tmp_path: Path) -> None:
+    cfg = toy_trainer_cfg(max_steps=2, ckpt_every=2)
+    train(make_task(0, hidden=8), cfg, run_dir=tmp_path, device="cpu", resolved_config=resolved(cfg, hidden=8))
+    cfg = toy_trainer_cfg(max_steps=4, ckpt_every=2)
+    with pytest.raises(ConfigMismatchError) as info:
+        train(make_task(0, hidden=16), cfg, run_dir=tmp_path, device="cpu", resolved_config=resolved(cfg, hidden=16))
+    message = str(info.value)
+    assert "model.hidden: checkpoint has 8, current config has 16" in message and "last.pt" in message
+
+
+def test_corrupted_last_falls_back_to_previous_and_logs_it(tmp_path: Path, reference: dict) -> None:
+    _run(make_task(0), tmp_path, max_steps=10, ckpt_every=5)
+    last = tmp_path / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:-200])  # truncated: step 10 is lost, prev.pt (step 5) is good
+    result = _run(make_task(0), tmp_path, max_steps=20, ckpt_every=5)
+    assert _events(tmp_path, "checkpoint_corrupt")[0]["path"] == str(last)
+    fallback = _events(tmp_path, "checkpoint_fallback")[0]
+    assert fallback["path"].endswith("prev.pt") and fallback["step"] == 5
+    assert _events(tmp_path, "resume")[0]["step"] == 5
+    _assert_same_state(load_checkpoint(result.checkpoint), reference["ckpt"])
+
+
+# ---------------------------------------------------------------------------------- subprocesses
+
+
+def _toy_cmd(run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(TOY_SCRIPT), "--run-dir", str(run_dir), "--max-steps", "20", "--ckpt-every", "5", *extra]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def test_sigkill_right_after_a_checkpoint_then_resume(tmp_path: Path, reference: dict) -> None:
+    proc = subprocess.run(_toy_cmd(tmp_path, "--die-at-step", "10"), env=_env(), capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 10
+    result = _run(make_task(0), tmp_path, max_steps=20, ckpt_every=5)
+    _assert_same_state(load_checkpoint(result.checkpoint), reference["ckpt"])
+
+
+def test_sigterm_writes_checkpoint_and_exits_with_preempted_code(tmp_path: Path, reference: dict) -> None:
+    proc = subprocess.Popen(_toy_cmd(tmp_path, "--sleep-per-step", "0.2"), env=_env(), stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 90
+        metrics = tmp_path / "metrics.jsonl"
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.exists() and any(r.get("step", 0) >= 6 for r in _records(tmp_path)):
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == EXIT_PREEMPTED, err.decode()[-2000:]
+    preempted = _events(tmp_path, "preempted")
+    assert len(preempted) == 1 and preempted[0]["signal"] == "SIGTERM"
+    stopped_at = preempted[0]["step"]
+    assert 6 <= stopped_at < 20
+    ck = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert ck["step"] == stopped_at  # finished the step in flight, then checkpointed it
+    result = _run(make_task(0), tmp_path, max_steps=20, ckpt_every=5)
+    _assert_same_state(load_checkpoint(result.checkpoint), reference["ckpt"])
+
+
+def test_sigterm_in_process_raises_training_preempted(tmp_path: Path) -> None:
+    def on_step_end(step: int) -> None:
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    cfg = toy_trainer_cfg(max_steps=20, ckpt_every=None)
+    with pytest.raises(TrainingPreempted) as info:
+        train(make_task(0), cfg, run_dir=tmp_path, device="cpu", resolved_config=resolved(cfg), on_step_end=on_step_end)
+    assert info.value.code == EXIT_PREEMPTED and info.value.step == 4  # the signal is acted on after step 4
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 4
+    assert signal.getsignal(signal.SIGTERM) == previous  # handlers are put back
+
+
+# ------------------------------------------------------------------------------------------ NaN
+
+
+def test_nan_stop_names_step_and_batch(tmp_path: Path) -> None:
+    bad = 17
+    order = _epoch_order(0, 0)
+    step = order.index(bad) // 8 + 1
+    with pytest.raises(NonFiniteLossError) as info:
+        _run(ToyTask(nan_at_index=bad), tmp_path, max_steps=8, ckpt_every=1, nan_policy="stop")
+    batch = order[(step - 1) * 8 : step * 8]
+    assert info.value.step == step and info.value.batch_indices == batch
+    message = str(info.value)
+    assert f"at step {step}" in message and str(batch) in message and f"non-finite loss on rank 0: [{bad}]" in message
+    if step > 1:
+        assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == step - 1  # last good one kept
+    else:
+        assert not (tmp_path / "checkpoints" / "last.pt").exists()
+
+
+def test_nan_skip_skips_the_update_and_counts(tmp_path: Path) -> None:
+    bad = 17
+    steps = 20
+    positions = [e * 8 + _epoch_order(0, e).index(bad) // 8 + 1 for e in range(3)]
+    expected_skips = [s for s in positions if s <= steps]
+    task = make_task(0, nan_at_index=bad)
+    weights: dict[int, Tensor] = {}
+    cfg = toy_trainer_cfg(max_steps=steps, nan_policy="skip", max_skips=1)
+    result = train(
+        task, cfg, run_dir=tmp_path, device="cpu", resolved_config=resolved(cfg),
+        on_step_end=lambda s: weights.__setitem__(s, task.model.weight.detach().clone()),
+    )
+    assert result.skipped == len(expected_skips) and result.step == steps
+    assert [r["step"] for r in _events(tmp_path, "nonfinite_skip")] == expected_skips
+    for s in expected_skips:
+        if s > 1:
+            assert torch.equal(weights[s], weights[s - 1])  # no update on a skipped step
+    assert all(not torch.equal(weights[s], weights[s - 1]) for s in range(2, steps + 1) if s not in expected_skips)
+    assert torch.isfinite(task.model.weight).all()
+    assert load_checkpoint(result.checkpoint)["loop"]["skipped_total"] == len(expected_skips)
+
+
+def test_nan_skip_gives_up_after_max_skips_in_a_row(tmp_path: Path) -> None:
+    task = make_task(0)
+    task.loss = lambda model, batch: {"loss": model(batch["x"])[:, 0] * float("nan")}
+    with pytest.raises(NonFiniteLossError, match="3 steps in a row were non-finite, more than trainer.max_skips=2"):
+        _run(task, tmp_path, max_steps=10, nan_policy="skip", max_skips=2)
+
+
+# ------------------------------------------------------------------------------------- logging
+
+
+class _EchoTimestepTask(ToyTask):
+    """Loss of sample i is its timestep t = i % 8 (plus 0 x prediction): quartile means are known."""
+
+    def loss(self, model: nn.Module, batch: dict) -> dict[str, Tensor]:
+        self.seen.append(batch["index"].tolist())
+        t = batch["index"] % NUM_TIMESTEPS
+        return {"loss": t.float() + 0.0 * model(batch["x"])[:, 0], "t": t}
+
+
+def test_loss_per_timestep_quartile_in_metrics_jsonl(tmp_path: Path) -> None:
+    task = _EchoTimestepTask()
+    _run(task, tmp_path, max_steps=4, log_every=2)
+    logged = [r for r in _records(tmp_path) if "loss" in r]
+    assert [r["step"] for r in logged] == [2, 4]
+    for r, window in zip(logged, (task.seen[0:2], task.seen[2:4])):
+        ts = [i % NUM_TIMESTEPS for batch in window for i in batch]
+        for q in range(4):
+            in_q = [t for t in ts if t * 4 // NUM_TIMESTEPS == q]  # quartile q holds t in [2q, 2q + 2)
+            if in_q:
+                assert r[f"loss_q{q}"] == pytest.approx(sum(in_q) / len(in_q))
+            else:
+                assert f"loss_q{q}" not in r
+        assert r["loss"] == pytest.approx(sum(ts) / len(ts))
+
+
+def test_plateau_scheduler_reduces_lr_on_flat_loss(tmp_path: Path) -> None:
+    task = make_task(0)
+    task.loss = lambda model, batch: {"loss": 1.0 + 0.0 * model(batch["x"])[:, 0]}
+    _run(task, tmp_path, max_steps=16, lr_scheduler="plateau", plateau_every=2)
+    lrs = {r["step"]: r["lr"] for r in _records(tmp_path) if "lr" in r}
+    # stepped with the same loss at steps 2, 4, ..., 16; patience 2 -> reduced on calls 4 and 7
+    for step, lr in lrs.items():
+        calls = step // 2
+        reductions = (calls - 1) // 3 if calls else 0
+        assert lr == pytest.approx(1e-2 * 0.99**reductions, rel=1e-9), step
+
+
+def test_cosine_schedule_with_warmup(tmp_path: Path) -> None:
+    _run(make_task(0), tmp_path, max_steps=12, lr_scheduler="cosine", warmup_steps=4, min_lr_ratio=0.1)
+    lrs = {r["step"]: r["lr"] for r in _records(tmp_path) if "lr" in r}
+    for step, lr in lrs.items():
+        # the logged lr is the one for the next step, index `step` (0-based)
+        if step < 4:
+            factor = (step + 1) / 4
+        else:
+            factor = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - 4) / 8)))
+        assert lr == pytest.approx(1e-2 * factor, rel=1e-9), step
+
+
+def test_grad_clip_bounds_the_gradient_the_optimizer_sees(tmp_path: Path) -> None:
+    task = make_task(0)
+    clipped: dict[int, float] = {}
+    cfg = toy_trainer_cfg(max_steps=5, grad_clip=0.5)
+    train(
+        task, cfg, run_dir=tmp_path, device="cpu", resolved_config=resolved(cfg),
+        on_step_end=lambda s: clipped.__setitem__(s, float(torch.cat([p.grad.flatten() for p in task.model.parameters()]).norm())),
+    )
+    raw = {r["step"]: r["grad_norm"] for r in _records(tmp_path) if "grad_norm" in r}
+    for s in range(1, 6):
+        assert raw[s] > 0.5  # the logged norm is the norm before clipping
+        assert clipped[s] == pytest.approx(0.5, rel=1e-4)
+
+
+def test_wandb_disabled_or_missing_never_breaks_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    cfg = toy_trainer_cfg(max_steps=2)
+    logger = {"name": "wandb", "project": "ofer-test"}
+    train(make_task(0), cfg, run_dir=tmp_path / "a", device="cpu", resolved_config=resolved(cfg), logger_cfg=logger)
+    assert any("loss" in r for r in _records(tmp_path / "a"))
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
+    train(make_task(0), cfg, run_dir=tmp_path / "b", device="cpu", resolved_config=resolved(cfg), logger_cfg=logger)
+    assert any("loss" in r for r in _records(tmp_path / "b"))
+    with pytest.raises(ValueError, match=r"logger.name='tensorboard' is not allowed"):
+        train(make_task(0), cfg, run_dir=tmp_path / "c", device="cpu", resolved_config=resolved(cfg),
+              logger_cfg={"name": "tensorboard"})
+
+
+def test_bf16_is_ignored_on_cpu(tmp_path: Path) -> None:
+    _run(make_task(0), tmp_path, max_steps=1, precision="bf16")
+    assert _events(tmp_path, "bf16_ignored_on_cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_autocast_on_cuda(tmp_path: Path) -> None:
+    task = make_task(0)
+    dtypes: list[torch.dtype] = []
+    inner = task.loss
+
+    def loss(model: nn.Module, batch: dict) -> dict[str, Tensor]:
+        dtypes.append(model(batch["x"]).dtype)
+        return inner(model, batch)
+
+    task.loss = loss
+    cfg = toy_trainer_cfg(max_steps=3, precision="bf16")
+    result = train(task, cfg, run_dir=tmp_path, device="cuda", resolved_config=resolved(cfg))
+    assert set(dtypes) == {torch.bfloat16} and math.isfinite(result.metrics["loss"])
+    assert task.model.weight.dtype == torch.float32 and task.model.weight.device.type == "cuda"
+
+
+# ------------------------------------------------------------------------------------------ DDP
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_ranks_match_each_other_and_one_process(tmp_path: Path) -> None:
+    torchrun = VENV_BIN / "torchrun"
+    if not torchrun.exists():
+        pytest.skip("torchrun not found next to the python executable")
+    ddp_dir = tmp_path / "ddp"
+    cmd = [
+        str(torchrun), "--standalone", "--nproc_per_node=2", str(TOY_SCRIPT), "--run-dir", str(ddp_dir),
+        "--max-steps", "12", "--ckpt-every", "6", "--deterministic-loss", "--dump-final",
+    ]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    rank0 = torch.load(ddp_dir / "final_rank0.pt", weights_only=True)
+    rank1 = torch.load(ddp_dir / "final_rank1.pt", weights_only=True)
+    torch.testing.assert_close(rank0, rank1, atol=0, rtol=0)
+    ck = load_checkpoint(ddp_dir / "checkpoints" / "last.pt")
+    assert ck["world_size"] == 2 and len(ck["rng"]) == 2
+    # the global batch of 8 is split 4 + 4: same gradients as one process on the whole batch
+    single = make_task(0, deterministic_loss=True)
+    _run(single, tmp_path / "single", max_steps=12, ckpt_every=6)
+    torch.testing.assert_close(rank0, single.model.state_dict(), atol=1e-5, rtol=1e-5)
+    assert not list(ddp_dir.glob("metrics*.jsonl"))[1:]  # one log file, written by rank 0 only
