@@ -176,7 +176,8 @@ def generate_pools(
             batch = conds[start:start + batch_images]
             samples = sample_fn(batch, **kwargs)
             b = batch.shape[0]
-            if samples.ndim != 3 or samples.shape[:2] != (b, num_candidates) or (dim is not None and samples.shape[2] != dim):
+            bad_dim = dim is not None and samples.ndim == 3 and samples.shape[2] != dim
+            if samples.ndim != 3 or samples.shape[:2] != (b, num_candidates) or bad_dim:
                 want = f"({b}, {num_candidates}, {dim if dim is not None else 'D'})"
                 raise ValueError(f"generate_pools: sample_fn returned shape {tuple(samples.shape)} for images "
                                  f"[{start}, {start + b}), expected {want}")

@@ -200,7 +200,8 @@ def test_learns_to_rank_toy_problem():
 
     def batch(size: int, gen: torch.Generator):
         gt = 10 * torch.randn(size, vf, 3, generator=gen)
-        cand = gt.unsqueeze(1) + torch.randn(size, n, vf, 3, generator=gen) * torch.rand(size, n, 1, 1, generator=gen) * 3
+        noise_scale = 3 * torch.rand(size, n, 1, 1, generator=gen)
+        cand = gt.unsqueeze(1) + torch.randn(size, n, vf, 3, generator=gen) * noise_scale
         return cand, gt, gt.reshape(size, -1) / 10
 
     g = torch.Generator().manual_seed(1)

@@ -74,7 +74,8 @@ def candidate_vertices(flame: FLAME, shapes: Tensor, face_idx: Tensor) -> Tensor
         vertices, shape (B, N, Vf, 3), millimetres.
     """
     if shapes.ndim != 3 or shapes.shape[-1] != flame.n_shape:
-        raise ValueError(f"candidate_vertices: shapes must have shape (B, N, {flame.n_shape}), got {tuple(shapes.shape)}")
+        raise ValueError(f"candidate_vertices: shapes must have shape (B, N, {flame.n_shape}), "
+                         f"got {tuple(shapes.shape)}")
     if face_idx.ndim != 1 or face_idx.dtype not in (torch.int64, torch.int32) or face_idx.numel() == 0:
         raise ValueError(f"candidate_vertices: face_idx must be a non-empty 1-D integer tensor, got dtype "
                          f"{face_idx.dtype} and shape {tuple(face_idx.shape)}")
