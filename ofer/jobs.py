@@ -112,3 +112,73 @@ def train_generator(cfg: DictConfig) -> Any:
     if result.metrics:
         print("held-out: " + ", ".join(f"{k}={v:.3f}" for k, v in sorted(result.metrics.items())))
     return result
+
+
+def image_feature_dataset(cfg: DictConfig, data_cfg: Any, slots: list[str], device: str) -> Any:
+    """Per-image items (`shape`, `<slot>_feat`, `key`) over every dataset of `data_cfg` (MICA layout)."""
+    from torch.utils.data import ConcatDataset
+
+    from ofer.tasks.ranker import ImageFeatureDataset
+
+    encoders = {s: build_encoder(cfg.encoders[s], slot=s) for s in slots}
+    ensure_features(data_cfg, encoders, cache_dir=cfg.features.cache_dir, device=device,
+                    precompute_missing=bool(cfg.features.precompute_missing), batch_size=int(cfg.features.batch_size))
+    parts = []
+    for key, entry in sorted(_entries(data_cfg).items()):
+        ds = build_dataset_from_config(entry, inputs=(), key=key)
+        feats = {s: load_features(ds, encoders[s], slot=s, cache_dir=cfg.features.cache_dir) for s in slots}
+        parts.append(ImageFeatureDataset(ds, feats))
+    out = ConcatDataset(parts)
+    out.keys = [k for p in parts for k in p.keys]  # type: ignore[attr-defined]
+    return out
+
+
+def _pool(cfg: DictConfig, ds: Any, name: str, idgen: torch.nn.Module, diffusion: Any, device: str) -> Any:
+    """The stored candidate pool of `ds` (generated with the IdGen EMA weights when absent or stale)."""
+    import functools
+
+    from ofer.ranking import PoolDataset, ensure_pool
+
+    sampling = OmegaConf.to_container(cfg.pool.sampling, resolve=True)
+    sample_fn = functools.partial(diffusion.sample, idgen, dim=300, **sampling)
+
+    def conds() -> torch.Tensor:
+        return torch.stack([ds[i]["arcface_feat"] for i in range(len(ds))]).to(device)
+
+    pool = ensure_pool(Path(cfg.pool.dir) / f"{name}.npz", sample_fn=sample_fn, conds=conds, image_keys=ds.keys,
+                       idgen_checkpoint=cfg.idgen_ckpt, sampler=sampling, num_candidates=int(cfg.pool.num_candidates),
+                       batch_images=int(cfg.pool.batch_images),
+                       generator=torch.Generator(device=device).manual_seed(int(cfg.seed)), refresh=str(cfg.pool.refresh))
+    return PoolDataset(pool, ds, key_fn=lambda item: item["key"])
+
+
+def train_idrank(cfg: DictConfig) -> Any:
+    """IdRank on stored candidate pools of a trained IdGen (`idgen_ckpt=...`)."""
+    from ofer.pipeline import file_digest, load_generator
+    from ofer.tasks.ranker import RankerTask
+
+    device = _device(cfg)
+    seed_everything(int(cfg.seed))
+    if cfg.get("synthetic", {}).get("ensure", True):
+        ensure_synthetic_data(cfg.paths, cfg.data, cfg.get("eval_data"))
+    idgen, diffusion, info = load_generator(cfg.idgen_ckpt, kind="idgen", device=device)
+    flame = build_flame(cfg.paths)
+    slots = ["arcface", "farl"]
+    train_ds = _pool(cfg, image_feature_dataset(cfg, cfg.data, slots, device), "train", idgen, diffusion, device)
+    eval_ds = None
+    if cfg.get("eval_data"):
+        eval_ds = _pool(cfg, image_feature_dataset(cfg, cfg.eval_data, slots, device), "eval", idgen, diffusion, device)
+    del idgen
+    cfg = cfg.copy()
+    OmegaConf.set_struct(cfg, False)
+    cfg.model.num_face_vertices = int(len(flame.face_mask("face")))  # stored in the checkpoint's config
+    model = instantiate(cfg.model)
+    task = RankerTask(model=model, flame=flame, dataset=train_ds, lr=float(cfg.trainer.lr),
+                      temperature=float(cfg.temperature), eval_dataset=eval_ds,
+                      describe={"idgen_sha256": file_digest(info["path"]), "idgen_ckpt": info["path"]})
+    result = train(task, cfg.trainer, run_dir=run_dir_of(cfg), device=device,
+                   resolved_config=OmegaConf.to_container(cfg, resolve=True), logger_cfg=cfg.logger)
+    print(f"checkpoint: {result.checkpoint}")
+    if result.metrics:
+        print("held-out: " + ", ".join(f"{k}={v:.3f}" for k, v in sorted(result.metrics.items()) if k.startswith("eval")))
+    return result

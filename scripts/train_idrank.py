@@ -1,0 +1,18 @@
+"""Train IdRank on stored IdGen candidate pools. See configs/train_idrank.yaml."""
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+import ofer  # noqa: F401  (registers the config resolvers)
+
+
+@hydra.main(config_path="../configs", config_name="train_idrank", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from ofer.jobs import train_idrank
+
+    train_idrank(cfg)
+
+
+if __name__ == "__main__":
+    main()
