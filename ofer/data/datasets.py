@@ -27,13 +27,12 @@ image list, which the feature cache uses), and per requested input ``arcface (K,
 and/or ``farl (K, 3, 224, 224)``. The full FLAME pose order is global, neck, jaw, left eye, right
 eye (axis-angle, 3 each); the jaw is ``pose[6:9]``.
 
-Pickled files (the index, FaMoS ``.npy``/``.pkl``, NoW boxes) are read with a restricted
-unpickler that only rebuilds plain containers, strings, numbers and numpy arrays.
+Pickled files (the index, FaMoS ``.npy``/``.pkl``) are read with ``ofer.io``'s restricted
+unpickler, which only rebuilds plain containers, strings, numbers and numpy arrays.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import pickle
 from collections.abc import Iterable, Mapping, Sequence
@@ -70,79 +69,21 @@ class FlameParamsError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------
-# Restricted unpickling
+# Safe reading of pickled files (ofer.io's restricted unpickler: plain data only, no code runs)
 # --------------------------------------------------------------------------------------------
-_SAFE_GLOBALS = {
-    ("builtins", name)
-    for name in ("dict", "list", "tuple", "set", "frozenset", "str", "bytes", "bytearray", "int", "float", "bool", "complex")
-} | {
-    ("collections", "OrderedDict"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "scalar"),
-    # Protocol-2 pickles store raw bytes as _codecs.encode(str, 'latin1').
-    ("_codecs", "encode"),
-}
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that rebuilds only containers, strings, numbers and numpy arrays/scalars.
-
-    Anything else (functions, arbitrary classes) raises ``pickle.UnpicklingError``, so loading a
-    dataset index cannot execute code.
-    """
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module.startswith("numpy.core."):
-            # Files written by numpy 1.x; numpy 2 moved these to numpy._core.
-            module = "numpy._core." + module[len("numpy.core."):]
-        if (module, name) in _SAFE_GLOBALS:
-            return super().find_class(module, name)
-        if module == "numpy" or module.startswith("numpy.dtypes"):
-            obj = super().find_class(module, name)
-            if isinstance(obj, type) and issubclass(obj, (np.generic, np.dtype)):
-                return obj  # numpy scalar and dtype classes hold no code
-        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: only plain data is allowed")
-
-
-def safe_unpickle(data: bytes | io.BufferedIOBase, *, source: str = "<bytes>") -> Any:
-    """Unpickle plain data only (see ``RestrictedUnpickler``)."""
-    fh = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
-    try:
-        return RestrictedUnpickler(fh, encoding="latin1").load()
-    except pickle.UnpicklingError as exc:
-        raise pickle.UnpicklingError(f"{source}: {exc}") from exc
-
-
 def load_pickled_npy(path: str | Path) -> Any:
-    """Read a ``.npy`` file; object arrays go through the restricted unpickler.
+    """A ``.npy`` file; object arrays (``np.save`` of a dict) go through ``ofer.io``'s restricted
+    unpickler and come back as the Python object."""
+    from ofer.io import safe_load_npy_object
 
-    Returns the array, or the Python object for 0-d object arrays (``np.save`` of a dict).
-    """
-    path = Path(path)
-    with open(path, "rb") as f:
-        try:
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-            else:
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-        except ValueError as exc:
-            raise ValueError(f"{path} is not a valid .npy file: {exc}") from exc
-        if not dtype.hasobject:
-            f.seek(0)
-            return np.load(f, allow_pickle=False)
-        obj = safe_unpickle(f, source=str(path))
-    if isinstance(obj, np.ndarray) and obj.dtype == object and obj.shape == ():
-        return obj.item()
-    return obj
+    return safe_load_npy_object(path)
 
 
 def load_pickle(path: str | Path) -> Any:
-    """Read a ``.pkl`` with the restricted unpickler."""
-    with open(path, "rb") as f:
-        return safe_unpickle(f, source=str(path))
+    """A ``.pkl`` read with ``ofer.io``'s restricted unpickler."""
+    from ofer.io import safe_load_pickle
+
+    return safe_load_pickle(path)
 
 
 def npy_header_shape(path: str | Path) -> tuple[tuple[int, ...], np.dtype]:

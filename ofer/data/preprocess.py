@@ -289,10 +289,14 @@ def farl_from_face_image(img_rgb: np.ndarray, *, size: int = FARL_SIZE) -> np.nd
 
     h, w = img_rgb.shape[:2]
     if (h, w) != (size, size):
-        scale = size / min(h, w)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        img_rgb = np.asarray(Image.fromarray(img_rgb).resize((nw, nh), Image.BICUBIC))
-        top, left = (nh - size) // 2, (nw - size) // 2
+        # Sizes and offsets rounded as torchvision's Resize(size) + CenterCrop(size) (CLIP's transform).
+        if w <= h:
+            nw, nh = size, int(size * h / w)
+        else:
+            nw, nh = int(size * w / h), size
+        if (nw, nh) != (w, h):
+            img_rgb = np.asarray(Image.fromarray(img_rgb).resize((nw, nh), Image.BICUBIC))
+        top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
         img_rgb = img_rgb[top:top + size, left:left + size]
     return farl_normalize(img_rgb)
 
@@ -572,9 +576,9 @@ def _load_annotations(path: str | Path | None) -> dict[str, dict[str, Any]]:
 
 def load_now_box(path: str | Path) -> np.ndarray:
     """A NoW ``detected_face`` .npy (a pickled dict with left/top/right/bottom) -> box (4,)."""
-    from ofer.data.datasets import load_pickled_npy  # deferred: datasets imports this module
+    from ofer.io import safe_load_npy_object
 
-    data = load_pickled_npy(path)
+    data = safe_load_npy_object(path)
     if isinstance(data, np.ndarray) and data.dtype == object and data.shape == ():
         data = data.item()
     if not isinstance(data, Mapping) or not {"left", "top", "right", "bottom"} <= set(data):

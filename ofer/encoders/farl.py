@@ -114,21 +114,33 @@ class FaRLEncoder(nn.Module):
         if path is None:
             warn_random("FaRLEncoder")
         else:
-            state = torch_load_state(path)
-            visual = visual_state_from_clip(state)
-            if not visual:
-                raise WeightsMismatchError(
-                    f"FaRL weights file {path} has no 'visual.*' keys (found e.g. {sorted(state)[:8]}); "
-                    f"expected an OpenAI-CLIP-format state dict such as FaRL-Base-Patch16-LAIONFace20M-ep64.pth"
-                )
-            ignored = sorted(k for k in visual if is_farl_mim_key(k))
-            load_state_strict(self.visual, visual, source=path, ignore=is_farl_mim_key)
-            log.info(
-                "FaRLEncoder: loaded %d image-tower tensors from %s (ignored %d MIM-head keys and %d non-visual keys)",
-                len(visual) - len(ignored), path, len(ignored), len(state) - len(visual),
-            )
+            self.load_farl_weights(path)
         if freeze == "all":
             self.visual.requires_grad_(False)
+
+    def load_farl_weights(self, path: str | Path) -> None:
+        """Load the image tower from a FaRL (OpenAI-CLIP-format) checkpoint, strictly.
+
+        Only the ``visual.`` keys are used; of those, only FaRL's MIM head is skipped. Any other
+        missing or unexpected key, or shape mismatch, raises ``WeightsMismatchError``.
+        """
+        path = Path(path)
+        state = torch_load_state(path)
+        visual = visual_state_from_clip(state)
+        if not visual:
+            raise WeightsMismatchError(
+                f"FaRL weights file {path} has no 'visual.*' keys (found e.g. {sorted(state)[:8]}); "
+                f"expected an OpenAI-CLIP-format state dict such as FaRL-Base-Patch16-LAIONFace20M-ep64.pth"
+            )
+        ignored = sorted(k for k in visual if is_farl_mim_key(k))
+        load_state_strict(self.visual, visual, source=path, ignore=is_farl_mim_key)
+        self.weights_path = path
+        self.is_random = False
+        self.__dict__.pop("weights_id", None)
+        log.info(
+            "FaRLEncoder: loaded %d image-tower tensors from %s (ignored %d MIM-head keys and %d non-visual keys)",
+            len(visual) - len(ignored), path, len(ignored), len(state) - len(visual),
+        )
 
     def train(self, mode: bool = True) -> FaRLEncoder:
         """A frozen tower stays in eval mode."""
