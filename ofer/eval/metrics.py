@@ -242,9 +242,9 @@ def project_to_shape_space(vertices: Tensor, *, template: Tensor, shapedirs: Ten
         raise ValueError(f"template must be ({V}, 3) and shapedirs ({V}, 3, K); got {tuple(template.shape)} "
                          f"and {tuple(shapedirs.shape)}")
     m = _bool_mask(mask, V, vertices.device)
-    idx = torch.arange(V, device=vertices.device) if m is None else m.nonzero()[:, 0]
     if m is not None and m.ndim != 1:
         raise ValueError("project_to_shape_space takes one region for all meshes: mask (K,) or (V,)")
+    idx = torch.arange(V, device=vertices.device) if m is None else m.nonzero()[:, 0]
     K = shapedirs.shape[-1]
     basis = shapedirs[idx].to(vertices).reshape(-1, K)  # (3M, K)
     if basis.shape[0] < K:
