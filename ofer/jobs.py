@@ -83,7 +83,7 @@ def _device(cfg: DictConfig) -> str:
     return str(resolve_device(cfg.device))
 
 
-def train_generator(cfg: DictConfig) -> Any:
+def train_generator(cfg: DictConfig, *, run_dir: str | Path | None = None) -> Any:
     """IdGen (`job=idgen`) or ExpGen (`job=expgen`) training on the shared loop."""
     device = _device(cfg)
     seed_everything(int(cfg.seed))
@@ -105,7 +105,7 @@ def train_generator(cfg: DictConfig) -> Any:
                                                                      for e in encoders_meta.values())},
     )
     diffusion.to(device)
-    result = train(task, cfg.trainer, run_dir=run_dir_of(cfg), device=device,
+    result = train(task, cfg.trainer, run_dir=Path(run_dir) if run_dir else run_dir_of(cfg), device=device,
                    resolved_config=OmegaConf.to_container(cfg, resolve=True), logger_cfg=cfg.logger)
     log.info("done: step %d, checkpoint %s, metrics %s", result.step, result.checkpoint, result.metrics)
     print(f"checkpoint: {result.checkpoint}")
@@ -152,7 +152,7 @@ def _pool(cfg: DictConfig, ds: Any, name: str, idgen: torch.nn.Module, diffusion
     return PoolDataset(pool, ds, key_fn=lambda item: item["key"])
 
 
-def train_idrank(cfg: DictConfig) -> Any:
+def train_idrank(cfg: DictConfig, *, run_dir: str | Path | None = None) -> Any:
     """IdRank on stored candidate pools of a trained IdGen (`idgen_ckpt=...`)."""
     from ofer.pipeline import file_digest, load_generator
     from ofer.tasks.ranker import RankerTask
@@ -176,7 +176,7 @@ def train_idrank(cfg: DictConfig) -> Any:
     task = RankerTask(model=model, flame=flame, dataset=train_ds, lr=float(cfg.trainer.lr),
                       temperature=float(cfg.temperature), eval_dataset=eval_ds,
                       describe={"idgen_sha256": file_digest(info["path"]), "idgen_ckpt": info["path"]})
-    result = train(task, cfg.trainer, run_dir=run_dir_of(cfg), device=device,
+    result = train(task, cfg.trainer, run_dir=Path(run_dir) if run_dir else run_dir_of(cfg), device=device,
                    resolved_config=OmegaConf.to_container(cfg, resolve=True), logger_cfg=cfg.logger)
     print(f"checkpoint: {result.checkpoint}")
     if result.metrics:

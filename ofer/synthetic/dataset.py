@@ -28,17 +28,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from insightface.utils import face_align
 
+from ofer.data.preprocess import arcface_blob, farl_crop_image, farl_normalize
 from ofer.flame import FLAME
+from ofer.synthetic.assets import GENERATOR_VERSION
 from ofer.synthetic.render import OCCLUDERS, Camera, draw_occluder, project, render, skin_albedo
 
-__all__ = ["write_mica_dataset", "arcface_kps_from_68", "face_box_from_68", "farl_crop", "arcface_blob",
-           "CLIP_MEAN", "CLIP_STD"]
-
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073])
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711])
-FARL_ENLARGE = 1.6  # OFER/FaRL: face box enlarged 1.6x
+__all__ = ["write_mica_dataset", "render_face", "arcface_kps_from_68", "face_box_from_68"]
 
 
 def arcface_kps_from_68(lmk2d: np.ndarray) -> np.ndarray:
@@ -54,31 +50,43 @@ def face_box_from_68(lmk2d: np.ndarray) -> np.ndarray:
     return np.array([x1, y1 - 0.25 * (y2 - y1), x2, y2], dtype=np.float32)
 
 
-def arcface_blob(image_rgb: np.ndarray, kps: np.ndarray) -> np.ndarray:
-    """insightface 5-point alignment to 112x112, RGB, scaled to [-1, 1]: (3,112,112) float32."""
-    crop = face_align.norm_crop(image_rgb, kps, 112)
-    return ((crop.astype(np.float32) / 127.5) - 1.0).transpose(2, 0, 1).copy()
-
-
-def farl_crop(image_rgb: np.ndarray, box: np.ndarray, size: int = 224) -> np.ndarray:
-    """Square crop of side 1.6 x max(box side) around the box centre, warped to `size`, CLIP-normalised:
-    (3,size,size) float32."""
-    x1, y1, x2, y2 = [float(v) for v in box]
-    side = FARL_ENLARGE * max(x2 - x1, y2 - y1)
-    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-    s = size / side
-    M = np.array([[s, 0, size / 2 - s * cx], [0, s, size / 2 - s * cy]], dtype=np.float64)
-    crop = cv2.warpAffine(image_rgb, M, (size, size), flags=cv2.INTER_LINEAR, borderValue=(0, 0, 0))
-    x = crop.astype(np.float32) / 255.0
-    return ((x - CLIP_MEAN) / CLIP_STD).astype(np.float32).transpose(2, 0, 1).copy()
-
-
 def _rotation(yaw: float, pitch: float, roll: float) -> np.ndarray:
     cy, sy, cp, sp, cr, sr = np.cos(yaw), np.sin(yaw), np.cos(pitch), np.sin(pitch), np.cos(roll), np.sin(roll)
     Ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
     Rx = np.array([[1, 0, 0], [0, cp, -sp], [0, sp, cp]])
     Rz = np.array([[cr, -sr, 0], [sr, cr, 0], [0, 0, 1]])
     return Rz @ Rx @ Ry
+
+
+def render_face(flame: FLAME, faces: np.ndarray, shape: np.ndarray, exp: np.ndarray, pose: np.ndarray,
+                rng: np.random.Generator, *, occluder: str = "none", yaw_max: float = 0.5, image_size: int = 224,
+                albedo_rng: np.random.Generator | None = None, scale_range: tuple[float, float] = (0.68, 0.8)) -> dict:
+    """Render one photo of FLAME(shape, exp, pose) with a random view, light, background and `occluder`.
+
+    Returns image (H,W,3) uint8 RGB, landmarks2d (68,2), kps (5,2), box (4,), occluded_vertices (V,) bool
+    (vertices projecting into the occluder), yaw.
+    """
+    yaw = rng.uniform(-yaw_max, yaw_max)
+    pitch, roll = rng.uniform(-0.15, 0.15), rng.uniform(-0.1, 0.1)
+    with torch.no_grad():
+        out = flame(torch.as_tensor(shape[None], dtype=torch.float32),
+                    torch.as_tensor(exp[None], dtype=torch.float32),
+                    torch.as_tensor(pose[None], dtype=torch.float32))
+    verts = out.vertices[0].double().numpy()
+    lmk3d = out.landmarks[0].double().numpy()
+    cam = Camera(rotation=_rotation(yaw, pitch, roll), scale=image_size * rng.uniform(*scale_range) / 0.2,
+                 centre=(image_size / 2 + rng.uniform(-6, 6), image_size / 2 + rng.uniform(-4, 8)), size=image_size)
+    bg = np.clip(rng.uniform(40, 200, 3)[None, None] + rng.normal(0, 8, (image_size, image_size, 1)),
+                 0, 255).astype(np.uint8)
+    light = np.array([rng.uniform(-0.6, 0.6), rng.uniform(0.0, 0.6), 1.0])
+    albedo = skin_albedo(verts, flame.masks, albedo_rng if albedo_rng is not None else rng)
+    r = render(verts, faces, cam, albedo=albedo, light=light, background=bg)
+    lmk2d = project(lmk3d, cam)[:, :2]
+    image, occ_px = draw_occluder(r.image, occluder, lmk2d, rng)
+    # A vertex counts as occluded when it projects into the occluder, seen or not.
+    pv = np.clip(np.round(project(verts, cam)[:, :2] - 0.5).astype(int), 0, image_size - 1)
+    return {"image": image, "landmarks2d": lmk2d, "kps": arcface_kps_from_68(lmk2d), "box": face_box_from_68(lmk2d),
+            "occluded_vertices": occ_px[pv[:, 1], pv[:, 0]], "yaw": yaw}
 
 
 def write_mica_dataset(
@@ -112,29 +120,10 @@ def write_mica_dataset(
                 occ = "none"
                 if occluders and rng.uniform() < occlusion_prob:
                     occ = str(rng.choice(occluders))
-                yaw = rng.uniform(-yaw_max, yaw_max)
-                pitch, roll = rng.uniform(-0.15, 0.15), rng.uniform(-0.1, 0.1)
-                with torch.no_grad():
-                    out = flame(torch.as_tensor(shape[None], dtype=torch.float32),
-                                torch.as_tensor(exp[None], dtype=torch.float32),
-                                torch.as_tensor(pose[None], dtype=torch.float32))
-                verts = out.vertices[0].double().numpy()
-                lmk3d = out.landmarks[0].double().numpy()
-                cam = Camera(rotation=_rotation(yaw, pitch, roll),
-                             scale=image_size * rng.uniform(0.68, 0.8) / 0.2,
-                             centre=(image_size / 2 + rng.uniform(-6, 6), image_size / 2 + rng.uniform(-4, 8)),
-                             size=image_size)
-                bg = np.clip(rng.uniform(40, 200, 3)[None, None] + rng.normal(0, 8, (image_size, image_size, 1)),
-                             0, 255).astype(np.uint8)
-                light = np.array([rng.uniform(-0.6, 0.6), rng.uniform(0.0, 0.6), 1.0])
-                albedo = skin_albedo(verts, flame.masks, albedo_rng)
-                r = render(verts, faces, cam, albedo=albedo, light=light, background=bg)
-                lmk2d = project(lmk3d, cam)[:, :2]
-                image, occ_px = draw_occluder(r.image, occ, lmk2d, rng)
-                # A vertex counts as occluded when it projects into the occluder, seen or not.
-                pv = np.clip(np.round(project(verts, cam)[:, :2] - 0.5).astype(int), 0, image_size - 1)
-                occluded = occ_px[pv[:, 1], pv[:, 0]]
-
+                r = render_face(flame, faces, shape, exp, pose, rng, occluder=occ, yaw_max=yaw_max,
+                                image_size=image_size, albedo_rng=albedo_rng)
+                image, occluded, lmk2d = r["image"], r["occluded_vertices"], r["landmarks2d"]
+                yaw = r["yaw"]
                 actor = f"actor{a:05d}" if mode == "identity" else f"frame{a * images_per_actor + k:06d}"
                 stem = f"img{k:02d}"
                 img_dir = ds / "arcface_input" / actor
@@ -144,7 +133,8 @@ def write_mica_dataset(
                 cv2.imwrite(str(img_dir / f"{stem}.jpg"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
                             [cv2.IMWRITE_JPEG_QUALITY, 95])
                 np.save(img_dir / f"{stem}.npy", arcface_blob(image, kps))
-                np.save(img_dir / f"{stem}_farl.npy", farl_crop(image, box).astype(np.float16))
+                # The same preprocessing functions as for real photos (ofer.data.preprocess).
+                np.save(img_dir / f"{stem}_farl.npy", farl_normalize(farl_crop_image(image, box)).astype(np.float16))
                 np.savez(img_dir / f"{stem}_gt.npz", shape=shape, expression=exp, pose=pose, occluder=occ,
                          occluded_vertices=occluded, kps=kps, box=box, landmarks2d=lmk2d, yaw=yaw)
                 rel_img = f"{actor}/{stem}.jpg"
@@ -165,7 +155,7 @@ def write_mica_dataset(
         (tmp / "image_paths").mkdir()
         np.save(tmp / "image_paths" / f"{name}.npy", index, allow_pickle=True)
         (ds / "generator.json").write_text(json.dumps({
-            "mode": mode, "seed": seed, "actors": actors, "images_per_actor": images_per_actor,
+            "generator_version": GENERATOR_VERSION, "mode": mode, "seed": seed, "actors": actors, "images_per_actor": images_per_actor,
             "occlusion_prob": occlusion_prob, "occluders": list(occluders), "expression_std": expression_std,
             "jaw_max": jaw_max, "yaw_max": yaw_max, "flame_model": flame.model_path,
         }, indent=1))

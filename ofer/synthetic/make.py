@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ofer.config import build_flame
 from ofer.flame import FLAME
-from ofer.synthetic.assets import ensure_synthetic_flame
+from ofer.synthetic.assets import GENERATOR_VERSION, ensure_synthetic_flame
 from ofer.synthetic.dataset import write_mica_dataset
 from ofer.synthetic.export import export_samples
 
@@ -37,7 +37,7 @@ def ensure_datasets(root: str | Path, flame: FLAME, datasets: Mapping[str, Mappi
         if not force and stamp.is_file() and (root / "image_paths" / f"{name}.npy").is_file():
             try:
                 old = json.loads(stamp.read_text())
-                if all(old.get(k) == v for k, v in opts.items()):
+                if old.get("generator_version") == GENERATOR_VERSION and all(old.get(k) == v for k, v in opts.items()):
                     out[name] = root / name
                     continue
             except (OSError, ValueError):
