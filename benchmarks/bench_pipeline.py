@@ -1,0 +1,127 @@
+"""Full OFER inference throughput from cached features (issue 8, goals 1 and 2).
+
+Paper setting: IdGen 100 samples x DDPM-1000, FLAME decode of the 100 candidates, IdRank, ExpGen 100 x
+DDPM-1000, with the paper-sized denoisers (12.45 M / 3.16 M parameters) and IdRank MLP. Random weights (the
+cost does not depend on them). Rows:
+  * baseline: our pipeline run like the public code's demo: eager, fp32, one image at a time;
+  * ours: many images per call, bf16 autocast, CUDA-graph sampling (`pipeline.fast`);
+  * fast samplers: DDIM-50 and DPM-Solver++-25 on the same fast path.
+The floor is 100 x (1000 x 2 x 12.45 M + 1000 x 2 x 3.16 M) FLOP per image at the bf16 GEMM rate measured in
+this run. Prints a table and writes JSON (--json).
+
+    python benchmarks/bench_pipeline.py --batch 256 --json $OUT/pipeline.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+import ofer  # noqa: E402,F401
+from ofer.diffusion import GaussianDiffusion  # noqa: E402
+from ofer.flame import FLAME  # noqa: E402
+from ofer.models.ranker import IdRanker  # noqa: E402
+from ofer.models.unet1d import Denoiser  # noqa: E402
+from ofer.pipeline import OferPipeline  # noqa: E402
+from ofer.synthetic.assets import ensure_synthetic_flame  # noqa: E402
+
+
+def gemm_tflops(device: str) -> float:
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    n = 20
+    for _ in range(n):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192 ** 3 * n / (time.perf_counter() - t) / 1e12
+
+
+def build(device: str, flame: FLAME, *, fast: bool, sampler: dict) -> OferPipeline:
+    torch.manual_seed(0)
+    idgen = Denoiser(dim=300, cond_dim=512, widths=(300, 50, 10))
+    expgen = Denoiser(dim=53, cond_dim=1024, widths=(53, 25, 10))
+    for m in (idgen, expgen):  # non-zero output layers so the samples move (cost is the same)
+        for p in m.parameters():
+            if p.dim() > 1 and p.abs().sum() == 0:
+                torch.nn.init.normal_(p, std=1e-3)
+    ranker = IdRanker(num_face_vertices=len(flame.face_mask("face")))
+    diff = GaussianDiffusion()
+    return OferPipeline(flame=flame, idgen=idgen.eval(), id_diffusion=diff, expgen=expgen.eval(),
+                        exp_diffusion=GaussianDiffusion(), ranker=ranker.eval(), id_sampling=sampler,
+                        exp_sampling=sampler, num_samples=100, fast=fast).to(device)
+
+
+def run(pipe: OferPipeline, batch: int, repeats: int, device: str) -> float:
+    arc = torch.nn.functional.normalize(torch.randn(batch, 512, device=device), dim=-1)
+    farl = torch.randn(batch, 512, device=device)
+    h = pipe(arc, farl)  # warm-up (and CUDA-graph capture)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        h = pipe(arc, farl)
+    torch.cuda.synchronize()
+    assert torch.isfinite(h.shapes).all() and torch.isfinite(h.scores).all()
+    return (time.perf_counter() - t) / repeats
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=256, help="images per pipeline call on the fast path")
+    ap.add_argument("--fast-batch", type=int, default=1024, help="images per call for DDIM/DPM++ rows")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    device = "cuda"
+    assert torch.cuda.is_available(), "this benchmark needs a GPU"
+    assets = ensure_synthetic_flame(Path(tempfile.mkdtemp()))
+    flame = FLAME(assets.flame_model, masks_path=assets.masks).to(device)
+    tflops = gemm_tflops(device)
+    flop_per_image = 100 * (1000 * 2 * 12.45e6 + 1000 * 2 * 3.16e6)
+    floor_ips = tflops * 1e12 / flop_per_image
+    rows = []
+    ddpm = {"sampler": "ddpm"}
+    if not args.skip_baseline:
+        pipe = build(device, flame, fast=False, sampler=ddpm)
+        s = run(pipe, 1, 1, device)
+        rows.append({"name": "baseline: eager fp32, 1 image/call, DDPM-1000", "batch": 1, "s_per_call": s,
+                     "images_per_s": 1 / s})
+    pipe = build(device, flame, fast=True, sampler=ddpm)
+    s = run(pipe, args.batch, args.repeats, device)
+    rows.append({"name": "ours: CUDA graphs + bf16, DDPM-1000", "batch": args.batch, "s_per_call": s,
+                 "images_per_s": args.batch / s})
+    for name, opts in (("DDIM-50", {"sampler": "ddim", "steps": 50}), ("DPM++-25", {"sampler": "dpmpp", "steps": 25})):
+        pipe = build(device, flame, fast=True, sampler=opts)
+        s = run(pipe, args.fast_batch, args.repeats, device)
+        rows.append({"name": f"ours: CUDA graphs + bf16, {name}", "batch": args.fast_batch, "s_per_call": s,
+                     "images_per_s": args.fast_batch / s})
+    base = rows[0]["images_per_s"] if not args.skip_baseline else None
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  bf16 GEMM {tflops:.0f} TFLOP/s  "
+          f"floor (paper setting) {floor_ips:.0f} images/s")
+    print(f"{'setting':52s} {'batch':>6s} {'s/call':>8s} {'img/s':>9s} {'vs base':>8s} {'of floor':>8s}")
+    for r in rows:
+        r["speedup_vs_baseline"] = r["images_per_s"] / base if base else None
+        r["fraction_of_floor"] = r["images_per_s"] / floor_ips if "DDPM" in r["name"] else None
+        print(f"{r['name']:52s} {r['batch']:6d} {r['s_per_call']:8.3f} {r['images_per_s']:9.1f} "
+              f"{(r['speedup_vs_baseline'] or float('nan')):8.1f} "
+              f"{(r['fraction_of_floor'] or float('nan')):8.2f}")
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "bf16_gemm_tflops": tflops,
+           "floor_images_per_s": floor_ips, "rows": rows}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Sampling with CUDA graphs: the same update as `GaussianDiffusion.sample`, replayed without launch overhead.
+
+The denoisers are small (12.5 M and 3.2 M parameters), so an eager sampling step is launch-bound (~7 ms on an
+H100 whatever the batch). We capture `chunk` consecutive steps (model forward under optional bf16 autocast +
+`denoise_step`) into one CUDA graph per chunk, for a fixed number of rows, and replay them; all graphs of
+a sampler share one memory pool. Results equal the eager loop run with the same noise (up to kernel choice);
+the per-step noise comes from the default CUDA generator (seed it with `torch.manual_seed`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ofer.diffusion import GaussianDiffusion, denoise_step
+
+__all__ = ["GraphedSampler"]
+
+
+class GraphedSampler:
+    """`GraphedSampler(diffusion, model, rows=M, dim=D, cond_dim=C, sampler=..., steps=...)(cond (B,C), num_samples=N)`
+    with B*N == M rows. Build once per (model, shape, sampler); CUDA only."""
+
+    def __init__(self, diffusion: GaussianDiffusion, model: nn.Module, *, rows: int, dim: int, cond_dim: int,
+                 sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
+                 timestep_spacing: str = "trailing", bf16: bool = True, chunk: int = 50,
+                 device: str | torch.device = "cuda") -> None:
+        device = torch.device(device)
+        if device.type != "cuda":
+            raise ValueError("GraphedSampler needs a CUDA device; use GaussianDiffusion.sample on the CPU")
+        self.model, self.rows, self.dim, self.bf16 = model, rows, dim, bf16
+        self.plan = diffusion.plan(sampler, steps=steps, eta=eta, timestep_spacing=timestep_spacing, device=device)
+        n = int(self.plan.timesteps.shape[0])
+        self.x = torch.zeros(rows, dim, device=device)
+        self.cond = torch.zeros(rows, cond_dim, device=device)
+        self.x0_prev = torch.zeros(rows, dim, device=device)
+        self.t = [self.plan.timesteps[i].expand(rows).contiguous() for i in range(n)]
+        self.graphs: list[torch.cuda.CUDAGraph] = []
+        pool = None
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream), torch.no_grad():
+            self._run(range(min(2, n)))  # warm-up (cuBLAS handles, autotuning) outside capture
+        torch.cuda.current_stream(device).wait_stream(stream)
+        for start in range(0, n, chunk):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool), torch.no_grad():
+                self._run(range(start, min(start + chunk, n)))
+            pool = g.pool()
+            self.graphs.append(g)
+
+    def _run(self, steps: range) -> None:
+        x, x0_prev = self.x, self.x0_prev
+        for i in steps:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
+                eps = self.model(x, self.t[i], self.cond)
+            noise = torch.randn_like(x) if self.plan.stochastic else None
+            x_new, x0_new = denoise_step(x, eps.float(), x0_prev, self.plan.coeffs[i], noise)
+            x.copy_(x_new)
+            x0_prev.copy_(x0_new)
+
+    @torch.no_grad()
+    def __call__(self, cond: torch.Tensor, *, num_samples: int, x_T: torch.Tensor | None = None) -> torch.Tensor:
+        b = cond.shape[0]
+        if b * num_samples != self.rows:
+            raise ValueError(f"GraphedSampler built for {self.rows} rows, got {b} x {num_samples}")
+        self.cond.copy_(cond.repeat_interleave(num_samples, dim=0))
+        if x_T is None:
+            self.x.normal_()
+        else:
+            self.x.copy_(x_T.reshape(self.rows, self.dim))
+        self.x0_prev.zero_()
+        for g in self.graphs:
+            g.replay()
+        return self.x.clone().view(b, num_samples, self.dim)
