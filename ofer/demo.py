@@ -78,8 +78,8 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
     now_root = ensure_synthetic_now(synth / "NoW_synthetic", flame, subjects=int(cfg.now.subjects),
                                     images_per_challenge=int(cfg.now.images_per_challenge))
     timings = {"data": time.perf_counter() - t0}
-    common = [f"device={device}", f"seed={cfg.seed}"] + [f"paths.{k}={v}" for k, v in cfg.paths.items()
-                                                          if k in ("root", "synthetic_dir", "data_dir")]
+    common = [f"device={device}", f"seed={cfg.seed}"] + [f"paths.{k}={cfg.paths[k]}"
+                                                          for k in ("root", "synthetic_dir", "data_dir")]
 
     def job(name: str, fn: Any, extra: list[str]) -> Any:
         t = time.perf_counter()

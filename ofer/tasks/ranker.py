@@ -45,7 +45,7 @@ class ImageFeatureDataset(Dataset):
         p = self.dataset.params[int(self.actor_of[i])]
         item = {"shape": torch.from_numpy(p.shape.astype(np.float32)), "key": self.keys[i], "index": i}
         for slot, arr in self.features.items():
-            item[f"{slot}_feat"] = torch.from_numpy(np.asarray(arr[i], dtype=np.float32))
+            item[f"{slot}_feat"] = torch.from_numpy(np.array(arr[i], dtype=np.float32))
         return item
 
 
