@@ -95,7 +95,8 @@ class ToyTask:
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         data = ToyDataset(self.num_items)
-        return {"mse": float(((model(data.x)[:, 0] - data.y) ** 2).mean())}
+        device = next(model.parameters()).device
+        return {"mse": float(((model(data.x.to(device))[:, 0] - data.y.to(device)) ** 2).mean())}
 
     def describe(self) -> dict:
         return {"kind": "toy linear regression", "num_items": self.num_items}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 import sys
 import time
 import warnings
@@ -450,7 +451,7 @@ class _Trainer:
                 with warnings.catch_warnings():
                     # the schedule follows the step counter, skipped steps included: stepping it
                     # without an optimizer step is intended
-                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                    warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
                     self.scheduler.step()
             return False, stop_any
         if self.cfg.clip_norm is not None:

@@ -7,8 +7,9 @@ Under submitit (``configs/hydra/launcher/slurm.yaml``) SLURM sends USR2 ``signal
 time limit; submitit's own handler, which we replaced, is called *after* our checkpoint is on
 disk: it re-queues the job (``max_num_timeout`` times) and exits. Without submitit, a batch script
 can requeue when the exit code is :data:`EXIT_PREEMPTED`. Under ``torchrun`` the agent forwards
-SIGTERM to the workers and kills them 30 s later (``--max-restarts`` etc. unchanged): a step plus
-a checkpoint must fit in that time.
+SIGTERM to the workers and kills them 30 s later, so a step plus a checkpoint must fit in that
+time; the workers exit with EXIT_PREEMPTED but torchrun itself exits with 1 (seen on 2 H100s,
+torch 2.11), so a wrapper should look for the ``preempted`` event in ``metrics.jsonl`` instead.
 """
 
 from __future__ import annotations
