@@ -57,7 +57,7 @@ FARL_SUFFIX = "_farl.npy"
 VARIANTS = ("auto", "mica", "ofer")
 SAMPLING = ("random", "first")
 DEFAULT_PARAMS_FOLDER = {"mica": "FLAME_parameters", "ofer": "FLAME23_parameters"}
-_MAX_LISTED = 200
+_MAX_LISTED = 1000  # problems listed in one error; the count is always given
 
 
 class DatasetError(ValueError):

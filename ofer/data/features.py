@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 1
-_LISTED = 20
+_LISTED = 1000  # paths listed in one error; the count is always given
 
 
 class StaleCacheError(RuntimeError):
@@ -145,7 +145,8 @@ def precompute_features(
         bf16: autocast to bfloat16 (features are stored as float32; the precision is recorded).
         overwrite: recompute even when a valid cache exists.
 
-    A valid existing cache is kept (logged) unless ``overwrite``.
+    A valid existing cache is kept (logged) unless ``overwrite``; a stale one is recomputed
+    (logged). The encoder is moved to ``device`` and left there, in its original train/eval mode.
     """
     slot = slot or encoder.slot
     key = cache_key(dataset, encoder, slot=slot)
