@@ -14,7 +14,7 @@ from ofer.synthetic.head import write_flame_files
 log = logging.getLogger(__name__)
 
 # Bump when the generator changes so that stale assets are regenerated, never silently reused.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 
 @dataclass(frozen=True)

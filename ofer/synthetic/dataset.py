@@ -89,13 +89,65 @@ def render_face(flame: FLAME, faces: np.ndarray, shape: np.ndarray, exp: np.ndar
             "occluded_vertices": occ_px[pv[:, 1], pv[:, 0]], "yaw": yaw}
 
 
+# What forked render workers share (set by write_mica_dataset before the pool starts; not pickled per job).
+_JOB: dict = {}
+
+
+def _render_actor(a: int) -> list[tuple[str, list[str], str]]:
+    """Render and write every image of actor `a` (its own RNG stream, so any worker count gives the same files)."""
+    (ds, flame, mode, seed, images_per_actor, occlusion_prob, occluders, expression_std, jaw_max, yaw_max,
+     image_size) = _JOB["args"]
+    torch.set_num_threads(1)
+    rng = np.random.default_rng([seed, a])
+    faces = flame.faces.cpu().numpy()
+    shape = rng.standard_normal(flame.n_shape)
+    albedo_seed = int(rng.integers(1 << 31))
+    entries = []
+    for k in range(images_per_actor):
+        exp = rng.standard_normal(flame.n_exp) * expression_std
+        pose = np.zeros(15)
+        pose[6] = rng.uniform(0.0, jaw_max)  # jaw opening about x (positive opens)
+        occ = "none"
+        if occluders and rng.uniform() < occlusion_prob:
+            occ = str(rng.choice(occluders))
+        r = render_face(flame, faces, shape, exp, pose, rng, occluder=occ, yaw_max=yaw_max, image_size=image_size,
+                        albedo_rng=np.random.default_rng(albedo_seed))
+        image, kps, box = r["image"], r["kps"], r["box"]
+        actor = f"actor{a:05d}" if mode == "identity" else f"frame{a * images_per_actor + k:06d}"
+        stem = f"img{k:02d}"
+        img_dir = ds / "arcface_input" / actor
+        img_dir.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(img_dir / f"{stem}.jpg"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+        # The same preprocessing functions as for real photos (ofer.data.preprocess).
+        np.save(img_dir / f"{stem}.npy", arcface_blob(image, kps))
+        np.save(img_dir / f"{stem}_farl.npy", farl_normalize(farl_crop_image(image, box)).astype(np.float16))
+        np.savez(img_dir / f"{stem}_gt.npz", shape=shape, expression=exp, pose=pose, occluder=occ,
+                 occluded_vertices=r["occluded_vertices"], kps=kps, box=box, landmarks2d=r["landmarks2d"],
+                 yaw=r["yaw"])
+        npz_dir = ds / "FLAME_parameters" / actor
+        npz_dir.mkdir(parents=True, exist_ok=True)
+        betas = np.concatenate([shape, np.zeros(100)])
+        if mode == "identity":
+            npz_rel = f"{actor}/identity.npz"
+            if k == 0:
+                np.savez(ds / "FLAME_parameters" / npz_rel, betas=betas, pose=np.zeros(15))
+        else:
+            npz_rel = f"{actor}/{stem}.npz"
+            betas[300:300 + flame.n_exp] = exp
+            np.savez(ds / "FLAME_parameters" / npz_rel, betas=betas, pose=pose)
+        entries.append((actor, [f"{actor}/{stem}.jpg"], npz_rel))
+    return entries
+
+
 def write_mica_dataset(
     root: str | Path, name: str, flame: FLAME, *, actors: int, images_per_actor: int, mode: str = "identity",
     seed: int = 0, occlusion_prob: float = 0.6, occluders: tuple[str, ...] = ("mask", "sunglasses", "hand", "bar"),
     expression_std: float = 0.6, jaw_max: float = 0.25, yaw_max: float = 0.5, image_size: int = 224,
+    workers: int | None = None,
 ) -> Path:
     """Render and write one synthetic dataset in the MICA layout. Written into a temporary folder and moved
-    into place at the end, so an interrupted run leaves nothing half-written. Returns `<root>/<name>`."""
+    into place at the end, so an interrupted run leaves nothing half-written. Returns `<root>/<name>`.
+    `workers` processes render actors in parallel (default: all cores); the files do not depend on it."""
     modes = ("identity", "frame")
     if mode not in modes:
         raise ValueError(f"unknown mode {mode!r}; allowed: {modes}")
@@ -105,53 +157,26 @@ def write_mica_dataset(
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
-    rng = np.random.default_rng(seed)
-    faces = flame.faces.cpu().numpy()
     index: dict[str, tuple[list[str], str]] = {}
     try:
         ds = tmp / name
-        for a in range(actors):
-            shape = rng.standard_normal(flame.n_shape)
-            albedo_rng = np.random.default_rng(rng.integers(1 << 31))
-            for k in range(images_per_actor):
-                exp = rng.standard_normal(flame.n_exp) * expression_std
-                pose = np.zeros(15)
-                pose[6] = rng.uniform(0.0, jaw_max)  # jaw opening about x (positive opens)
-                occ = "none"
-                if occluders and rng.uniform() < occlusion_prob:
-                    occ = str(rng.choice(occluders))
-                r = render_face(flame, faces, shape, exp, pose, rng, occluder=occ, yaw_max=yaw_max,
-                                image_size=image_size, albedo_rng=albedo_rng)
-                image, occluded, lmk2d = r["image"], r["occluded_vertices"], r["landmarks2d"]
-                yaw = r["yaw"]
-                actor = f"actor{a:05d}" if mode == "identity" else f"frame{a * images_per_actor + k:06d}"
-                stem = f"img{k:02d}"
-                img_dir = ds / "arcface_input" / actor
-                img_dir.mkdir(parents=True, exist_ok=True)
-                kps = arcface_kps_from_68(lmk2d)
-                box = face_box_from_68(lmk2d)
-                cv2.imwrite(str(img_dir / f"{stem}.jpg"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
-                            [cv2.IMWRITE_JPEG_QUALITY, 95])
-                np.save(img_dir / f"{stem}.npy", arcface_blob(image, kps))
-                # The same preprocessing functions as for real photos (ofer.data.preprocess).
-                np.save(img_dir / f"{stem}_farl.npy", farl_normalize(farl_crop_image(image, box)).astype(np.float16))
-                np.savez(img_dir / f"{stem}_gt.npz", shape=shape, expression=exp, pose=pose, occluder=occ,
-                         occluded_vertices=occluded, kps=kps, box=box, landmarks2d=lmk2d, yaw=yaw)
-                rel_img = f"{actor}/{stem}.jpg"
-                npz_dir = ds / "FLAME_parameters" / actor
-                npz_dir.mkdir(parents=True, exist_ok=True)
-                if mode == "identity":
-                    npz_rel = f"{actor}/identity.npz"
-                    if k == 0:
-                        np.savez(ds / "FLAME_parameters" / npz_rel,
-                                 betas=np.concatenate([shape, np.zeros(100)]), pose=np.zeros(15))
-                    index.setdefault(actor, ([], npz_rel))[0].append(rel_img)
-                else:
-                    npz_rel = f"{actor}/{stem}.npz"
-                    betas = np.concatenate([shape, np.zeros(100)])
-                    betas[300:300 + flame.n_exp] = exp
-                    np.savez(ds / "FLAME_parameters" / npz_rel, betas=betas, pose=pose)
-                    index[actor] = ([rel_img], npz_rel)
+        flame = flame.cpu()
+        _JOB["args"] = (ds, flame, mode, seed, images_per_actor, occlusion_prob, tuple(occluders), expression_std,
+                        jaw_max, yaw_max, image_size)
+        workers = min(workers or os.cpu_count() or 1, max(actors, 1))
+        try:
+            if workers > 1:
+                import multiprocessing as mp
+
+                with mp.get_context("fork").Pool(workers) as pool:
+                    results = pool.map(_render_actor, range(actors), chunksize=max(1, actors // (4 * workers)))
+            else:
+                results = [_render_actor(a) for a in range(actors)]
+        finally:
+            _JOB.clear()
+        for entries in results:
+            for actor, imgs, npz_rel in entries:
+                index.setdefault(actor, ([], npz_rel))[0].extend(imgs)
         (tmp / "image_paths").mkdir()
         np.save(tmp / "image_paths" / f"{name}.npy", index, allow_pickle=True)
         (ds / "generator.json").write_text(json.dumps({
