@@ -1,0 +1,147 @@
+"""Training throughput of IdGen / ExpGen / IdRank steps from cached features (issue 8, goals 4 and 5).
+
+A step = forward + backward + AdamW update of the paper-sized networks (the data already on the GPU, as with
+the feature cache; loading is not timed). Rows: the public code's setting (fp32, batch 64 rows) as the
+baseline, and ours (bf16 autocast, large batches). Model FLOP utilisation = 6 x parameters x rows per step /
+time / the bf16 GEMM rate measured in the same run. IdRank: a step from cached candidate pools vs the
+public code's way (sample 100 candidates x DDPM-1000 for every image of the batch, then the step).
+With torchrun (WORLD_SIZE > 1) the step runs under DDP with the same per-GPU batch; rank 0 reports.
+
+    python benchmarks/bench_training.py --json $OUT/train.json
+    torchrun --nproc_per_node=2 benchmarks/bench_training.py --ddp-only --json $OUT/train_ddp.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ofer.diffusion import GaussianDiffusion  # noqa: E402
+from ofer.models.ranker import IdRanker  # noqa: E402
+from ofer.models.unet1d import Denoiser  # noqa: E402
+from ofer.ranking import listnet_loss, ranking_targets  # noqa: E402
+
+
+def gemm_tflops() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ a
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(20):
+        a @ a
+    torch.cuda.synchronize()
+    return 2 * 8192 ** 3 * 20 / (time.perf_counter() - t) / 1e12
+
+
+def count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def time_steps(step, n: int = 20) -> float:
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / n
+
+
+def generator_step(kind: str, rows: int, bf16: bool, ddp: bool):
+    dim, cond, widths = (300, 512, (300, 50, 10)) if kind == "idgen" else (53, 1024, (53, 25, 10))
+    model = Denoiser(dim=dim, cond_dim=cond, widths=widths).cuda()
+    params = count(model)
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()])
+    diff = GaussianDiffusion().cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4, fused=True)
+    x0 = torch.randn(rows, dim, device="cuda")
+    c = torch.randn(rows, cond, device="cuda")
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            loss = diff.training_losses(model, x0, c)["loss"].mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, params
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, nargs="+", default=[4096, 16384])
+    ap.add_argument("--ddp-only", action="store_true")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    ddp = world > 1
+    if ddp:
+        dist.init_process_group("nccl")
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    rank = dist.get_rank() if ddp else 0
+    peak = gemm_tflops()
+    rows_out = []
+    configs = [] if args.ddp_only else [("idgen", 64, False), ("expgen", 64, False)]
+    configs += [(k, r, True) for k in ("idgen", "expgen") for r in args.rows]
+    for kind, rows, bf16 in configs:
+        step, params = generator_step(kind, rows, bf16, ddp)
+        s = time_steps(step)
+        mfu = 6 * params * rows / s / (peak * 1e12)
+        rows_out.append({"job": kind, "rows_per_gpu": rows, "precision": "bf16" if bf16 else "fp32",
+                         "world_size": world, "s_per_step": s, "samples_per_s": rows * world / s, "mfu": mfu})
+    if not args.ddp_only:
+        # IdRank: cached pools vs re-sampling the candidates every step (the public code).
+        torch.manual_seed(0)
+        V = 1785
+        ranker = IdRanker(num_face_vertices=V).cuda()
+        opt = torch.optim.AdamW(ranker.parameters(), lr=1e-6, fused=True)
+        cand = torch.randn(8, 100, V, 3, device="cuda") * 2 + 50
+        gt = torch.randn(8, V, 3, device="cuda") + 50
+        ctx = torch.randn(8, 1024, device="cuda")
+
+        def rank_step() -> None:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                errors, target = ranking_targets(cand, gt)
+                loss = listnet_loss(ranker(cand, ctx), target).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        s_pool = time_steps(rank_step)
+        idgen = Denoiser(dim=300, cond_dim=512).cuda().eval()
+        diff = GaussianDiffusion().cuda()
+        arc = torch.randn(8, 512, device="cuda")
+
+        def resample_step() -> None:  # the public way: 100 x DDPM-1000 for the 8 images, every step
+            diff.sample(idgen, arc, dim=300, num_samples=100)
+            rank_step()
+
+        s_resample = time_steps(resample_step, n=2)
+        rows_out.append({"job": "idrank", "mode": "cached pools", "images_per_s": 8 / s_pool, "s_per_step": s_pool})
+        rows_out.append({"job": "idrank", "mode": "re-sample every step (public code)", "images_per_s": 8 / s_resample,
+                         "s_per_step": s_resample})
+    if rank == 0:
+        print(f"device: {torch.cuda.get_device_name()} x{world}  bf16 GEMM {peak:.0f} TFLOP/s")
+        for r in rows_out:
+            print(json.dumps(r))
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "world_size": world,
+                                             "bf16_gemm_tflops": peak, "rows": rows_out}, indent=1))
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
