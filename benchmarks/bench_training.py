@@ -46,8 +46,8 @@ def count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def time_steps(step, n: int = 20) -> float:
-    for _ in range(3):
+def time_steps(step, n: int = 20, warmup: int = 3) -> float:
+    for _ in range(warmup):
         step()
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -127,7 +127,7 @@ def main() -> None:
             diff.sample(idgen, arc, dim=300, num_samples=100)
             rank_step()
 
-        s_resample = time_steps(resample_step, n=2)
+        s_resample = time_steps(resample_step, n=1, warmup=1)
         rows_out.append({"job": "idrank", "mode": "cached pools", "images_per_s": 8 / s_pool, "s_per_step": s_pool})
         rows_out.append({"job": "idrank", "mode": "re-sample every step (public code)", "images_per_s": 8 / s_resample,
                          "s_per_step": s_resample})
