@@ -60,7 +60,9 @@ def test_degenerate_triangles(tri, p, expected) -> None:
     np.testing.assert_allclose(out, expected, atol=1e-15)
 
 
-coord = st.floats(-10, 10, allow_nan=False, allow_infinity=False)
+# A 0.01 grid keeps exact degeneracies (collinear, coincident corners) but avoids underflowing products, on
+# which libigl itself returns inf.
+coord = st.integers(-1000, 1000).map(lambda i: i / 100)
 vec = st.tuples(coord, coord, coord)
 
 

@@ -409,8 +409,8 @@ def refine_alignment(
         device: where to compute.
         backend: closest points by 'torch' (any device), 'igl' (CPU only) or 'auto' (igl on CPU, torch on CUDA).
         options: optimiser settings (official ones by default).
-        max_pairs: torch backend: point-triangle pairs per chunk of the candidate search (memory, ~24 bytes
-            each); default 2**27 on CUDA, 2**24 on CPU.
+        max_pairs: torch backend: point-triangle pairs tested at once (memory, ~500 bytes each); default
+            2**24 on CUDA, 2**20 on CPU.
     """
     dev = resolve_device(device)
     if backend == "auto":
@@ -422,7 +422,7 @@ def refine_alignment(
     if backend == "igl":
         closest: ClosestFn = _closest_igl
     else:
-        pairs = max_pairs if max_pairs is not None else (1 << 27 if dev.type == "cuda" else 1 << 24)
+        pairs = max_pairs if max_pairs is not None else (1 << 24 if dev.type == "cuda" else 1 << 20)
 
         def closest(points, point_mask, verts, faces, face_mask, sel):  # noqa: ANN001, ANN202
             return closest_points_torch(

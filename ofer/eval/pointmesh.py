@@ -3,18 +3,19 @@
 For every query point the closest point over *all* triangles of its mesh is returned (face, edge or vertex
 region), as psbody-mesh's CGAL AABB tree does for the official NoW scorer. Two implementations:
 
-* `closest_points_torch`: batched over meshes (padded), any torch device, float64. Candidate triangles per
-  point are the `k` with the smallest lower bound `|p - centroid| - bounding radius`; Ericson's exact
-  point-triangle test runs on those, and the result is *certified*: if the best exact distance is not above
-  the (k+1)-th lower bound, no other triangle can be closer. Points that cannot be certified (rare: points
-  far from a finely tessellated surface) are solved by brute force over all triangles. Memory is bounded by
-  processing the points in chunks of at most `max_pairs` point-triangle pairs.
+* `closest_points_torch`: batched over meshes (padded), any torch device, float64. Triangles are grouped
+  by a balanced kd split; per point the groups with the smallest lower bound `|p - centre| - radius` are
+  searched with Ericson's exact point-triangle test, and the result is *certified*: if the best exact
+  distance is not above the next group's lower bound, no other triangle can be closer. Points that cannot be
+  certified (rare: points far from the surface) are re-solved with more groups, ending in brute force.
+  Memory is bounded by processing the points in chunks of at most `max_pairs` point-triangle pairs.
 * `closest_points_igl`: one mesh at a time through `igl.point_mesh_squared_distance` (AABB tree, double).
 
 Degenerate (zero-area) triangles are handled as their edges; they never produce NaN.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -157,6 +158,30 @@ def closest_points_brute_force(
     return ClosestPoints(sq, cp, fi)
 
 
+def _kd_order(cen: torch.Tensor, valid: torch.Tensor, levels: int) -> torch.Tensor:
+    """Permutation (B, F * ...) of face slots into 2**levels spatially compact, equally sized groups.
+
+    A balanced kd split of the centroids, batched: at every level each segment is sorted along its widest
+    axis and cut in two. `cen` (B, F, 3) must already be padded to a multiple of 2**levels; invalid (padding)
+    faces sort to the end of their segment.
+    """
+    B, F, _ = cen.shape
+    perm = torch.arange(F, device=cen.device).expand(B, F).contiguous()
+    big = torch.finfo(cen.dtype).max
+    for level in range(levels):
+        nseg = 1 << level
+        c = cen.gather(1, perm[..., None].expand(B, F, 3)).reshape(B, nseg, F // nseg, 3)
+        v = valid.gather(1, perm).reshape(B, nseg, F // nseg)
+        lo = torch.where(v[..., None], c, big).amin(2)
+        hi = torch.where(v[..., None], c, -big).amax(2)
+        axis = (hi - lo).argmax(-1)  # (B, nseg)
+        key = c.gather(3, axis[:, :, None, None].expand(B, nseg, F // nseg, 1)).squeeze(-1)
+        key = torch.where(v, key, torch.full_like(key, float("inf")))
+        idx = torch.argsort(key, dim=2, stable=True)
+        perm = perm.reshape(B, nseg, F // nseg).gather(2, idx).reshape(B, F)
+    return perm
+
+
 def closest_points_torch(
     points: torch.Tensor,
     vertices: torch.Tensor,
@@ -164,10 +189,18 @@ def closest_points_torch(
     *,
     point_mask: torch.Tensor | None = None,
     face_mask: torch.Tensor | None = None,
-    k: int = 32,
-    max_pairs: int = 1 << 25,
+    k: int = 8,
+    group_size: int = 16,
+    max_pairs: int = 1 << 22,
 ) -> ClosestPoints:
     """Exact closest points from query points to triangle meshes, batched over meshes.
+
+    Faces are split by a balanced kd split of their centroids into groups of `group_size` spatially close
+    triangles, each with a bounding sphere. For every point the `k` groups with the smallest lower
+    bound `|p - centre| - radius` are searched exactly (Ericson's test on all their triangles); the answer is
+    certified when the best distance is not above the (k+1)-th group's lower bound (minus a rounding margin),
+    so no triangle elsewhere can be closer. Uncertified points are re-solved with 8x more groups, ending in
+    brute force. The result is exact whatever k and group_size; they only change the speed.
 
     Args:
         points: (B, P, 3) float64 query points (rows beyond a mesh's count may be padding).
@@ -175,8 +208,9 @@ def closest_points_torch(
         faces: (B, F, 3) int64 indices into the mesh's own vertices.
         point_mask: (B, P) bool, False for padded query points (their outputs are 0 / -1); None = all valid.
         face_mask: (B, F) bool, False for padded faces; None = all valid. Every mesh needs >= 1 valid face.
-        k: candidate triangles per point tried before the certificate check.
-        max_pairs: bound on B * P_chunk * F (memory of the candidate search, 8 bytes each, a few buffers).
+        k: groups searched per point before the certificate check.
+        group_size: triangles per group.
+        max_pairs: point-triangle pairs tested at once (memory: about 500 bytes each).
 
     Returns:
         ClosestPoints with exact squared distances and closest points.
@@ -192,51 +226,63 @@ def closest_points_torch(
         point_mask = torch.ones(B, P, dtype=torch.bool, device=dev)
     if bool((face_mask.sum(1) == 0).any()):
         raise ValueError("every mesh needs at least one valid face")
-    if F <= k + 1:
-        out = closest_points_brute_force(points, vertices, faces, face_mask=face_mask)
+    G = group_size
+    levels = max(0, math.ceil(math.log2(max(1, -(-F // G)))))
+    nG = 1 << levels  # a power of two for the kd split; some groups may hold padding only
+    if nG <= k + 1:
+        out = closest_points_brute_force(points, vertices, faces, face_mask=face_mask, max_pairs=max_pairs)
         return _mask_points(out, point_mask)
 
     # Centre each batch item on its mesh so the |p|^2 + |c|^2 - 2 p.c expansion keeps its precision.
     centre = vertices.mean(1, keepdim=True)
     pts = points - centre
-    verts = vertices - centre
-    tri = _triangles(verts, faces)  # (B, F, 3, 3)
-    cen = tri.mean(2)  # (B, F, 3)
-    rad = (tri - cen[:, :, None, :]).norm(dim=-1).amax(-1)  # (B, F)
-    cen2 = _dot(cen, cen)  # (B, F)
-    scale = verts.abs().amax(dim=(1, 2)).clamp_min(1.0)  # (B,)
-    # Rounding bound of the lower bound: |d^2 error| <~ 1e-15 * scale^2 -> < 1e-7 * scale on d; keep 10x margin.
+    pad = nG * G - F
+    tri = torch.nn.functional.pad(_triangles(vertices - centre, faces), (0, 0, 0, 0, 0, pad))  # (B, nG*G, 3, 3)
+    fvalid = torch.nn.functional.pad(face_mask, (0, pad), value=False)
+    order = _kd_order(tri.mean(2), fvalid, levels)  # sorted slot -> padded face index
+    orig = order  # padded slots point at indices >= F; they are never valid, so never returned
+    valid = fvalid.gather(1, order)  # (B, nG*G)
+    tri_s = tri.gather(1, order[..., None, None].expand(B, nG * G, 3, 3))
+    corners = tri_s.reshape(B, nG, G * 3, 3)
+    cvalid = valid.reshape(B, nG, G, 1).expand(B, nG, G, 3).reshape(B, nG, G * 3)
+    big = torch.finfo(tri.dtype).max
+    lo = torch.where(cvalid[..., None], corners, big).amin(2)
+    hi = torch.where(cvalid[..., None], corners, -big).amax(2)
+    gvalid = cvalid.any(2)  # (B, nG)
+    gc = torch.where(gvalid[..., None], (lo + hi) / 2, torch.zeros_like(lo))  # group sphere centres
+    gr = torch.where(cvalid, (corners - gc[:, :, None, :]).norm(dim=-1), torch.zeros_like(cvalid, dtype=tri.dtype)).amax(2)
+    gc2 = _dot(gc, gc)
+    scale = tri.abs().amax(dim=(1, 2, 3)).clamp_min(1.0)
+    # Rounding bound of the lower bound: |d^2 error| <~ 1e-15 scale^2 -> < 1e-7 scale on d; keep 10x margin.
     tol = (1e-6 * scale)[:, None]
+    slots = torch.arange(G, device=dev)
 
     sq = points.new_zeros(B, P)
     cp = points.new_zeros(B, P, 3)
     fi = torch.full((B, P), -1, dtype=torch.int64, device=dev)
-    chunk = max(1, max_pairs // max(1, B * F))
+    chunk = max(1, max_pairs // max(1, B * max(nG, k * G)))
     for s in range(0, P, chunk):
         p = pts[:, s:s + chunk]  # (B, Pc, 3)
         Pc = p.shape[1]
-        d2 = torch.baddbmm(cen2[:, None, :], p, cen.transpose(1, 2), alpha=-2.0)  # (B, Pc, F)
+        d2 = torch.baddbmm(gc2[:, None, :], p, gc.transpose(1, 2), alpha=-2.0)  # (B, Pc, nG)
         d2 += _dot(p, p)[..., None]
-        lb = d2.clamp_min_(0.0).sqrt_().sub_(rad[:, None, :])
-        lb.masked_fill_(~face_mask[:, None, :], float("inf"))
-        lbk, cand = torch.topk(lb, k + 1, dim=-1, largest=False, sorted=True)  # (B, Pc, k+1)
-        del d2, lb
-        cand_k = cand[..., :k]
-        ctri = tri.gather(1, cand_k.reshape(B, Pc * k, 1, 1).expand(B, Pc * k, 3, 3)).reshape(B, Pc, k, 3, 3)
+        lb = d2.clamp_min_(0.0).sqrt_().sub_(gr[:, None, :]).masked_fill_(~gvalid[:, None, :], float("inf"))
+        lbk, gidx = torch.topk(lb, k + 1, dim=-1, largest=False, sorted=True)  # (B, Pc, k+1)
+        cand = (gidx[..., :k, None] * G + slots).reshape(B, Pc * k * G)  # sorted-face slots
+        ctri = tri_s.gather(1, cand[..., None, None].expand(B, Pc * k * G, 3, 3)).reshape(B, Pc, k * G, 3, 3)
         q = closest_point_on_triangle(p[:, :, None, :], ctri[..., 0, :], ctri[..., 1, :], ctri[..., 2, :])
         dd = _dot(p[:, :, None, :] - q, p[:, :, None, :] - q)
-        dd = dd.masked_fill(~torch.isfinite(lbk[..., :k]), float("inf"))  # padded faces picked when F_valid <= k
+        dd = dd.masked_fill(~valid.gather(1, cand).reshape(B, Pc, k * G), float("inf"))
         best = dd.argmin(-1)  # (B, Pc)
         bsq = dd.gather(-1, best[..., None]).squeeze(-1)
         sq[:, s:s + Pc] = bsq
         cp[:, s:s + Pc] = q.gather(2, best[..., None, None].expand(B, Pc, 1, 3)).squeeze(2) + centre
-        fi[:, s:s + Pc] = cand_k.gather(-1, best[..., None]).squeeze(-1)
-        # Certificate: no triangle outside the k candidates can be closer than the (k+1)-th lower bound.
-        ok = bsq.sqrt() <= lbk[..., k] - tol
-        ok |= ~point_mask[:, s:s + Pc]
+        fi[:, s:s + Pc] = orig.gather(1, cand.reshape(B, Pc, k * G).gather(-1, best[..., None]).squeeze(-1))
+        # Certificate: every triangle outside the k searched groups is at least the (k+1)-th bound away.
+        ok = (bsq.sqrt() <= lbk[..., k] - tol) | ~point_mask[:, s:s + Pc]
         if not bool(ok.all()):
             bi, pi = (~ok).nonzero(as_tuple=True)
-            _fallback(points, vertices, faces, face_mask, bi, pi + s, sq, cp, fi, k=k, max_pairs=max_pairs)
+            _fallback(points, vertices, faces, face_mask, bi, pi + s, sq, cp, fi, k=k, group_size=G, max_pairs=max_pairs)
     return _mask_points(ClosestPoints(sq, cp, fi), point_mask)
 
 
@@ -252,15 +298,16 @@ def _fallback(
     fi: torch.Tensor,
     *,
     k: int,
+    group_size: int,
     max_pairs: int,
 ) -> None:
-    """Re-solve the uncertified (batch, point) pairs with 8x more candidates (ending in brute force once the
-    candidates cover the mesh); results are written into sq/cp/fi in place."""
+    """Re-solve the uncertified (batch, point) pairs with 8x more groups (ending in brute force once the
+    groups cover the mesh); results are written into sq/cp/fi in place."""
     for b in bi.unique().tolist():
         sel = pi[bi == b]
         res = closest_points_torch(
             points[b:b + 1, sel], vertices[b:b + 1], faces[b:b + 1],
-            face_mask=face_mask[b:b + 1], k=8 * k, max_pairs=max_pairs,
+            face_mask=face_mask[b:b + 1], k=8 * k, group_size=group_size, max_pairs=max_pairs,
         )
         sq[b, sel] = res.sqdist[0]
         cp[b, sel] = res.points[0]
