@@ -490,6 +490,19 @@ def test_score_now_bad_inputs_reported_and_run_continues(tmp_path: Path) -> None
     assert metrics["per_challenge"]["selfie"]["median"] is None  # nothing scored there: null, not NaN
 
 
+def test_score_now_metrical_units(tmp_path: Path) -> None:
+    root, preds, subjects, images = _dataset(tmp_path)
+    # the predictions are in metres: metrical with unit m is exact, with unit mm the mesh is 1000x too small
+    rep_m = score_now(root, preds, device="cpu", metrical=True, unit="m", challenge="multiview_neutral")
+    assert rep_m.num_images == 2 and max(d.max() for d in rep_m.distances) < 1e-3
+    rep_mm = score_now(root, preds, device="cpu", metrical=True, unit="mm", challenge="multiview_neutral")
+    assert np.median(np.hstack(rep_mm.distances)) > 10.0
+    with pytest.raises(ValueError, match="unit"):
+        score_now(root, preds, metrical=True, unit="inch")
+    with pytest.raises(ValueError, match="does not occur"):
+        score_now(root, preds, challenge="multiview_occlusions")
+
+
 def test_eval_now_script_end_to_end(tmp_path: Path) -> None:
     root, preds, subjects, images = _dataset(tmp_path)
     out = tmp_path / "run"
@@ -533,6 +546,8 @@ def test_eval_now_script_end_to_end(tmp_path: Path) -> None:
     cmd2 = cmd[:-1] + ["now.challenge=selfie", f"hydra.run.dir={out2}"]
     proc2 = subprocess.run(cmd2, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc2.returncode == 1, proc2.stdout + proc2.stderr
+    assert "Traceback" not in proc2.stderr + proc2.stdout  # a clean failure exit, not a crash
+    assert (out2 / "cumulative_errors.png").is_file()
     m2 = json.loads((out2 / "now_metrics.json").read_text())
     assert m2["num_failed"] == 1 and m2["num_images"] == 0 and "IMG_0202.obj" in m2["failures"][0]["path"]
     assert (out2 / "RECON_computed_distances_selfie.npy").is_file()

@@ -218,14 +218,15 @@ def rodrigues_jacobian(r: torch.Tensor) -> torch.Tensor:
 # step 3: residuals, Jacobian and the batched dogleg
 # ----------------------------------------------------------------------------------------------------
 
-ClosestFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (points (m, P, 3), point_mask (m, P), vertices (m, V, 3), faces (m, F, 3), face_mask (m, F)) -> closest points
+ClosestFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _closest_torch(points, point_mask, verts, faces, face_mask, sel) -> torch.Tensor:  # noqa: ANN001
+def _closest_torch(points, point_mask, verts, faces, face_mask) -> torch.Tensor:  # noqa: ANN001
     return closest_points_torch(points, verts, faces, point_mask=point_mask, face_mask=face_mask).points
 
 
-def _closest_igl(points, point_mask, verts, faces, face_mask, sel) -> torch.Tensor:  # noqa: ANN001
+def _closest_igl(points, point_mask, verts, faces, face_mask) -> torch.Tensor:  # noqa: ANN001
     out = torch.zeros_like(points)
     for b in range(points.shape[0]):
         pm = point_mask[b].cpu().numpy()
@@ -279,7 +280,7 @@ def residuals_and_jacobian(
     R = rodrigues(r)  # (m, 3, 3)
     dR = rodrigues_jacobian(r)  # (m, 3, 3, 3)
     moved = s[:, None, None] * torch.einsum("mij,mvj->mvi", R, pred_vertices) + t[:, None, :]
-    c = closest(scan_points, point_mask, moved, pred_faces, face_mask, None)
+    c = closest(scan_points, point_mask, moved, pred_faces, face_mask)
     diff = scan_points - c
     e = torch.linalg.vector_norm(diff, dim=-1) * point_mask
     nz = e > 0
@@ -424,7 +425,7 @@ def refine_alignment(
     else:
         pairs = max_pairs if max_pairs is not None else (1 << 24 if dev.type == "cuda" else 1 << 20)
 
-        def closest(points, point_mask, verts, faces, face_mask, sel):  # noqa: ANN001, ANN202
+        def closest(points, point_mask, verts, faces, face_mask):  # noqa: ANN001, ANN202
             return closest_points_torch(
                 points, verts, faces, point_mask=point_mask, face_mask=face_mask, max_pairs=pairs
             ).points

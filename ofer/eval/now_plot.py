@@ -51,8 +51,11 @@ def plot_cumulative_errors(
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for name, dists in methods.items():
-        flat = np.hstack(dists) if not isinstance(dists, np.ndarray) else dists.ravel()
-        if flat.size == 0:
+        if isinstance(dists, np.ndarray):
+            flat = dists.ravel()
+        else:
+            flat = np.hstack(list(dists)) if len(dists) else np.zeros(0)
+        if flat.size == 0:  # nothing scored: keep the (empty) axes so the file still exists
             continue
         x, y = cumulative_error(flat)
         ax.plot(x, y, label=f"{name} (median {np.median(flat):.2f} mm)")
