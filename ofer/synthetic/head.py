@@ -4,7 +4,7 @@ Nothing licensed can be downloaded here, so every code path runs on this stand-i
 (5042 vertices, 10080 triangles; FLAME has 5023 / 9976) with a nose, eye sockets and eyeballs, brows,
 cheekbones, lips and a mouth line, a chin, ears and a neck; 300 smooth shape components and 100
 face-localised expression components with FLAME-like scales (coefficient 1 on the first shape component
-moves the surface by ~5 mm RMS, the 300th by ~0.05 mm); five joints (global, neck, jaw, left and right eye)
+moves the surface by ~5 mm RMS, the 300th by ~0.017 mm); five joints (global, neck, jaw, left and right eye)
 with skinning weights, so the jaw opens the mouth region; pose-corrective blend shapes; a 68-point landmark
 embedding (and its 51-point static subset) and the FLAME_masks regions.
 
@@ -19,6 +19,8 @@ import types
 from pathlib import Path
 
 import numpy as np
+
+from ofer.synthetic.render import vertex_normals as _vertex_normals
 
 __all__ = ["make_head_model", "write_flame_files", "LANDMARKS_68_XY", "N_RINGS", "N_SEGMENTS"]
 
@@ -96,14 +98,6 @@ def _base_surface(dirs: np.ndarray) -> np.ndarray:
     ear = side * _gauss2(p[:, 1], p[:, 2], 0.01, -0.015, 0.018, 0.01)
     p[:, 0] += 0.012 * ear * np.sign(p[:, 0])
     return p
-
-
-def _vertex_normals(v: np.ndarray, f: np.ndarray) -> np.ndarray:
-    fn = np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]])
-    n = np.zeros_like(v)
-    for k in range(3):
-        np.add.at(n, f[:, k], fn)
-    return n / np.linalg.norm(n, axis=1, keepdims=True).clip(1e-12)
 
 
 def _orthonormal_fields(fields: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -191,7 +185,7 @@ def make_head_model(seed: int = 0) -> dict:
     front = _smoothstep(0.0, 0.45, dirs[:, 2])
     neck_t = _smoothstep(-0.04, -0.095, y)
 
-    # Shape: 300 smooth components over the whole head, low frequencies first, ~5 mm -> ~0.05 mm RMS.
+    # Shape: 300 smooth components over the whole head, low frequencies first, ~5 mm -> ~0.017 mm RMS (scale 5 mm / k).
     K_shape = 300
     widths = 0.1 * (np.arange(1, K_shape + 1) ** -0.4)
     shape_fields = _rbf_fields(rng, v, normals, widths, np.ones(V), n_centres=4)

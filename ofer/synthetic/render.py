@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Camera", "Rendering", "render", "project", "OCCLUDERS", "draw_occluder", "skin_albedo"]
+__all__ = ["vertex_normals", "Camera", "Rendering", "render", "project", "OCCLUDERS", "draw_occluder", "skin_albedo"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ def project(vertices: np.ndarray, cam: Camera) -> np.ndarray:
     return np.stack([cam.centre[0] + cam.scale * p[:, 0], cam.centre[1] - cam.scale * p[:, 1], p[:, 2]], -1)
 
 
-def _vertex_normals(v: np.ndarray, f: np.ndarray) -> np.ndarray:
+def vertex_normals(v: np.ndarray, f: np.ndarray) -> np.ndarray:
     fn = np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]])
     n = np.zeros_like(v)
     for k in range(3):
@@ -95,7 +95,7 @@ def render(vertices: np.ndarray, faces: np.ndarray, cam: Camera, *, albedo: np.n
     face_id[pix[win]] = keep[t_idx[win]]
     depth[pix[win]] = z[win]
 
-    normals = _vertex_normals(vertices, faces) @ cam.rotation.T
+    normals = vertex_normals(vertices, faces) @ cam.rotation.T
     fidx = faces[keep[t_idx[win]]]  # (P,3)
     n = (w[win, :, None] * normals[fidx]).sum(1)
     n /= np.linalg.norm(n, axis=1, keepdims=True).clip(1e-12)
