@@ -35,12 +35,14 @@ def _compose(name: str, overrides: list[str], run_dir: Path) -> DictConfig:
     return cfg
 
 
-def _identity_report(out_dir: Path, truth: dict[str, list[float]], flame: Any, rng: np.random.Generator) -> dict:
+def _identity_report(out_dir: Path, truth: dict[str, list[float]], flame: Any, rng: np.random.Generator,
+                     baseline: Any = None) -> dict:
     """Neutral-shape errors on the `face` region (mean per-vertex L2, mm, no alignment) against the
-    benchmark's known identities: ranked, average over samples, mean-of-samples shape, best of N, random FLAME."""
+    benchmark's known identities: ranked, average over samples, mean-of-samples shape, best of N, random FLAME,
+    and the deterministic baseline's single answer (from the same photo's ArcFace feature)."""
     face = flame.face_mask("face")
     rows: dict[str, list[float]] = {"ranked": [], "average": [], "best_of_n": [], "random_flame": [],
-                                    "mean_shape": []}
+                                    "mean_shape": [], "baseline": []}
     for npz in sorted(out_dir.rglob("hypotheses.npz")):
         subject = npz.parent.relative_to(out_dir).parts[0]
         if subject not in truth:
@@ -58,12 +60,17 @@ def _identity_report(out_dir: Path, truth: dict[str, list[float]], flame: Any, r
         rows["best_of_n"].append(float(err.min()))
         rows["random_flame"].append(float(err_rand.mean()))
         rows["mean_shape"].append(float(((mean_shape - gt).norm(dim=-1).mean()) * MM_PER_M))
+        if baseline is not None:
+            with torch.no_grad():
+                pred = baseline(torch.from_numpy(h["meta_arcface_feature"]).float()[None])
+            rows["baseline"].append(float((flame.shape_vertices(pred)[0, face] - gt).norm(dim=-1).mean() * MM_PER_M))
     return {k: float(np.mean(v)) if v else float("nan") for k, v in rows.items()} | {"images": len(rows["ranked"])}
 
 
 def run_demo(cfg: DictConfig) -> dict[str, Any]:
     from ofer.eval.now import score_now
-    from ofer.jobs import train_generator, train_idrank
+    from ofer.jobs import train_baseline, train_generator, train_idrank
+    from ofer.training import load_model_from_checkpoint
     from ofer.reconstruct import reconstruct
     from ofer.synthetic.make import DEFAULT_DATASETS, ensure_datasets
     from ofer.synthetic.now_bench import ensure_synthetic_now
@@ -99,6 +106,7 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
     steps = cfg.steps
     idgen = job("train_idgen", train_generator, [f"trainer.max_steps={steps.idgen}"])
     expgen = job("train_expgen", train_generator, [f"trainer.max_steps={steps.expgen}"])
+    base = job("train_baseline", train_baseline, [f"trainer.max_steps={steps.baseline}"])
     idrank = job("train_idrank", train_idrank, [
         f"idgen_ckpt={idgen.checkpoint}", f"trainer.max_steps={steps.idrank}",
         f"pool.num_candidates={cfg.pool.num_candidates}", f"pool.sampling.steps={cfg.pool.steps}"])
@@ -115,7 +123,10 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
     report = score_now(now_root, now_pred, device=device, out_dir=out / "eval_now")
     timings["eval_now"] = time.perf_counter() - t
     truth = json.loads((now_root / "ofer_ground_truth.json").read_text())["shapes"]
-    ident = _identity_report(recon_dir, truth, flame, np.random.default_rng(int(cfg.seed)))
+    from hydra.utils import instantiate
+
+    regressor = load_model_from_checkpoint(base.checkpoint, lambda c: instantiate(OmegaConf.create(c).model))
+    ident = _identity_report(recon_dir, truth, flame, np.random.default_rng(int(cfg.seed)), regressor)
     metrics = json.loads((out / "eval_now" / "now_metrics.json").read_text())
     result = {"now": {k: metrics.get(k) for k in ("median", "mean", "std", "num_images", "num_missing", "num_failed")},
               "identity_mm": ident, "idrank_heldout": {k: v for k, v in idrank.metrics.items() if k.startswith("eval")},
@@ -140,7 +151,7 @@ def _print_table(r: dict, out: Path, report: Any) -> None:
         f"Identity error on the face region, {i['images']} photos (mm, lower is better):",
         f"  ranked (IdRank pick) {i['ranked']:7.3f}   average over samples {i['average']:7.3f}",
         f"  best of N (oracle)   {i['best_of_n']:7.3f}   random FLAME         {i['random_flame']:7.3f}",
-        f"  mean of the samples  {i['mean_shape']:7.3f}",
+        f"  mean of the samples  {i['mean_shape']:7.3f}   deterministic baseline {i['baseline']:7.3f}",
         f"Contact sheets: {out / 'reconstruct'}/<subject>/<challenge>/<image>/contact_sheet.png",
         "=" * 72,
     ]

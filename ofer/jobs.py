@@ -92,6 +92,9 @@ def train_generator(cfg: DictConfig, *, run_dir: str | Path | None = None) -> An
     slots = list(cfg.cond_slots)
     train_ds = feature_dataset(cfg, cfg.data, slots, device)
     eval_ds = feature_dataset(cfg, cfg.eval_data, slots, device) if cfg.get("eval_data") else None
+    # Seed again right before the weights are drawn: building the data may or may not consume random numbers
+    # (e.g. when the feature cache has to be computed first), and the initial weights must not depend on it.
+    seed_everything(int(cfg.seed))
     model = instantiate(cfg.model)
     diffusion = instantiate(cfg.diffusion)
     flame = build_flame(cfg.paths)
@@ -172,6 +175,7 @@ def train_idrank(cfg: DictConfig, *, run_dir: str | Path | None = None) -> Any:
     cfg = cfg.copy()
     OmegaConf.set_struct(cfg, False)
     cfg.model.num_face_vertices = int(len(flame.face_mask("face")))  # stored in the checkpoint's config
+    seed_everything(int(cfg.seed))  # initial weights independent of what building the data consumed
     model = instantiate(cfg.model)
     task = RankerTask(model=model, flame=flame, dataset=train_ds, lr=float(cfg.trainer.lr),
                       temperature=float(cfg.temperature), eval_dataset=eval_ds,
@@ -181,4 +185,25 @@ def train_idrank(cfg: DictConfig, *, run_dir: str | Path | None = None) -> Any:
     print(f"checkpoint: {result.checkpoint}")
     if result.metrics:
         print("held-out: " + ", ".join(f"{k}={v:.3f}" for k, v in sorted(result.metrics.items()) if k.startswith("eval")))
+    return result
+
+
+def train_baseline(cfg: DictConfig, *, run_dir: str | Path | None = None) -> Any:
+    """The deterministic MICA-style regressor on the shared loop (same data and feature cache as IdGen)."""
+    from ofer.tasks.baseline import RegressionTask
+
+    device = _device(cfg)
+    seed_everything(int(cfg.seed))
+    if cfg.get("synthetic", {}).get("ensure", True):
+        ensure_synthetic_data(cfg.paths, cfg.data, cfg.get("eval_data"))
+    train_ds = feature_dataset(cfg, cfg.data, ["arcface"], device)
+    eval_ds = feature_dataset(cfg, cfg.eval_data, ["arcface"], device) if cfg.get("eval_data") else None
+    seed_everything(int(cfg.seed))  # initial weights independent of what building the data consumed
+    task = RegressionTask(model=instantiate(cfg.model), flame=build_flame(cfg.paths), dataset=train_ds,
+                          lr=float(cfg.trainer.lr), face_weight=float(cfg.face_weight), eval_dataset=eval_ds)
+    result = train(task, cfg.trainer, run_dir=Path(run_dir) if run_dir else run_dir_of(cfg), device=device,
+                   resolved_config=OmegaConf.to_container(cfg, resolve=True), logger_cfg=cfg.logger)
+    print(f"checkpoint: {result.checkpoint}")
+    if "eval/face_error_mm" in result.metrics:
+        print(f"held-out face error: {result.metrics['eval/face_error_mm']:.3f} mm")
     return result

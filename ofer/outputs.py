@@ -113,6 +113,7 @@ def write_reconstruction(pipeline: OferPipeline, h: Hypotheses, i: int, out_dir:
         if "expression_landmarks" in meshes:
             np.save(p.with_suffix(".npy"), meshes["expression_landmarks"][j].double().cpu().numpy() * MM_PER_M)
     meta = {k: (v if isinstance(v, (bool, int, float, str)) else str(v)) for k, v in h.meta.items()}
+    # extra: per-image values saved as `meta_<key>` (flags, the source path, the encoder features).
     np.savez(out_dir / "hypotheses.npz", shapes=h.shapes[i].cpu().numpy(), scores=h.scores[i].cpu().numpy(),
              best=int(h.best[i]), expressions=h.expressions[i].cpu().numpy(), jaw=h.jaw[i].cpu().numpy(),
              **{f"meta_{k}": np.asarray(v) for k, v in {**meta, **(extra or {})}.items()})

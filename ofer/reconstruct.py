@@ -110,7 +110,8 @@ def reconstruct(cfg: DictConfig) -> dict[str, Any]:
         with torch.no_grad():
             arc = torch.from_numpy(np.stack([p.arcface for _, _, _, p in prepped])).to(device)
             farl = torch.from_numpy(np.stack([p.farl for _, _, _, p in prepped])).to(device)
-            h = pipeline(encoders["arcface"](arc), encoders["farl"](farl), generator=g)
+            f_arc, f_farl = encoders["arcface"](arc), encoders["farl"](farl)
+            h = pipeline(f_arc, f_farl, generator=g)
         for i, (name, img, rgb, p) in enumerate(prepped):
             try:
                 write_reconstruction(
@@ -119,7 +120,8 @@ def reconstruct(cfg: DictConfig) -> dict[str, Any]:
                     now_dir=cfg.output.get("now_dir"), now_name=str(Path(name).with_suffix(img.suffix)),
                     sheet=bool(cfg.output.contact_sheet), image=p.farl_image,
                     extra={"random_encoders": random_encoders, "synthetic_encoders": synthetic_encoders,
-                           "source": str(img)})
+                           "source": str(img), "arcface_feature": f_arc[i].float().cpu().numpy(),
+                           "farl_feature": f_farl[i].float().cpu().numpy()})
                 done += 1
             except Exception as err:
                 log.error("%s: writing outputs failed: %s", img, err)

@@ -135,7 +135,7 @@ def test_idrank_reconstruct_and_now_layout(idgen_run, expgen_run, tiny_root, tmp
         v, f = load_mesh(out / "now" / "SUBJ" / "multiview_occlusions" / f"IMG_{k}.obj")
         lm = np.load(out / "now" / "SUBJ" / "multiview_occlusions" / f"IMG_{k}.npy")
         assert v.shape == (flame.num_vertices, 3) and lm.shape == (7, 3)
-        assert 100 < np.ptp(v[:, 1]) < 400  # millimetres
+        assert np.ptp(v[:, 1]) > 50  # millimetres (a head in metres spans ~0.3); untrained models: no upper bound
         d = out / "SUBJ" / "multiview_occlusions" / f"IMG_{k}"
         h = np.load(d / "hypotheses.npz")
         assert h["shapes"].shape == (3, 300) and h["scores"].shape == (3,) and 0 <= int(h["best"]) < 3
@@ -163,3 +163,25 @@ def test_ranking_with_one_sample(flame):
     r = IdRanker(num_face_vertices=len(face), widths=(64, 16), groups=8)
     logits = r(candidate_vertices(flame, torch.randn(2, 1, 300), face), torch.randn(2, 1024))
     assert logits.shape == (2, 1) and torch.softmax(logits, 1).eq(1).all()
+
+
+def test_baseline_regressor_learns(tiny_root, tmp_path):
+    """The deterministic baseline trains on the same data and beats its starting point (the template)."""
+    from ofer.jobs import train_baseline
+
+    run = tmp_path / "baseline"
+    cfg = _cfg("train_baseline", tiny_root, run, "synthetic.ensure=false", "trainer.max_steps=40",
+               "trainer.batch_size=4", "trainer.ckpt_every=40", "trainer.lr=3e-3", "trainer.warmup_steps=0",
+               "trainer.ema_decay=0", "trainer.progress=false")
+    res = train_baseline(cfg, run_dir=run)
+    assert res.step == 40
+    # The template (all-zero coefficients) is what the zero-initialised regressor predicts at step 0.
+    from ofer.jobs import feature_dataset
+    from ofer.tasks.baseline import RegressionTask, ShapeRegressor
+    from ofer.config import build_flame
+
+    flame = build_flame(cfg.paths)
+    zero = ShapeRegressor()
+    task = RegressionTask(model=zero, flame=flame, dataset=[None],
+                          eval_dataset=feature_dataset(cfg, cfg.eval_data, ["arcface"], "cpu"))
+    assert res.metrics["eval/face_error_mm"] < task.evaluate(zero)["face_error_mm"]
