@@ -30,16 +30,27 @@ from ofer.models.unet1d import Denoiser  # noqa: E402
 from ofer.ranking import listnet_loss, ranking_targets  # noqa: E402
 
 
+DEVICE = "cuda"
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 def gemm_tflops() -> float:
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    """Measured matmul rate: bf16 8192^3 on CUDA, fp32 2048^3 on the CPU."""
+    n, dt = (8192, torch.bfloat16) if DEVICE == "cuda" else (2048, torch.float32)
+    a = torch.randn(n, n, device=DEVICE, dtype=dt)
     for _ in range(3):
         a @ a
-    torch.cuda.synchronize()
+    sync()
     t = time.perf_counter()
-    for _ in range(20):
+    reps = 20 if DEVICE == "cuda" else 5
+    for _ in range(reps):
         a @ a
-    torch.cuda.synchronize()
-    return 2 * 8192 ** 3 * 20 / (time.perf_counter() - t) / 1e12
+    sync()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12
 
 
 def count(model: torch.nn.Module) -> int:
@@ -49,27 +60,27 @@ def count(model: torch.nn.Module) -> int:
 def time_steps(step, n: int = 20, warmup: int = 3) -> float:
     for _ in range(warmup):
         step()
-    torch.cuda.synchronize()
+    sync()
     t = time.perf_counter()
     for _ in range(n):
         step()
-    torch.cuda.synchronize()
+    sync()
     return (time.perf_counter() - t) / n
 
 
 def generator_step(kind: str, rows: int, bf16: bool, ddp: bool):
     dim, cond, widths = (300, 512, (300, 50, 10)) if kind == "idgen" else (53, 1024, (53, 25, 10))
-    model = Denoiser(dim=dim, cond_dim=cond, widths=widths).cuda()
+    model = Denoiser(dim=dim, cond_dim=cond, widths=widths).to(DEVICE)
     params = count(model)
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()])
-    diff = GaussianDiffusion().cuda()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4, fused=True)
-    x0 = torch.randn(rows, dim, device="cuda")
-    c = torch.randn(rows, cond, device="cuda")
+    diff = GaussianDiffusion().to(DEVICE)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4, fused=DEVICE == "cuda")
+    x0 = torch.randn(rows, dim, device=DEVICE)
+    c = torch.randn(rows, cond, device=DEVICE)
 
     def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and DEVICE == "cuda"):
             loss = diff.training_losses(model, x0, c)["loss"].mean()
         loss.backward()
         opt.step()
@@ -82,8 +93,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, nargs="+", default=[4096, 16384])
     ap.add_argument("--ddp-only", action="store_true")
+    ap.add_argument("--cpu", action="store_true", help="CPU rows only: fp32 IdGen/ExpGen steps at --rows")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = "cpu" if args.cpu else "cuda"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     ddp = world > 1
     if ddp:
@@ -93,14 +107,14 @@ def main() -> None:
     peak = gemm_tflops()
     rows_out = []
     configs = [] if args.ddp_only else [("idgen", 64, False), ("expgen", 64, False)]
-    configs += [(k, r, True) for k in ("idgen", "expgen") for r in args.rows]
+    configs += [(k, r, not args.cpu) for k in ("idgen", "expgen") for r in args.rows]
     for kind, rows, bf16 in configs:
         step, params = generator_step(kind, rows, bf16, ddp)
         s = time_steps(step)
         mfu = 6 * params * rows / s / (peak * 1e12)
         rows_out.append({"job": kind, "rows_per_gpu": rows, "precision": "bf16" if bf16 else "fp32",
                          "world_size": world, "s_per_step": s, "samples_per_s": rows * world / s, "mfu": mfu})
-    if not args.ddp_only:
+    if not args.ddp_only and not args.cpu:
         # IdRank: cached pools vs re-sampling the candidates every step (the public code).
         torch.manual_seed(0)
         V = 1785
@@ -132,12 +146,13 @@ def main() -> None:
         rows_out.append({"job": "idrank", "mode": "re-sample every step (public code)", "images_per_s": 8 / s_resample,
                          "s_per_step": s_resample})
     if rank == 0:
-        print(f"device: {torch.cuda.get_device_name()} x{world}  bf16 GEMM {peak:.0f} TFLOP/s")
+        name = torch.cuda.get_device_name() if DEVICE == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+        print(f"device: {name} x{world}  matmul {peak:.2f} TFLOP/s")
         for r in rows_out:
             print(json.dumps(r))
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "world_size": world,
+            args.json.write_text(json.dumps({"device": name, "world_size": world,
                                              "bf16_gemm_tflops": peak, "rows": rows_out}, indent=1))
     if ddp:
         dist.destroy_process_group()
