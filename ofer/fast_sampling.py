@@ -27,7 +27,7 @@ class GraphedSampler:
         device = torch.device(device)
         if device.type != "cuda":
             raise ValueError("GraphedSampler needs a CUDA device; use GaussianDiffusion.sample on the CPU")
-        self.model, self.rows, self.dim, self.bf16 = model, rows, dim, bf16
+        self.model, self.diffusion, self.rows, self.dim, self.bf16 = model, diffusion, rows, dim, bf16
         self.plan = diffusion.plan(sampler, steps=steps, eta=eta, timestep_spacing=timestep_spacing, device=device)
         n = int(self.plan.timesteps.shape[0])
         self.x = torch.zeros(rows, dim, device=device)
@@ -52,7 +52,7 @@ class GraphedSampler:
         x, x0_prev = self.x, self.x0_prev
         for i in steps:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
-                eps = self.model(x, self.t[i], self.cond)
+                eps = self.diffusion.predict_noise(self.model, x, self.t[i], self.cond)
             noise = torch.randn_like(x) if self.plan.stochastic else None
             x_new, x0_new = denoise_step(x, eps.float(), x0_prev, self.plan.coeffs[i], noise)
             x.copy_(x_new)
