@@ -108,7 +108,7 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
     expgen = job("train_expgen", train_generator, [f"trainer.max_steps={steps.expgen}"])
     base = job("train_baseline", train_baseline, [f"trainer.max_steps={steps.baseline}"])
     idrank = job("train_idrank", train_idrank, [
-        f"idgen_ckpt={idgen.checkpoint}", f"trainer.max_steps={steps.idrank}",
+        f"idgen_ckpt={idgen.checkpoint}", f"trainer.max_steps={steps.idrank}", f"trainer.lr={cfg.idrank_lr}",
         f"pool.num_candidates={cfg.pool.num_candidates}", f"pool.sampling.steps={cfg.pool.steps}"])
     recon_dir = out / "reconstruct"
     now_pred = recon_dir / "now_predictions"
