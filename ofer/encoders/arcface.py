@@ -11,12 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ofer.encoders.common import (
-    file_sha256,
     load_state_strict,
     resolve_weights,
-    state_digest,
     torch_load_state,
     warn_random,
+    weights_identity,
 )
 from ofer.encoders.iresnet import ARCHS, IResNet, iresnet
 
@@ -117,9 +116,7 @@ class ArcFaceEncoder(nn.Module):
     @cached_property
     def weights_id(self) -> str:
         """Identity of the weights for cache keys: sha256 of the file, or of the random state."""
-        if self.weights_path is not None:
-            return "sha256:" + file_sha256(self.weights_path)
-        return "random:" + state_digest(self.backbone)[:16]
+        return weights_identity(self.weights_path, self.backbone)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: (B, 3, 112, 112) in [-1, 1] RGB -> (B, 512), unit L2 norm."""

@@ -159,3 +159,10 @@ def warn_random(what: str) -> None:
         "Use this only for tests and the synthetic demo; outputs record is_random=True.",
         what,
     )
+
+
+def weights_identity(weights_path: str | Path | None, module: nn.Module) -> str:
+    """Identity of an encoder's weights for cache keys: sha256 of the file, or a digest of the random state."""
+    if weights_path is not None:
+        return "sha256:" + file_sha256(weights_path)
+    return "random:" + state_digest(module)[:16]

@@ -22,12 +22,11 @@ from torch import nn
 
 from ofer.encoders.common import (
     WeightsMismatchError,
-    file_sha256,
     load_state_strict,
     resolve_weights,
-    state_digest,
     torch_load_state,
     warn_random,
+    weights_identity,
 )
 
 log = logging.getLogger(__name__)
@@ -152,9 +151,7 @@ class FaRLEncoder(nn.Module):
     @cached_property
     def weights_id(self) -> str:
         """Identity of the weights for cache keys: sha256 of the file, or of the random state."""
-        if self.weights_path is not None:
-            return "sha256:" + file_sha256(self.weights_path)
-        return "random:" + state_digest(self.visual)[:16]
+        return weights_identity(self.weights_path, self.visual)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: (B, 3, 224, 224) CLIP-normalised RGB -> (B, 512), not normalised."""

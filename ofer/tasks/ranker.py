@@ -13,11 +13,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from ofer.eval.metrics import spearman
 from ofer.flame import FLAME, MM_PER_M
 from ofer.models.ranker import candidate_vertices
 from ofer.ranking import listnet_loss, ranking_metrics, ranking_targets
 
-__all__ = ["RankerTask", "ImageFeatureDataset", "spearman"]
+__all__ = ["RankerTask", "ImageFeatureDataset"]
 
 
 class ImageFeatureDataset(Dataset):
@@ -47,15 +48,6 @@ class ImageFeatureDataset(Dataset):
         for slot, arr in self.features.items():
             item[f"{slot}_feat"] = torch.from_numpy(np.array(arr[i], dtype=np.float32))
         return item
-
-
-def spearman(a: Tensor, b: Tensor) -> Tensor:
-    """Row-wise Spearman correlation of (B,N) tensors (ties broken by position; continuous scores)."""
-    ra = a.argsort(dim=1).argsort(dim=1).float()
-    rb = b.argsort(dim=1).argsort(dim=1).float()
-    ra = ra - ra.mean(1, keepdim=True)
-    rb = rb - rb.mean(1, keepdim=True)
-    return (ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1)).clamp_min(1e-12)
 
 
 class RankerTask:
@@ -127,5 +119,5 @@ class RankerTask:
             rows["best"].append(m["best_error"])
             rows["random"].append(errors.gather(1, pick).squeeze(1))
             rows["avg_shape"].append(avg)
-            rows["rho"].append(spearman(logits.float(), -errors))
-        return {f"{k}_error_mm" if k != "rho" else "spearman": torch.cat(v).mean().item() for k, v in rows.items()}
+            rows["rho"].append(spearman(logits.float(), -errors).float())  # ties: average ranks
+        return {f"{k}_error_mm" if k != "rho" else "spearman": torch.cat(v).nanmean().item() for k, v in rows.items()}
