@@ -132,7 +132,7 @@ class OferPipeline(nn.Module):
                              f"and {tuple(farl.shape)}")
         from ofer.models.ranker import candidate_vertices
 
-        B, N = arcface.shape[0], self.num_samples
+        N = self.num_samples
         arcface, farl = arcface.float(), farl.float()
         ctx = torch.cat([arcface, farl], dim=-1)  # (B,1024) OFER: ArcFace (+) FaRL
         shapes = self._sample("id", arcface, 300, N, generator)  # (B,N,300)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.spatial.distance import pdist
-from scipy.stats import chi2, spearmanr
+from scipy.stats import spearmanr
 
 from ofer.eval.metrics import (
     asd, average_ranks, cse_rmse, ode_rate, ode_rate_vertices, ode_threshold, project_to_shape_space,

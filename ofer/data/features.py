@@ -228,8 +228,8 @@ def load_features(
     slot = slot or encoder.slot
     key = cache_key(dataset, encoder, slot=slot)
     feat_path, manifest_path = cache_paths(cache_dir, dataset.name, key)
-    fix = (f" Recompute with scripts/precompute_features.py (overwrite=true), or call "
-           f"ofer.data.features.precompute_features(..., overwrite=True).")
+    fix = (" Recompute with scripts/precompute_features.py (overwrite=true), or call "
+           "ofer.data.features.precompute_features(..., overwrite=True).")
     if not manifest_path.exists() or not feat_path.exists():
         raise StaleCacheError(
             f"no feature cache for dataset {dataset.name}, slot {slot}, encoder {key.encoder}, weights {key.weights} "
