@@ -198,7 +198,7 @@ def build_pipeline(cfg: Any, flame: FLAME, *, device: str | torch.device) -> Ofe
     return OferPipeline(flame=flame.to(device), idgen=idgen, id_diffusion=id_diff, expgen=expgen,
                         exp_diffusion=exp_diff, ranker=ranker, id_sampling=to_dict(cfg.id_sampling),
                         exp_sampling=to_dict(cfg.exp_sampling), num_samples=int(cfg.num_samples),
-                        jaw_scale=float(cfg.jaw_scale), meta=meta).to(device)
+                        jaw_scale=float(cfg.jaw_scale), meta=meta, fast=bool(cfg.get("fast", False))).to(device)
 
 
 def spread_mm(samples: Tensor) -> np.ndarray:
