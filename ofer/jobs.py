@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ofer.config import build_flame
-from ofer.data.datasets import build_dataset, build_dataset_from_config
+from ofer.data.datasets import build_dataset_from_config
 from ofer.data.features import StaleCacheError, load_features, precompute_features, resolve_device
 from ofer.encoders import build_encoder
 from ofer.tasks.generator import GeneratorTask
@@ -22,7 +22,8 @@ from ofer.training import seed_everything, train
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ensure_synthetic_data", "ensure_features", "feature_dataset", "train_generator", "run_dir_of"]
+__all__ = ["ensure_synthetic_data", "cached_features", "feature_dataset", "image_feature_dataset", "train_generator",
+           "train_idrank", "train_baseline", "run_dir_of"]
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -54,29 +55,42 @@ def ensure_synthetic_data(paths: Any, *data_cfgs: Any) -> None:
         ensure_datasets(synth, flame, wanted)
 
 
-def ensure_features(data_cfg: Any, encoders: dict[str, torch.nn.Module], *, cache_dir: str | Path,
-                    device: str, precompute_missing: bool, batch_size: int = 256) -> None:
-    """Check the feature cache of every dataset and slot; (re)compute what is missing or stale when allowed."""
+def cached_features(data_cfg: Any, encoders: dict[str, torch.nn.Module], *, cache_dir: str | Path, device: str,
+                    precompute_missing: bool, batch_size: int = 256) -> list[tuple[Any, dict[str, Any], float]]:
+    """Every dataset of `data_cfg` (built once, inputs=()) with its cached features per slot, (re)computing a
+    missing or stale cache when allowed. Returns (dataset, {slot: (N, D) array}, sampling weight) per entry."""
+    out = []
     for key, entry in sorted(_entries(data_cfg).items()):
         ds = build_dataset_from_config(entry, inputs=(), key=key)
+        feats = {}
         for slot, enc in encoders.items():
             try:
-                load_features(ds, enc, slot=slot, cache_dir=cache_dir)
+                feats[slot] = load_features(ds, enc, slot=slot, cache_dir=cache_dir)
             except StaleCacheError as err:
                 if not precompute_missing:
                     raise
                 log.info("feature cache of %s/%s: %s -> computing it", key, slot, str(err).split(".")[0])
                 precompute_features(ds, enc, slot=slot, cache_dir=cache_dir, device=device, batch_size=batch_size,
                                     overwrite=True)
+                feats[slot] = load_features(ds, enc, slot=slot, cache_dir=cache_dir)
+        out.append((ds, feats, float(entry.get("weight", 1.0))))
+    return out
+
+
+def _cached(cfg: DictConfig, data_cfg: Any, slots: list[str], device: str) -> list[tuple[Any, dict, float]]:
+    encoders = {s: build_encoder(cfg.encoders[s], slot=s) for s in slots}
+    return cached_features(data_cfg, encoders, cache_dir=cfg.features.cache_dir, device=device,
+                           precompute_missing=bool(cfg.features.precompute_missing),
+                           batch_size=int(cfg.features.batch_size))
 
 
 def feature_dataset(cfg: DictConfig, data_cfg: Any, slots: list[str], device: str) -> torch.utils.data.Dataset:
     """The mixer over `data_cfg` serving cached `<slot>_feat` features, computing the cache when allowed."""
-    encoders = {s: build_encoder(cfg.encoders[s], slot=s) for s in slots}
-    ensure_features(data_cfg, encoders, cache_dir=cfg.features.cache_dir, device=device,
-                    precompute_missing=bool(cfg.features.precompute_missing),
-                    batch_size=int(cfg.features.batch_size))
-    return build_dataset(data_cfg, inputs=tuple(slots), encoders=encoders, cache_dir=cfg.features.cache_dir)
+    from ofer.data.datasets import MixedDataset
+    from ofer.data.features import CachedFeatureDataset
+
+    parts = _cached(cfg, data_cfg, slots, device)
+    return MixedDataset([CachedFeatureDataset(ds, feats) for ds, feats, _ in parts], [w for _, _, w in parts])
 
 
 def _device(cfg: DictConfig) -> str:
@@ -123,14 +137,7 @@ def image_feature_dataset(cfg: DictConfig, data_cfg: Any, slots: list[str], devi
 
     from ofer.tasks.ranker import ImageFeatureDataset
 
-    encoders = {s: build_encoder(cfg.encoders[s], slot=s) for s in slots}
-    ensure_features(data_cfg, encoders, cache_dir=cfg.features.cache_dir, device=device,
-                    precompute_missing=bool(cfg.features.precompute_missing), batch_size=int(cfg.features.batch_size))
-    parts = []
-    for key, entry in sorted(_entries(data_cfg).items()):
-        ds = build_dataset_from_config(entry, inputs=(), key=key)
-        feats = {s: load_features(ds, encoders[s], slot=s, cache_dir=cfg.features.cache_dir) for s in slots}
-        parts.append(ImageFeatureDataset(ds, feats))
+    parts = [ImageFeatureDataset(ds, feats) for ds, feats, _ in _cached(cfg, data_cfg, slots, device)]
     out = ConcatDataset(parts)
     out.keys = [k for p in parts for k in p.keys]  # type: ignore[attr-defined]
     return out
