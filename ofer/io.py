@@ -9,6 +9,7 @@ file ever runs and chumpy is never needed.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import pickle
 import zipfile
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["SafeLoadError", "safe_load_pickle", "safe_load_npy_object", "ChumpyStub"]
+__all__ = ["SafeLoadError", "safe_load_pickle", "safe_load_npy_object", "ChumpyStub", "file_sha256"]
 
 
 class SafeLoadError(ValueError):
@@ -190,3 +191,15 @@ def safe_load_npy_object(path: str | Path) -> Any:
     if isinstance(arr, np.ndarray) and arr.dtype == object and arr.shape == ():
         return arr[()]
     return arr
+
+
+def file_sha256(path: str | Path, *, chunk_bytes: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes (checkpoint and weight identities). Missing file: FileNotFoundError."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"file_sha256: no such file {path}")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_bytes):
+            h.update(block)
+    return h.hexdigest()

@@ -164,7 +164,7 @@ def _pool(cfg: DictConfig, ds: Any, name: str, idgen: torch.nn.Module, diffusion
 
 def train_idrank(cfg: DictConfig, *, run_dir: str | Path | None = None) -> Any:
     """IdRank on stored candidate pools of a trained IdGen (`idgen_ckpt=...`)."""
-    from ofer.pipeline import file_digest, load_generator
+    from ofer.pipeline import load_generator
     from ofer.tasks.ranker import RankerTask
 
     device = _device(cfg)
@@ -186,7 +186,7 @@ def train_idrank(cfg: DictConfig, *, run_dir: str | Path | None = None) -> Any:
     model = instantiate(cfg.model)
     task = RankerTask(model=model, flame=flame, dataset=train_ds, lr=float(cfg.trainer.lr),
                       temperature=float(cfg.temperature), eval_dataset=eval_ds,
-                      describe={"idgen_sha256": file_digest(info["path"]), "idgen_ckpt": info["path"]})
+                      describe={"idgen_sha256": info["sha256"], "idgen_ckpt": info["path"]})
     result = train(task, cfg.trainer, run_dir=Path(run_dir) if run_dir else run_dir_of(cfg), device=device,
                    resolved_config=OmegaConf.to_container(cfg, resolve=True), logger_cfg=cfg.logger)
     print(f"checkpoint: {result.checkpoint}")

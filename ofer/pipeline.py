@@ -5,7 +5,6 @@ sampling step, on whatever device the models live on.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from torch import Tensor, nn
 
 from ofer.diffusion import GaussianDiffusion
 from ofer.flame import FLAME, MM_PER_M
+from ofer.io import file_sha256
 from ofer.tasks.generator import JAW
 from ofer.training.checkpoint import (
     load_checkpoint, model_state_from_checkpoint, resolve_checkpoint_path,
@@ -26,7 +26,7 @@ from ofer.training.checkpoint import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Hypotheses", "OferPipeline", "load_generator", "load_ranker", "file_digest"]
+__all__ = ["Hypotheses", "OferPipeline", "load_generator", "load_ranker"]
 
 
 @dataclass
@@ -50,14 +50,6 @@ class Hypotheses:
                           self.expressions[i:i + 1], self.jaw[i:i + 1], dict(self.meta))
 
 
-def file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _check_kind(ckpt: dict, path: Path, allowed: tuple[str, ...]) -> None:
     kind = ckpt.get("task_name")
     if kind not in allowed:
@@ -74,7 +66,7 @@ def load_generator(path: str | Path, *, kind: str, device: str | torch.device = 
     model = instantiate(cfg.model)
     model.load_state_dict(model_state_from_checkpoint(ckpt, use_ema=use_ema), strict=True)
     diffusion = instantiate(cfg.diffusion)
-    info = {"path": str(path), "step": int(ckpt["step"]), "sha256": file_digest(path),
+    info = {"path": str(path), "step": int(ckpt["step"]), "sha256": file_sha256(path),
             "meta": ckpt.get("task_meta") or {}}
     return model.to(device).eval(), diffusion.to(device), info
 
@@ -86,7 +78,7 @@ def load_ranker(path: str | Path, *, device: str | torch.device = "cpu", use_ema
     cfg = OmegaConf.create(ckpt["config"])
     model = instantiate(cfg.model)
     model.load_state_dict(model_state_from_checkpoint(ckpt, use_ema=use_ema), strict=True)
-    info = {"path": str(path), "step": int(ckpt["step"]), "sha256": file_digest(path),
+    info = {"path": str(path), "step": int(ckpt["step"]), "sha256": file_sha256(path),
             "meta": ckpt.get("task_meta") or {}}
     return model.to(device).eval(), info
 

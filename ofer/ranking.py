@@ -20,7 +20,6 @@ settings, sizes). Everything loads with `allow_pickle=False`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import zipfile
@@ -32,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from ofer.io import file_sha256  # re-exported: pools are keyed by the IdGen checkpoint's hash
 
 __all__ = [
     "ranking_targets", "listnet_loss", "ranking_metrics", "file_sha256", "generate_pools", "CandidatePool",
@@ -119,18 +120,6 @@ def ranking_metrics(logits: Tensor, errors: Tensor) -> dict[str, Tensor]:
 # ----------------------------------------------------------------------------------------------------
 # Pool generation
 # ----------------------------------------------------------------------------------------------------
-
-def file_sha256(path: str | os.PathLike, *, chunk_bytes: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes (used to tie a pool to the IdGen checkpoint that generated it)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"file_sha256: no such file {path}")
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk_bytes):
-            h.update(block)
-    return h.hexdigest()
-
 
 SampleFn = Callable[..., Tensor]
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ofer.io import file_sha256  # noqa: F401  (re-exported for the encoders)
+
 log = logging.getLogger(__name__)
 
 RANDOM = "random"
@@ -127,15 +129,6 @@ def load_state_strict(
             parts.append(f"{len(wrong)} shape mismatches: {_listing(wrong)}")
         raise WeightsMismatchError("\n  ".join(parts))
     module.load_state_dict(state, strict=True)
-
-
-def file_sha256(path: str | Path, *, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def state_digest(module: nn.Module) -> str:
