@@ -5,6 +5,11 @@ H100 whatever the batch). We capture `chunk` consecutive steps (model forward un
 `denoise_step`) into one CUDA graph per chunk, for a fixed number of rows, and replay them; all graphs of
 a sampler share one memory pool. Results equal the eager loop run with the same noise (up to kernel choice);
 the per-step noise comes from the default CUDA generator (seed it with `torch.manual_seed`).
+
+For our `Denoiser` the FiLM parameters are split (`Denoiser.time_film` + `condition_film`): the time part of
+every step is computed once when the sampler is built (the plan's timesteps are fixed), the condition part
+once per call, and each step only runs `Denoiser.trunk`. The sampler therefore reads the model's weights when
+it is built: build a new one after changing them.
 """
 from __future__ import annotations
 
@@ -34,6 +39,11 @@ class GraphedSampler:
         self.cond = torch.zeros(rows, cond_dim, device=device)
         self.x0_prev = torch.zeros(rows, dim, device=device)
         self.t = [self.plan.timesteps[i].expand(rows).contiguous() for i in range(n)]
+        self.split_film = all(hasattr(model, a) for a in ("time_film", "condition_film", "trunk"))
+        if self.split_film:
+            with torch.no_grad():
+                self.tfilm = model.time_film(self.plan.timesteps.to(device)).float()  # (n, F), one row per step
+            self.cfilm = torch.zeros(rows, self.tfilm.shape[1], device=device)
         self.graphs: list[torch.cuda.CUDAGraph] = []
         pool = None
         stream = torch.cuda.Stream(device)
@@ -52,11 +62,18 @@ class GraphedSampler:
         x, x0_prev = self.x, self.x0_prev
         for i in steps:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
-                eps = self.diffusion.predict_noise(self.model, x, self.t[i], self.cond)
+                eps = self.diffusion.predict_noise(self._step_model(i), x, self.t[i], self.cond)
             noise = torch.randn_like(x) if self.plan.stochastic else None
             x_new, x0_new = denoise_step(x, eps.float(), x0_prev, self.plan.coeffs[i], noise)
             x.copy_(x_new)
             x0_prev.copy_(x0_new)
+
+    def _step_model(self, i: int):
+        """The noise predictor of step i: `model(x, t, cond)`, or the trunk on precomputed FiLM parameters."""
+        if not self.split_film:
+            return self.model
+        film = self.cfilm + self.tfilm[i]
+        return lambda x, t, cond: self.model.trunk(x, film)
 
     @torch.no_grad()
     def __call__(self, cond: torch.Tensor, *, num_samples: int, x_T: torch.Tensor | None = None) -> torch.Tensor:
@@ -64,6 +81,8 @@ class GraphedSampler:
         if b * num_samples != self.rows:
             raise ValueError(f"GraphedSampler built for {self.rows} rows, got {b} x {num_samples}")
         self.cond.copy_(cond.repeat_interleave(num_samples, dim=0))
+        if self.split_film:
+            self.cfilm.copy_(self.model.condition_film(self.cond).float())
         if x_T is None:
             self.x.normal_()
         else:

@@ -187,3 +187,25 @@ def test_cuda_bf16_autocast() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = net(x, t, c)
     assert torch.isfinite(out).all() and (out.float() - ref).norm() < 0.05 * ref.norm()
+
+
+def test_split_film_equals_the_joint_film_matmul(idgen: Denoiser) -> None:
+    """forward = trunk(time_film + condition_film) must equal the public design's single FiLM matmul on
+    SiLU(concat(time embedding, cond)), computed here directly from the module's `film` Linear."""
+    from ofer.models.unet1d import sinusoidal_embedding
+
+    net = randomize(idgen, seed=3).eval()
+    x, cond = torch.randn(5, 300), torch.randn(5, 512)
+    t = torch.tensor([0, 1, 250, 998, 999])
+    t_emb = net.time_mlp(sinusoidal_embedding(t, net.time_dim))
+    joint = net.film(torch.nn.functional.silu(torch.cat((t_emb, cond), dim=-1)))
+    split = net.time_film(t) + net.condition_film(cond)
+    torch.testing.assert_close(split, joint, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, t, cond), net.trunk(x, joint), atol=1e-5, rtol=1e-5)
+        # A sampler precomputes one time row per step and broadcasts it over the rows of that step.
+        t_same = torch.full((5,), 500)
+        torch.testing.assert_close(net(x, t_same, cond),
+                                   net.trunk(x, net.time_film(t_same[:1]) + net.condition_film(cond)),
+                                   atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(net.time_film(t[:1]), net.time_film(t[1:2]))  # the time part does depend on t

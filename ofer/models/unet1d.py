@@ -260,9 +260,26 @@ class Denoiser(nn.Module):
         if cond.shape != (b, self.cond_dim):
             raise ValueError(f"Denoiser.forward: cond must have shape ({b}, {self.cond_dim}), got {tuple(cond.shape)}")
 
+        return self.trunk(x, self.time_film(t) + self.condition_film(cond))
+
+    # The FiLM input is SiLU(concat(time embedding, cond)) = concat(SiLU(time), SiLU(cond)), so the FiLM matmul
+    # splits exactly into a time part and a condition part: film = W_t SiLU(t_emb) + W_c SiLU(cond) + b. A
+    # sampler computes the condition part once per chain and the time part once per step (one row), instead
+    # of both for every row at every step: a third of IdGen's and half of ExpGen's per-step FLOPs.
+    def time_film(self, t: torch.Tensor) -> torch.Tensor:
+        """Time part of every block's (scale, shift): (B,) timesteps -> (B, F)."""
         t_emb = self.time_mlp(sinusoidal_embedding(t, self.time_dim))  # (B, time_dim)
-        emb = F.silu(torch.cat((t_emb, cond.to(t_emb.dtype)), dim=-1))  # (B, time_dim + cond_dim)
-        films = iter(self.film(emb).split(self._film_sizes, dim=-1))  # per block (B, 2 * w_out)
+        return F.linear(F.silu(t_emb), self.film.weight[:, : self.time_dim])
+
+    def condition_film(self, cond: torch.Tensor) -> torch.Tensor:
+        """Condition part (with the bias) of every block's (scale, shift): (B, cond_dim) -> (B, F)."""
+        w = self.film.weight[:, self.time_dim:]
+        return F.linear(F.silu(cond.to(w.dtype)), w, self.film.bias)
+
+    def trunk(self, x: torch.Tensor, film: torch.Tensor) -> torch.Tensor:
+        """The U-Net given the summed FiLM parameters `time_film(t) + condition_film(cond)`: (B, dim), (B, F)
+        -> predicted noise (B, dim)."""
+        films = iter(film.split(self._film_sizes, dim=-1))  # per block (B, 2 * w_out)
 
         def run(block: FiLMResBlock, h: torch.Tensor) -> torch.Tensor:
             scale, shift = next(films).chunk(2, dim=-1)
