@@ -94,7 +94,8 @@ def graphed_generator_step(kind: str, rows: int):
     no Python or launch overhead per step. Timesteps and noise are drawn inside the graph (CUDA RNG), the
     batch is copied into static buffers before each replay, as a training loop would."""
     dim, cond, widths = (300, 512, (300, 50, 10)) if kind == "idgen" else (53, 1024, (53, 25, 10))
-    model = Denoiser(dim=dim, cond_dim=cond, widths=widths).to(DEVICE)
+    # Explicit attention math: cuDNN's fused attention backward fails inside graph capture (seen on H200).
+    model = Denoiser(dim=dim, cond_dim=cond, widths=widths).set_attention_impl("math").to(DEVICE)
     params = count(model)
     diff = GaussianDiffusion().to(DEVICE)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4, fused=True, capturable=True)

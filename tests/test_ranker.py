@@ -266,3 +266,37 @@ def test_config_composes_and_scores_flame_candidates(flame):
     shapes = torch.randn(2, 5, 300)
     logits = model(candidate_vertices(flame, shapes, face_idx), torch.randn(2, 1024))
     assert logits.shape == (2, 5) and torch.isfinite(logits).all()
+
+
+def test_input_normalization_fit_and_forward():
+    """input_norm: the fitted centre/scales equal hand-computed statistics, and the forward equals the naive
+    public computation applied to the explicitly standardised rows [(M - C) / s_M, (S - M) / s_R]."""
+    torch.manual_seed(1)
+    model = IdRanker(num_face_vertices=7, ctx_dim=6, widths=(16, 8), groups=4, input_norm=True).double()
+    g = torch.Generator().manual_seed(7)
+    train = 100 + 3 * torch.randn(5, 4, 7, 3, generator=g, dtype=torch.float64)
+    model.fit_input_normalization(train)
+    means = train.mean(1)  # (5,7,3): per-image candidate mean M
+    center = means.mean(0)
+    s_m = ((means - center) ** 2).mean().sqrt()
+    s_r = ((train - means[:, None]) ** 2).mean().sqrt()
+    torch.testing.assert_close(model.input_center.double(), center.to(model.input_center.dtype).double())
+    torch.testing.assert_close(model.input_scale.double(), torch.stack([s_m, s_r]).double(), rtol=1e-6, atol=0)
+    verts = 100 + 3 * torch.randn(2, 4, 7, 3, generator=g, dtype=torch.float64)
+    ctx = torch.randn(2, 6, generator=g, dtype=torch.float64)
+    m = verts.mean(1, keepdim=True)
+    # Standardised rows, then the naive reference (an un-normalised model with the same layers)
+    std = (m - center) / s_m + (verts - m) / s_r  # mean of std over N is (M - C)/s_M, residual is R/s_R
+    ref_model = IdRanker(num_face_vertices=7, ctx_dim=6, widths=(16, 8), groups=4).double()
+    ref_model.layers.load_state_dict(model.layers.state_dict())
+    torch.testing.assert_close(model(verts, ctx), _reference_logits(ref_model, std, ctx), rtol=1e-6, atol=1e-6)
+    # The state dict carries the fitted statistics (a checkpoint reproduces the ranker).
+    clone = IdRanker(num_face_vertices=7, ctx_dim=6, widths=(16, 8), groups=4, input_norm=True).double()
+    clone.load_state_dict(model.state_dict())
+    torch.testing.assert_close(clone(verts, ctx), model(verts, ctx))
+    # Off (the public input): fitting is a no-op and the buffers stay the identity.
+    off = _small()
+    off.fit_input_normalization(train)
+    assert off.input_center.abs().max() == 0 and torch.equal(off.input_scale, torch.ones(2, dtype=off.input_scale.dtype))
+    with pytest.raises(ValueError, match="degenerate"):
+        model.fit_input_normalization(torch.ones(3, 2, 7, 3))

@@ -209,3 +209,15 @@ def test_split_film_equals_the_joint_film_matmul(idgen: Denoiser) -> None:
                                    net.trunk(x, net.time_film(t_same[:1]) + net.condition_film(cond)),
                                    atol=1e-5, rtol=1e-5)
     assert not torch.allclose(net.time_film(t[:1]), net.time_film(t[1:2]))  # the time part does depend on t
+
+
+def test_math_attention_equals_sdpa(expgen: Denoiser) -> None:
+    net = randomize(expgen, seed=5).eval()
+    x, t, c = inputs(net, 6)
+    with torch.no_grad():
+        ref = net.set_attention_impl("sdpa")(x, t, c)
+        out = net.set_attention_impl("math")(x, t, c)
+    net.set_attention_impl("sdpa")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="'sdpa' or 'math'"):
+        net.set_attention_impl("flash")

@@ -40,6 +40,12 @@ Deviations from the public code (ours, on purpose):
   tiling the context N times.
 * Weights are initialised in one named method (`initialize_weights`); the values are PyTorch's Linear and
   GroupNorm defaults, which is what the public code trains from.
+* Optional input standardisation (`input_norm=True`, off by default = the public function): the network sees
+  [(M - C) / s_M, R / s_R] instead of [M, R], with C the mean face of the training candidates and s_M, s_R
+  the RMS of the two halves over them (`fit_input_normalization`; stored as buffers in the checkpoint).
+  Without it, the first layer's pre-activation is dominated by M in mm (the same for all N candidates of an
+  image: head coordinates of ~100 mm against residuals of ~1-3 mm), the per-row GroupNorm then divides the
+  residual's contribution away, and the logits of one image start out nearly equal: a short run barely ranks.
 
 Shapes: B images, N candidates per image, Vf front-face vertices, C ctx_dim.
 """
@@ -146,6 +152,8 @@ class IdRanker(nn.Module):
         ctx_dim: size C of the image context vector.
         widths: hidden widths; a final Linear to one logit follows.
         groups: GroupNorm groups of every hidden layer; must divide every width.
+        input_norm: standardise the two input halves (see the module notes); fit with
+            `fit_input_normalization` before training. Off: the public code's input.
     """
 
     def __init__(
@@ -155,6 +163,7 @@ class IdRanker(nn.Module):
         ctx_dim: int = 1024,
         widths: Sequence[int] = (4096, 1024, 256, 64),
         groups: int = 8,
+        input_norm: bool = False,
     ) -> None:
         super().__init__()
         widths = tuple(int(w) for w in widths)
@@ -173,7 +182,31 @@ class IdRanker(nn.Module):
         layers = [RankLayer(a, b, ctx_dim, groups=groups) for a, b in zip(dims[:-1], dims[1:])]
         layers.append(RankLayer(widths[-1], 1, ctx_dim, groups=None))
         self.layers = nn.ModuleList(layers)
+        self.input_norm = bool(input_norm)
+        # Identity until fitted (and always without input_norm): centre C (Vf,3) mm, scales (s_M, s_R) mm.
+        self.register_buffer("input_center", torch.zeros(num_face_vertices, 3))
+        self.register_buffer("input_scale", torch.ones(2))
         self.initialize_weights()
+
+    @torch.no_grad()
+    def fit_input_normalization(self, face_vertices_mm: Tensor) -> None:
+        """Set C, s_M, s_R from training candidates (K, N, Vf, 3) in mm: C = mean over images of the candidate
+        mean M, s_M = RMS of M - C, s_R = RMS of the residuals S_i - M. No-op unless `input_norm`."""
+        if not self.input_norm:
+            return
+        x = face_vertices_mm.to(self.input_center.dtype)
+        if x.ndim != 4 or x.shape[2:] != (self.num_face_vertices, 3) or x.shape[0] < 2 or x.shape[1] < 2:
+            raise ValueError(f"fit_input_normalization: candidates must have shape (K >= 2, N >= 2, "
+                             f"{self.num_face_vertices}, 3), got {tuple(x.shape)}")
+        mean = x.mean(dim=1)  # (K, Vf, 3)
+        center = mean.mean(dim=0)
+        s_m = (mean - center).pow(2).mean().sqrt()
+        s_r = (x - mean.unsqueeze(1)).pow(2).mean().sqrt()
+        if not (torch.isfinite(s_m) and torch.isfinite(s_r) and s_m > 0 and s_r > 0):
+            raise ValueError(f"fit_input_normalization: degenerate candidates (RMS of M - C {float(s_m):.3g} mm, "
+                             f"of the residuals {float(s_r):.3g} mm): identical or non-finite shapes?")
+        self.input_center.copy_(center)
+        self.input_scale.copy_(torch.stack([s_m, s_r]))
 
     def initialize_weights(self) -> None:
         """PyTorch's defaults, stated explicitly (the public code trains from them, and with its 1e-6
@@ -191,7 +224,7 @@ class IdRanker(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_face_vertices={self.num_face_vertices}, ctx_dim={self.ctx_dim}, "
-                f"widths={list(self.widths)}, groups={self.groups}")
+                f"widths={list(self.widths)}, groups={self.groups}, input_norm={self.input_norm}")
 
     def forward(self, face_vertices_mm: Tensor, ctx: Tensor) -> Tensor:
         """Score N candidates per image.
@@ -213,6 +246,9 @@ class IdRanker(nn.Module):
             raise ValueError(f"IdRanker: ctx must have shape ({B}, {self.ctx_dim}), got {tuple(ctx.shape)}")
         mean = x.mean(dim=1)  # (B, Vf, 3)
         resid = x - mean.unsqueeze(1)  # (B, N, Vf, 3)
+        if self.input_norm:
+            mean = (mean - self.input_center) / self.input_scale[0]
+            resid = resid / self.input_scale[1]
         first = self.layers[0]
         half = self.in_dim // 2
         # Linear on concat(M, R) = W_M M + W_R R + b, with the M term computed once per image.

@@ -6,6 +6,7 @@ at every step; we sample the pools once (`ofer.ranking.ensure_pool`) and can ref
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,8 @@ from ofer.eval.metrics import spearman
 from ofer.flame import FLAME, MM_PER_M
 from ofer.models.ranker import candidate_vertices
 from ofer.ranking import listnet_loss, ranking_metrics, ranking_targets
+
+log = logging.getLogger(__name__)
 
 __all__ = ["RankerTask", "ImageFeatureDataset"]
 
@@ -69,6 +72,21 @@ class RankerTask:
         self._eval = eval_dataset
         self._describe = dict(describe or {})
         self.num_timesteps = None
+        if getattr(model, "input_norm", False):
+            self._fit_input_normalization()
+
+    @torch.no_grad()
+    def _fit_input_normalization(self, max_items: int = 256) -> None:
+        """IdRank's input standardisation from the first `max_items` training pools (deterministic; a
+        resumed run then loads the same buffers from its checkpoint)."""
+        n = min(max_items, len(self._dataset))
+        shapes = torch.stack([torch.as_tensor(self._dataset[i]["candidates"]).float() for i in range(n)])
+        flame = self.flame.to("cpu")
+        self.model.fit_input_normalization(candidate_vertices(flame, shapes, self.face_idx.cpu()).to(
+            self.model.input_center.device))
+        s_m, s_r = self.model.input_scale.tolist()
+        log.info("IdRank input standardisation from %d training pools: RMS of M - C %.2f mm, of residuals %.2f mm",
+                 n, s_m, s_r)
 
     def param_groups(self) -> list[dict]:
         return [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": self.lr}]

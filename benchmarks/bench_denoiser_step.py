@@ -1,0 +1,104 @@
+"""One sampling step of the paper-sized denoisers, variant by variant (issue 8, goal 1): where the time goes.
+
+Each variant samples DDIM-`--steps` with `GraphedSampler` (CUDA graphs, bf16 autocast, split FiLM) at
+`--rows` rows (256 images x 100 hypotheses by default) and reports the time per step, rows x steps per second,
+and the achieved rate in the paper's FLOP count (2 x parameters per row and step). Variants: the attention
+kernel (PyTorch SDPA or explicit math) and `torch.compile` of the trunk (fuses the element-wise kernels).
+A kernel table from torch.profiler of one eager step is printed for the first variant (`--profile`).
+
+    python benchmarks/bench_denoiser_step.py --rows 25600 --json $OUT/denoiser_step.json --profile
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ofer.diffusion import GaussianDiffusion  # noqa: E402
+from ofer.fast_sampling import GraphedSampler  # noqa: E402
+from ofer.models.unet1d import Denoiser  # noqa: E402
+
+MODELS = {"idgen": dict(dim=300, cond_dim=512, widths=(300, 50, 10)),
+          "expgen": dict(dim=53, cond_dim=1024, widths=(53, 25, 10))}
+
+
+def build(name: str, impl: str) -> Denoiser:
+    torch.manual_seed(0)
+    m = Denoiser(**MODELS[name])
+    for p in m.parameters():  # non-zero output / FiLM layers so activations are realistic
+        if p.dim() > 1 and p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=1e-3)
+    return m.set_attention_impl(impl).cuda().eval()
+
+
+def time_variant(name: str, impl: str, compile: bool, rows: int, steps: int, repeats: int) -> dict:
+    model = build(name, impl)
+    params = sum(p.numel() for p in model.parameters())
+    cond = torch.randn(rows, model.cond_dim, device="cuda")
+    t0 = time.perf_counter()
+    sampler = GraphedSampler(GaussianDiffusion().cuda(), model, rows=rows, dim=model.dim, cond_dim=model.cond_dim,
+                             sampler="ddim", steps=steps, compile=compile)
+    out = sampler(cond, num_samples=1)
+    torch.cuda.synchronize()
+    build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        out = sampler(cond, num_samples=1)
+    torch.cuda.synchronize()
+    step_s = (time.perf_counter() - t0) / repeats / steps
+    assert torch.isfinite(out).all()
+    return {"model": name, "attention": impl, "compile": compile, "rows": rows, "build_s": build_s,
+            "ms_per_step": step_s * 1e3, "row_steps_per_s": rows / step_s,
+            "paper_tflops": 2 * params * rows / step_s / 1e12}
+
+
+def profile_step(name: str, impl: str, rows: int) -> str:
+    model = build(name, impl)
+    x = torch.randn(rows, model.dim, device="cuda")
+    film = model.condition_film(torch.randn(rows, model.cond_dim, device="cuda")) + model.time_film(
+        torch.tensor([500], device="cuda"))
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for _ in range(3):
+            model.trunk(x, film)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            model.trunk(x, film)
+            torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=18)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=25_600)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
+    if args.profile:
+        for name in MODELS:
+            print(f"--- {name}, eager, sdpa: one step's CUDA kernels\n{profile_step(name, 'sdpa', args.rows)}", flush=True)
+    variants = [(impl, comp) for comp in ((False,) if args.no_compile else (False, True)) for impl in ("sdpa", "math")]
+    for name in MODELS:
+        for impl, comp in variants:
+            try:
+                row = time_variant(name, impl, comp, args.rows, args.steps, args.repeats)
+            except Exception as exc:  # noqa: BLE001 -- reported, the other variants go on
+                row = {"model": name, "attention": impl, "compile": comp, "error": f"{type(exc).__name__}: {exc}"[:400]}
+            out["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            if args.json:
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
