@@ -4,12 +4,13 @@ Paper setting: IdGen 100 samples x DDPM-1000, FLAME decode of the 100 candidates
 DDPM-1000, with the paper-sized denoisers (12.45 M / 3.16 M parameters) and IdRank MLP. Random weights (the
 cost does not depend on them). Rows:
   * baseline: our pipeline run like the public code's demo: eager, fp32, one image at a time;
-  * ours: many images per call, bf16 autocast, CUDA-graph sampling (`pipeline.fast`);
-  * fast samplers: DDIM-50 and DPM-Solver++-25 on the same fast path.
+  * ours: many images per call, bf16 autocast, CUDA-graph sampling (`pipeline.fast`), with `--compile` also
+    torch.compile'd denoiser trunks (`pipeline.compile`);
+  * fast samplers: DDIM-50, DDIM-25 and DPM-Solver++-25 on the same fast path.
 The floor is 100 x (1000 x 2 x 12.45 M + 1000 x 2 x 3.16 M) FLOP per image at the bf16 GEMM rate measured in
 this run. Prints a table and writes JSON (--json).
 
-    python benchmarks/bench_pipeline.py --batch 256 --json $OUT/pipeline.json
+    python benchmarks/bench_pipeline.py --batch 256 --compile --json $OUT/pipeline.json
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def gemm_tflops(device: str) -> float:
     return 2 * 8192 ** 3 * n / (time.perf_counter() - t) / 1e12
 
 
-def build(device: str, flame: FLAME, *, fast: bool, sampler: dict) -> OferPipeline:
+def build(device: str, flame: FLAME, *, fast: bool, sampler: dict, compile: bool = False) -> OferPipeline:
     torch.manual_seed(0)
     idgen = Denoiser(dim=300, cond_dim=512, widths=(300, 50, 10))
     expgen = Denoiser(dim=53, cond_dim=1024, widths=(53, 25, 10))
@@ -59,7 +60,7 @@ def build(device: str, flame: FLAME, *, fast: bool, sampler: dict) -> OferPipeli
     diff = GaussianDiffusion()
     return OferPipeline(flame=flame, idgen=idgen.eval(), id_diffusion=diff, expgen=expgen.eval(),
                         exp_diffusion=GaussianDiffusion(), ranker=ranker.eval(), id_sampling=sampler,
-                        exp_sampling=sampler, num_samples=100, fast=fast).to(device)
+                        exp_sampling=sampler, num_samples=100, fast=fast, compile=compile).to(device)
 
 
 def run(pipe: OferPipeline, batch: int, repeats: int, device: str) -> tuple[float, float]:
@@ -85,6 +86,7 @@ def main() -> None:
     ap.add_argument("--fast-batch", type=int, default=1024, help="images per call for DDIM/DPM++ rows")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the denoiser trunks on the fast path")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     device = "cuda"
@@ -100,14 +102,15 @@ def main() -> None:
           f"floor (paper setting) {floor_ips:.0f} images/s", flush=True)
     ddpm = {"sampler": "ddpm"}
     specs = [] if args.skip_baseline else [("baseline: eager fp32, 1 image/call, DDPM-1000", False, ddpm, 1, 1)]
-    specs += [("ours: CUDA graphs + bf16, DDPM-1000", True, ddpm, args.batch, args.repeats),
-              ("ours: CUDA graphs + bf16, DDIM-50", True, {"sampler": "ddim", "steps": 50}, args.fast_batch,
-               args.repeats),
-              ("ours: CUDA graphs + bf16, DPM++-25", True, {"sampler": "dpmpp", "steps": 25}, args.fast_batch,
-               args.repeats)]
+    tag = "CUDA graphs + bf16" + (" + compile" if args.compile else "")
+    specs += [(f"ours: {tag}, DDPM-1000", True, ddpm, args.batch, args.repeats)]
+    specs += [(f"ours: {tag}, {label}", True, opts, args.fast_batch, args.repeats)
+              for label, opts in (("DDIM-50", {"sampler": "ddim", "steps": 50}),
+                                  ("DDIM-25", {"sampler": "ddim", "steps": 25}),
+                                  ("DPM++-25", {"sampler": "dpmpp", "steps": 25}))]
     for name, fast, sampler, batch, repeats in specs:  # one failing row (e.g. out of memory) keeps the others
         try:
-            pipe = build(device, flame, fast=fast, sampler=sampler)
+            pipe = build(device, flame, fast=fast, sampler=sampler, compile=fast and args.compile)
             first, s = run(pipe, batch, repeats, device)
             row = {"name": name, "batch": batch, "first_call_s": first, "s_per_call": s, "images_per_s": batch / s}
         except Exception as exc:  # noqa: BLE001 -- reported in the table and the JSON

@@ -16,8 +16,10 @@ def test_needs_cuda_device():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("opts", [{"sampler": "ddim", "steps": 30}, {"sampler": "dpmpp", "steps": 12}])
-def test_graphed_equals_eager(opts):
+@pytest.mark.parametrize("opts,compile", [({"sampler": "ddim", "steps": 30}, False),
+                                          ({"sampler": "dpmpp", "steps": 12}, False),
+                                          ({"sampler": "ddim", "steps": 30}, True)])
+def test_graphed_equals_eager(opts, compile):
     torch.manual_seed(0)
     model = Denoiser(dim=53, cond_dim=16, widths=(53, 25, 10)).cuda().eval()
     for p in model.parameters():
@@ -27,7 +29,8 @@ def test_graphed_equals_eager(opts):
     cond = torch.randn(4, 16, device="cuda")
     x_T = torch.randn(4, 8, 53, device="cuda")
     eager = diff.sample(model, cond, dim=53, num_samples=8, x_T=x_T, **opts)
-    graphed = GraphedSampler(diff, model, rows=32, dim=53, cond_dim=16, bf16=False, chunk=7, **opts)
+    graphed = GraphedSampler(diff, model, rows=32, dim=53, cond_dim=16, bf16=False, chunk=7, compile=compile,
+                             **opts)
     out = graphed(cond, num_samples=8, x_T=x_T)
     torch.testing.assert_close(out, eager, atol=2e-4, rtol=1e-4)
     out2 = graphed(cond, num_samples=8, x_T=x_T)  # replay is repeatable
