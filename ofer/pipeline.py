@@ -1,5 +1,7 @@
 """The OFER pipeline: features -> IdGen N shapes -> IdRank -> best shape -> ExpGen N expressions.
 
+Without ExpGen (`expgen=None`) it stops at the ranked identity, which is all the NoW benchmark scores.
+
 Everything is batched over images: B images x N hypotheses run as one denoiser batch of B*N rows per
 sampling step, on whatever device the models live on.
 """
@@ -36,8 +38,8 @@ class Hypotheses:
     shapes: Tensor  # (B,N,300) IdGen samples
     scores: Tensor  # (B,N) IdRank logits (comparable within one image only)
     best: Tensor  # (B,) index of the ranked shape
-    expressions: Tensor  # (B,N,50) ExpGen expression samples
-    jaw: Tensor  # (B,N,3) ExpGen jaw axis-angle samples
+    expressions: Tensor  # (B,N,50) ExpGen expression samples; (B,0,50) without ExpGen
+    jaw: Tensor  # (B,N,3) ExpGen jaw axis-angle samples; (B,0,3) without ExpGen
     meta: dict = field(default_factory=dict)
 
     @property
@@ -90,7 +92,8 @@ class OferPipeline(nn.Module):
         flame: FLAME layer with the `face` mask (IdRank's input region).
         idgen, id_diffusion, id_sampling: the identity generator, its diffusion and sampler options
             (`sampler`, `steps`, `eta`, `timestep_spacing`; OFER: DDPM over all 1000 steps).
-        expgen, exp_diffusion, exp_sampling: the same for expressions (53 = 50 expression + 3 jaw).
+        expgen, exp_diffusion, exp_sampling: the same for expressions (53 = 50 expression + 3 jaw); expgen and
+            exp_diffusion None: identity only (no expression samples).
         ranker: IdRank; `ranker(face_vertices_mm (B,N,Vf,3), ctx (B,1024)) -> (B,N)`.
         num_samples: N hypotheses per image (OFER: 100).
         jaw_scale: factor on the sampled jaw. The public OFER code multiplies it by 0.5 at test time
@@ -99,8 +102,8 @@ class OferPipeline(nn.Module):
             denoisers under bf16 autocast; noise then comes from the default CUDA generator.
     """
 
-    def __init__(self, *, flame: FLAME, idgen: nn.Module, id_diffusion: GaussianDiffusion, expgen: nn.Module,
-                 exp_diffusion: GaussianDiffusion, ranker: nn.Module, id_sampling: dict | None = None,
+    def __init__(self, *, flame: FLAME, idgen: nn.Module, id_diffusion: GaussianDiffusion, expgen: nn.Module | None,
+                 exp_diffusion: GaussianDiffusion | None, ranker: nn.Module, id_sampling: dict | None = None,
                  exp_sampling: dict | None = None, num_samples: int = 100, jaw_scale: float = 1.0,
                  meta: dict | None = None, fast: bool = False) -> None:
         super().__init__()
@@ -108,6 +111,8 @@ class OferPipeline(nn.Module):
         self._graphed: dict[tuple, object] = {}
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if (expgen is None) != (exp_diffusion is None):
+            raise ValueError("expgen and exp_diffusion go together: both given, or both None (identity only)")
         self.flame, self.idgen, self.expgen, self.ranker = flame, idgen, expgen, ranker
         self.id_diffusion, self.exp_diffusion = id_diffusion, exp_diffusion
         self.id_sampling = dict(id_sampling or {"sampler": "ddpm"})
@@ -131,7 +136,10 @@ class OferPipeline(nn.Module):
         verts = candidate_vertices(self.flame, shapes, self.face_idx)  # (B,N,Vf,3) mm
         scores = self.ranker(verts, ctx).float()  # (B,N)
         best = scores.argmax(dim=1)
-        exp = self._sample("exp", ctx, 53, N, generator)  # (B,N,53)
+        if self.expgen is None:
+            exp = shapes.new_zeros(shapes.shape[0], 0, 53)
+        else:
+            exp = self._sample("exp", ctx, 53, N, generator)  # (B,N,53)
         return Hypotheses(shapes=shapes, scores=scores, best=best, expressions=exp[..., :50],
                           jaw=exp[..., 50:53] * self.jaw_scale, meta=dict(self.meta))
 
@@ -162,22 +170,27 @@ class OferPipeline(nn.Module):
         pose = torch.zeros(M, 15, device=dev)
         pose[:, JAW] = h.jaw[i, :M].to(dev)
         neutral = flame(shapes[best:best + 1])
-        expr = flame(shapes[best:best + 1].expand(M, -1), exp, pose)
+        # max_expressions=0: no expression meshes (FLAME's skinning does not take an empty batch).
+        expr = flame(shapes[best:best + 1].expand(M, -1), exp, pose) if M else neutral
         out = {"neutral": neutral.vertices[0], "samples": flame.shape_vertices(shapes),
-               "expressions": expr.vertices}
+               "expressions": expr.vertices[:M]}
         if flame.landmark_ids:
             out["neutral_landmarks"] = neutral.now_landmarks()[0]
-            out["expression_landmarks"] = expr.now_landmarks()
+            out["expression_landmarks"] = expr.now_landmarks()[:M]
         return out
 
 
 def build_pipeline(cfg: Any, flame: FLAME, *, device: str | torch.device) -> OferPipeline:
-    """From the `pipeline` config block: checkpoints by path, sampler options, N, jaw scale.
+    """From the `pipeline` config block: checkpoints by path, sampler options, N, jaw scale;
+    `expgen_ckpt: null` builds an identity-only pipeline.
 
     An IdRank trained on candidate pools of another IdGen checkpoint is reported (its pools' hash is
     stored in the IdRank checkpoint's task metadata)."""
     idgen, id_diff, id_info = load_generator(cfg.idgen_ckpt, kind="idgen", device=device)
-    expgen, exp_diff, exp_info = load_generator(cfg.expgen_ckpt, kind="expgen", device=device)
+    expgen = exp_diff = None
+    exp_info: dict = {"path": None}
+    if cfg.expgen_ckpt is not None:
+        expgen, exp_diff, exp_info = load_generator(cfg.expgen_ckpt, kind="expgen", device=device)
     ranker, rank_info = load_ranker(cfg.idrank_ckpt, device=device)
     trained_on = rank_info["meta"].get("idgen_sha256")
     mismatch = bool(trained_on) and trained_on != id_info["sha256"]

@@ -28,7 +28,7 @@ from ofer.pipeline import build_pipeline
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-__all__ = ["list_images", "reconstruct"]
+__all__ = ["list_images", "reconstruct", "reconstruct_images"]
 
 
 def list_images(spec: str | Path) -> tuple[list[Path], Path]:
@@ -59,10 +59,17 @@ def _rel_name(path: Path, base: Path) -> str:
 
 
 def reconstruct(cfg: DictConfig) -> dict[str, Any]:
+    """`scripts/reconstruct.py`: the images named by `cfg.input` (an image, a folder or a .txt list)."""
+    images, base = list_images(cfg.input)
+    return reconstruct_images(cfg, images, base)
+
+
+def reconstruct_images(cfg: DictConfig, images: list[Path], base: Path) -> dict[str, Any]:
+    """Reconstruct `images` with the `configs/reconstruct.yaml` settings (`cfg.input` unused), each into
+    `<output.dir>/<its path relative to base, without suffix>/`; returns the summary written to summary.json."""
     device = str(resolve_device(cfg.device))
     torch.manual_seed(int(cfg.seed))
     out_dir = Path(cfg.output.dir)
-    images, base = list_images(cfg.input)
     annotations: dict[str, Any] = {}
     if cfg.preprocess.get("annotations"):
         annotations = json.loads(Path(cfg.preprocess.annotations).read_text())

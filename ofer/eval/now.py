@@ -46,6 +46,10 @@ __all__ = [
     "residuals_and_jacobian",
     "refine_alignment",
     "now_distances",
+    "align_prediction",
+    "read_image_list",
+    "load_scan",
+    "pooled_stats",
     "score_now",
     "score_now_from_config",
     "write_outputs",
@@ -605,7 +609,7 @@ def now_distances(
     idx = crop_scan(scan_vertices, scan_lmks7)
     if len(idx) == 0:
         raise ValueError("no scan vertex lies inside the NoW crop sphere; check the scan landmarks")
-    aligned = _align_prediction(scan_lmks7, pred_vertices, pred_lmks7, metrical=metrical, unit=unit)
+    aligned = align_prediction(scan_lmks7, pred_vertices, pred_lmks7, metrical=metrical, unit=unit)
     res = refine_alignment(
         [np.asarray(scan_vertices, dtype=np.float64)[idx]], [aligned], [pred_faces],
         metrical=metrical, device=device, backend=backend,
@@ -615,9 +619,14 @@ def now_distances(
     return res.distances[0]
 
 
-def _align_prediction(
+def align_prediction(
     scan_lmks7: np.ndarray, pred_vertices: np.ndarray, pred_lmks7: np.ndarray, *, metrical: bool, unit: str
 ) -> np.ndarray:
+    """Predicted vertices (V, 3) moved into the scan frame by the landmark similarity (step 2), float64.
+
+    Raises:
+        ValueError: degenerate or non-finite landmarks, or an unknown unit (metrical mode).
+    """
     sim = landmark_similarity(scan_lmks7, pred_lmks7)
     if metrical:
         if unit not in UNIT_FACTORS:
@@ -687,7 +696,8 @@ def _num(x: float | int) -> float | int | None:
     return None if isinstance(x, float) and math.isnan(x) else x
 
 
-def _stats(arrays: list[np.ndarray]) -> tuple[float, float, float]:
+def pooled_stats(arrays: Sequence[np.ndarray]) -> tuple[float, float, float]:
+    """Median, mean and std (ddof 0) of the concatenation of per-image distance arrays; NaN when empty."""
     if not arrays:
         return math.nan, math.nan, math.nan
     # OFER: statistics of the concatenation of all images' distances (`cumulative_errors.py`).
@@ -750,8 +760,6 @@ def score_now(
         batch_size: images refined together (one batched dogleg; masks keep their trust regions apart).
         max_pairs: see `refine_alignment` (GPU memory of the closest-point search).
     """
-    if split not in ("validation", "test"):
-        raise ValueError(f"split={split!r}: expected 'validation' or 'test'")
     if unit not in UNIT_FACTORS:
         raise ValueError(f"unit={unit!r}: expected one of {sorted(UNIT_FACTORS)}")
     if batch_size < 1:
@@ -760,26 +768,10 @@ def score_now(
     pred_root = Path(predictions)
     if not pred_root.is_dir():
         raise FileNotFoundError(f"predictions folder does not exist: {pred_root}")
-    list_path = Path(imgs_list) if imgs_list else root / f"imagepaths{split}.txt"
-    if not list_path.is_file():
-        raise FileNotFoundError(f"image list not found: {list_path} (expected the NoW imagepaths{split}.txt)")
+    list_path, entries = read_image_list(root, split=split, imgs_list=imgs_list, challenge=challenge)
     scan_dir = Path(gt_mesh_folder) if gt_mesh_folder else root / "scans"
     lmk_dir = Path(gt_lmk_folder) if gt_lmk_folder else root / "scans_lmks_onlypp"
     dev = resolve_device(device)
-
-    entries = []
-    for raw in list_path.read_text().splitlines():
-        if not raw.strip():
-            continue
-        parts = raw.strip().split("/")
-        if len(parts) < 3:
-            raise ValueError(f"{list_path}: line {raw!r} is not '<subject>/<challenge>/<image>'")
-        entries.append((raw.strip(), *parts[-3:]))
-    found = sorted({e[2] for e in entries})
-    if challenge:
-        if challenge not in found:
-            raise ValueError(f"challenge={challenge!r} does not occur in {list_path}; found {found}")
-        entries = [e for e in entries if e[2] == challenge]
 
     scans: dict[str, tuple[np.ndarray, np.ndarray] | ImageFailure] = {}
     failures: list[tuple[int, ImageFailure]] = []
@@ -794,7 +786,7 @@ def score_now(
             missing.append(line)
             continue
         if subject not in scans:
-            scans[subject] = _load_scan(scan_dir, lmk_dir, subject, line)
+            scans[subject] = load_scan(scan_dir, lmk_dir, subject, line)
         scan = scans[subject]
         if isinstance(scan, ImageFailure):
             failures.append((index, ImageFailure(line, scan.path, scan.reason)))
@@ -811,7 +803,7 @@ def score_now(
             continue
         try:
             lmks = read_landmarks(lmk_path)
-            aligned = _align_prediction(scan_lmks, verts, lmks, metrical=metrical, unit=unit)
+            aligned = align_prediction(scan_lmks, verts, lmks, metrical=metrical, unit=unit)
         except (MeshIOError, ValueError) as exc:
             failures.append((index, ImageFailure(line, str(lmk_path), str(exc))))
             continue
@@ -835,11 +827,11 @@ def score_now(
     distances = [results[it.index] for it in ok_items]
     failures.sort(key=lambda x: x[0])
     fail_list = [f for _, f in failures]
-    median, mean, std = _stats(distances)
+    median, mean, std = pooled_stats(distances)
     per_challenge: dict[str, dict] = {}
     for chal in sorted({e[2] for e in entries}):
         d = [results[it.index] for it in ok_items if it.challenge == chal]
-        m, a, sd = _stats(d)
+        m, a, sd = pooled_stats(d)
         per_challenge[chal] = {
             "median": m, "mean": a, "std": sd, "num_images": len(d),
             "num_missing": sum(1 for line in missing if line.split("/")[-2] == chal),
@@ -862,8 +854,42 @@ def score_now(
     return report
 
 
-def _load_scan(scan_dir: Path, lmk_dir: Path, subject: str, line: str) -> tuple[np.ndarray, np.ndarray] | ImageFailure:
-    """Cropped scan vertices and scan landmarks of a subject, or the failure (reported for each of its images)."""
+def read_image_list(
+    root: str | os.PathLike, *, split: str = "validation", imgs_list: str | os.PathLike | None = None,
+    challenge: str | None = None,
+) -> tuple[Path, list[tuple[str, str, str, str]]]:
+    """The NoW image list `<root>/imagepaths<split>.txt` (or `imgs_list`): its path and, per non-empty line in
+    list order, `(line, subject, challenge, file)` from the line's last three components (official
+    `line.split('/')[-3:]`), keeping only `challenge` when given.
+
+    Raises:
+        ValueError: unknown split, a line with fewer than three components, a challenge absent from the list.
+        FileNotFoundError: no list file.
+    """
+    if split not in ("validation", "test"):
+        raise ValueError(f"split={split!r}: expected 'validation' or 'test'")
+    list_path = Path(imgs_list) if imgs_list else Path(root) / f"imagepaths{split}.txt"
+    if not list_path.is_file():
+        raise FileNotFoundError(f"image list not found: {list_path} (expected the NoW imagepaths{split}.txt)")
+    entries = []
+    for raw in list_path.read_text().splitlines():
+        if not raw.strip():
+            continue
+        parts = raw.strip().split("/")
+        if len(parts) < 3:
+            raise ValueError(f"{list_path}: line {raw!r} is not '<subject>/<challenge>/<image>'")
+        entries.append((raw.strip(), parts[-3], parts[-2], parts[-1]))
+    found = sorted({e[2] for e in entries})
+    if challenge:
+        if challenge not in found:
+            raise ValueError(f"challenge={challenge!r} does not occur in {list_path}; found {found}")
+        entries = [e for e in entries if e[2] == challenge]
+    return list_path, entries
+
+
+def load_scan(scan_dir: Path, lmk_dir: Path, subject: str, line: str) -> tuple[np.ndarray, np.ndarray] | ImageFailure:
+    """Cropped scan vertices (N, 3) and scan landmarks (7, 3) of a subject, or the failure (reported for each of
+    its images, `line` naming the image-list entry)."""
     # OFER: official takes `glob(...)[0]`; glob order is file-system order, we sort to make it reproducible.
     objs = sorted(glob(str(scan_dir / subject / "*.obj")))
     pps = sorted(glob(str(lmk_dir / subject / "*.pp")))
@@ -925,9 +951,11 @@ def write_outputs(
 
 
 
-def score_now_from_config(cfg, out_dir: str | os.PathLike | None = None) -> NowReport:  # noqa: ANN001
-    """`score_now` driven by the `eval_now` config (`cfg.now.*`, `cfg.device`); writes into `out_dir`, by
-    default the Hydra run dir, and prints a summary."""
+def score_now_from_config(  # noqa: ANN001
+    cfg, out_dir: str | os.PathLike | None = None, *, predictions: str | os.PathLike | None = None
+) -> NowReport:
+    """`score_now` driven by the `eval_now` config (`cfg.now.*`, `cfg.device`) on `predictions` (default
+    `cfg.now.predictions`); writes into `out_dir`, by default the Hydra run dir, and prints a summary."""
     if out_dir is None:
         from hydra.core.hydra_config import HydraConfig
 
@@ -935,7 +963,7 @@ def score_now_from_config(cfg, out_dir: str | os.PathLike | None = None) -> NowR
     c = cfg.now
     report = score_now(
         c.root,
-        c.predictions,
+        c.predictions if predictions is None else predictions,
         split=c.split,
         challenge=c.challenge or None,
         metrical=bool(c.metrical),
