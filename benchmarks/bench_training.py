@@ -68,14 +68,17 @@ def time_steps(step, n: int = 20, warmup: int = 3) -> float:
     return (time.perf_counter() - t) / n
 
 
-def generator_step(kind: str, rows: int, bf16: bool, ddp: bool):
+def generator_step(kind: str, rows: int, bf16: bool, ddp: bool, compile: bool = False):
     dim, cond, widths = (300, 512, (300, 50, 10)) if kind == "idgen" else (53, 1024, (53, 25, 10))
     model = Denoiser(dim=dim, cond_dim=cond, widths=widths).to(DEVICE)
     params = count(model)
+    opt_params = list(model.parameters())
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()])
+    if compile:  # as trainer.compile=true: fuses the element-wise kernels of forward and backward
+        model = torch.compile(model)
     diff = GaussianDiffusion().to(DEVICE)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4, fused=DEVICE == "cuda")
+    opt = torch.optim.AdamW(opt_params, lr=1e-3, weight_decay=1e-4, fused=DEVICE == "cuda")
     x0 = torch.randn(rows, dim, device=DEVICE)
     c = torch.randn(rows, cond, device=DEVICE)
 
@@ -137,6 +140,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, nargs="+", default=[4096, 16384])
     ap.add_argument("--ddp-only", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="also rows with torch.compile'd models (CUDA)")
+    ap.add_argument("--no-graph", action="store_true", help="skip the whole-step CUDA-graph rows")
     ap.add_argument("--cpu", action="store_true", help="CPU rows only: fp32 IdGen/ExpGen steps at --rows")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -150,15 +155,20 @@ def main() -> None:
     rank = dist.get_rank() if ddp else 0
     peak = gemm_tflops()
     rows_out = []
-    configs = [] if args.ddp_only else [("idgen", 64, False), ("expgen", 64, False)]
-    configs += [(k, r, not args.cpu) for k in ("idgen", "expgen") for r in args.rows]
-    for kind, rows, bf16 in configs:
-        step, params = generator_step(kind, rows, bf16, ddp)
-        s = time_steps(step)
+    configs = [] if args.ddp_only else [("idgen", 64, False, False), ("expgen", 64, False, False)]
+    configs += [(k, r, not args.cpu, False) for k in ("idgen", "expgen") for r in args.rows]
+    if args.compile:
+        configs += [(k, r, True, True) for k in ("idgen", "expgen") for r in args.rows]
+    for kind, rows, bf16, comp in configs:
+        step, params = generator_step(kind, rows, bf16, ddp, compile=comp)
+        s = time_steps(step, warmup=5 if comp else 3)
         mfu = 6 * params * rows / s / (peak * 1e12)
-        rows_out.append({"job": kind, "rows_per_gpu": rows, "precision": "bf16" if bf16 else "fp32",
+        rows_out.append({"job": kind, "rows_per_gpu": rows,
+                         "precision": ("bf16" if bf16 else "fp32") + (" + compile" if comp else ""),
                          "world_size": world, "s_per_step": s, "samples_per_s": rows * world / s, "mfu": mfu})
-    if not ddp and not args.cpu:
+        if rank == 0:
+            print(json.dumps(rows_out[-1]), flush=True)
+    if not ddp and not args.cpu and not args.no_graph:
         for kind in ("idgen", "expgen"):
             for rows in args.rows:
                 try:

@@ -148,6 +148,7 @@ def _pool(cfg: DictConfig, ds: Any, name: str, idgen: torch.nn.Module, diffusion
     import functools
 
     from ofer.ranking import PoolDataset, ensure_pool
+    from ofer.training.checkpoint import resolve_checkpoint_path
 
     sampling = OmegaConf.to_container(cfg.pool.sampling, resolve=True)
     sample_fn = functools.partial(diffusion.sample, idgen, dim=300, **sampling)
@@ -156,7 +157,7 @@ def _pool(cfg: DictConfig, ds: Any, name: str, idgen: torch.nn.Module, diffusion
         return torch.stack([ds[i]["arcface_feat"] for i in range(len(ds))]).to(device)
 
     pool = ensure_pool(Path(cfg.pool.dir) / f"{name}.npz", sample_fn=sample_fn, conds=conds, image_keys=ds.keys,
-                       idgen_checkpoint=cfg.idgen_ckpt, sampler=sampling, num_candidates=int(cfg.pool.num_candidates),
+                       idgen_checkpoint=resolve_checkpoint_path(cfg.idgen_ckpt), sampler=sampling, num_candidates=int(cfg.pool.num_candidates),
                        batch_images=int(cfg.pool.batch_images),
                        generator=torch.Generator(device=device).manual_seed(int(cfg.seed)), refresh=str(cfg.pool.refresh))
     return PoolDataset(pool, ds, key_fn=lambda item: item["key"])

@@ -100,14 +100,16 @@ class OferPipeline(nn.Module):
             [code]; our default 1.0 keeps the distribution the model was trained on (set 0.5 to mimic it).
         fast: on CUDA, sample with CUDA graphs (`ofer.fast_sampling`, one capture per batch size) and the
             denoisers under bf16 autocast; noise then comes from the default CUDA generator.
+        compile: with `fast`, also `torch.compile` the denoisers' trunks (fuses their element-wise kernels;
+            ~10-15 s of compilation per model and batch size, then ~1.7x faster steps on an H200).
     """
 
     def __init__(self, *, flame: FLAME, idgen: nn.Module, id_diffusion: GaussianDiffusion, expgen: nn.Module | None,
                  exp_diffusion: GaussianDiffusion | None, ranker: nn.Module, id_sampling: dict | None = None,
                  exp_sampling: dict | None = None, num_samples: int = 100, jaw_scale: float = 1.0,
-                 meta: dict | None = None, fast: bool = False) -> None:
+                 meta: dict | None = None, fast: bool = False, compile: bool = False) -> None:
         super().__init__()
-        self.fast = fast
+        self.fast, self.compile = fast, compile
         self._graphed: dict[tuple, object] = {}
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -134,7 +136,8 @@ class OferPipeline(nn.Module):
         ctx = torch.cat([arcface, farl], dim=-1)  # (B,1024) OFER: ArcFace (+) FaRL
         shapes = self._sample("id", arcface, 300, N, generator)  # (B,N,300)
         verts = candidate_vertices(self.flame, shapes, self.face_idx)  # (B,N,Vf,3) mm
-        scores = self.ranker(verts, ctx).float()  # (B,N)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.fast and verts.is_cuda):
+            scores = self.ranker(verts, ctx).float()  # (B,N); bf16 matmuls on the fast path
         best = scores.argmax(dim=1)
         if self.expgen is None:
             exp = shapes.new_zeros(shapes.shape[0], 0, 53)
@@ -153,7 +156,8 @@ class OferPipeline(nn.Module):
         key = (which, cond.shape[0] * n, str(cond.device))
         if key not in self._graphed:
             self._graphed[key] = GraphedSampler(diffusion, model, rows=cond.shape[0] * n, dim=dim,
-                                                cond_dim=cond.shape[1], device=cond.device, **opts)
+                                                cond_dim=cond.shape[1], device=cond.device,
+                                                compile=self.compile, **opts)
         return self._graphed[key](cond, num_samples=n)  # type: ignore[operator]
 
     @torch.no_grad()
@@ -203,7 +207,8 @@ def build_pipeline(cfg: Any, flame: FLAME, *, device: str | torch.device) -> Ofe
     return OferPipeline(flame=flame.to(device), idgen=idgen, id_diffusion=id_diff, expgen=expgen,
                         exp_diffusion=exp_diff, ranker=ranker, id_sampling=to_dict(cfg.id_sampling),
                         exp_sampling=to_dict(cfg.exp_sampling), num_samples=int(cfg.num_samples),
-                        jaw_scale=float(cfg.jaw_scale), meta=meta, fast=bool(cfg.get("fast", False))).to(device)
+                        jaw_scale=float(cfg.jaw_scale), meta=meta, fast=bool(cfg.get("fast", False)),
+                        compile=bool(cfg.get("compile", False))).to(device)
 
 
 def spread_mm(samples: Tensor) -> np.ndarray:

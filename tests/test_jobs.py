@@ -102,7 +102,8 @@ def test_idrank_reconstruct_and_now_layout(idgen_run, expgen_run, tiny_root, tmp
 
     idgen_ckpt = idgen_run[0] / "checkpoints" / "last.pt"
     rank_dir = tmp_path / "idrank"
-    res = train_idrank(_cfg("train_idrank", tiny_root, rank_dir, f"idgen_ckpt={idgen_ckpt}", "synthetic.ensure=false",
+    # idgen_ckpt as a run dir (the README's form), resolved to its checkpoints/last.pt
+    res = train_idrank(_cfg("train_idrank", tiny_root, rank_dir, f"idgen_ckpt={idgen_run[0]}", "synthetic.ensure=false",
                             "trainer.max_steps=2", "trainer.batch_size=2", "trainer.progress=false",
                             "pool.num_candidates=4", "pool.sampling.steps=2", f"pool.dir={rank_dir / 'pools'}"),
                        run_dir=rank_dir)

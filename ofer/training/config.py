@@ -54,6 +54,7 @@ class TrainerConfig:
     ddp_find_unused_parameters: bool = False
     preempt_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR2")
     progress: bool = True
+    compile: bool = False
 
     def __post_init__(self) -> None:
         def choose(key: str, allowed: tuple[str, ...]) -> None:

@@ -212,6 +212,8 @@ class _Trainer:
             )
         else:
             self.ddp = self.model
+        if cfg.compile:  # only the training forward/backward; checkpoints and EMA use the plain module
+            self.ddp = torch.compile(self.ddp)
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.optimizer = torch.optim.AdamW(
             self.groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
