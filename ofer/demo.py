@@ -81,7 +81,8 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
     print(f"[demo] output folder: {out}  (device: {device})")
     flame = build_flame(cfg.paths)
     synth = Path(cfg.paths.synthetic_dir)
-    ensure_datasets(synth, flame, DEFAULT_DATASETS)
+    changes = OmegaConf.to_container(cfg.get("datasets") or {}, resolve=True)
+    ensure_datasets(synth, flame, {k: {**v, **(changes.get(k) or {})} for k, v in DEFAULT_DATASETS.items()})
     now_root = ensure_synthetic_now(synth / "NoW_synthetic", flame, subjects=int(cfg.now.subjects),
                                     images_per_challenge=int(cfg.now.images_per_challenge))
     timings = {"data": time.perf_counter() - t0}
@@ -91,6 +92,7 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
     def job(name: str, fn: Any, extra: list[str]) -> Any:
         t = time.perf_counter()
         run_dir = out / name
+        extra = extra + list((cfg.get("extra_overrides") or {}).get(name) or [])
         overrides = common + extra
         print(f"[demo] {name}: python scripts/{name}.py " + " ".join(extra))
         c = _compose(name, overrides, run_dir)

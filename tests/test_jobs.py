@@ -66,7 +66,8 @@ def test_idgen_trains_and_resumes(idgen_run, tiny_root):
 
     run, res = idgen_run
     assert res.step == 4 and (run / "checkpoints" / "last.pt").is_file()
-    for k in ("eval/err_mean_sample", "eval/err_best_of_n", "eval/err_prior"):
+    for k in ("eval/err_mean_sample", "eval/err_best_of_n", "eval/err_prior", "eval/denoise_loss",
+              "eval/denoise_loss_untrained"):
         assert np.isfinite(res.metrics[k])
     ck = load_checkpoint(run / "checkpoints" / "last.pt")
     assert ck["task_name"] == "idgen" and ck["config"]["model"]["dim"] == 300
