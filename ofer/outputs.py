@@ -1,17 +1,22 @@
 """Writing reconstructions: meshes (mm), NoW layout, coefficient archives and the contact sheet."""
 from __future__ import annotations
 
+import io
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ofer.flame import MM_PER_M
-from ofer.meshio import save_mesh
+from ofer.meshio import atomic_write, save_mesh
 from ofer.pipeline import Hypotheses, OferPipeline, spread_mm
 from ofer.synthetic.render import Camera, render
 
-__all__ = ["write_reconstruction", "contact_sheet", "now_relative_path"]
+__all__ = ["write_reconstruction", "contact_sheet", "now_relative_path", "is_complete", "HYPOTHESES_FILE"]
+
+# Written last and atomically by `write_reconstruction`: its presence marks an image whose outputs are all on disk.
+HYPOTHESES_FILE = "hypotheses.npz"
 
 
 def now_relative_path(image_path: str) -> Path:
@@ -95,12 +100,15 @@ def write_reconstruction(pipeline: OferPipeline, h: Hypotheses, i: int, out_dir:
                          now_dir: str | Path | None = None, now_name: str | None = None,
                          sheet: bool = True, image: np.ndarray | None = None, extra: dict | None = None) -> dict:
     """Write image i of `h` into `out_dir`: `neutral.<fmt>` (ranked shape, mm) + `neutral.npy` (7 NoW
-    landmarks, mm), `expression_XXX.<fmt>` (+ .npy), `hypotheses.npz` (coefficients, scores, best) and
-    `contact_sheet.png`; with `now_dir`, the neutral mesh and landmarks also at
-    `<now_dir>/<subject>/<challenge>/<stem>.<fmt|npy>` (NoW's submission layout)."""
+    landmarks, mm), `expression_XXX.<fmt>` (+ .npy), `contact_sheet.png` and, last, `hypotheses.npz`
+    (coefficients, scores, best); with `now_dir`, the neutral mesh and landmarks also at
+    `<now_dir>/<subject>/<challenge>/<stem>.<fmt|npy>` (NoW's submission layout). `is_complete(out_dir)` is
+    True only once everything is written."""
     if mesh_format not in ("obj", "ply"):
         raise ValueError(f"mesh_format must be 'obj' or 'ply', got {mesh_format!r}")
     out_dir = Path(out_dir)
+    for stale in out_dir.glob(".*.tmp*"):  # temp files of a writer killed mid-write (one writer per folder)
+        stale.unlink(missing_ok=True)
     faces = pipeline.flame.faces.cpu().numpy()
     meshes = pipeline.decode(h, i, max_expressions=max_expression_meshes)
     written = {}
@@ -112,12 +120,6 @@ def write_reconstruction(pipeline: OferPipeline, h: Hypotheses, i: int, out_dir:
         p = save_mesh(out_dir / f"expression_{j:03d}.{mesh_format}", v.double().cpu().numpy(), faces, scale=MM_PER_M)
         if "expression_landmarks" in meshes:
             np.save(p.with_suffix(".npy"), meshes["expression_landmarks"][j].double().cpu().numpy() * MM_PER_M)
-    meta = {k: (v if isinstance(v, (bool, int, float, str)) else str(v)) for k, v in h.meta.items()}
-    # extra: per-image values saved as `meta_<key>` (flags, the source path, the encoder features).
-    np.savez(out_dir / "hypotheses.npz", shapes=h.shapes[i].cpu().numpy(), scores=h.scores[i].cpu().numpy(),
-             best=int(h.best[i]), expressions=h.expressions[i].cpu().numpy(), jaw=h.jaw[i].cpu().numpy(),
-             **{f"meta_{k}": np.asarray(v) for k, v in {**meta, **(extra or {})}.items()})
-    written["hypotheses"] = out_dir / "hypotheses.npz"
     if now_dir is not None and now_name is not None:
         rel = now_relative_path(now_name)
         dest = Path(now_dir) / rel
@@ -128,4 +130,27 @@ def write_reconstruction(pipeline: OferPipeline, h: Hypotheses, i: int, out_dir:
         written["contact_sheet"] = contact_sheet(
             out_dir / "contact_sheet.png", meshes, faces, best=int(h.best[i]), scores=h.scores[i].cpu().numpy(),
             image=image, title=str(out_dir.name))
+    meta = {k: (v if isinstance(v, (bool, int, float, str)) else str(v)) for k, v in h.meta.items()}
+    # extra: per-image values saved as `meta_<key>` (flags, the source path, the encoder features).
+    buf = io.BytesIO()
+    np.savez(buf, shapes=h.shapes[i].cpu().numpy(), scores=h.scores[i].cpu().numpy(),
+             best=int(h.best[i]), expressions=h.expressions[i].cpu().numpy(), jaw=h.jaw[i].cpu().numpy(),
+             **{f"meta_{k}": np.asarray(v) for k, v in {**meta, **(extra or {})}.items()})
+    # Last and atomic: a kill at any point leaves either no archive (the image is redone) or a complete one.
+    written["hypotheses"] = atomic_write(out_dir / HYPOTHESES_FILE, buf.getvalue())
     return written
+
+
+def is_complete(out_dir: str | Path) -> bool:
+    """Whether `out_dir` holds a finished reconstruction: a readable `hypotheses.npz` with its coefficients.
+
+    The archive is written last and atomically, so it is absent after a crash mid-image; reading it also
+    rejects a damaged one (a full disk, a copy cut short, an older version that wrote it in place)."""
+    path = Path(out_dir) / HYPOTHESES_FILE
+    if not path.is_file():
+        return False
+    try:
+        with np.load(path) as z:
+            return {"shapes", "scores", "best"} <= set(z.files)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # what np.load raises on a cut or garbled file
+        return False
