@@ -56,3 +56,21 @@ def test_demo_script_end_to_end_shortened(synthetic_flame, tmp_path):
     assert (out / "eval_now" / "now_metrics.json").is_file()
     sheets = list((out / "reconstruct").rglob("contact_sheet.png"))
     assert len(sheets) == n_images
+
+
+def test_demo_dataset_sizes_default_and_changes():
+    """The default config (`datasets: {}`) gives the built-in sizes; a change touches only its dataset; a
+    misspelt name is an error naming it."""
+    import pytest
+    from omegaconf import OmegaConf
+
+    from ofer.demo import dataset_sizes
+    from ofer.synthetic.make import DEFAULT_DATASETS
+
+    assert dataset_sizes(OmegaConf.create({})) == DEFAULT_DATASETS
+    assert dataset_sizes(None) == DEFAULT_DATASETS
+    changed = dataset_sizes(OmegaConf.create({"SYNTH_TRAIN": {"actors": 4}}))
+    assert changed["SYNTH_TRAIN"] == {**DEFAULT_DATASETS["SYNTH_TRAIN"], "actors": 4}
+    assert changed["SYNTH_TEST"] == DEFAULT_DATASETS["SYNTH_TEST"]
+    with pytest.raises(ValueError, match="SYNTH_TRIAN"):
+        dataset_sizes(OmegaConf.create({"SYNTH_TRIAN": {"actors": 4}}))
