@@ -381,9 +381,14 @@ class FLAME(nn.Module):
             lmks = vertices2landmarks(verts, self.faces, self.lmk_faces_idx, self.lmk_bary)
         return FlameOutput(vertices=verts, joints=joints, landmarks=lmks, landmark_ids=self.landmark_ids)
 
-    def shape_vertices(self, shape: Tensor) -> Tensor:
+    def shape_vertices(self, shape: Tensor, vertex_ids: Tensor | None = None) -> Tensor:
         """Neutral (zero expression and pose) vertices (B,V,3) for shape (B,n_shape): identity decoding
-        without skinning (at zero pose LBS is the identity map, so this equals forward(shape).vertices)."""
+        without skinning (at zero pose LBS is the identity map, so this equals forward(shape).vertices).
+        With `vertex_ids` (K,), only those vertices (B,K,3), computed from their rows alone."""
         if shape.ndim != 2 or shape.shape[1] != self.n_shape:
             raise ValueError(f"FLAME: 'shape' must have shape (B, {self.n_shape}), got {tuple(shape.shape)}")
-        return self.v_template + blend_shapes(shape.to(self.v_template.dtype), self.shapedirs[..., :self.n_shape])
+        template, dirs = self.v_template, self.shapedirs[..., :self.n_shape]
+        if vertex_ids is not None:
+            idx = vertex_ids.to(template.device)
+            template, dirs = template[idx], dirs[idx]
+        return template + blend_shapes(shape.to(template.dtype), dirs)

@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ofer.flame import FLAME, MM_PER_M, blend_shapes
+from ofer.flame import FLAME, MM_PER_M
 
 __all__ = ["IdRanker", "RankLayer", "candidate_vertices", "ranker_input"]
 
@@ -90,11 +90,9 @@ def candidate_vertices(flame: FLAME, shapes: Tensor, face_idx: Tensor) -> Tensor
     if lo < 0 or hi >= V:
         raise ValueError(f"candidate_vertices: face_idx spans [{lo}, {hi}], outside the {V} FLAME vertices")
     B, N, _ = shapes.shape
-    # Only the face rows of the template and blend shapes: the same numbers as decoding all V vertices and
-    # then indexing, without the (B*N, V, 3) intermediate (6 GB for 1,024 images x 100 candidates).
-    idx = face_idx.to(flame.v_template.device)
-    dirs = flame.shapedirs[idx, :, :flame.n_shape]  # (Vf, 3, n_shape)
-    face = flame.v_template[idx] + blend_shapes(shapes.reshape(B * N, -1).to(dirs.dtype), dirs)  # (B*N, Vf, 3) m
+    # Only the face rows: the same numbers as decoding all V vertices and then indexing, without the
+    # (B*N, V, 3) intermediate (6 GB for 1,024 images x 100 candidates).
+    face = flame.shape_vertices(shapes.reshape(B * N, -1), vertex_ids=face_idx)  # (B*N, Vf, 3) metres
     return (face * MM_PER_M).view(B, N, face_idx.numel(), 3)
 
 
