@@ -67,23 +67,12 @@ def _identity_report(out_dir: Path, truth: dict[str, list[float]], flame: Any, r
     return {k: float(np.mean(v)) if v else float("nan") for k, v in rows.items()} | {"images": len(rows["ranked"])}
 
 
-def dataset_sizes(changes: DictConfig | None) -> dict[str, dict[str, Any]]:
-    """The built-in synthetic datasets (`DEFAULT_DATASETS`) with the demo config's per-dataset changes."""
-    from ofer.synthetic.make import DEFAULT_DATASETS
-
-    extra = OmegaConf.to_container(changes, resolve=True) if changes else {}
-    unknown = sorted(set(extra) - set(DEFAULT_DATASETS))
-    if unknown:
-        raise ValueError(f"demo datasets: unknown dataset(s) {unknown}; known: {sorted(DEFAULT_DATASETS)}")
-    return {k: {**v, **(extra.get(k) or {})} for k, v in DEFAULT_DATASETS.items()}
-
-
 def run_demo(cfg: DictConfig) -> dict[str, Any]:
     from ofer.eval.now import score_now
     from ofer.jobs import train_baseline, train_generator, train_idrank
     from ofer.training import load_model_from_checkpoint
     from ofer.reconstruct import reconstruct
-    from ofer.synthetic.make import ensure_datasets
+    from ofer.synthetic.make import dataset_sizes, ensure_datasets
     from ofer.synthetic.now_bench import ensure_synthetic_now
 
     t0 = time.perf_counter()
@@ -92,7 +81,7 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
     print(f"[demo] output folder: {out}  (device: {device})")
     flame = build_flame(cfg.paths)
     synth = Path(cfg.paths.synthetic_dir)
-    ensure_datasets(synth, flame, dataset_sizes(cfg.get("datasets")))
+    ensure_datasets(synth, flame, dataset_sizes(cfg.get("datasets"), allow_new=False))
     now_root = ensure_synthetic_now(synth / "NoW_synthetic", flame, subjects=int(cfg.now.subjects),
                                     images_per_challenge=int(cfg.now.images_per_challenge))
     timings = {"data": time.perf_counter() - t0}

@@ -64,13 +64,15 @@ def test_demo_dataset_sizes_default_and_changes():
     import pytest
     from omegaconf import OmegaConf
 
-    from ofer.demo import dataset_sizes
-    from ofer.synthetic.make import DEFAULT_DATASETS
+    from ofer.synthetic.make import DEFAULT_DATASETS, dataset_sizes
 
-    assert dataset_sizes(OmegaConf.create({})) == DEFAULT_DATASETS
-    assert dataset_sizes(None) == DEFAULT_DATASETS
-    changed = dataset_sizes(OmegaConf.create({"SYNTH_TRAIN": {"actors": 4}}))
+    assert dataset_sizes(OmegaConf.create({}), allow_new=False) == DEFAULT_DATASETS
+    assert dataset_sizes(None, allow_new=False) == DEFAULT_DATASETS
+    changed = dataset_sizes(OmegaConf.create({"SYNTH_TRAIN": {"actors": 4}}), allow_new=False)
     assert changed["SYNTH_TRAIN"] == {**DEFAULT_DATASETS["SYNTH_TRAIN"], "actors": 4}
     assert changed["SYNTH_TEST"] == DEFAULT_DATASETS["SYNTH_TEST"]
     with pytest.raises(ValueError, match="SYNTH_TRIAN"):
-        dataset_sizes(OmegaConf.create({"SYNTH_TRIAN": {"actors": 4}}))
+        dataset_sizes(OmegaConf.create({"SYNTH_TRIAN": {"actors": 4}}), allow_new=False)
+    # make_synthetic adds new named datasets instead
+    added = dataset_sizes({"STUDY_X": {"actors": 2}}, allow_new=True)
+    assert added["STUDY_X"] == {"actors": 2} and added["SYNTH_TRAIN"] == DEFAULT_DATASETS["SYNTH_TRAIN"]

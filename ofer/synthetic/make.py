@@ -47,14 +47,25 @@ def ensure_datasets(root: str | Path, flame: FLAME, datasets: Mapping[str, Mappi
     return out
 
 
+def dataset_sizes(changes: Any, *, allow_new: bool) -> dict[str, dict[str, Any]]:
+    """`DEFAULT_DATASETS` with per-dataset option changes (a mapping or DictConfig; None/empty: none). Names
+    outside the defaults are added when `allow_new`, otherwise an error naming them."""
+    if isinstance(changes, DictConfig):
+        changes = OmegaConf.to_container(changes, resolve=True)
+    extra = dict(changes or {})
+    unknown = sorted(set(extra) - set(DEFAULT_DATASETS))
+    if unknown and not allow_new:
+        raise ValueError(f"datasets: unknown dataset(s) {unknown}; known: {sorted(DEFAULT_DATASETS)}")
+    datasets = {k: {**v, **(extra.get(k) or {})} for k, v in DEFAULT_DATASETS.items()}
+    datasets.update({k: extra[k] for k in unknown})
+    return datasets
+
+
 def make_synthetic(cfg: DictConfig) -> dict[str, Path]:
     root = Path(cfg.paths.synthetic_dir)
     flame_paths = ensure_synthetic_flame(root, seed=int(cfg.seed), force=bool(cfg.force))
     flame = build_flame(cfg.paths)
-    overrides = OmegaConf.to_container(cfg.datasets, resolve=True) if cfg.get("datasets") else {}
-    datasets = {k: {**v, **(overrides.get(k) or {})} for k, v in DEFAULT_DATASETS.items()}
-    datasets.update({k: v for k, v in overrides.items() if k not in datasets})
-    written = ensure_datasets(root, flame, datasets, force=bool(cfg.force))
+    written = ensure_datasets(root, flame, dataset_sizes(cfg.get("datasets"), allow_new=True), force=bool(cfg.force))
     meshes = export_samples(flame, Path(cfg.paths.output_dir) / "meshes", n=int(cfg.samples), seed=int(cfg.seed))
     print(f"synthetic FLAME model: {flame_paths.flame_model}")
     for name, path in written.items():
