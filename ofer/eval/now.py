@@ -49,6 +49,7 @@ __all__ = [
     "align_prediction",
     "read_image_list",
     "load_scan",
+    "scan_folders",
     "pooled_stats",
     "score_now",
     "score_now_from_config",
@@ -769,8 +770,7 @@ def score_now(
     if not pred_root.is_dir():
         raise FileNotFoundError(f"predictions folder does not exist: {pred_root}")
     list_path, entries = read_image_list(root, split=split, imgs_list=imgs_list, challenge=challenge)
-    scan_dir = Path(gt_mesh_folder) if gt_mesh_folder else root / "scans"
-    lmk_dir = Path(gt_lmk_folder) if gt_lmk_folder else root / "scans_lmks_onlypp"
+    scan_dir, lmk_dir = scan_folders(root, gt_mesh_folder, gt_lmk_folder)
     dev = resolve_device(device)
 
     scans: dict[str, tuple[np.ndarray, np.ndarray] | ImageFailure] = {}
@@ -885,6 +885,14 @@ def read_image_list(
             raise ValueError(f"challenge={challenge!r} does not occur in {list_path}; found {found}")
         entries = [e for e in entries if e[2] == challenge]
     return list_path, entries
+
+
+def scan_folders(root: str | os.PathLike, gt_mesh_folder: str | os.PathLike | None = None,
+                 gt_lmk_folder: str | os.PathLike | None = None) -> tuple[Path, Path]:
+    """The scan and scan-landmark folders: the given ones, else NoW's `<root>/scans`, `<root>/scans_lmks_onlypp`."""
+    root = Path(root)
+    return (Path(gt_mesh_folder) if gt_mesh_folder else root / "scans",
+            Path(gt_lmk_folder) if gt_lmk_folder else root / "scans_lmks_onlypp")
 
 
 def load_scan(scan_dir: Path, lmk_dir: Path, subject: str, line: str) -> tuple[np.ndarray, np.ndarray] | ImageFailure:

@@ -21,10 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from ofer.eval.now import (
     ImageFailure, NowReport, align_prediction, load_scan, pooled_stats, read_image_list, refine_alignment,
-    resolve_device, score_now_from_config,
+    resolve_device, scan_folders, score_now_from_config,
 )
 from ofer.flame import FLAME, MM_PER_M
 from ofer.meshio import atomic_write
+from ofer.outputs import HYPOTHESES_FILE
 
 __all__ = ["EvalNowResult", "ImageScores", "eval_mode", "now_annotations", "score_shapes", "ablation_columns",
            "run_ablation", "run_eval_now"]
@@ -293,9 +294,7 @@ def run_ablation(cfg: DictConfig, report: NowReport, recon_dir: Path, out: Path)
     from ofer.config import build_flame
 
     c = cfg.now
-    root = Path(c.root)
-    scan_dir = Path(c.gt_mesh_folder) if c.gt_mesh_folder else root / "scans"
-    lmk_dir = Path(c.gt_lmk_folder) if c.gt_lmk_folder else root / "scans_lmks_onlypp"
+    scan_dir, lmk_dir = scan_folders(c.root, c.gt_mesh_folder, c.gt_lmk_folder)
     dev = resolve_device(cfg.device)
     flame = build_flame(cfg.paths).to(dev)
     num_samples = int(cfg.model.num_samples)
@@ -312,7 +311,7 @@ def run_ablation(cfg: DictConfig, report: NowReport, recon_dir: Path, out: Path)
         subject = line.split("/")[-3]
         if subject not in scans:
             scans[subject] = load_scan(scan_dir, lmk_dir, subject, line)
-        hyp = recon_dir / _name(line) / "hypotheses.npz"
+        hyp = recon_dir / _name(line) / HYPOTHESES_FILE
         scan = scans[subject]
         if isinstance(scan, ImageFailure):
             failures.append(ImageFailure(line, scan.path, scan.reason))
