@@ -3,7 +3,8 @@
 Each variant samples DDIM-`--steps` with `GraphedSampler` (CUDA graphs, bf16 autocast, split FiLM) at
 `--rows` rows (256 images x 100 hypotheses by default) and reports the time per step, rows x steps per second,
 and the achieved rate in the paper's FLOP count (2 x parameters per row and step). Variants: the attention
-kernel (PyTorch SDPA or explicit math) and `torch.compile` of the trunk (fuses the element-wise kernels).
+kernel (`--impls`: PyTorch SDPA, explicit math, the reduction form that "auto" picks under compile) and
+`torch.compile` of the trunk (fuses the element-wise kernels).
 A kernel table from torch.profiler of one eager step is printed for the first variant (`--profile`).
 
     python benchmarks/bench_denoiser_step.py --rows 25600 --json $OUT/denoiser_step.json --profile
@@ -58,17 +59,18 @@ def time_variant(name: str, impl: str, compile: bool, rows: int, steps: int, rep
             "paper_tflops": 2 * params * rows / step_s / 1e12}
 
 
-def profile_step(name: str, impl: str, rows: int) -> str:
+def profile_step(name: str, impl: str, rows: int, compiled: bool = False) -> str:
     model = build(name, impl)
+    trunk = torch.compile(model.trunk, dynamic=False) if compiled else model.trunk
     x = torch.randn(rows, model.dim, device="cuda")
     film = model.condition_film(torch.randn(rows, model.cond_dim, device="cuda")) + model.time_film(
         torch.tensor([500], device="cuda"))
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         for _ in range(3):
-            model.trunk(x, film)
+            trunk(x, film)
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            model.trunk(x, film)
+            trunk(x, film)
             torch.cuda.synchronize()
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=18)
 
@@ -79,14 +81,27 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--impls", default="math,auto",
+                    help="attention kernels (Denoiser.set_attention_impl); compiled 'auto' = 'reduce'")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--profile-compiled", action="store_true", help="kernel table of one compiled math step")
+    ap.add_argument("--only-profile", action="store_true")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
     if args.profile:
         for name in MODELS:
             print(f"--- {name}, eager, sdpa: one step's CUDA kernels\n{profile_step(name, 'sdpa', args.rows)}", flush=True)
-    variants = [(impl, comp) for comp in ((False,) if args.no_compile else (False, True)) for impl in ("sdpa", "math")]
+    if args.profile_compiled:
+        for name in MODELS:
+            table = profile_step(name, "auto", args.rows, compiled=True)
+            print(f"--- {name}, compiled, auto (reduce): one step's CUDA kernels\n{table}", flush=True)
+    if args.only_profile:
+        return
+    impls = args.impls.split(",")
+    variants = [(impl, False) for impl in impls if impl != "auto"]  # eager "auto" is "math"
+    if not args.no_compile:
+        variants += [(impl, True) for impl in impls]
     for name in MODELS:
         for impl, comp in variants:
             try:

@@ -68,9 +68,9 @@ def time_steps(step, n: int = 20, warmup: int = 3) -> float:
     return (time.perf_counter() - t) / n
 
 
-def generator_step(kind: str, rows: int, bf16: bool, ddp: bool, compile: bool = False):
+def generator_step(kind: str, rows: int, bf16: bool, ddp: bool, compile: bool = False, impl: str = "auto"):
     dim, cond, widths = (300, 512, (300, 50, 10)) if kind == "idgen" else (53, 1024, (53, 25, 10))
-    model = Denoiser(dim=dim, cond_dim=cond, widths=widths).to(DEVICE)
+    model = Denoiser(dim=dim, cond_dim=cond, widths=widths).set_attention_impl(impl).to(DEVICE)
     params = count(model)
     opt_params = list(model.parameters())
     if ddp:
@@ -141,6 +141,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[4096, 16384])
     ap.add_argument("--ddp-only", action="store_true")
     ap.add_argument("--compile", action="store_true", help="also rows with torch.compile'd models (CUDA)")
+    ap.add_argument("--compile-impls", default="auto",
+                    help="attention kernels of the compiled rows (compiled 'auto' = 'reduce'), e.g. auto,math")
     ap.add_argument("--no-graph", action="store_true", help="skip the whole-step CUDA-graph rows")
     ap.add_argument("--cpu", action="store_true", help="CPU rows only: fp32 IdGen/ExpGen steps at --rows")
     ap.add_argument("--json", type=Path, default=None)
@@ -157,13 +159,15 @@ def main() -> None:
     rows_out = []
     configs = [] if args.ddp_only else [("idgen", 64, False, False), ("expgen", 64, False, False)]
     configs += [(k, r, not args.cpu, False) for k in ("idgen", "expgen") for r in args.rows]
+    configs = [(*c, "auto") for c in configs]
     if args.compile:
-        configs += [(k, r, True, True) for k in ("idgen", "expgen") for r in args.rows]
-    for kind, rows, bf16, comp in configs:
-        step, params = generator_step(kind, rows, bf16, ddp, compile=comp)
+        configs += [(k, r, True, True, impl) for impl in args.compile_impls.split(",")
+                    for k in ("idgen", "expgen") for r in args.rows]
+    for kind, rows, bf16, comp, impl in configs:
+        step, params = generator_step(kind, rows, bf16, ddp, compile=comp, impl=impl)
         s = time_steps(step, warmup=5 if comp else 3)
         mfu = 6 * params * rows / s / (peak * 1e12)
-        rows_out.append({"job": kind, "rows_per_gpu": rows,
+        rows_out.append({"job": kind, "rows_per_gpu": rows, "attention": impl,
                          "precision": ("bf16" if bf16 else "fp32") + (" + compile" if comp else ""),
                          "world_size": world, "s_per_step": s, "samples_per_s": rows * world / s, "mfu": mfu})
         if rank == 0:

@@ -178,12 +178,13 @@ def test_no_valid_face_is_an_error() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matches_igl() -> None:
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_matches_igl(compile: bool) -> None:
     V, F, rng = _random_mesh(8, subdiv=5)
     P = V[rng.integers(0, len(V), 20000)] * rng.uniform(0.9, 1.1, (20000, 1)) + rng.normal(scale=0.01, size=(20000, 3))
     sq_i, cp_i, _ = closest_points_igl(P, V, F)
     dev = torch.device("cuda")
     out = closest_points_torch(torch.tensor(P, device=dev)[None], torch.tensor(V, device=dev)[None],
-                               torch.tensor(F, device=dev)[None])
+                               torch.tensor(F, device=dev)[None], compile=compile)
     np.testing.assert_allclose(out.sqdist[0].cpu().numpy(), sq_i, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(out.points[0].cpu().numpy(), cp_i, atol=1e-9)

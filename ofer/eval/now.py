@@ -400,6 +400,7 @@ def refine_alignment(
     backend: str = "auto",
     options: DoglegOptions = DoglegOptions(),
     max_pairs: int | None = None,
+    compile: bool = False,
     _trace: list | None = None,
 ) -> RefineResult:
     """Chumpy's dogleg on the NoW scan-to-mesh residuals, batched: each image has its own trust region.
@@ -417,6 +418,7 @@ def refine_alignment(
         options: optimiser settings (official ones by default).
         max_pairs: torch backend: point-triangle pairs tested at once (memory, ~500 bytes each); default
             2**24 on CUDA, 2**20 on CPU.
+        compile: torch backend: compile the closest-point group search (`closest_points_torch(compile=True)`).
     """
     dev = resolve_device(device)
     if backend == "auto":
@@ -432,7 +434,7 @@ def refine_alignment(
 
         def closest(points, point_mask, verts, faces, face_mask):  # noqa: ANN001, ANN202
             return closest_points_torch(
-                points, verts, faces, point_mask=point_mask, face_mask=face_mask, max_pairs=pairs
+                points, verts, faces, point_mask=point_mask, face_mask=face_mask, max_pairs=pairs, compile=compile
             ).points
     B = len(scan_points)
     if not (B == len(pred_vertices) == len(pred_faces)) or B == 0:

@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Denoiser", "FiLMResBlock", "TokenSelfAttention", "RMSNorm", "sinusoidal_embedding"]
+__all__ = ["ATTENTION_IMPLS", "Denoiser", "FiLMResBlock", "TokenSelfAttention", "RMSNorm", "sinusoidal_embedding"]
+
+ATTENTION_IMPLS = ("auto", "math", "reduce", "sdpa")
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, *, theta: float = 10000.0) -> torch.Tensor:
@@ -74,7 +76,7 @@ class TokenSelfAttention(nn.Module):
     def __init__(self, dim: int, *, heads: int, head_dim: int, tokens: int) -> None:
         super().__init__()
         self.heads, self.head_dim, self.tokens = heads, head_dim, tokens
-        self.impl = "math"  # or "sdpa" (see Denoiser.set_attention_impl)
+        self.impl = "auto"  # see Denoiser.set_attention_impl
         hidden = heads * head_dim
         self.norm = RMSNorm(dim)
         self.to_qkv = nn.Linear(dim, tokens * 3 * hidden, bias=False)
@@ -85,18 +87,40 @@ class TokenSelfAttention(nn.Module):
         """x: (B, C) -> x + attention(norm(x)), (B, C)."""
         b = x.shape[0]
         qkv = self.to_qkv(self.norm(x)).view(b, self.tokens, 3, self.heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, Dh)
-        if self.impl == "sdpa":
-            o = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, Dh); scale Dh^-0.5 as the public code
+        # to_out per token followed by the token mix is linear in the attention output o, so mix the T tokens
+        # first (a T-times smaller matmul): sum_t w_t (W o_t + b) + c = W (sum_t w_t o_t) + b sum_t w_t + c.
+        w = self.token_mix.weight[0]  # (T,)
+        impl = self.impl
+        if impl == "auto":
+            impl = "reduce" if torch.compiler.is_compiling() and not torch.is_grad_enabled() else "math"
+        if impl == "reduce":
+            pooled = self._pooled_by_reductions(qkv, w)
         else:
-            w_att = (q @ k.transpose(-1, -2) * self.head_dim**-0.5).softmax(dim=-1)  # (B, H, T, T)
-            o = w_att.to(v.dtype) @ v
-        # to_out per token followed by the token mix is linear in o, so mix the T tokens first (a T-times
-        # smaller matmul): sum_t w_t (W o_t + b) + c = W (sum_t w_t o_t) + b sum_t w_t + c.
-        w = self.token_mix.weight[0].to(o.dtype)  # (T,)
-        pooled = torch.einsum("bhtd,t->bhd", o, w).reshape(b, self.heads * self.head_dim)  # (B, H*Dh)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, Dh)
+            if impl == "sdpa":
+                o = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, Dh); scale Dh^-0.5 as the public code
+            else:
+                w_att = (q @ k.transpose(-1, -2) * self.head_dim**-0.5).softmax(dim=-1)  # (B, H, T, T)
+                o = w_att.to(v.dtype) @ v
+            pooled = torch.einsum("bhtd,t->bhd", o, w.to(o.dtype))
         bias = self.to_out.bias * self.token_mix.weight.sum() + self.token_mix.bias
-        return x + F.linear(pooled, self.to_out.weight, bias)
+        return x + F.linear(pooled.reshape(b, self.heads * self.head_dim), self.to_out.weight, bias)
+
+    def _pooled_by_reductions(self, qkv: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """sum_t w_t attention(q, k, v)_t written as broadcast products and sums over (B, T, 3, H, Dh) views.
+
+        The token mix moves in front of the value product: sum_t w_t sum_u a_tu v_u = sum_u c_u v_u with
+        c_u = sum_t w_t a_tu. Under torch.compile every sum becomes one fused reduction kernel that reads q, k, v
+        where they lie, instead of three permuting copies and two batched 16 x 16 matmuls (which cuBLAS runs
+        at a fraction of the memory bandwidth: 45% of an IdGen sampling step on an H200, BENCHMARKS.md). In
+        eager mode the products are materialised (T*T*H*Dh floats per row), so "auto" uses it only when
+        compiling. Accumulates in float32. Returns (B, H, Dh).
+        """
+        q, k, v = (qkv[:, :, i].float() for i in range(3))  # (B, T, H, Dh) views
+        scores = (q[:, :, None] * k[:, None]).sum(-1) * self.head_dim**-0.5  # (B, T, U, H)
+        att = scores.softmax(dim=2)
+        c = (att * w.float()[None, :, None, None]).sum(1)  # (B, U, H)
+        return (c[..., None] * v).sum(1)  # (B, H, Dh)
 
 
 class FiLMResBlock(nn.Module):
@@ -272,13 +296,21 @@ class Denoiser(nn.Module):
     # sampler computes the condition part once per chain and the time part once per step (one row), instead
     # of both for every row at every step: a third of IdGen's and half of ExpGen's per-step FLOPs.
     def set_attention_impl(self, impl: str) -> "Denoiser":
-        """Kernel of the 16-token attention: "math" (explicit matmul-softmax-matmul, the default) or "sdpa"
-        (PyTorch's fused attention). Same function. Measured on an H200 at 25,600 rows (BENCHMARKS.md): SDPA
-        dispatches to cuDNN's flash kernel, which takes 57% of an IdGen step for these 16-token sequences,
-        and its backward fails at 65,536 rows and inside CUDA-graph capture; "math" has neither problem.
-        Returns self."""
-        if impl not in ("sdpa", "math"):
-            raise ValueError(f"attention impl must be 'sdpa' or 'math', got {impl!r}")
+        """Kernel of the 16-token attention; every choice computes the same function:
+
+        * "auto" (default): "reduce" inside torch.compile without autograd (sampling), else "math" (compiled
+          training measured 0.83x with "reduce": its backward does not fuse as well);
+        * "math": explicit matmul-softmax-matmul on permuted (B, H, T, Dh) copies;
+        * "reduce": broadcast products and sums over views of the q/k/v tensor, with the token mix applied to
+          the attention weights before the value product; one fused kernel per reduction when compiled
+          (eager: memory-hungry, T*T*H*Dh floats per row);
+        * "sdpa": PyTorch's fused attention.
+        Measured on an H200 at 25,600 rows (BENCHMARKS.md): SDPA dispatches to cuDNN's flash kernel, which takes
+        57% of an eager IdGen step for these 16-token sequences and fails in backward at 65,536 rows and inside
+        CUDA-graph capture; compiled "math" spends 45% of a sampling step in batched 16 x 16 matmuls, which
+        "reduce" replaces (IdGen step 9.1 -> 6.7 ms, ExpGen 7.1 -> 4.7 ms). Returns self."""
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention impl must be one of {list(ATTENTION_IMPLS)}, got {impl!r}")
         for m in self.modules():
             if isinstance(m, TokenSelfAttention):
                 m.impl = impl
