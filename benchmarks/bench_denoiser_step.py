@@ -3,7 +3,8 @@
 Each variant samples DDIM-`--steps` with `GraphedSampler` (CUDA graphs, bf16 autocast, split FiLM) at
 `--rows` rows (256 images x 100 hypotheses by default) and reports the time per step, rows x steps per second,
 and the achieved rate in the paper's FLOP count (2 x parameters per row and step). Variants: the attention
-kernel (`--impls`: PyTorch SDPA, explicit math, the reduction form that "auto" picks under compile) and
+kernel (`--impls`: PyTorch SDPA, explicit math, the compiled reduction form, the Triton kernel that "auto" picks
+for sampling on CUDA) and
 `torch.compile` of the trunk (fuses the element-wise kernels).
 A kernel table from torch.profiler of one eager step is printed for the first variant (`--profile`).
 
@@ -81,8 +82,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--impls", default="math,auto",
-                    help="attention kernels (Denoiser.set_attention_impl); compiled 'auto' = 'reduce'")
+    ap.add_argument("--impls", default="math,reduce,triton",
+                    help="attention kernels (Denoiser.set_attention_impl); sampling 'auto' = 'triton' on CUDA")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-compiled", action="store_true", help="kernel table of one compiled math step")
     ap.add_argument("--only-profile", action="store_true")
@@ -99,7 +100,7 @@ def main() -> None:
     if args.only_profile:
         return
     impls = args.impls.split(",")
-    variants = [(impl, False) for impl in impls if impl != "auto"]  # eager "auto" is "math"
+    variants = [(impl, False) for impl in impls if impl in ("math", "sdpa", "triton")]  # eager "reduce" is huge
     if not args.no_compile:
         variants += [(impl, True) for impl in impls]
     for name in MODELS:

@@ -63,13 +63,14 @@ def prepare(scan_v, scan_l, preds):
     return X, [landmark_similarity(scan_l, pl).apply(pv) for pv, _, pl in preds], [pf for _, pf, _ in preds]
 
 
-def run_ours(scan_v, scan_l, preds, *, device: str, batch_size: int):
+def run_ours(scan_v, scan_l, preds, *, device: str, batch_size: int, compile: bool = False):
     t0 = time.perf_counter()
     X, aligned, faces = prepare(scan_v, scan_l, preds)
     dists = []
     step = batch_size if device != "cpu" else 1
     for s in range(0, len(preds), step):
-        res = refine_alignment([X] * len(aligned[s:s + step]), aligned[s:s + step], faces[s:s + step], device=device)
+        res = refine_alignment([X] * len(aligned[s:s + step]), aligned[s:s + step], faces[s:s + step], device=device,
+                               compile=compile and device != "cpu")
         dists.extend(res.distances)
     if device != "cpu":
         torch.cuda.synchronize()
@@ -98,7 +99,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=32)
     ap.add_argument("--scan-vertices", type=int, default=120_000)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--devices", default="cpu,cuda", help="comma list of cpu, cuda (cuda skipped when unavailable)")
+    ap.add_argument("--devices", default="cpu,cuda", help="comma list of cpu, cuda, cuda-compile (compiled "
+                    "closest-point search; CUDA rows skipped when unavailable)")
     ap.add_argument("--cpu-images", type=int, default=None, help="images for the CPU row (default: all)")
     ap.add_argument("--baseline-images", type=int, default=1, help="images for the baseline row (0: skip)")
     ap.add_argument("--baseline-max-nfev", type=int, default=60,
@@ -119,15 +121,16 @@ def main() -> None:
         "cpu_threads": torch.get_num_threads(),
     }
     results = {}
-    for dev in [d.strip() for d in args.devices.split(",") if d.strip()]:
+    for row in [d.strip() for d in args.devices.split(",") if d.strip()]:
+        dev, comp = row.removesuffix("-compile"), row.endswith("-compile")
         if dev.startswith("cuda") and not torch.cuda.is_available():
-            print(f"skip {dev}: CUDA not available")
+            print(f"skip {row}: CUDA not available")
             continue
         subset = preds if dev != "cpu" or args.cpu_images is None else preds[: args.cpu_images]
-        if dev != "cpu":  # warm-up: CUDA context, allocator, kernels
-            run_ours(scan_v, scan_l, subset[: min(2, len(subset))], device=dev, batch_size=args.batch_size)
-        sec, dists = run_ours(scan_v, scan_l, subset, device=dev, batch_size=args.batch_size)
-        name = f"ours-{dev.split(':')[0]}"
+        if dev != "cpu":  # warm-up: CUDA context, allocator, kernels (and compilation)
+            run_ours(scan_v, scan_l, subset[: min(2, len(subset))], device=dev, batch_size=args.batch_size, compile=comp)
+        sec, dists = run_ours(scan_v, scan_l, subset, device=dev, batch_size=args.batch_size, compile=comp)
+        name = f"ours-{dev.split(':')[0]}" + ("-compile" if comp else "")
         results[name] = dists
         out["rows"][name] = {"images": len(subset), "seconds": sec, "sec_per_image": sec / len(subset),
                              "images_per_sec": len(subset) / sec,
@@ -139,6 +142,9 @@ def main() -> None:
         out["rows"]["baseline"] = {"images": len(subset), "seconds": sec, "sec_per_image": sec / len(subset),
                                    "images_per_sec": len(subset) / sec,
                                    "median_mm": float(np.median(np.hstack(dists))), "nfev": nfev}
+    if "ours-cuda" in results and "ours-cuda-compile" in results:
+        out["cuda_vs_cuda_compile_max_abs_mm"] = float(max(np.abs(a - b).max() for a, b in
+                                                           zip(results["ours-cuda"], results["ours-cuda-compile"])))
     if "ours-cpu" in results and "ours-cuda" in results:
         n = min(len(results["ours-cpu"]), len(results["ours-cuda"]))
         out["cpu_vs_cuda_max_abs_mm"] = float(max(np.abs(a - b).max() for a, b in
@@ -152,7 +158,7 @@ def main() -> None:
     print(f"\n{'row':<10} {'images':>6} {'s/image':>9} {'images/s':>9} {'median mm':>10}")
     for name, r in out["rows"].items():
         print(f"{name:<10} {r['images']:>6} {r['sec_per_image']:>9.3f} {r['images_per_sec']:>9.2f} {r['median_mm']:>10.4f}")
-    for k in ("cpu_vs_cuda_max_abs_mm", "baseline_vs_ours_median_abs_mm"):
+    for k in ("cpu_vs_cuda_max_abs_mm", "cuda_vs_cuda_compile_max_abs_mm", "baseline_vs_ours_median_abs_mm"):
         if k in out:
             print(f"{k}: {out[k]:.2e}")
     print(json.dumps(out))

@@ -732,6 +732,7 @@ def score_now(
     backend: str = "auto",
     batch_size: int = 16,
     max_pairs: int | None = None,
+    compile: bool = False,
     out_dir: str | os.PathLike | None = None,
     method_identifier: str = "RECON",
     imgs_list: str | os.PathLike | None = None,
@@ -762,6 +763,7 @@ def score_now(
         backend: closest points by 'auto', 'igl' (CPU) or 'torch'.
         batch_size: images refined together (one batched dogleg; masks keep their trust regions apart).
         max_pairs: see `refine_alignment` (GPU memory of the closest-point search).
+        compile: see `refine_alignment` (torch backend: compiled closest-point search).
     """
     if unit not in UNIT_FACTORS:
         raise ValueError(f"unit={unit!r}: expected one of {sorted(UNIT_FACTORS)}")
@@ -816,7 +818,7 @@ def score_now(
         batch = items[s:s + batch_size]
         res = refine_alignment(
             [it.scan_points for it in batch], [it.aligned for it in batch], [it.faces for it in batch],
-            metrical=metrical, device=dev, backend=backend, max_pairs=max_pairs,
+            metrical=metrical, device=dev, backend=backend, max_pairs=max_pairs, compile=compile,
         )
         for it, dist, fail in zip(batch, res.distances, res.failure):
             if fail:
@@ -982,6 +984,7 @@ def score_now_from_config(  # noqa: ANN001
         backend=c.backend,
         batch_size=int(c.batch_size),
         max_pairs=None if c.max_pairs is None else int(c.max_pairs),
+        compile=bool(c.get("compile", False)),
         out_dir=out_dir,
         method_identifier=c.method_identifier,
         imgs_list=c.imgs_list,

@@ -26,9 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ofer.models import token_attention_kernel
+
 __all__ = ["ATTENTION_IMPLS", "Denoiser", "FiLMResBlock", "TokenSelfAttention", "RMSNorm", "sinusoidal_embedding"]
 
-ATTENTION_IMPLS = ("auto", "math", "reduce", "sdpa")
+ATTENTION_IMPLS = ("auto", "math", "reduce", "sdpa", "triton")
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, *, theta: float = 10000.0) -> torch.Tensor:
@@ -86,17 +88,27 @@ class TokenSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C) -> x + attention(norm(x)), (B, C)."""
         b = x.shape[0]
-        qkv = self.to_qkv(self.norm(x)).view(b, self.tokens, 3, self.heads, self.head_dim)
-        # to_out per token followed by the token mix is linear in the attention output o, so mix the T tokens
-        # first (a T-times smaller matmul): sum_t w_t (W o_t + b) + c = W (sum_t w_t o_t) + b sum_t w_t + c.
+        qkv = self.to_qkv(self.norm(x))
         w = self.token_mix.weight[0]  # (T,)
         impl = self.impl
         if impl == "auto":
-            impl = "reduce" if torch.compiler.is_compiling() and not torch.is_grad_enabled() else "math"
-        if impl == "reduce":
-            pooled = self._pooled_by_reductions(qkv, w)
+            if not torch.is_grad_enabled() and qkv.is_cuda and token_attention_kernel.available(qkv):
+                impl = "triton"
+            elif torch.compiler.is_compiling() and not torch.is_grad_enabled():
+                impl = "reduce"
+            else:
+                impl = "math"
+        # to_out per token followed by the token mix is linear in the attention output o, so mix the T tokens
+        # first (a T-times smaller matmul): sum_t w_t (W o_t + b) + c = W (sum_t w_t o_t) + b sum_t w_t + c.
+        if impl == "triton":
+            if torch.is_grad_enabled() and (qkv.requires_grad or w.requires_grad):
+                raise RuntimeError("attention impl 'triton' is inference-only (no backward); use 'auto' or 'math' "
+                                   "for training, or run under torch.no_grad()")
+            pooled = token_attention_kernel.token_attention_pool(qkv, w, self.tokens, self.heads, self.head_dim)
+        elif impl == "reduce":
+            pooled = self._pooled_by_reductions(qkv.view(b, self.tokens, 3, self.heads, self.head_dim), w)
         else:
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, Dh)
+            q, k, v = qkv.view(b, self.tokens, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             if impl == "sdpa":
                 o = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, Dh); scale Dh^-0.5 as the public code
             else:
@@ -298,8 +310,11 @@ class Denoiser(nn.Module):
     def set_attention_impl(self, impl: str) -> "Denoiser":
         """Kernel of the 16-token attention; every choice computes the same function:
 
-        * "auto" (default): "reduce" inside torch.compile without autograd (sampling), else "math" (compiled
-          training measured 0.83x with "reduce": its backward does not fuse as well);
+        * "auto" (default): without autograd (sampling) on CUDA "triton" when Triton is installed, else
+          "reduce" inside torch.compile; with autograd "math" (compiled training measured 0.83x with
+          "reduce": its backward does not fuse as well);
+        * "triton": one Triton kernel after the q/k/v projection (`ofer.models.token_attention_kernel`),
+          forward only (no autograd);
         * "math": explicit matmul-softmax-matmul on permuted (B, H, T, Dh) copies;
         * "reduce": broadcast products and sums over views of the q/k/v tensor, with the token mix applied to
           the attention weights before the value product; one fused kernel per reduction when compiled

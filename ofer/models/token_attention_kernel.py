@@ -1,0 +1,118 @@
+"""One Triton kernel for OFER's token attention after the q/k/v projection (inference only).
+
+`TokenSelfAttention` projects a row into T tokens of (q, k, v) for H heads of size Dh, attends over the T
+tokens and mixes them into one vector with learned weights w (T,). This kernel takes the projection output
+(R, T * 3 * H * Dh), laid out (token, q/k/v, head, channel) as the Linear writes it, and returns, per row and
+head,
+
+    pooled[r, h] = sum_t w_t sum_u softmax_u(q_rth . k_ruh / sqrt(Dh)) v_ruh = sum_u c_ruh v_ruh,
+    c_ruh = sum_t w_t a_rthu,
+
+reading each q/k/v element once and writing only (R, H * Dh) float32: no permuted copies, no (T, T) matrices in
+memory, no batched 16 x 16 matmuls (which took 45% of a compiled IdGen sampling step on an H200,
+BENCHMARKS.md). Scores and softmax are float32. There is no backward: training uses the PyTorch forms.
+
+`token_attention_pool` is a `torch.library` custom op, so `torch.compile` and CUDA graphs treat it as one call.
+Triton is optional: `available()` says whether the kernel can run (Triton importable and a CUDA tensor, or
+TRITON_INTERPRET=1 for the CPU interpreter used in our tests).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = ["available", "token_attention_pool", "token_attention_pool_reference"]
+
+try:  # Triton is an optional dependency (shipped with CUDA builds of torch)
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the installation
+    triton = None
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available(x: torch.Tensor) -> bool:
+    """Whether the kernel can run on tensors like `x`."""
+    return triton is not None and (x.is_cuda or _INTERPRET)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _token_attention_pool_kernel(
+        qkv_ptr, w_ptr, out_ptr, R, stride_row, scale,
+        T: tl.constexpr, H: tl.constexpr, DH: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        # Program (row block, head): rows [pid_r * BLOCK_R, ...), head h.
+        pid_r = tl.program_id(0)
+        h = tl.program_id(1)
+        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # (BR,)
+        tok = tl.arange(0, T)
+        ch = tl.arange(0, DH)
+        row_ok = rows < R
+        # element (row, t, j, h, d) sits at row * stride_row + ((t * 3 + j) * H + h) * DH + d
+        base = (rows[:, None, None].to(tl.int64) * stride_row + tok[None, :, None] * (3 * H * DH)
+                + h * DH + ch[None, None, :])  # (BR, T, DH)
+        mask = row_ok[:, None, None]
+        q = tl.load(qkv_ptr + base, mask=mask, other=0.0).to(tl.float32)
+        k = tl.load(qkv_ptr + base + H * DH, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(qkv_ptr + base + 2 * H * DH, mask=mask, other=0.0).to(tl.float32)
+        # scores (BR, T, U): a broadcast product summed over channels (T x T x DH per row is small)
+        s = tl.sum(q[:, :, None, :] * k[:, None, :, :], axis=3) * scale
+        s = s - tl.max(s, axis=2)[:, :, None]
+        e = tl.exp(s)
+        a = e / tl.sum(e, axis=2)[:, :, None]
+        w = tl.load(w_ptr + tok).to(tl.float32)  # (T,)
+        c = tl.sum(a * w[None, :, None], axis=1)  # (BR, U)
+        pooled = tl.sum(c[:, :, None] * v, axis=1)  # (BR, DH)
+        out = rows[:, None].to(tl.int64) * (H * DH) + h * DH + ch[None, :]
+        tl.store(out_ptr + out, pooled, mask=row_ok[:, None])
+
+
+@torch.library.custom_op("ofer::token_attention_pool", mutates_args=())
+def token_attention_pool(qkv: torch.Tensor, w: torch.Tensor, tokens: int, heads: int, head_dim: int) -> torch.Tensor:
+    """Token-mixed attention output of every row and head.
+
+    Args:
+        qkv: (R, tokens * 3 * heads * head_dim), rows contiguous, laid out (token, q/k/v, head, channel).
+        w: (tokens,) token-mix weights.
+        tokens, heads, head_dim: the attention shape; tokens and head_dim powers of two.
+
+    Returns:
+        (R, heads * head_dim) float32: sum_t w_t attention(q, k, v)_t per head, channels head-major.
+    """
+    if not available(qkv):
+        raise RuntimeError("token_attention_pool needs Triton (shipped with CUDA builds of torch) and a CUDA tensor "
+                           f"(or TRITON_INTERPRET=1); got a {qkv.device.type} tensor, Triton "
+                           f"{'installed' if triton is not None else 'not installed'}")
+    R = qkv.shape[0]
+    if qkv.ndim != 2 or qkv.shape[1] != tokens * 3 * heads * head_dim or qkv.stride(1) != 1:
+        raise ValueError(f"token_attention_pool: qkv must be a row-contiguous (R, {tokens * 3 * heads * head_dim}) "
+                         f"tensor, got shape {tuple(qkv.shape)} strides {qkv.stride()}")
+    if tokens & (tokens - 1) or head_dim & (head_dim - 1):
+        raise ValueError(f"token_attention_pool: tokens ({tokens}) and head_dim ({head_dim}) must be powers of two")
+    out = torch.empty(R, heads * head_dim, device=qkv.device, dtype=torch.float32)
+    if R == 0:
+        return out
+    block_r = 4
+    grid = (triton.cdiv(R, block_r), heads)
+    _token_attention_pool_kernel[grid](qkv, w.contiguous(), out, R, qkv.stride(0), head_dim**-0.5,
+                                       T=tokens, H=heads, DH=head_dim, BLOCK_R=block_r)
+    return out
+
+
+@token_attention_pool.register_fake
+def _(qkv: torch.Tensor, w: torch.Tensor, tokens: int, heads: int, head_dim: int) -> torch.Tensor:
+    return qkv.new_empty(qkv.shape[0], heads * head_dim, dtype=torch.float32)
+
+
+def token_attention_pool_reference(qkv: torch.Tensor, w: torch.Tensor, tokens: int, heads: int,
+                                   head_dim: int) -> torch.Tensor:
+    """The same function in plain PyTorch, float64, per token (for tests)."""
+    x = qkv.double().view(-1, tokens, 3, heads, head_dim)
+    q, k, v = x[:, :, 0], x[:, :, 1], x[:, :, 2]  # (R, T, H, Dh)
+    scores = torch.einsum("rthd,ruhd->rhtu", q, k) * head_dim**-0.5
+    o = torch.einsum("rhtu,ruhd->rthd", scores.softmax(-1), v)  # per-token attention output
+    return torch.einsum("rthd,t->rhd", o, w.double()).reshape(-1, heads * head_dim)
