@@ -382,29 +382,71 @@ def test_pixel_projection_is_orthonormal_and_fixed():
     assert not torch.allclose(a.projection, f.projection) and a.weights_id != f.weights_id
 
 
+def _standardised(v: np.ndarray) -> np.ndarray:
+    v = v - v.mean()
+    return v / np.sqrt((v ** 2).mean())
+
+
 def test_pixel_encoder_matches_cv2_reference():
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)
     enc = PixelEncoder(slot="arcface")
     blob = torch.from_numpy(((img.astype(np.float32) - 127.5) / 127.5).transpose(2, 0, 1))[None]
     gray = cv2.cvtColor(img.astype(np.float32) / 255.0, cv2.COLOR_RGB2GRAY)
-    thumb = cv2.resize(gray, (16, 16), interpolation=cv2.INTER_AREA).reshape(-1) - 0.5
-    ref = thumb @ enc.projection.numpy().T
+    thumb = cv2.resize(gray, (16, 16), interpolation=cv2.INTER_AREA).reshape(-1)
+    ref = _standardised(thumb) @ enc.projection.numpy().T
     ref = ref / np.linalg.norm(ref)
     np.testing.assert_allclose(enc(blob)[0].numpy(), ref, atol=1e-5)
+    # The former map (contrast="none"): thumbnail minus 0.5.
+    old = PixelEncoder(slot="arcface", contrast="none")
+    ref_old = (thumb - 0.5) @ old.projection.numpy().T
+    np.testing.assert_allclose(old(blob)[0].numpy(), ref_old / np.linalg.norm(ref_old), atol=1e-5)
 
-    # FaRL slot: CLIP-normalised 224 input, same thumbnail pipeline, not normalised (an isometry).
+    # FaRL slot: CLIP-normalised 224 input, same thumbnail pipeline, not L2-normalised: an isometry of the
+    # standardised thumbnail, whose norm is grid = 16.
     img224 = cv2.resize(img, (224, 224), interpolation=cv2.INTER_NEAREST)
     mean, std = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0.26862954, 0.26130258, 0.27577711])
     farl_in = torch.from_numpy(((img224 / 255.0 - mean) / std).astype(np.float32).transpose(2, 0, 1))[None]
     fenc = PixelEncoder(slot="farl")
     out = fenc(farl_in)[0].numpy()
     gray224 = cv2.cvtColor(img224.astype(np.float32) / 255.0, cv2.COLOR_RGB2GRAY)
-    thumb224 = cv2.resize(gray224, (16, 16), interpolation=cv2.INTER_AREA).reshape(-1) - 0.5
+    thumb224 = _standardised(cv2.resize(gray224, (16, 16), interpolation=cv2.INTER_AREA).reshape(-1))
     np.testing.assert_allclose(out, thumb224 @ fenc.projection.numpy().T, atol=1e-4)
-    assert abs(np.linalg.norm(out) - np.linalg.norm(thumb224)) < 1e-4
+    assert abs(np.linalg.norm(out) - 16.0) < 1e-3
     with pytest.raises(ValueError, match="224"):
         fenc(blob)
+
+
+def test_pixel_encoder_hand_made_image_and_options():
+    # Left half black, right half white: every standardised thumbnail cell is -1 or +1 (mean 0.5, std 0.5).
+    img = torch.full((1, 3, 112, 112), -1.0)
+    img[..., 56:] = 1.0
+    enc = PixelEncoder(slot="arcface")
+    cells = torch.tensor([-1.0] * 8 + [1.0] * 8).repeat(16)
+    torch.testing.assert_close(enc.centred(img)[0], cells)
+    torch.testing.assert_close(enc(img)[0], enc.projection @ cells / 16.0, atol=1e-6, rtol=0)
+    # A constant image has no pattern: zero feature, not NaN.
+    assert torch.equal(enc(torch.full((1, 3, 112, 112), 0.3))[0], torch.zeros(512))
+    assert enc.weights_id != PixelEncoder(slot="arcface", contrast="none").weights_id  # caches invalidate
+    with pytest.raises(ValueError, match="allowed.*standardize"):
+        PixelEncoder(slot="arcface", contrast="equalize")
+
+
+def test_pixel_encoder_separates_identities_under_lighting():
+    """Two faces (fixed smooth patterns), each photographed under two exposures a * img + b: the standardised map
+    gives the same feature to both photos of a face and keeps the faces apart; the former map (thumbnail - 0.5)
+    puts the two photos of a face further apart than two different faces under the same light."""
+    gen = torch.Generator().manual_seed(0)
+    faces = F.interpolate(torch.rand(2, 1, 8, 8, generator=gen), size=112, mode="bilinear", align_corners=False)
+    lights = [(0.5, 0.1), (0.9, 0.05)]  # (gain, offset) in [0, 1] intensity; stays inside [0, 1]
+    photos = torch.stack([(a * faces[i] + b).expand(3, -1, -1) for i in range(2) for a, b in lights]) * 2 - 1
+    for contrast, same_smaller in (("standardize", True), ("none", False)):
+        f = PixelEncoder(slot="arcface", contrast=contrast)(photos)  # face0@light0, face0@light1, face1@..
+        same = max((f[0] - f[1]).norm(), (f[2] - f[3]).norm())
+        other = min((f[0] - f[2]).norm(), (f[1] - f[3]).norm())
+        assert bool(same < other) == same_smaller, (contrast, same.item(), other.item())
+        if contrast == "standardize":
+            assert same < 1e-5 and other > 0.3
 
 
 def test_build_encoder_from_real_configs():

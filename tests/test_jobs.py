@@ -168,13 +168,15 @@ def test_ranking_with_one_sample(flame):
 
 
 def test_baseline_regressor_learns(tiny_root, tmp_path):
-    """The deterministic baseline trains on the same data and beats its starting point (the template)."""
+    """The deterministic baseline trains on the same data and beats its starting point (the template) on the
+    identities it saw. Evaluated on those: with 5 training identities, the error on 3 unseen ones is chance
+    (3.50 or 3.66 mm against the template's 3.52, depending on the pixel encoder's contrast mode)."""
     from ofer.jobs import train_baseline
 
     run = tmp_path / "baseline"
     cfg = _cfg("train_baseline", tiny_root, run, "synthetic.ensure=false", "trainer.max_steps=40",
                "trainer.batch_size=4", "trainer.ckpt_every=40", "trainer.lr=3e-3", "trainer.warmup_steps=0",
-               "trainer.ema_decay=0", "trainer.progress=false")
+               "trainer.ema_decay=0", "trainer.progress=false", "eval_data.datasets.synthetic.name=SYNTH_TRAIN")
     res = train_baseline(cfg, run_dir=run)
     assert res.step == 40
     # The template (all-zero coefficients) is what the zero-initialised regressor predicts at step 0.
@@ -186,4 +188,5 @@ def test_baseline_regressor_learns(tiny_root, tmp_path):
     zero = ShapeRegressor()
     task = RegressionTask(model=zero, flame=flame, dataset=[None],
                           eval_dataset=feature_dataset(cfg, cfg.eval_data, ["arcface"], "cpu"))
-    assert res.metrics["eval/face_error_mm"] < task.evaluate(zero)["face_error_mm"]
+    # Measured: 0.95 mm against the template's 2.92 mm.
+    assert res.metrics["eval/face_error_mm"] < 0.5 * task.evaluate(zero)["face_error_mm"]
