@@ -11,6 +11,10 @@ head,
 reading each q/k/v element once and writing only (R, H * Dh) float32: no permuted copies, no (T, T) matrices in
 memory, no batched 16 x 16 matmuls (which took 45% of a compiled IdGen sampling step on an H200,
 BENCHMARKS.md). Scores and softmax are float32. There is no backward: training uses the PyTorch forms.
+Measured on an H200 (25,600 rows): an eager IdGen sampling step 15.7 -> 12.4 ms. Under torch.compile the
+fused-reduction form of `TokenSelfAttention` is faster still (7.0 ms, this kernel 9.0 ms: it keeps a
+(rows, T, T, Dh) broadcast in registers instead of using the tensor cores), so `Denoiser`'s "auto" uses the
+kernel for eager sampling only.
 
 `token_attention_pool` is a `torch.library` custom op, so `torch.compile` and CUDA graphs treat it as one call.
 Triton is optional: `available()` says whether the kernel can run (Triton importable and a CUDA tensor, or
