@@ -254,13 +254,11 @@ def closest_points_torch(
     gvalid = cvalid.any(2)  # (B, nG)
     gc = torch.where(gvalid[..., None], (lo + hi) / 2, torch.zeros_like(lo))  # group sphere centres
     gr = torch.where(cvalid, (corners - gc[:, :, None, :]).norm(dim=-1), torch.zeros_like(cvalid, dtype=tri.dtype)).amax(2)
+    gc2 = _dot(gc, gc)
     scale = tri.abs().amax(dim=(1, 2, 3)).clamp_min(1.0)
-    # The group bounds only rank and certify, so they are computed in float32 as direct differences |p - c|
-    # (no |p|^2 + |c|^2 - 2 p.c cancellation): rounding the coordinates and the radius to float32 and the
-    # distance itself each err by < 1e-7 relative to the largest coordinate involved, i.e. < 1e-6 of
-    # max(mesh scale, point scale) in all; tol keeps a 10x margin.
-    gc32, gr32 = gc.float(), gr.float()
-    tol = (1e-5 * torch.maximum(scale, pts.abs().amax(dim=(1, 2))))[:, None]
+    # Rounding bound of the lower bound: |d^2 error| <~ 1e-15 scale^2 -> < 1e-7 scale on d; keep 10x margin.
+    # (float32 bounds by direct differences, torch.cdist without matmul, were measured 5x slower on an H200.)
+    tol = (1e-6 * scale)[:, None]
     slots = torch.arange(G, device=dev)
     search = _compiled_search_groups() if compile else _search_groups
 
@@ -271,8 +269,9 @@ def closest_points_torch(
     for s in range(0, P, chunk):
         p = pts[:, s:s + chunk]  # (B, Pc, 3)
         Pc = p.shape[1]
-        lb = torch.cdist(p.float(), gc32, compute_mode="donot_use_mm_for_euclid_dist")  # (B, Pc, nG)
-        lb = lb.sub_(gr32[:, None, :]).masked_fill_(~gvalid[:, None, :], float("inf"))
+        d2 = torch.baddbmm(gc2[:, None, :], p, gc.transpose(1, 2), alpha=-2.0)  # (B, Pc, nG)
+        d2 += _dot(p, p)[..., None]
+        lb = d2.clamp_min_(0.0).sqrt_().sub_(gr[:, None, :]).masked_fill_(~gvalid[:, None, :], float("inf"))
         lbk, gidx = torch.topk(lb, k + 1, dim=-1, largest=False, sorted=True)  # (B, Pc, k+1)
         bsq, bq, slot = search(p, gidx[..., :k].contiguous(), tri_s, valid, slots)
         sq[:, s:s + Pc] = bsq
