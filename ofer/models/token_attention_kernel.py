@@ -11,10 +11,15 @@ head,
 reading each q/k/v element once and writing only (R, H * Dh) float32: no permuted copies, no (T, T) matrices in
 memory, no batched 16 x 16 matmuls (which took 45% of a compiled IdGen sampling step on an H200,
 BENCHMARKS.md). Scores and softmax are float32. There is no backward: training uses the PyTorch forms.
-Measured on an H200 (25,600 rows): an eager IdGen sampling step 15.7 -> 12.4 ms. Under torch.compile the
-fused-reduction form of `TokenSelfAttention` is faster still (7.0 ms, this kernel 9.0 ms: it keeps a
-(rows, T, T, Dh) broadcast in registers instead of using the tensor cores), so `Denoiser`'s "auto" uses the
-kernel for eager sampling only.
+
+Two variants (`set_kernel`), both per (block of rows, head):
+* "dot" (default): the block's 4 rows x 16 tokens are stacked into one (64, Dh) tile and all scores come from
+  one tensor-core `tl.dot` (64 x 64, scores between tokens of different rows masked to -inf before the
+  softmax: 4x more products than needed, on the tensor cores);
+* "broadcast": scores as a (rows, T, T, Dh) broadcast product summed on the CUDA cores.
+Measured on an H200, 25,600 rows of bf16 q/k/v (`benchmarks/bench_token_attention.py`): dot 167 us,
+broadcast 868 us, compiled fused reductions 551 us, compiled explicit math 928 us, eager math 1,300 us; a
+compiled IdGen sampling step 6.6 -> 4.4 ms, ExpGen 4.9 -> 2.7 ms with dot instead of the fused reductions.
 
 `token_attention_pool` is a `torch.library` custom op, so `torch.compile` and CUDA graphs treat it as one call.
 Triton is optional: `available()` says whether the kernel can run (Triton importable and a CUDA tensor, or
@@ -26,7 +31,7 @@ import os
 
 import torch
 
-__all__ = ["available", "token_attention_pool", "token_attention_pool_reference"]
+__all__ = ["KERNELS", "available", "set_kernel", "token_attention_pool", "token_attention_pool_reference"]
 
 try:  # Triton is an optional dependency (shipped with CUDA builds of torch)
     import triton
@@ -75,6 +80,56 @@ if triton is not None:
         tl.store(out_ptr + out, pooled, mask=row_ok[:, None])
 
 
+if triton is not None:
+
+    @triton.jit
+    def _token_attention_pool_dot_kernel(
+        qkv_ptr, w_ptr, out_ptr, R, stride_row, scale,
+        T: tl.constexpr, H: tl.constexpr, DH: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        # Tensor-core variant. Program (row block, head): the BLOCK_R rows' tokens are stacked into one
+        # (BLOCK_R * T, DH) tile, the scores of all stacked tokens against each other come from one tl.dot, and
+        # entries between tokens of different rows are masked out before the softmax (BLOCK_R x more products
+        # than needed, all on the tensor cores).
+        pid_r = tl.program_id(0)
+        h = tl.program_id(1)
+        M: tl.constexpr = BLOCK_R * T
+        i = tl.arange(0, M)  # stacked token index: row i // T, token i % T
+        ch = tl.arange(0, DH)
+        row = pid_r * BLOCK_R + i // T
+        tok = i % T
+        row_ok = row < R
+        base = row.to(tl.int64) * stride_row + tok * (3 * H * DH) + h * DH  # (M,)
+        offs = base[:, None] + ch[None, :]  # (M, DH)
+        q = tl.load(qkv_ptr + offs, mask=row_ok[:, None], other=0.0)
+        k = tl.load(qkv_ptr + offs + H * DH, mask=row_ok[:, None], other=0.0)
+        v = tl.load(qkv_ptr + offs + 2 * H * DH, mask=row_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=tl.float32) * scale  # (M, M)
+        same = (i[:, None] // T) == (i[None, :] // T)
+        s = tl.where(same, s, float("-inf"))
+        s = s - tl.max(s, axis=1)[:, None]
+        e = tl.exp(s)
+        a = e / tl.sum(e, axis=1)[:, None]
+        w = tl.load(w_ptr + tok).to(tl.float32)  # (M,): w of each stacked token
+        c = tl.sum(a * w[:, None], axis=0)  # (M,): sum over the row's query tokens (others are 0)
+        prod = c[:, None] * v.to(tl.float32)  # (M, DH)
+        pooled = tl.sum(tl.reshape(prod, (BLOCK_R, T, DH)), axis=1)  # (BLOCK_R, DH)
+        rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        out = rr[:, None].to(tl.int64) * (H * DH) + h * DH + ch[None, :]
+        tl.store(out_ptr + out, pooled, mask=(rr < R)[:, None])
+
+
+KERNELS = ("broadcast", "dot")
+_KERNEL = ["dot"]
+
+
+def set_kernel(name: str) -> None:
+    """Pick the kernel variant: "broadcast" (CUDA-core products, the default) or "dot" (tensor cores)."""
+    if name not in KERNELS:
+        raise ValueError(f"token attention kernel must be one of {list(KERNELS)}, got {name!r}")
+    _KERNEL[0] = name
+
+
 @torch.library.custom_op("ofer::token_attention_pool", mutates_args=())
 def token_attention_pool(qkv: torch.Tensor, w: torch.Tensor, tokens: int, heads: int, head_dim: int) -> torch.Tensor:
     """Token-mixed attention output of every row and head.
@@ -100,10 +155,15 @@ def token_attention_pool(qkv: torch.Tensor, w: torch.Tensor, tokens: int, heads:
     out = torch.empty(R, heads * head_dim, device=qkv.device, dtype=torch.float32)
     if R == 0:
         return out
-    block_r = 4
+    if _KERNEL[0] == "dot" and head_dim >= 16:  # tl.dot needs an inner size of at least 16
+        block_r = max(1, 64 // tokens)
+        kernel = _token_attention_pool_dot_kernel
+    else:
+        block_r = 4
+        kernel = _token_attention_pool_kernel
     grid = (triton.cdiv(R, block_r), heads)
-    _token_attention_pool_kernel[grid](qkv, w.contiguous(), out, R, qkv.stride(0), head_dim**-0.5,
-                                       T=tokens, H=heads, DH=head_dim, BLOCK_R=block_r)
+    kernel[grid](qkv, w.contiguous(), out, R, qkv.stride(0), head_dim**-0.5,
+                 T=tokens, H=heads, DH=head_dim, BLOCK_R=block_r)
     return out
 
 

@@ -94,10 +94,10 @@ class TokenSelfAttention(nn.Module):
         if impl == "auto":  # measured choices, see Denoiser.set_attention_impl
             if torch.is_grad_enabled():
                 impl = "math"
-            elif torch.compiler.is_compiling():
-                impl = "reduce"
             elif qkv.is_cuda and token_attention_kernel.available(qkv):
                 impl = "triton"
+            elif torch.compiler.is_compiling():
+                impl = "reduce"
             else:
                 impl = "math"
         # to_out per token followed by the token mix is linear in the attention output o, so mix the T tokens
@@ -312,8 +312,8 @@ class Denoiser(nn.Module):
     def set_attention_impl(self, impl: str) -> "Denoiser":
         """Kernel of the 16-token attention; every choice computes the same function:
 
-        * "auto" (default), the fastest measured choice: with autograd "math"; without (sampling) "reduce"
-          inside torch.compile, else "triton" on CUDA when Triton is installed, else "math";
+        * "auto" (default), the fastest measured choice: with autograd "math"; without (sampling) "triton" on
+          CUDA when Triton is installed, else "reduce" inside torch.compile, else "math";
         * "math": explicit matmul-softmax-matmul on permuted (B, H, T, Dh) copies;
         * "reduce": broadcast products and sums over views of the q/k/v tensor, with the token mix applied to
           the attention weights before the value product; one fused kernel per reduction when compiled
@@ -321,11 +321,12 @@ class Denoiser(nn.Module):
         * "triton": one Triton kernel after the q/k/v projection (`ofer.models.token_attention_kernel`),
           forward only (no autograd);
         * "sdpa": PyTorch's fused attention.
-        Measured on an H200 at 25,600 rows, ms per sampling step IdGen / ExpGen (BENCHMARKS.md): eager math
-        15.7 / 11.6, eager triton 12.4 / 8.4, compiled math 9.3 / 7.3, compiled triton 9.0 / 7.0, compiled
-        reduce 7.0 / 5.0. Compiled training is faster with "math" (1.04 M vs 0.86 M IdGen samples/s). SDPA
-        dispatches to cuDNN's flash kernel, which takes 57% of an eager IdGen step for these 16-token
-        sequences and fails in backward at 65,536 rows and inside CUDA-graph capture. Returns self."""
+        Measured on an H200 at 25,600 rows, ms per DDIM sampling step IdGen / ExpGen (BENCHMARKS.md): eager
+        math 15.7 / 11.6, eager triton 8.1 / 4.2; compiled math 9.3 / 7.3, compiled reduce 6.6-7.0 / 4.9-5.0,
+        compiled triton 4.4 / 2.7. Compiled training is faster with "math" than with "reduce" (IdGen 1.04 M vs
+        0.86 M samples/s). SDPA dispatches to cuDNN's flash kernel, which takes 57% of an eager IdGen step for
+        these 16-token sequences and fails in backward at 65,536 rows and inside CUDA-graph capture.
+        Returns self."""
         if impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention impl must be one of {list(ATTENTION_IMPLS)}, got {impl!r}")
         for m in self.modules():

@@ -1,0 +1,81 @@
+"""The 16-token attention after the q/k/v projection, alone (issue 8, goal 1): microseconds per call of each
+form at `--rows` rows (bf16 q/k/v, as in a bf16 sampling step), and the largest error against a float64
+reference on the first rows.
+
+Forms: explicit math (permute + batched matmuls + softmax + token mix, eager and compiled), the fused-reduction
+form compiled, and the two Triton kernels (`broadcast`, `dot`) of `ofer.models.token_attention_kernel`.
+
+    python benchmarks/bench_token_attention.py --rows 25600 --json $OUT/token_attention.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ofer.models import token_attention_kernel as tak  # noqa: E402
+from ofer.models.unet1d import TokenSelfAttention  # noqa: E402
+
+T, H, DH = 16, 4, 32
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=25_600)
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    qkv = (torch.randn(args.rows, T * 3 * H * DH, device="cuda") * 2).to(torch.bfloat16)
+    w = torch.randn(T, device="cuda")
+    ref = tak.token_attention_pool_reference(qkv[:512], w, T, H, DH)
+    att = TokenSelfAttention(8, heads=H, head_dim=DH, tokens=T).cuda()
+
+    def math(x: torch.Tensor) -> torch.Tensor:
+        q, k, v = x.view(-1, T, 3, H, DH).permute(2, 0, 3, 1, 4).unbind(0)
+        a = (q @ k.transpose(-1, -2) * DH**-0.5).softmax(-1)
+        return torch.einsum("bhtd,t->bhd", a.to(v.dtype) @ v, w.to(v.dtype)).reshape(-1, H * DH)
+
+    def reduce(x: torch.Tensor) -> torch.Tensor:
+        return att._pooled_by_reductions(x.view(-1, T, 3, H, DH), w).reshape(-1, H * DH)
+
+    def kernel(name: str):
+        def run(x: torch.Tensor) -> torch.Tensor:
+            tak.set_kernel(name)
+            return tak.token_attention_pool(x, w, T, H, DH)
+        return run
+
+    forms = {"math eager": math, "math compiled": torch.compile(math), "reduce compiled": torch.compile(reduce),
+             "triton broadcast": kernel("broadcast"), "triton dot": kernel("dot")}
+    out = {"device": torch.cuda.get_device_name(), "rows": args.rows, "forms": []}
+    bytes_read = qkv.numel() * qkv.element_size()
+    for name, fn in forms.items():
+        try:
+            with torch.no_grad():
+                err = float((fn(qkv[:512]).double() - ref).abs().max())
+                for _ in range(3):
+                    fn(qkv)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(args.iters):
+                    fn(qkv)
+                end.record()
+                torch.cuda.synchronize()
+            us = start.elapsed_time(end) / args.iters * 1e3
+            row = {"form": name, "us_per_call": us, "read_TB_per_s": bytes_read / us / 1e6, "max_abs_err": err}
+        except Exception as exc:  # noqa: BLE001 -- reported, the other forms go on
+            row = {"form": name, "error": f"{type(exc).__name__}: {exc}"[:400]}
+        out["forms"].append(row)
+        print(json.dumps(row), flush=True)
+    tak.set_kernel("broadcast")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
