@@ -155,7 +155,9 @@ def token_attention_pool(qkv: torch.Tensor, w: torch.Tensor, tokens: int, heads:
     out = torch.empty(R, heads * head_dim, device=qkv.device, dtype=torch.float32)
     if R == 0:
         return out
-    if _KERNEL[0] == "dot" and head_dim >= 16:  # tl.dot needs an inner size of at least 16
+    # tl.dot needs an inner size of at least 16 and, for bf16, tensor cores of compute capability 8.0+
+    tensor_cores = not qkv.is_cuda or torch.cuda.get_device_capability(qkv.device) >= (8, 0)
+    if _KERNEL[0] == "dot" and head_dim >= 16 and tensor_cores:
         block_r = max(1, 64 // tokens)
         kernel = _token_attention_pool_dot_kernel
     else:
