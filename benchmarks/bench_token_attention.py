@@ -3,7 +3,8 @@ form at `--rows` rows (bf16 q/k/v, as in a bf16 sampling step), and the largest 
 reference on the first rows.
 
 Forms: explicit math (permute + batched matmuls + softmax + token mix, eager and compiled), the fused-reduction
-form compiled, and the two Triton kernels (`broadcast`, `dot`) of `ofer.models.token_attention_kernel`.
+form compiled, and the Triton kernel of `ofer.models.token_attention_kernel` (the 2026-11-26 H200 run also timed
+a first kernel version with CUDA-core products, since removed: 868 us).
 
     python benchmarks/bench_token_attention.py --rows 25600 --json $OUT/token_attention.json
 """
@@ -44,14 +45,11 @@ def main() -> None:
     def reduce(x: torch.Tensor) -> torch.Tensor:
         return att._pooled_by_reductions(x.view(-1, T, 3, H, DH), w).reshape(-1, H * DH)
 
-    def kernel(name: str):
-        def run(x: torch.Tensor) -> torch.Tensor:
-            tak.set_kernel(name)
-            return tak.token_attention_pool(x, w, T, H, DH)
-        return run
+    def kernel(x: torch.Tensor) -> torch.Tensor:
+        return tak.token_attention_pool(x, w, T, H, DH)
 
     forms = {"math eager": math, "math compiled": torch.compile(math), "reduce compiled": torch.compile(reduce),
-             "triton broadcast": kernel("broadcast"), "triton dot": kernel("dot")}
+             "triton dot": kernel}
     out = {"device": torch.cuda.get_device_name(), "rows": args.rows, "forms": []}
     bytes_read = qkv.numel() * qkv.element_size()
     for name, fn in forms.items():
@@ -72,7 +70,6 @@ def main() -> None:
             row = {"form": name, "error": f"{type(exc).__name__}: {exc}"[:400]}
         out["forms"].append(row)
         print(json.dumps(row), flush=True)
-    tak.set_kernel("broadcast")
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
 

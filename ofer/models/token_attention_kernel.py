@@ -12,18 +12,18 @@ reading each q/k/v element once and writing only (R, H * Dh) float32: no permute
 memory, no batched 16 x 16 matmuls (which took 45% of a compiled IdGen sampling step on an H200,
 BENCHMARKS.md). Scores and softmax are float32. There is no backward: training uses the PyTorch forms.
 
-Two variants (`set_kernel`), both per (block of rows, head):
-* "dot" (default): the block's 4 rows x 16 tokens are stacked into one (64, Dh) tile and all scores come from
-  one tensor-core `tl.dot` (64 x 64, scores between tokens of different rows masked to -inf before the
-  softmax: 4x more products than needed, on the tensor cores);
-* "broadcast": scores as a (rows, T, T, Dh) broadcast product summed on the CUDA cores.
-Measured on an H200, 25,600 rows of bf16 q/k/v (`benchmarks/bench_token_attention.py`): dot 167 us,
-broadcast 868 us, compiled fused reductions 551 us, compiled explicit math 928 us, eager math 1,300 us; a
-compiled IdGen sampling step 6.6 -> 4.4 ms, ExpGen 4.9 -> 2.7 ms with dot instead of the fused reductions.
+How: per program (block of 4 rows, head), the rows' 4 x 16 tokens are stacked into one (64, Dh) tile and all
+scores come from one tensor-core `tl.dot` (64 x 64; scores between tokens of different rows are masked to -inf
+before the softmax: 4x more products than needed, all on the tensor cores).
+Measured on an H200, 25,600 rows of bf16 q/k/v (`benchmarks/bench_token_attention.py`): 167 us per call,
+against 551 us for the compiled fused-reduction form, 928 us for compiled explicit math, 1,300 us eager; a
+first version with CUDA-core broadcast products instead of `tl.dot` took 868 us and was dropped. A compiled
+IdGen sampling step went from 6.6 to 4.4 ms, ExpGen from 4.9 to 2.7 ms.
 
 `token_attention_pool` is a `torch.library` custom op, so `torch.compile` and CUDA graphs treat it as one call.
-Triton is optional: `available()` says whether the kernel can run (Triton importable and a CUDA tensor, or
-TRITON_INTERPRET=1 for the CPU interpreter used in our tests).
+Triton is optional: `available(x, head_dim)` says whether the kernel can run on `x` (Triton importable, a CUDA
+tensor on a GPU of compute capability 8.0+ or TRITON_INTERPRET=1 for the CPU interpreter used in our tests,
+head_dim >= 16 for `tl.dot`); otherwise `Denoiser` uses its PyTorch forms.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import os
 
 import torch
 
-__all__ = ["KERNELS", "available", "set_kernel", "token_attention_pool", "token_attention_pool_reference"]
+__all__ = ["available", "token_attention_pool", "token_attention_pool_reference"]
 
 try:  # Triton is an optional dependency (shipped with CUDA builds of torch)
     import triton
@@ -42,9 +42,13 @@ except ImportError:  # pragma: no cover - depends on the installation
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def available(x: torch.Tensor) -> bool:
-    """Whether the kernel can run on tensors like `x`."""
-    return triton is not None and (x.is_cuda or _INTERPRET)
+def available(x: torch.Tensor, head_dim: int = 16) -> bool:
+    """Whether the kernel can run on tensors like `x` with this head size."""
+    if triton is None or head_dim < 16:
+        return False
+    if x.is_cuda:  # bf16 tl.dot needs tensor cores of compute capability 8.0+
+        return torch.cuda.get_device_capability(x.device) >= (8, 0)
+    return _INTERPRET
 
 
 if triton is not None:
@@ -54,43 +58,9 @@ if triton is not None:
         qkv_ptr, w_ptr, out_ptr, R, stride_row, scale,
         T: tl.constexpr, H: tl.constexpr, DH: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
-        # Program (row block, head): rows [pid_r * BLOCK_R, ...), head h.
-        pid_r = tl.program_id(0)
-        h = tl.program_id(1)
-        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # (BR,)
-        tok = tl.arange(0, T)
-        ch = tl.arange(0, DH)
-        row_ok = rows < R
-        # element (row, t, j, h, d) sits at row * stride_row + ((t * 3 + j) * H + h) * DH + d
-        base = (rows[:, None, None].to(tl.int64) * stride_row + tok[None, :, None] * (3 * H * DH)
-                + h * DH + ch[None, None, :])  # (BR, T, DH)
-        mask = row_ok[:, None, None]
-        q = tl.load(qkv_ptr + base, mask=mask, other=0.0).to(tl.float32)
-        k = tl.load(qkv_ptr + base + H * DH, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(qkv_ptr + base + 2 * H * DH, mask=mask, other=0.0).to(tl.float32)
-        # scores (BR, T, U): a broadcast product summed over channels (T x T x DH per row is small)
-        s = tl.sum(q[:, :, None, :] * k[:, None, :, :], axis=3) * scale
-        s = s - tl.max(s, axis=2)[:, :, None]
-        e = tl.exp(s)
-        a = e / tl.sum(e, axis=2)[:, :, None]
-        w = tl.load(w_ptr + tok).to(tl.float32)  # (T,)
-        c = tl.sum(a * w[None, :, None], axis=1)  # (BR, U)
-        pooled = tl.sum(c[:, :, None] * v, axis=1)  # (BR, DH)
-        out = rows[:, None].to(tl.int64) * (H * DH) + h * DH + ch[None, :]
-        tl.store(out_ptr + out, pooled, mask=row_ok[:, None])
-
-
-if triton is not None:
-
-    @triton.jit
-    def _token_attention_pool_dot_kernel(
-        qkv_ptr, w_ptr, out_ptr, R, stride_row, scale,
-        T: tl.constexpr, H: tl.constexpr, DH: tl.constexpr, BLOCK_R: tl.constexpr,
-    ):
-        # Tensor-core variant. Program (row block, head): the BLOCK_R rows' tokens are stacked into one
-        # (BLOCK_R * T, DH) tile, the scores of all stacked tokens against each other come from one tl.dot, and
-        # entries between tokens of different rows are masked out before the softmax (BLOCK_R x more products
-        # than needed, all on the tensor cores).
+        # Program (row block, head): the BLOCK_R rows' tokens are stacked into one (BLOCK_R * T, DH) tile, the
+        # scores of all stacked tokens against each other come from one tl.dot, and entries between tokens of
+        # different rows are masked out before the softmax.
         pid_r = tl.program_id(0)
         h = tl.program_id(1)
         M: tl.constexpr = BLOCK_R * T
@@ -119,17 +89,6 @@ if triton is not None:
         tl.store(out_ptr + out, pooled, mask=(rr < R)[:, None])
 
 
-KERNELS = ("broadcast", "dot")
-_KERNEL = ["dot"]
-
-
-def set_kernel(name: str) -> None:
-    """Pick the kernel variant: "broadcast" (CUDA-core products, the default) or "dot" (tensor cores)."""
-    if name not in KERNELS:
-        raise ValueError(f"token attention kernel must be one of {list(KERNELS)}, got {name!r}")
-    _KERNEL[0] = name
-
-
 @torch.library.custom_op("ofer::token_attention_pool", mutates_args=())
 def token_attention_pool(qkv: torch.Tensor, w: torch.Tensor, tokens: int, heads: int, head_dim: int) -> torch.Tensor:
     """Token-mixed attention output of every row and head.
@@ -142,9 +101,10 @@ def token_attention_pool(qkv: torch.Tensor, w: torch.Tensor, tokens: int, heads:
     Returns:
         (R, heads * head_dim) float32: sum_t w_t attention(q, k, v)_t per head, channels head-major.
     """
-    if not available(qkv):
-        raise RuntimeError("token_attention_pool needs Triton (shipped with CUDA builds of torch) and a CUDA tensor "
-                           f"(or TRITON_INTERPRET=1); got a {qkv.device.type} tensor, Triton "
+    if not available(qkv, head_dim):
+        raise RuntimeError("token_attention_pool needs Triton (shipped with CUDA builds of torch), a CUDA tensor on "
+                           f"a GPU of compute capability 8.0+ (or TRITON_INTERPRET=1) and head_dim >= 16; got a "
+                           f"{qkv.device.type} tensor, head_dim {head_dim}, Triton "
                            f"{'installed' if triton is not None else 'not installed'}")
     R = qkv.shape[0]
     if qkv.ndim != 2 or qkv.shape[1] != tokens * 3 * heads * head_dim or qkv.stride(1) != 1:
@@ -155,17 +115,10 @@ def token_attention_pool(qkv: torch.Tensor, w: torch.Tensor, tokens: int, heads:
     out = torch.empty(R, heads * head_dim, device=qkv.device, dtype=torch.float32)
     if R == 0:
         return out
-    # tl.dot needs an inner size of at least 16 and, for bf16, tensor cores of compute capability 8.0+
-    tensor_cores = not qkv.is_cuda or torch.cuda.get_device_capability(qkv.device) >= (8, 0)
-    if _KERNEL[0] == "dot" and head_dim >= 16 and tensor_cores:
-        block_r = max(1, 64 // tokens)
-        kernel = _token_attention_pool_dot_kernel
-    else:
-        block_r = 4
-        kernel = _token_attention_pool_kernel
+    block_r = max(1, 64 // tokens)
     grid = (triton.cdiv(R, block_r), heads)
-    kernel[grid](qkv, w.contiguous(), out, R, qkv.stride(0), head_dim**-0.5,
-                 T=tokens, H=heads, DH=head_dim, BLOCK_R=block_r)
+    _token_attention_pool_kernel[grid](qkv, w.contiguous(), out, R, qkv.stride(0), head_dim**-0.5,
+                                       T=tokens, H=heads, DH=head_dim, BLOCK_R=block_r)
     return out
 
 
