@@ -1,6 +1,6 @@
 """Tests of the Triton token-attention kernel (ofer.models.token_attention_kernel) and of the Denoiser's
-"triton" attention. The kernel runs here through Triton's CPU interpreter when Triton is installed (it is not a
-dependency of the CPU install; CUDA builds of torch ship it), and on CUDA in the GPU tests."""
+"triton" attention. The kernel runs here through Triton's CPU interpreter (Triton comes with torch's Linux
+wheels, so this runs in CI too), and on CUDA in the GPU tests."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def small_net(seed: int = 0) -> Denoiser:
     return net.eval()
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="Triton not installed (CPU install); covered by the GPU tests")
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton not installed; covered by the GPU tests")
 def test_kernel_matches_reference_in_the_interpreter() -> None:
     """The kernel against an independent per-token float64 formula (odd row counts exercise the row mask, three
     attention shapes the stacking of 4, 8 and 2 rows per tile), and a whole Denoiser against PyTorch's SDPA."""
