@@ -60,6 +60,18 @@ def test_kernel_matches_reference_in_the_interpreter() -> None:
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
+def test_pytorch_fallback_of_the_op_matches_reference() -> None:
+    """The op's PyTorch path (GPUs without bf16 tensor cores) against the float64 per-token formula."""
+    from ofer.models.token_attention_kernel import _pooled_torch, token_attention_pool_reference
+
+    torch.manual_seed(1)
+    for R, T, H, D in [(1, 16, 4, 32), (6, 8, 2, 16)]:
+        qkv, w = torch.randn(R, T * 3 * H * D) * 2, torch.randn(T)
+        out = _pooled_torch(qkv, w, T, H, D)
+        assert out.dtype == torch.float32 and out.shape == (R, H * D)
+        torch.testing.assert_close(out.double(), token_attention_pool_reference(qkv, w, T, H, D), atol=1e-5, rtol=1e-5)
+
+
 def test_triton_attention_refuses_autograd_and_missing_backend() -> None:
     net = small_net().set_attention_impl("triton")
     x, t, c = torch.randn(2, 12), torch.tensor([1, 2]), torch.randn(2, 6)

@@ -21,9 +21,9 @@ first version with CUDA-core broadcast products instead of `tl.dot` took 868 us 
 IdGen sampling step went from 6.6 to 4.4 ms, ExpGen from 4.9 to 2.7 ms.
 
 `token_attention_pool` is a `torch.library` custom op, so `torch.compile` and CUDA graphs treat it as one call.
-Triton is optional: `available(x, head_dim)` says whether the kernel can run on `x` (Triton importable, a CUDA
-tensor on a GPU of compute capability 8.0+ or TRITON_INTERPRET=1 for the CPU interpreter used in our tests,
-head_dim >= 16 for `tl.dot`); otherwise `Denoiser` uses its PyTorch forms.
+Triton is optional: `available(x, head_dim)` says whether the op can run on `x` (Triton importable, a CUDA
+tensor or TRITON_INTERPRET=1 for the CPU interpreter used in our tests, head_dim >= 16 for `tl.dot`); otherwise
+`Denoiser` uses its PyTorch forms. On GPUs below compute capability 8.0 the op computes in PyTorch.
 """
 from __future__ import annotations
 
@@ -43,12 +43,11 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def available(x: torch.Tensor, head_dim: int = 16) -> bool:
-    """Whether the kernel can run on tensors like `x` with this head size."""
-    if triton is None or head_dim < 16:
-        return False
-    if x.is_cuda:  # bf16 tl.dot needs tensor cores of compute capability 8.0+
-        return torch.cuda.get_device_capability(x.device) >= (8, 0)
-    return _INTERPRET
+    """Whether `token_attention_pool` runs on tensors like `x` with this head size (Triton installed, a CUDA
+    tensor or the interpreter, head_dim >= 16 for `tl.dot`). Only static properties, so torch.compile traces it
+    without a graph break; on a GPU below compute capability 8.0 (no bf16 tensor cores) the op computes the same
+    function in PyTorch instead of launching the kernel."""
+    return triton is not None and head_dim >= 16 and (x.is_cuda or _INTERPRET)
 
 
 if triton is not None:
@@ -102,16 +101,17 @@ def token_attention_pool(qkv: torch.Tensor, w: torch.Tensor, tokens: int, heads:
         (R, heads * head_dim) float32: sum_t w_t attention(q, k, v)_t per head, channels head-major.
     """
     if not available(qkv, head_dim):
-        raise RuntimeError("token_attention_pool needs Triton (shipped with CUDA builds of torch), a CUDA tensor on "
-                           f"a GPU of compute capability 8.0+ (or TRITON_INTERPRET=1) and head_dim >= 16; got a "
-                           f"{qkv.device.type} tensor, head_dim {head_dim}, Triton "
-                           f"{'installed' if triton is not None else 'not installed'}")
+        raise RuntimeError("token_attention_pool needs Triton (shipped with CUDA builds of torch), a CUDA tensor "
+                           f"(or TRITON_INTERPRET=1) and head_dim >= 16; got a {qkv.device.type} tensor, head_dim "
+                           f"{head_dim}, Triton {'installed' if triton is not None else 'not installed'}")
     R = qkv.shape[0]
     if qkv.ndim != 2 or qkv.shape[1] != tokens * 3 * heads * head_dim or qkv.stride(1) != 1:
         raise ValueError(f"token_attention_pool: qkv must be a row-contiguous (R, {tokens * 3 * heads * head_dim}) "
                          f"tensor, got shape {tuple(qkv.shape)} strides {qkv.stride()}")
     if tokens & (tokens - 1) or head_dim & (head_dim - 1):
         raise ValueError(f"token_attention_pool: tokens ({tokens}) and head_dim ({head_dim}) must be powers of two")
+    if qkv.is_cuda and torch.cuda.get_device_capability(qkv.device) < (8, 0):
+        return _pooled_torch(qkv, w, tokens, heads, head_dim)
     out = torch.empty(R, heads * head_dim, device=qkv.device, dtype=torch.float32)
     if R == 0:
         return out
@@ -125,6 +125,15 @@ def token_attention_pool(qkv: torch.Tensor, w: torch.Tensor, tokens: int, heads:
 @token_attention_pool.register_fake
 def _(qkv: torch.Tensor, w: torch.Tensor, tokens: int, heads: int, head_dim: int) -> torch.Tensor:
     return qkv.new_empty(qkv.shape[0], heads * head_dim, dtype=torch.float32)
+
+
+def _pooled_torch(qkv: torch.Tensor, w: torch.Tensor, tokens: int, heads: int, head_dim: int) -> torch.Tensor:
+    """The op's function with PyTorch matmuls in float32 (GPUs without bf16 tensor cores)."""
+    x = qkv.float().view(-1, tokens, 3, heads, head_dim)
+    q, k, v = (x[:, :, i].transpose(1, 2) for i in range(3))  # (R, H, T, Dh)
+    att = (q @ k.transpose(-1, -2) * head_dim**-0.5).softmax(-1)  # (R, H, T, U)
+    c = torch.einsum("rhtu,t->rhu", att, w.float())
+    return torch.einsum("rhu,rhud->rhd", c, v).reshape(-1, heads * head_dim)
 
 
 def token_attention_pool_reference(qkv: torch.Tensor, w: torch.Tensor, tokens: int, heads: int,

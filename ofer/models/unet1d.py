@@ -313,8 +313,7 @@ class Denoiser(nn.Module):
         """Kernel of the 16-token attention; every choice computes the same function:
 
         * "auto" (default), the fastest measured choice: with autograd "math"; without (sampling) "triton" on
-          CUDA when Triton is installed (GPU of compute capability 8.0+), else "reduce" inside torch.compile,
-          else "math";
+          CUDA when Triton is installed, else "reduce" inside torch.compile, else "math";
         * "math": explicit matmul-softmax-matmul on permuted (B, H, T, Dh) copies;
         * "reduce": broadcast products and sums over views of the q/k/v tensor, with the token mix applied to
           the attention weights before the value product; one fused kernel per reduction when compiled
