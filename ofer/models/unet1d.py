@@ -128,7 +128,7 @@ class TokenSelfAttention(nn.Module):
         where they lie, instead of three permuting copies and two batched 16 x 16 matmuls (which cuBLAS runs
         at a fraction of the memory bandwidth: 45% of an IdGen sampling step on an H200, BENCHMARKS.md). In
         eager mode the products are materialised (T*T*H*Dh floats per row), so "auto" uses it only when
-        compiling. Accumulates in float32. Returns (B, H, Dh).
+        compiling for sampling without the Triton kernel. Accumulates in float32. Returns (B, H, Dh).
         """
         q, k, v = (qkv[:, :, i].float() for i in range(3))  # (B, T, H, Dh) views
         scores = (q[:, :, None] * k[:, None]).sum(-1) * self.head_dim**-0.5  # (B, T, U, H)
