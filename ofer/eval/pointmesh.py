@@ -212,8 +212,9 @@ def closest_points_torch(
         k: groups searched per point before the certificate check.
         group_size: triangles per group.
         max_pairs: point-triangle pairs tested at once (memory: about 500 bytes each).
-        compile: run the per-point group search through torch.compile (one fused kernel instead of ~60
-            element-wise ones; meant for CUDA, where it is several times faster; the first call compiles).
+        compile: run the per-point group search through torch.compile (fused kernels instead of ~60
+            element-wise ones; meant for CUDA: the whole NoW scorer measured 1.6-1.9x faster on an H200; the
+            first call compiles).
 
     Returns:
         ClosestPoints with exact squared distances and closest points.
