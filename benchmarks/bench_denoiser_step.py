@@ -4,8 +4,7 @@ Each variant samples DDIM-`--steps` with `GraphedSampler` (CUDA graphs, bf16 aut
 `--rows` rows (256 images x 100 hypotheses by default) and reports the time per step, rows x steps per second,
 and the achieved rate in the paper's FLOP count (2 x parameters per row and step). Variants: the attention
 kernel (`--impls`: PyTorch SDPA, explicit math, the compiled reduction form, the Triton kernel that "auto" picks
-for sampling on CUDA) and
-`torch.compile` of the trunk (fuses the element-wise kernels).
+for sampling on CUDA) and `torch.compile` of the trunk (fuses the element-wise kernels).
 A kernel table from torch.profiler of one eager step is printed for the first variant (`--profile`).
 
     python benchmarks/bench_denoiser_step.py --rows 25600 --json $OUT/denoiser_step.json --profile
@@ -85,7 +84,7 @@ def main() -> None:
     ap.add_argument("--impls", default="math,reduce,triton",
                     help="attention kernels (Denoiser.set_attention_impl); sampling 'auto' = 'triton' on CUDA")
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--profile-compiled", action="store_true", help="kernel table of one compiled math step")
+    ap.add_argument("--profile-compiled", action="store_true", help="kernel table of one compiled step with the default ('auto') attention")
     ap.add_argument("--only-profile", action="store_true")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -96,7 +95,7 @@ def main() -> None:
     if args.profile_compiled:
         for name in MODELS:
             table = profile_step(name, "auto", args.rows, compiled=True)
-            print(f"--- {name}, compiled, auto (reduce): one step's CUDA kernels\n{table}", flush=True)
+            print(f"--- {name}, compiled, auto attention: one step's CUDA kernels\n{table}", flush=True)
     if args.only_profile:
         return
     impls = args.impls.split(",")

@@ -197,7 +197,7 @@ class ImageScores:
 def score_shapes(
     flame: FLAME, shapes: torch.Tensor, scan_points: np.ndarray, scan_lmks: np.ndarray, *, metrical: bool = False,
     unit: str = "mm", device: str | torch.device = "cpu", backend: str = "auto", batch_size: int = 16,
-    max_pairs: int | None = None,
+    max_pairs: int | None = None, compile: bool = False,
 ) -> list[np.ndarray]:
     """NoW distances of neutral FLAME shapes against one cropped scan, as the submission is scored.
 
@@ -209,6 +209,7 @@ def score_shapes(
         shapes: (M, n_shape) coefficients.
         scan_points: (n, 3) cropped scan vertices; scan_lmks: (7, 3) scan landmarks.
         batch_size: meshes refined together.
+        max_pairs, compile: as `refine_alignment` (torch backend: memory and the compiled closest-point search).
 
     Returns:
         M arrays (n,) float64 of distances (mm).
@@ -228,7 +229,7 @@ def score_shapes(
     for s in range(0, len(aligned), batch_size):
         chunk = aligned[s:s + batch_size]
         res = refine_alignment([scan_points] * len(chunk), chunk, [faces] * len(chunk), metrical=metrical,
-                               device=device, backend=backend, max_pairs=max_pairs)
+                               device=device, backend=backend, max_pairs=max_pairs, compile=compile)
         bad = next((f for f in res.failure if f), None)
         if bad:
             raise ValueError(bad)
@@ -302,7 +303,8 @@ def run_ablation(cfg: DictConfig, report: NowReport, recon_dir: Path, out: Path)
     if k < 1:
         raise ValueError(f"ablation.num_candidates={cfg.ablation.num_candidates}: expected >= 1")
     opts = {"metrical": bool(c.metrical), "unit": c.unit, "device": dev, "backend": c.backend,
-            "batch_size": int(c.batch_size), "max_pairs": None if c.max_pairs is None else int(c.max_pairs)}
+            "batch_size": int(c.batch_size), "max_pairs": None if c.max_pairs is None else int(c.max_pairs),
+            "compile": bool(c.get("compile", False))}
     rng = np.random.default_rng(int(cfg.ablation.seed))
     scans: dict[str, tuple[np.ndarray, np.ndarray] | ImageFailure] = {}
     images: list[ImageScores] = []
