@@ -60,6 +60,20 @@ def test_degenerate_triangles(tri, p, expected) -> None:
     np.testing.assert_allclose(out, expected, atol=1e-15)
 
 
+def test_degenerate_triangles_compiled_without_graph_break() -> None:
+    """Under torch.compile the edge pass for degenerate triangles runs unconditionally (no data-dependent
+    branch, which would break the graph and sync the host): fullgraph tracing must succeed and give the
+    closed-form answers of the degenerate cases above, next to a regular triangle."""
+    t = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+    tris = t([[(0, 0, 0), (1, 0, 0), (2, 0, 0)], [(0, 0, 0), (0, 0, 0), (0, 2, 0)], [A, B, C]])
+    pts = t([(1.5, 1.0, 0.0), (1.0, 1.0, 0.0), (0.2, 0.3, 5.0)])
+    expected = [(1.5, 0.0, 0.0), (0.0, 1.0, 0.0), (0.2, 0.3, 0.0)]
+    torch._dynamo.reset()
+    compiled = torch.compile(closest_point_on_triangle, backend="eager", fullgraph=True)
+    out = compiled(pts, tris[:, 0], tris[:, 1], tris[:, 2])
+    np.testing.assert_allclose(out.numpy(), expected, atol=1e-15)
+
+
 # A 0.01 grid keeps exact degeneracies (collinear, coincident corners) but avoids underflowing products, on
 # which libigl itself returns inf.
 coord = st.integers(-1000, 1000).map(lambda i: i / 100)

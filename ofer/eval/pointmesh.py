@@ -101,7 +101,9 @@ def closest_point_on_triangle(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     n = torch.linalg.cross(ab, ac, dim=-1)
     degenerate = _dot(n, n) <= 1e-20 * _dot(ab, ab) * _dot(ac, ac)
     degenerate = torch.broadcast_to(degenerate, out.shape[:-1]) | ~torch.isfinite(out).all(-1)
-    if bool(degenerate.any()):
+    # Eager: skip the edge pass when no triangle is degenerate (one host sync). Compiled: always compute it,
+    # fused into the same kernels; the `any()` test would break the graph and sync the host every call.
+    if torch.compiler.is_compiling() or bool(degenerate.any()):
         q1 = _closest_on_segment(p, a, b)
         q2 = _closest_on_segment(p, b, c)
         q3 = _closest_on_segment(p, c, a)
