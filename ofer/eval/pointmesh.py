@@ -15,8 +15,10 @@ Degenerate (zero-area) triangles are handled as their edges; they never produce 
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -257,13 +259,17 @@ def closest_points_torch(
     gvalid = cvalid.any(2)  # (B, nG)
     gc = torch.where(gvalid[..., None], (lo + hi) / 2, torch.zeros_like(lo))  # group sphere centres
     gr = torch.where(cvalid, (corners - gc[:, :, None, :]).norm(dim=-1), torch.zeros_like(cvalid, dtype=tri.dtype)).amax(2)
-    gc2 = _dot(gc, gc)
     scale = tri.abs().amax(dim=(1, 2, 3)).clamp_min(1.0)
     # Rounding bound of the lower bound: |d^2 error| <~ 1e-15 scale^2 -> < 1e-7 scale on d; keep 10x margin.
     # (float32 bounds by direct differences, torch.cdist without matmul, were measured 5x slower on an H200.)
     tol = (1e-6 * scale)[:, None]
     slots = torch.arange(G, device=dev)
-    search = _compiled_search_groups() if compile else _search_groups
+    # Two-stage selection over blocks of `block` kd-adjacent groups (see _nearest_groups); one stage when the
+    # groups are too few for k + 1 blocks.
+    block = 1 << (levels // 2)
+    if nG // block < k + 1:
+        block = 1
+    search = _compiled_search_chunk(k, block) if compile else functools.partial(_search_chunk, k=k, block=block)
 
     sq = points.new_zeros(B, P)
     cp = points.new_zeros(B, P, 3)
@@ -272,16 +278,12 @@ def closest_points_torch(
     for s in range(0, P, chunk):
         p = pts[:, s:s + chunk]  # (B, Pc, 3)
         Pc = p.shape[1]
-        d2 = torch.baddbmm(gc2[:, None, :], p, gc.transpose(1, 2), alpha=-2.0)  # (B, Pc, nG)
-        d2 += _dot(p, p)[..., None]
-        lb = d2.clamp_min_(0.0).sqrt_().sub_(gr[:, None, :]).masked_fill_(~gvalid[:, None, :], float("inf"))
-        lbk, gidx = torch.topk(lb, k + 1, dim=-1, largest=False, sorted=True)  # (B, Pc, k+1)
-        bsq, bq, slot = search(p, gidx[..., :k].contiguous(), tri_s, valid, slots)
+        bsq, bq, slot, bound = search(p, gc, gr, gvalid, tri_s, valid, slots)
         sq[:, s:s + Pc] = bsq
         cp[:, s:s + Pc] = bq + centre
         fi[:, s:s + Pc] = orig.gather(1, slot)
         # Certificate: every triangle outside the k searched groups is at least the (k+1)-th bound away.
-        ok = (bsq.sqrt() <= lbk[..., k] - tol) | ~point_mask[:, s:s + Pc]
+        ok = (bsq.sqrt() <= bound - tol) | ~point_mask[:, s:s + Pc]
         if not bool(ok.all()):
             bi, pi = (~ok).nonzero(as_tuple=True)
             _fallback(points, vertices, faces, face_mask, bi, pi + s, sq, cp, fi, k=k, group_size=G,
@@ -316,14 +318,69 @@ def _search_groups(
     return bsq, closest_point_on_triangle(p, bt[..., 0, :], bt[..., 1, :], bt[..., 2, :]), slot
 
 
-_COMPILED_SEARCH = None
+def _nearest_groups(
+    p: torch.Tensor, gc: torch.Tensor, gr: torch.Tensor, gvalid: torch.Tensor, k: int, block: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k + 1 smallest group lower bounds |p - centre| - radius of every point, in increasing order.
+
+    Args:
+        p: (B, Pc, 3) points; gc: (B, nG, 3) group sphere centres; gr: (B, nG) radii; gvalid: (B, nG) bool.
+        k: groups to search (k + 1 bounds are returned); block: groups per block (a power of two dividing nG,
+            with nG / block >= k + 1), 1 for a single stage.
+
+    Returns:
+        bounds (B, Pc, k + 1) and their group indices (B, Pc, k + 1).
+
+    Two stages when block > 1: the minimum bound of every block of `block` consecutive (kd-adjacent) groups,
+    the k + 1 blocks with the smallest minima, then the k + 1 smallest bounds among those blocks' groups. This is
+    the exact top k + 1: each of the k + 1 smallest bounds lies in a block whose minimum is not above it, and a
+    block outside the chosen ones has k + 1 smaller-or-equal minima before it. Compiled, the first stage fuses
+    into one reduction (no (B, Pc, nG) tensor in memory) and the top-k runs over nG / block and
+    (k + 1) * block values instead of nG.
+    """
+    B, Pc, _ = p.shape
+    nG = gc.shape[1]
+    if torch.compiler.is_compiling():  # fused: direct differences, no cancellation
+        d = (p[:, :, None, :] - gc[:, None, :, :]).square().sum(-1).sqrt()
+    else:  # eager: one batched matmul instead of a (B, Pc, nG, 3) temporary
+        d = torch.baddbmm(_dot(gc, gc)[:, None, :], p, gc.transpose(1, 2), alpha=-2.0)
+        d = d.add_(_dot(p, p)[..., None]).clamp_min_(0.0).sqrt_()
+    lb = (d - gr[:, None, :]).masked_fill(~gvalid[:, None, :], float("inf"))  # (B, Pc, nG)
+    if block == 1:
+        return torch.topk(lb, k + 1, dim=-1, largest=False, sorted=True)
+    bmin = lb.view(B, Pc, nG // block, block).amin(-1)
+    bidx = torch.topk(bmin, k + 1, dim=-1, largest=False, sorted=False).indices  # (B, Pc, k+1)
+    gsel = (bidx[..., None] * block + torch.arange(block, device=p.device)).reshape(B, Pc * (k + 1) * block)
+    # Recompute the chosen groups' bounds (direct differences) rather than keep lb.
+    cs = gc.gather(1, gsel[..., None].expand(B, gsel.shape[1], 3)).view(B, Pc, -1, 3)
+    lbs = (p[:, :, None, :] - cs).square().sum(-1).sqrt() - gr.gather(1, gsel).view(B, Pc, -1)
+    lbs = lbs.masked_fill(~gvalid.gather(1, gsel).view(B, Pc, -1), float("inf"))
+    lbk, j = torch.topk(lbs, k + 1, dim=-1, largest=False, sorted=True)
+    return lbk, gsel.view(B, Pc, -1).gather(-1, j)
 
 
-def _compiled_search_groups():  # noqa: ANN202
-    global _COMPILED_SEARCH
-    if _COMPILED_SEARCH is None:
-        _COMPILED_SEARCH = torch.compile(_search_groups, dynamic=True)
-    return _COMPILED_SEARCH
+def _search_chunk(
+    p: torch.Tensor, gc: torch.Tensor, gr: torch.Tensor, gvalid: torch.Tensor, tri_s: torch.Tensor,
+    valid: torch.Tensor, slots: torch.Tensor, *, k: int, block: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group selection and exact search for one chunk of points: squared distance, closest point and slot of
+    the best candidate (see `_search_groups`), and the (k+1)-th smallest group bound (B, Pc) for the certificate."""
+    lbk, gidx = _nearest_groups(p, gc, gr, gvalid, k, block)
+    bsq, bq, slot = _search_groups(p, gidx[..., :k].contiguous(), tri_s, valid, slots)
+    return bsq, bq, slot, lbk[..., k]
+
+
+_COMPILED_SEARCH: dict[tuple[int, int], Any] = {}
+
+
+def _compiled_search_chunk(k: int, block: int):  # noqa: ANN202
+    """`_search_chunk` through torch.compile (dynamic shapes), one compiled function per (k, block)."""
+    if (k, block) not in _COMPILED_SEARCH:
+        def search(p, gc, gr, gvalid, tri_s, valid, slots):  # noqa: ANN001, ANN202
+            return _search_chunk(p, gc, gr, gvalid, tri_s, valid, slots, k=k, block=block)
+
+        _COMPILED_SEARCH[(k, block)] = torch.compile(search, dynamic=True)
+    return _COMPILED_SEARCH[(k, block)]
 
 
 def _fallback(
