@@ -83,6 +83,37 @@ def run(pipe: OferPipeline, batch: int, repeats: int, device: str) -> tuple[floa
     return first, (time.perf_counter() - t) / repeats
 
 
+@torch.no_grad()
+def stage_seconds(pipe: OferPipeline, batch: int, device: str) -> dict[str, float]:
+    """One call of the pipeline's stages, each timed on its own (after `run`, so graphs and compilation are
+    warm): IdGen sampling, FLAME decode of the candidates, IdRank, ExpGen sampling (the steps of
+    `OferPipeline.forward`)."""
+    from ofer.models.ranker import candidate_vertices
+
+    arc = torch.nn.functional.normalize(torch.randn(batch, 512, device=device), dim=-1)
+    ctx = torch.cat([arc, torch.randn(batch, 512, device=device)], dim=-1)
+    out, t = {}, time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t
+        torch.cuda.synchronize()
+        now = time.perf_counter()
+        out[name], t = now - t, now
+
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    shapes = pipe._sample("id", arc, 300, pipe.num_samples, None)
+    lap("idgen")
+    verts = candidate_vertices(pipe.flame, shapes, pipe.face_idx)
+    lap("decode")
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=pipe.fast):
+        pipe.ranker(verts, ctx)
+    lap("idrank")
+    pipe._sample("exp", ctx, 53, pipe.num_samples, None)
+    lap("expgen")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=256, help="images per pipeline call on the fast path")
@@ -116,6 +147,8 @@ def main() -> None:
             pipe = build(device, flame, fast=fast, sampler=sampler, compile=fast and args.compile)
             first, s = run(pipe, batch, repeats, device)
             row = {"name": name, "batch": batch, "first_call_s": first, "s_per_call": s, "images_per_s": batch / s}
+            if fast:
+                row["stage_s"] = stage_seconds(pipe, batch, device)
         except Exception as exc:  # noqa: BLE001 -- reported in the table and the JSON
             row = {"name": name, "batch": batch, "error": f"{type(exc).__name__}: {exc}"}
         finally:
@@ -137,6 +170,8 @@ def main() -> None:
             continue
         print(f"{r['name']:52s} {r['batch']:6d} {r['s_per_call']:8.3f} {r['images_per_s']:9.1f} "
               f"{(r['speedup_vs_baseline'] or float('nan')):8.1f} {(r['fraction_of_floor'] or float('nan')):8.2f}")
+        if "stage_s" in r:
+            print("    stages (s): " + ", ".join(f"{k} {v:.3f}" for k, v in r["stage_s"].items()))
 
 
 if __name__ == "__main__":

@@ -176,6 +176,22 @@ def test_variants_and_bad_arguments() -> None:
         net(x, torch.tensor([0, 1]), torch.randn(2, 4))
 
 
+def test_cond_scale_is_a_constant_factor_on_the_condition() -> None:
+    """cond_scale = s computes exactly the network with cond_scale = 1 fed s * cond (the same weights)."""
+    torch.manual_seed(0)
+    plain = randomize(Denoiser(dim=7, cond_dim=5, widths=(8, 4), blocks_per_level=1, attn_tokens=4, attn_head_dim=4))
+    scaled = Denoiser(dim=7, cond_dim=5, widths=(8, 4), blocks_per_level=1, attn_tokens=4, attn_head_dim=4,
+                      cond_scale=22.5)
+    scaled.load_state_dict(plain.state_dict())
+    x, t, c = inputs(plain, 3)
+    c = torch.nn.functional.normalize(c, dim=-1)
+    torch.testing.assert_close(scaled(x, t, c), plain(x, t, 22.5 * c), rtol=0, atol=0)
+    assert not torch.allclose(scaled(x, t, c), plain(x, t, c))
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="cond_scale"):
+            Denoiser(dim=7, cond_dim=5, widths=(8, 4), cond_scale=bad)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_autocast() -> None:
