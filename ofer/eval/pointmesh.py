@@ -274,10 +274,7 @@ def closest_points_torch(
     sq = points.new_zeros(B, P)
     cp = points.new_zeros(B, P, 3)
     fi = torch.full((B, P), -1, dtype=torch.int64, device=dev)
-    # Values held per point: eager, the bounds to all nG groups; compiled, those are reduced on the fly and the
-    # largest tensors are the k * G candidates and the (k + 1) * block chosen bounds (fewer, larger chunks).
-    per_point = max(k * G, (k + 1) * block) if compile else max(nG, k * G)
-    chunk = max(1, max_pairs // max(1, B * per_point))
+    chunk = max(1, max_pairs // max(1, B * max(nG, k * G)))
     for s in range(0, P, chunk):
         p = pts[:, s:s + chunk]  # (B, Pc, 3)
         Pc = p.shape[1]
