@@ -31,6 +31,7 @@ def test_demo_script_end_to_end_shortened(synthetic_flame, tmp_path):
         "now.subjects=1", "now.images_per_challenge=1",
         "+datasets.SYNTH_TRAIN={actors:4,images_per_actor:2}", "+datasets.SYNTH_TEST={actors:2,images_per_actor:1}",
         "+datasets.SYNTHEXP_TRAIN={actors:6}", "+datasets.SYNTHEXP_TEST={actors:2}",
+        "+datasets.SYNTH_ID_TRAIN={actors:4,images_per_actor:2}", "+datasets.SYNTH_ID_TEST={actors:2,images_per_actor:1}",
         "extra_overrides.train_idgen=" + _list(["trainer.batch_size=2", *gen, *quiet]),
         "extra_overrides.train_expgen=" + _list(["trainer.batch_size=4", *gen, *quiet]),
         "extra_overrides.train_baseline=" + _list(["trainer.batch_size=2", *quiet]),
