@@ -121,8 +121,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile the denoiser trunks on the fast path")
+    ap.add_argument("--attention-launch", default=None,
+                    help="launch shape of the Triton attention kernel, rows per tile x tiles per program x stages x "
+                         "warps (default: the module's)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    if args.attention_launch:
+        from ofer.models import token_attention_kernel as tak
+
+        rows, tiles, stages, warps = (int(v) for v in args.attention_launch.split("x"))
+        tak.LAUNCH.update(block_rows=rows, tiles=tiles, stages=stages, num_warps=warps)
     device = "cuda"
     assert torch.cuda.is_available(), "this benchmark needs a GPU"
     assets = ensure_synthetic_flame(Path(tempfile.mkdtemp()))
@@ -130,8 +138,10 @@ def main() -> None:
     tflops = gemm_tflops(device)
     flop_per_image = 100 * (1000 * 2 * 12.45e6 + 1000 * 2 * 3.16e6)
     floor_ips = tflops * 1e12 / flop_per_image
+    from ofer.models import token_attention_kernel as tak
+
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "bf16_gemm_tflops": tflops,
-           "floor_images_per_s": floor_ips, "rows": []}
+           "floor_images_per_s": floor_ips, "attention_launch": dict(tak.LAUNCH), "rows": []}
     print(f"device: {out['device']}  torch {torch.__version__}  bf16 GEMM {tflops:.0f} TFLOP/s  "
           f"floor (paper setting) {floor_ips:.0f} images/s", flush=True)
     ddpm = {"sampler": "ddpm"}

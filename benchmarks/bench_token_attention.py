@@ -29,6 +29,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=25_600)
     ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--launches", default="4x4x2x2",
+                    help="comma list of the Triton kernel's launch shapes, rows per tile x tiles per program x "
+                         "stages x warps (token_attention_kernel.LAUNCH)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -48,8 +51,16 @@ def main() -> None:
     def kernel(x: torch.Tensor) -> torch.Tensor:
         return tak.token_attention_pool(x, w, T, H, DH)
 
-    forms = {"math eager": math, "math compiled": torch.compile(math), "reduce compiled": torch.compile(reduce),
-             "triton dot": kernel}
+    def launched(spec: str):  # noqa: ANN202
+        rows, tiles, stages, warps = (int(v) for v in spec.split("x"))
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            tak.LAUNCH.update(block_rows=rows, tiles=tiles, stages=stages, num_warps=warps)
+            return kernel(x)
+        return run
+
+    forms = {"math eager": math, "math compiled": torch.compile(math), "reduce compiled": torch.compile(reduce)}
+    forms.update({f"triton dot {spec}": launched(spec) for spec in args.launches.split(",")})
     out = {"device": torch.cuda.get_device_name(), "rows": args.rows, "forms": []}
     bytes_read = qkv.numel() * qkv.element_size()
     for name, fn in forms.items():
@@ -70,6 +81,11 @@ def main() -> None:
             row = {"form": name, "error": f"{type(exc).__name__}: {exc}"[:400]}
         out["forms"].append(row)
         print(json.dumps(row), flush=True)
+    timed = [r for r in out["forms"] if r["form"].startswith("triton dot") and "us_per_call" in r]
+    if timed:
+        best = min(timed, key=lambda r: r["us_per_call"])
+        out["best_launch"] = best["form"].split()[-1]
+        print(f"fastest launch: {out['best_launch']} ({best['us_per_call']:.0f} us)")
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
 

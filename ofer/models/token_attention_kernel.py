@@ -40,6 +40,10 @@ except ImportError:  # pragma: no cover - depends on the installation
     triton = None
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Launch shape: row blocks per program (a software-pipelined loop), pipeline stages, warps per program.
+# Module-level so benchmarks/bench_token_attention.py can sweep it; see the module docstring for the choice.
+# block_rows: rows stacked per tl.dot tile (None: 64 // tokens, a 64 x 64 score tile; at least 16 / tokens).
+LAUNCH = {"block_rows": None, "tiles": 4, "stages": 2, "num_warps": 2}
 
 
 def available(x: torch.Tensor, head_dim: int = 16) -> bool:
@@ -55,37 +59,41 @@ if triton is not None:
     @triton.jit
     def _token_attention_pool_kernel(
         qkv_ptr, w_ptr, out_ptr, R, stride_row, scale,
-        T: tl.constexpr, H: tl.constexpr, DH: tl.constexpr, BLOCK_R: tl.constexpr,
+        T: tl.constexpr, H: tl.constexpr, DH: tl.constexpr, BLOCK_R: tl.constexpr, TILES: tl.constexpr,
+        STAGES: tl.constexpr,
     ):
-        # Program (row block, head): the BLOCK_R rows' tokens are stacked into one (BLOCK_R * T, DH) tile, the
-        # scores of all stacked tokens against each other come from one tl.dot, and entries between tokens of
-        # different rows are masked out before the softmax.
+        # Program (TILES consecutive row blocks, head): per row block, the BLOCK_R rows' tokens are stacked into
+        # one (BLOCK_R * T, DH) tile, the scores of all stacked tokens against each other come from one tl.dot,
+        # and entries between tokens of different rows are masked out before the softmax. The loop over the
+        # row blocks is software-pipelined (STAGES): the next block's loads are in flight during this one's math.
         pid_r = tl.program_id(0)
         h = tl.program_id(1)
         M: tl.constexpr = BLOCK_R * T
         i = tl.arange(0, M)  # stacked token index: row i // T, token i % T
         ch = tl.arange(0, DH)
-        row = pid_r * BLOCK_R + i // T
         tok = i % T
-        row_ok = row < R
-        base = row.to(tl.int64) * stride_row + tok * (3 * H * DH) + h * DH  # (M,)
-        offs = base[:, None] + ch[None, :]  # (M, DH)
-        q = tl.load(qkv_ptr + offs, mask=row_ok[:, None], other=0.0)
-        k = tl.load(qkv_ptr + offs + H * DH, mask=row_ok[:, None], other=0.0)
-        v = tl.load(qkv_ptr + offs + 2 * H * DH, mask=row_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=tl.float32) * scale  # (M, M)
         same = (i[:, None] // T) == (i[None, :] // T)
-        s = tl.where(same, s, float("-inf"))
-        s = s - tl.max(s, axis=1)[:, None]
-        e = tl.exp(s)
-        a = e / tl.sum(e, axis=1)[:, None]
         w = tl.load(w_ptr + tok).to(tl.float32)  # (M,): w of each stacked token
-        c = tl.sum(a * w[:, None], axis=0)  # (M,): sum over the row's query tokens (others are 0)
-        prod = c[:, None] * v.to(tl.float32)  # (M, DH)
-        pooled = tl.sum(tl.reshape(prod, (BLOCK_R, T, DH)), axis=1)  # (BLOCK_R, DH)
-        rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        out = rr[:, None].to(tl.int64) * (H * DH) + h * DH + ch[None, :]
-        tl.store(out_ptr + out, pooled, mask=(rr < R)[:, None])
+        for it in tl.range(0, TILES, num_stages=STAGES):
+            blk = pid_r * TILES + it
+            row = blk * BLOCK_R + i // T
+            row_ok = row < R
+            base = row.to(tl.int64) * stride_row + tok * (3 * H * DH) + h * DH  # (M,)
+            offs = base[:, None] + ch[None, :]  # (M, DH)
+            q = tl.load(qkv_ptr + offs, mask=row_ok[:, None], other=0.0)
+            k = tl.load(qkv_ptr + offs + H * DH, mask=row_ok[:, None], other=0.0)
+            v = tl.load(qkv_ptr + offs + 2 * H * DH, mask=row_ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=tl.float32) * scale  # (M, M)
+            s = tl.where(same, s, float("-inf"))
+            s = s - tl.max(s, axis=1)[:, None]
+            e = tl.exp(s)
+            a = e / tl.sum(e, axis=1)[:, None]
+            c = tl.sum(a * w[:, None], axis=0)  # (M,): sum over the row's query tokens (others are 0)
+            prod = c[:, None] * v.to(tl.float32)  # (M, DH)
+            pooled = tl.sum(tl.reshape(prod, (BLOCK_R, T, DH)), axis=1)  # (BLOCK_R, DH)
+            rr = blk * BLOCK_R + tl.arange(0, BLOCK_R)
+            out = rr[:, None].to(tl.int64) * (H * DH) + h * DH + ch[None, :]
+            tl.store(out_ptr + out, pooled, mask=(rr < R)[:, None])
 
 
 @torch.library.custom_op("ofer::token_attention_pool", mutates_args=())
@@ -115,10 +123,12 @@ def token_attention_pool(qkv: torch.Tensor, w: torch.Tensor, tokens: int, heads:
     out = torch.empty(R, heads * head_dim, device=qkv.device, dtype=torch.float32)
     if R == 0:
         return out
-    block_r = max(1, 64 // tokens)
-    grid = (triton.cdiv(R, block_r), heads)
+    block_r = max(LAUNCH["block_rows"] or 64 // tokens, triton.cdiv(16, tokens))
+    tiles, stages, warps = LAUNCH["tiles"], LAUNCH["stages"], LAUNCH["num_warps"]
+    grid = (triton.cdiv(triton.cdiv(R, block_r), tiles), heads)
     _token_attention_pool_kernel[grid](qkv, w.contiguous(), out, R, qkv.stride(0), head_dim**-0.5,
-                                       T=tokens, H=heads, DH=head_dim, BLOCK_R=block_r)
+                                       T=tokens, H=heads, DH=head_dim, BLOCK_R=block_r, TILES=tiles,
+                                       STAGES=stages, num_warps=warps)
     return out
 
 
