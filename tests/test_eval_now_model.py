@@ -40,6 +40,8 @@ def tiny_model(tmp_path_factory, synthetic_flame, flame):
     (root / "FLAME").symlink_to(synthetic_flame.flame_model.parent)
     write_mica_dataset(root, "SYNTH_TRAIN", flame, actors=3, images_per_actor=1, seed=1)
     write_mica_dataset(root, "SYNTH_TEST", flame, actors=2, images_per_actor=1, seed=2)
+    write_mica_dataset(root, "SYNTH_ID_TRAIN", flame, actors=3, images_per_actor=1, seed=5)
+    write_mica_dataset(root, "SYNTH_ID_TEST", flame, actors=2, images_per_actor=1, seed=6)
     idgen = root / "idgen"
     train_generator(_compose("train_idgen", root, idgen, "synthetic.ensure=false", "data.n_images=1",
                              "model.widths=[300,32,8]", "model.time_dim=64",

@@ -19,11 +19,13 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory, synthetic_flame, flame):
-    """A tiny synthetic data root: the FLAME files and four small MICA-layout sets."""
+    """A tiny synthetic data root: the FLAME files and six small MICA-layout sets."""
     root = tmp_path_factory.mktemp("synth")
     (root / "FLAME").symlink_to(synthetic_flame.flame_model.parent)
     write_mica_dataset(root, "SYNTH_TRAIN", flame, actors=5, images_per_actor=2, seed=1)
     write_mica_dataset(root, "SYNTH_TEST", flame, actors=3, images_per_actor=1, seed=2)
+    write_mica_dataset(root, "SYNTH_ID_TRAIN", flame, actors=5, images_per_actor=2, seed=5)  # IdGen's default sets
+    write_mica_dataset(root, "SYNTH_ID_TEST", flame, actors=3, images_per_actor=1, seed=6)
     write_mica_dataset(root, "SYNTHEXP_TRAIN", flame, actors=8, images_per_actor=1, mode="frame", seed=3)
     write_mica_dataset(root, "SYNTHEXP_TEST", flame, actors=3, images_per_actor=1, mode="frame", seed=4)
     return root
@@ -67,7 +69,7 @@ def test_idgen_trains_and_resumes(idgen_run, tiny_root):
     run, res = idgen_run
     assert res.step == 4 and (run / "checkpoints" / "last.pt").is_file()
     for k in ("eval/err_mean_sample", "eval/err_best_of_n", "eval/err_prior", "eval/denoise_loss",
-              "eval/denoise_loss_untrained"):
+              "eval/denoise_loss_untrained", "eval/err_mean_sample_other_cond"):
         assert np.isfinite(res.metrics[k])
     ck = load_checkpoint(run / "checkpoints" / "last.pt")
     assert ck["task_name"] == "idgen" and ck["config"]["model"]["dim"] == 300
@@ -190,3 +192,35 @@ def test_baseline_regressor_learns(tiny_root, tmp_path):
                           eval_dataset=feature_dataset(cfg, cfg.eval_data, ["arcface"], "cpu"))
     # Measured: 0.95 mm against the template's 2.92 mm.
     assert res.metrics["eval/face_error_mm"] < 0.5 * task.evaluate(zero)["face_error_mm"]
+
+
+def test_other_condition_control_of_the_generator_evaluation() -> None:
+    """`err_mean_sample_other_cond` samples with each item's condition replaced by the next item's, from the same
+    noise: for a network that ignores the condition it equals `err_mean_sample` exactly; for one whose output is
+    the condition, it differs."""
+    from ofer.diffusion import GaussianDiffusion
+    from ofer.tasks.generator import GeneratorTask
+
+    g = torch.Generator().manual_seed(0)
+    items = [{"shape": torch.randn(300, generator=g), "arcface_feat": torch.randn(1, 300, generator=g)}
+             for _ in range(4)]
+
+    class Net(torch.nn.Module):
+        def __init__(self, use_cond: bool) -> None:
+            super().__init__()
+            self.use_cond, self.dim, self.cond_dim = use_cond, 300, 300
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x, t, c):  # noqa: ANN001, ANN202
+            return 0.1 * x + (0.5 * c if self.use_cond else 0.0)
+
+    results = {}
+    for use_cond in (False, True):
+        net = Net(use_cond)
+        task = GeneratorTask(name="idgen", model=net, diffusion=GaussianDiffusion(num_steps=50), dataset=items,
+                             target="shape", cond_keys=["arcface_feat"], eval_dataset=items, eval_items=4,
+                             eval_samples=3, eval_sampling={"sampler": "ddim", "steps": 5})
+        results[use_cond] = task.evaluate(net)
+    off, on = results[False], results[True]
+    assert off["err_mean_sample_other_cond"] == off["err_mean_sample"]
+    assert abs(on["err_mean_sample_other_cond"] - on["err_mean_sample"]) > 1e-3

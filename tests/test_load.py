@@ -51,6 +51,7 @@ def checkpoints(tmp_path_factory, synthetic_flame, flame) -> dict[str, Path]:
     root.mkdir()
     (root / "FLAME").symlink_to(synthetic_flame.flame_model.parent)
     for name, actors, mode, seed in (("SYNTH_TRAIN", 2, "identity", 1), ("SYNTH_TEST", 4, "identity", 2),
+                                     ("SYNTH_ID_TRAIN", 2, "identity", 5), ("SYNTH_ID_TEST", 2, "identity", 6),
                                      ("SYNTHEXP_TRAIN", 2, "frame", 3), ("SYNTHEXP_TEST", 2, "frame", 4)):
         write_mica_dataset(root, name, flame, actors=actors, images_per_actor=1, mode=mode, seed=seed, workers=1)
     one_step = ["synthetic.ensure=false", "trainer.max_steps=1", "trainer.batch_size=2", "trainer.ckpt_every=1",

@@ -27,6 +27,8 @@ def root(tmp_path_factory, synthetic_flame, flame):
     (r / "FLAME").symlink_to(synthetic_flame.flame_model.parent)
     write_mica_dataset(r, "SYNTH_TRAIN", flame, actors=4, images_per_actor=2, seed=1, workers=1)
     write_mica_dataset(r, "SYNTH_TEST", flame, actors=2, images_per_actor=1, seed=2, workers=1)
+    write_mica_dataset(r, "SYNTH_ID_TRAIN", flame, actors=4, images_per_actor=2, seed=5, workers=1)
+    write_mica_dataset(r, "SYNTH_ID_TEST", flame, actors=2, images_per_actor=1, seed=6, workers=1)
     return r
 
 

@@ -15,10 +15,13 @@ BENCHMARKS.md). Scores and softmax are float32. There is no backward: training u
 How: per program (block of 4 rows, head), the rows' 4 x 16 tokens are stacked into one (64, Dh) tile and all
 scores come from one tensor-core `tl.dot` (64 x 64; scores between tokens of different rows are masked to -inf
 before the softmax: 4x more products than needed, all on the tensor cores).
-Measured on an H200, 25,600 rows of bf16 q/k/v (`benchmarks/bench_token_attention.py`): 167 us per call,
+Each program loops over `LAUNCH["tiles"]` consecutive row blocks of one head, software-pipelined over
+`LAUNCH["stages"]` stages, with `LAUNCH["num_warps"]` warps.
+Measured on an H200, 25,600 rows of bf16 q/k/v (`benchmarks/bench_token_attention.py`): 132 us per call with
+the default launch (4 blocks per program, 2 stages, 2 warps; one block per program with 4 warps: 163-167 us),
 against 551 us for the compiled fused-reduction form, 928 us for compiled explicit math, 1,300 us eager; a
 first version with CUDA-core broadcast products instead of `tl.dot` took 868 us and was dropped. A compiled
-IdGen sampling step went from 6.6 to 4.4 ms, ExpGen from 4.9 to 2.7 ms.
+IdGen sampling step went from 6.6 to 4.4 ms, ExpGen from 4.9 to 2.7 ms (with the first launch shape).
 
 `token_attention_pool` is a `torch.library` custom op, so `torch.compile` and CUDA graphs treat it as one call.
 Triton is optional: `available(x, head_dim)` says whether the op can run on `x` (Triton importable, a CUDA

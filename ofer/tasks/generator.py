@@ -125,6 +125,8 @@ class GeneratorTask:
         coefficient L2): `err_mean_sample` (average over samples), `err_best_of_n` (closest sample),
         `err_prior` (the same for N(0, I) draws: what an untrained generator would give; for ExpGen the
         prior of the targets' own spread is unknown, so the zero vector is used instead).
+        `err_mean_sample_other_cond`: the average sample error when every item is given the condition of the next
+        item (a control: it shows how much of the gain over `err_prior` comes from the condition; needs >= 2 items).
         Also the held-out denoising loss (the training objective, same t and noise for both, 8 draws per item):
         `denoise_loss` of the model and `denoise_loss_untrained` of the untrained network, whose zero output
         layer makes it predict eps = 0 (with `prior_skip`: the exact noise predictor of the N(0, I) prior).
@@ -147,6 +149,12 @@ class GeneratorTask:
             baseline = torch.zeros_like(samples)
         err = self._errors(samples, x0)
         err_base = self._errors(baseline, x0)
+        other = {}
+        if cond.shape[0] >= 2:
+            g_other = torch.Generator(device=device).manual_seed(0)  # the same noise as `samples`
+            shuffled = self.diffusion.sample(model, cond.roll(1, dims=0), dim=self.dim, num_samples=self.eval_samples,
+                                             generator=g_other, **self.eval_sampling)
+            other = {"err_mean_sample_other_cond": self._errors(shuffled, x0).mean().item()}
         x_rep, c_rep = x0.float().repeat(8, 1), cond.float().repeat(8, 1)
         t = torch.randint(0, self.diffusion.num_steps, (x_rep.shape[0],), device=device, generator=g)
         noise = torch.randn(x_rep.shape, device=device, generator=g)
@@ -155,7 +163,7 @@ class GeneratorTask:
                                                    noise=noise)["loss"].mean()
         return {"err_mean_sample": err.mean().item(), "err_best_of_n": err.min(1).values.mean().item(),
                 "err_prior": err_base.mean().item(), "err_prior_best_of_n": err_base.min(1).values.mean().item(),
-                "denoise_loss": loss.item(), "denoise_loss_untrained": untrained.item()}
+                "denoise_loss": loss.item(), "denoise_loss_untrained": untrained.item(), **other}
 
     def _errors(self, samples: Tensor, x0: Tensor) -> Tensor:
         """(B,N,D) vs (B,D) -> (B,N) per-sample error."""
