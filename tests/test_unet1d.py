@@ -207,14 +207,15 @@ def test_cuda_bf16_autocast() -> None:
 
 def test_split_film_equals_the_joint_film_matmul(idgen: Denoiser) -> None:
     """forward = trunk(time_film + condition_film) must equal the public design's single FiLM matmul on
-    SiLU(concat(time embedding, cond)), computed here directly from the module's `film` Linear."""
+    SiLU(concat(time embedding, cond_scale * cond)), computed here directly from the module's `film` Linear."""
     from ofer.models.unet1d import sinusoidal_embedding
 
     net = randomize(idgen, seed=3).eval()
     x, cond = torch.randn(5, 300), torch.randn(5, 512)
     t = torch.tensor([0, 1, 250, 998, 999])
     t_emb = net.time_mlp(sinusoidal_embedding(t, net.time_dim))
-    joint = net.film(torch.nn.functional.silu(torch.cat((t_emb, cond), dim=-1)))
+    assert net.cond_scale == pytest.approx(512**0.5)  # the IdGen config's value
+    joint = net.film(torch.nn.functional.silu(torch.cat((t_emb, net.cond_scale * cond), dim=-1)))
     split = net.time_film(t) + net.condition_film(cond)
     torch.testing.assert_close(split, joint, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
