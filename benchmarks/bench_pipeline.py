@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import ofer  # noqa: E402,F401
 from ofer.diffusion import GaussianDiffusion  # noqa: E402
 from ofer.flame import FLAME  # noqa: E402
+from ofer.models import token_attention_kernel as tak  # noqa: E402
 from ofer.models.ranker import IdRanker  # noqa: E402
 from ofer.models.unet1d import Denoiser  # noqa: E402
 from ofer.pipeline import OferPipeline  # noqa: E402
@@ -127,10 +128,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.attention_launch:
-        from ofer.models import token_attention_kernel as tak
-
-        rows, tiles, stages, warps = (int(v) for v in args.attention_launch.split("x"))
-        tak.LAUNCH.update(block_rows=rows, tiles=tiles, stages=stages, num_warps=warps)
+        tak.set_launch(args.attention_launch)
     device = "cuda"
     assert torch.cuda.is_available(), "this benchmark needs a GPU"
     assets = ensure_synthetic_flame(Path(tempfile.mkdtemp()))
@@ -138,8 +136,6 @@ def main() -> None:
     tflops = gemm_tflops(device)
     flop_per_image = 100 * (1000 * 2 * 12.45e6 + 1000 * 2 * 3.16e6)
     floor_ips = tflops * 1e12 / flop_per_image
-    from ofer.models import token_attention_kernel as tak
-
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "bf16_gemm_tflops": tflops,
            "floor_images_per_s": floor_ips, "attention_launch": dict(tak.LAUNCH), "rows": []}
     print(f"device: {out['device']}  torch {torch.__version__}  bf16 GEMM {tflops:.0f} TFLOP/s  "

@@ -52,10 +52,10 @@ def main() -> None:
         return tak.token_attention_pool(x, w, T, H, DH)
 
     def launched(spec: str):  # noqa: ANN202
-        rows, tiles, stages, warps = (int(v) for v in spec.split("x"))
+        tak.set_launch(spec)  # a malformed spec fails here, before any timing
 
         def run(x: torch.Tensor) -> torch.Tensor:
-            tak.LAUNCH.update(block_rows=rows, tiles=tiles, stages=stages, num_warps=warps)
+            tak.set_launch(spec)
             return kernel(x)
         return run
 

@@ -114,3 +114,18 @@ def test_triton_attention_on_cuda_matches_sdpa_and_is_the_auto_choice() -> None:
     assert torch.equal(auto, out)  # "auto" runs the kernel without autograd on CUDA
     # bf16: both differ from fp32 by rounding; the kernel (fp32 softmax on bf16 q/k/v) no more than "math"
     assert (out16 - ref).norm() <= 1.5 * (ref16 - ref).norm() + 1e-6
+
+
+def test_set_launch_parses_and_rejects_bad_specs() -> None:
+    from ofer.models import token_attention_kernel as tak
+
+    saved = dict(tak.LAUNCH)
+    try:
+        assert tak.set_launch("2x8x3x1") == {"block_rows": 2, "tiles": 8, "stages": 3, "num_warps": 1}
+        for bad in ("4x4x2", "4x4x2x0", "4xax2x2", "4x4x2x2x1", ""):
+            with pytest.raises(ValueError, match="rows x tiles x stages x warps"):
+                tak.set_launch(bad)
+        assert tak.LAUNCH == {"block_rows": 2, "tiles": 8, "stages": 3, "num_warps": 1}  # unchanged by bad specs
+    finally:
+        tak.LAUNCH.clear()
+        tak.LAUNCH.update(saved)

@@ -49,6 +49,18 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LAUNCH = {"block_rows": None, "tiles": 4, "stages": 2, "num_warps": 2}
 
 
+def set_launch(spec: str) -> dict:
+    """Set `LAUNCH` from "ROWSxTILESxSTAGESxWARPS" (e.g. "4x4x2x2"), four positive integers; returns the new
+    `LAUNCH`. Used by the benchmarks' --launches / --attention-launch options."""
+    parts = spec.split("x")
+    if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"attention launch {spec!r}: expected rows x tiles x stages x warps, four positive "
+                         "integers such as '4x4x2x2'")
+    rows, tiles, stages, warps = (int(p) for p in parts)
+    LAUNCH.update(block_rows=rows, tiles=tiles, stages=stages, num_warps=warps)
+    return LAUNCH
+
+
 def available(x: torch.Tensor, head_dim: int = 16) -> bool:
     """Whether `token_attention_pool` runs on tensors like `x` with this head size (Triton installed, a CUDA
     tensor or the interpreter, head_dim >= 16 for `tl.dot`). Only static properties, so torch.compile traces it
