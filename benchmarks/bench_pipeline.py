@@ -84,34 +84,13 @@ def run(pipe: OferPipeline, batch: int, repeats: int, device: str) -> tuple[floa
     return first, (time.perf_counter() - t) / repeats
 
 
-@torch.no_grad()
 def stage_seconds(pipe: OferPipeline, batch: int, device: str) -> dict[str, float]:
-    """One call of the pipeline's stages, each timed on its own (after `run`, so graphs and compilation are
-    warm): IdGen sampling, FLAME decode of the candidates, IdRank, ExpGen sampling (the steps of
-    `OferPipeline.forward`)."""
-    from ofer.models.ranker import candidate_vertices
-
+    """One call of the pipeline with each stage timed on its own (`OferPipeline.forward(stage_seconds=...)`;
+    after `run`, so graphs and compilation are warm): IdGen sampling, FLAME decode of the candidates, IdRank,
+    ExpGen sampling."""
     arc = torch.nn.functional.normalize(torch.randn(batch, 512, device=device), dim=-1)
-    ctx = torch.cat([arc, torch.randn(batch, 512, device=device)], dim=-1)
-    out, t = {}, time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal t
-        torch.cuda.synchronize()
-        now = time.perf_counter()
-        out[name], t = now - t, now
-
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    shapes = pipe._sample("id", arc, 300, pipe.num_samples, None)
-    lap("idgen")
-    verts = candidate_vertices(pipe.flame, shapes, pipe.face_idx)
-    lap("decode")
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=pipe.fast):
-        pipe.ranker(verts, ctx)
-    lap("idrank")
-    pipe._sample("exp", ctx, 53, pipe.num_samples, None)
-    lap("expgen")
+    out: dict[str, float] = {}
+    pipe(arc, torch.randn(batch, 512, device=device), stage_seconds=out)
     return out
 
 

@@ -8,6 +8,7 @@ sampling step, on whatever device the models live on.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,24 +126,41 @@ class OferPipeline(nn.Module):
         self.register_buffer("face_idx", flame.face_mask("face"), persistent=False)
 
     @torch.no_grad()
-    def forward(self, arcface: Tensor, farl: Tensor, *, generator: torch.Generator | None = None) -> Hypotheses:
+    def forward(self, arcface: Tensor, farl: Tensor, *, generator: torch.Generator | None = None,
+                stage_seconds: dict[str, float] | None = None) -> Hypotheses:
+        """Hypotheses of B images from their features: arcface (B,512), farl (B,512). `stage_seconds`, if given,
+        receives the wall time of each stage (idgen, decode, idrank, expgen), synchronising CUDA between stages
+        (for benchmarks/bench_pipeline.py; it serialises the stages, so leave it None otherwise)."""
         if arcface.ndim != 2 or farl.ndim != 2 or arcface.shape[0] != farl.shape[0]:
             raise ValueError(f"pipeline: arcface (B,512) and farl (B,512) expected, got {tuple(arcface.shape)} "
                              f"and {tuple(farl.shape)}")
         from ofer.models.ranker import candidate_vertices
 
+        def lap(name: str) -> None:
+            nonlocal t_last
+            if stage_seconds is not None:
+                if arcface.is_cuda:
+                    torch.cuda.synchronize(arcface.device)
+                now = time.perf_counter()
+                stage_seconds[name], t_last = now - t_last, now
+
         N = self.num_samples
         arcface, farl = arcface.float(), farl.float()
         ctx = torch.cat([arcface, farl], dim=-1)  # (B,1024) OFER: ArcFace (+) FaRL
+        t_last = time.perf_counter()
         shapes = self._sample("id", arcface, 300, N, generator)  # (B,N,300)
+        lap("idgen")
         verts = candidate_vertices(self.flame, shapes, self.face_idx)  # (B,N,Vf,3) mm
+        lap("decode")
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.fast and verts.is_cuda):
             scores = self.ranker(verts, ctx).float()  # (B,N); bf16 matmuls on the fast path
         best = scores.argmax(dim=1)
+        lap("idrank")
         if self.expgen is None:
             exp = shapes.new_zeros(shapes.shape[0], 0, 53)
         else:
             exp = self._sample("exp", ctx, 53, N, generator)  # (B,N,53)
+        lap("expgen")
         return Hypotheses(shapes=shapes, scores=scores, best=best, expressions=exp[..., :50],
                           jaw=exp[..., 50:53] * self.jaw_scale, meta=dict(self.meta))
 
