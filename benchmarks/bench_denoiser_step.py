@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ofer.diffusion import GaussianDiffusion  # noqa: E402
 from ofer.fast_sampling import GraphedSampler  # noqa: E402
+from ofer.models import token_attention_kernel as tak  # noqa: E402
 from ofer.models.unet1d import Denoiser  # noqa: E402
 
 MODELS = {"idgen": dict(dim=300, cond_dim=512, widths=(300, 50, 10)),
@@ -86,16 +87,24 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-compiled", action="store_true", help="kernel table of one compiled step with the default ('auto') attention")
     ap.add_argument("--only-profile", action="store_true")
+    ap.add_argument("--project-max-widths", default=None,
+                    help="comma list of token_attention_kernel.PROJECT_MAX_WIDTH values to time the triton rows with "
+                         "(0: the projection never inside the kernel); default: the module's")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
     if args.profile:
         for name in MODELS:
             print(f"--- {name}, eager, sdpa: one step's CUDA kernels\n{profile_step(name, 'sdpa', args.rows)}", flush=True)
+    widths = [int(v) for v in args.project_max_widths.split(",")] if args.project_max_widths else [None]
+    default_width = tak.PROJECT_MAX_WIDTH
     if args.profile_compiled:
         for name in MODELS:
-            table = profile_step(name, "auto", args.rows, compiled=True)
-            print(f"--- {name}, compiled, auto attention: one step's CUDA kernels\n{table}", flush=True)
+            for width in widths:
+                tak.PROJECT_MAX_WIDTH = default_width if width is None else width
+                table = profile_step(name, "auto", args.rows, compiled=True)
+                print(f"--- {name}, compiled, auto attention, PROJECT_MAX_WIDTH {tak.PROJECT_MAX_WIDTH}: one step's "
+                      f"CUDA kernels\n{table}", flush=True)
     if args.only_profile:
         return
     impls = args.impls.split(",")
@@ -103,11 +112,14 @@ def main() -> None:
     if not args.no_compile:
         variants += [(impl, True) for impl in impls]
     for name in MODELS:
-        for impl, comp in variants:
+        for (impl, comp), width in ((v, wd) for v in variants for wd in (widths if v[0] == "triton" else [None])):
+            tak.PROJECT_MAX_WIDTH = default_width if width is None else width
             try:
                 row = time_variant(name, impl, comp, args.rows, args.steps, args.repeats)
             except Exception as exc:  # noqa: BLE001 -- reported, the other variants go on
                 row = {"model": name, "attention": impl, "compile": comp, "error": f"{type(exc).__name__}: {exc}"[:400]}
+            if impl == "triton":
+                row["project_max_width"] = tak.PROJECT_MAX_WIDTH
             out["rows"].append(row)
             print(json.dumps(row), flush=True)
             if args.json:

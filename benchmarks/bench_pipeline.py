@@ -104,10 +104,15 @@ def main() -> None:
     ap.add_argument("--attention-launch", default=None,
                     help="launch shape of the Triton attention kernel, rows per tile x tiles per program x stages x "
                          "warps (default: the module's)")
+    ap.add_argument("--project-max-width", type=int, default=None,
+                    help="widest attention input whose q/k/v projection runs inside the Triton kernel (0: never; "
+                         "default: the module's token_attention_kernel.PROJECT_MAX_WIDTH)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.attention_launch:
         tak.set_launch(args.attention_launch)
+    if args.project_max_width is not None:
+        tak.PROJECT_MAX_WIDTH = args.project_max_width
     device = "cuda"
     assert torch.cuda.is_available(), "this benchmark needs a GPU"
     assets = ensure_synthetic_flame(Path(tempfile.mkdtemp()))
@@ -116,7 +121,8 @@ def main() -> None:
     flop_per_image = 100 * (1000 * 2 * 12.45e6 + 1000 * 2 * 3.16e6)
     floor_ips = tflops * 1e12 / flop_per_image
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "bf16_gemm_tflops": tflops,
-           "floor_images_per_s": floor_ips, "attention_launch": dict(tak.LAUNCH), "rows": []}
+           "floor_images_per_s": floor_ips, "attention_launch": dict(tak.LAUNCH),
+           "project_max_width": tak.PROJECT_MAX_WIDTH, "project_launch": dict(tak.PROJECT_LAUNCH), "rows": []}
     print(f"device: {out['device']}  torch {torch.__version__}  bf16 GEMM {tflops:.0f} TFLOP/s  "
           f"floor (paper setting) {floor_ips:.0f} images/s", flush=True)
     ddpm = {"sampler": "ddpm"}

@@ -32,6 +32,11 @@ def main() -> None:
     ap.add_argument("--launches", default="4x4x2x2",
                     help="comma list of the Triton kernel's launch shapes, rows per tile x tiles per program x "
                          "stages x warps (token_attention_kernel.LAUNCH)")
+    ap.add_argument("--widths", default="",
+                    help="comma list of attention input widths C: also time the cuBLAS projection + kernel against "
+                         "the kernel with the projection inside (token_attention_project_pool)")
+    ap.add_argument("--project-launches", default="16x4",
+                    help="comma list of the projecting kernel's launches, rows per program x warps")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -86,8 +91,62 @@ def main() -> None:
         best = min(timed, key=lambda r: r["us_per_call"])
         out["best_launch"] = best["form"].split()[-1]
         print(f"fastest launch: {out['best_launch']} ({best['us_per_call']:.0f} us)")
+    if args.widths:
+        out["projection"] = project_rows(args, w)
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
+
+
+def timed_us(fn, x: torch.Tensor, iters: int) -> float:  # noqa: ANN001
+    with torch.no_grad():
+        for _ in range(3):
+            fn(x)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn(x)
+        end.record()
+        torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters * 1e3
+
+
+def project_rows(args: argparse.Namespace, w: torch.Tensor) -> list[dict]:
+    """Per input width: normalised input (rows, C) bf16 -> pooled attention, (a) the bf16 cuBLAS projection to
+    (rows, 6,144) followed by the kernel, (b) the kernel with the projection inside, per launch."""
+    rows = []
+    saved = dict(tak.PROJECT_LAUNCH)
+    for c in (int(v) for v in args.widths.split(",")):
+        x = torch.nn.functional.normalize(torch.randn(args.rows, c, device="cuda"), dim=-1).mul(c**0.5)
+        x = x.to(torch.bfloat16)
+        wqkv = (torch.randn(T * 3 * H * DH, c, device="cuda") * c**-0.5).to(torch.bfloat16)
+        ref = tak.token_attention_pool_reference(x[:512].double() @ wqkv.double().T, w, T, H, DH)
+
+        def separate(xx: torch.Tensor) -> torch.Tensor:
+            return tak.token_attention_pool(torch.nn.functional.linear(xx, wqkv), w, T, H, DH)
+
+        def separate_aligned(xx: torch.Tensor) -> torch.Tensor:  # K padded to a multiple of 8 for cuBLAS
+            pad = -c % 8
+            return tak.token_attention_pool(torch.nn.functional.linear(torch.nn.functional.pad(xx, (0, pad)),
+                                                                       torch.nn.functional.pad(wqkv, (0, pad))),
+                                            w, T, H, DH)
+
+        forms = {"projection + kernel": separate, "projection (K padded to 8) + kernel": separate_aligned}
+        for spec in args.project_launches.split(","):
+            def fused(xx: torch.Tensor, spec: str = spec) -> torch.Tensor:
+                tak.set_project_launch(spec)
+                return tak.token_attention_project_pool(xx, wqkv, w, T, H, DH)
+            forms[f"projecting kernel {spec}"] = fused
+        for name, fn in forms.items():
+            try:
+                with torch.no_grad():
+                    err = float((fn(x[:512]).double() - ref).abs().max())
+                row = {"width": c, "form": name, "us_per_call": timed_us(fn, x, args.iters), "max_abs_err": err}
+            except Exception as exc:  # noqa: BLE001 -- reported, the other forms go on
+                row = {"width": c, "form": name, "error": f"{type(exc).__name__}: {exc}"[:400]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    tak.PROJECT_LAUNCH.update(saved)
+    return rows
 
 
 if __name__ == "__main__":

@@ -30,6 +30,92 @@ def small_net(seed: int = 0) -> Denoiser:
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton not installed; covered by the GPU tests")
+def test_projecting_kernel_matches_reference_in_the_interpreter() -> None:
+    """The kernel with the q/k/v projection inside against the float64 formula on x @ wqkv.T: widths below, at
+    and not a power of two (the zero-padded channels), row counts that leave the last block partly empty, two
+    launches, 1-4 heads; then a Denoiser whose blocks are all narrow against PyTorch's SDPA, and one where
+    PROJECT_MAX_WIDTH sends the widest blocks to the separate projection (both paths in one network)."""
+    script = textwrap.dedent("""
+        import torch
+        from ofer.models import token_attention_kernel as tak
+        from ofer.models.unet1d import Denoiser
+        from tests.test_token_attention_kernel import small_net
+        torch.manual_seed(0)
+        for launch in ("16x4", "32x2"):
+            tak.set_project_launch(launch)
+            for R, C, H, D in [(37, 10, 4, 32), (5, 53, 4, 32), (16, 25, 2, 16), (3, 64, 1, 32), (1, 1, 1, 16)]:
+                x = torch.randn(R, C)
+                wqkv = torch.randn(16 * 3 * H * D, C) * C**-0.5
+                w = torch.randn(16)
+                out = tak.token_attention_project_pool(x, wqkv, w, 16, H, D)
+                ref = tak.token_attention_pool_reference(x.double() @ wqkv.double().T, w, 16, H, D)
+                assert out.dtype == torch.float32 and out.shape == (R, H * D)
+                err = float((out.double() - ref).abs().max())
+                assert err < 5e-5, (launch, R, C, H, D, err)
+        net = small_net()
+        x, t, c = torch.randn(3, 12), torch.tensor([0, 500, 999]), torch.randn(3, 6)
+        with torch.no_grad():
+            ref = net.set_attention_impl("sdpa")(x, t, c)
+            out = net.set_attention_impl("triton")(x, t, c)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        torch.manual_seed(1)
+        net = Denoiser(dim=80, cond_dim=6, widths=(80, 24, 8), time_dim=16)
+        with torch.no_grad():
+            for p in (net.film.weight, net.film.bias, net.out_proj.weight, net.out_proj.bias):
+                p.normal_(0.0, 0.05)
+        net.eval()
+        x, t, c = torch.randn(5, 80), torch.tensor([0, 10, 500, 900, 999]), torch.randn(5, 6)
+        tak.PROJECT_MAX_WIDTH = 32  # the 80-wide blocks project separately, the 24- and 8-wide ones in the kernel
+        calls = []
+        for name in ("token_attention_pool", "token_attention_project_pool"):
+            orig = getattr(tak, name)
+            setattr(tak, name, lambda *a, orig=orig, name=name: calls.append(name) or orig(*a))
+        with torch.no_grad():
+            ref = net.set_attention_impl("sdpa")(x, t, c)
+            out = net.set_attention_impl("triton")(x, t, c)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        assert calls.count("token_attention_pool") == 3 and calls.count("token_attention_project_pool") == 3, calls
+        print("ok")
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_projecting_kernel_rejects_bad_inputs() -> None:
+    from ofer.models import token_attention_kernel as tak
+
+    if not tak.available(torch.zeros(1), 32):
+        with pytest.raises(RuntimeError, match="token_attention_project_pool needs Triton"):
+            tak.token_attention_project_pool(torch.zeros(2, 8), torch.zeros(16 * 3 * 4 * 32, 8), torch.zeros(16),
+                                             16, 4, 32)
+        return
+    with pytest.raises(ValueError, match="1 <= C <= 64"):
+        tak.token_attention_project_pool(torch.zeros(2, 65), torch.zeros(6144, 65), torch.zeros(16), 16, 4, 32)
+    with pytest.raises(ValueError, match="wqkv must be a contiguous \\(6144, 8\\) tensor"):
+        tak.token_attention_project_pool(torch.zeros(2, 8), torch.zeros(6144, 9), torch.zeros(16), 16, 4, 32)
+
+
+def test_set_project_launch_parses_and_rejects_bad_specs() -> None:
+    from ofer.models import token_attention_kernel as tak
+
+    saved = dict(tak.PROJECT_LAUNCH)
+    try:
+        assert tak.set_project_launch("64x8")[32] == {"block_rows": 64, "num_warps": 8}
+        assert tak.set_project_launch("16x2", widths=(16,)) == {16: {"block_rows": 16, "num_warps": 2},
+                                                                32: {"block_rows": 64, "num_warps": 8},
+                                                                64: {"block_rows": 64, "num_warps": 8}}
+        for bad in ("8x4", "24x4", "32", "32x0", "ax4", "16x4x1"):
+            with pytest.raises(ValueError, match="rows x warps"):
+                tak.set_project_launch(bad)
+        assert tak.PROJECT_LAUNCH[64] == {"block_rows": 64, "num_warps": 8}
+    finally:
+        tak.PROJECT_LAUNCH.clear()
+        tak.PROJECT_LAUNCH.update(saved)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton not installed; covered by the GPU tests")
 def test_kernel_matches_reference_in_the_interpreter() -> None:
     """The kernel against an independent per-token float64 formula (odd row counts exercise the row mask, three
     attention shapes the stacking of 4, 8 and 2 rows per tile), and a whole Denoiser against PyTorch's SDPA."""
@@ -114,6 +200,41 @@ def test_triton_attention_on_cuda_matches_sdpa_and_is_the_auto_choice() -> None:
     assert torch.equal(auto, out)  # "auto" runs the kernel without autograd on CUDA
     # bf16: both differ from fp32 by rounding; the kernel (fp32 softmax on bf16 q/k/v) no more than "math"
     assert (out16 - ref).norm() <= 1.5 * (ref16 - ref).norm() + 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_projecting_kernel_on_cuda_matches_reference_and_the_separate_projection() -> None:
+    """On CUDA, fp32 and bf16: the projecting kernel against the float64 formula, and a paper-sized IdGen (widths
+    300, 50, 10: both paths) with the kernels against SDPA."""
+    from ofer.models import token_attention_kernel as tak
+
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    w = torch.randn(16, device=dev, generator=gen)
+    for c in (10, 25, 53, 64):
+        x = torch.randn(1000, c, device=dev, generator=gen)
+        wqkv = torch.randn(6144, c, device=dev, generator=gen) * c**-0.5
+        ref = tak.token_attention_pool_reference(x.double() @ wqkv.double().T, w, 16, 4, 32)
+        out = tak.token_attention_project_pool(x, wqkv, w, 16, 4, 32)
+        assert float((out.double() - ref).abs().max()) < 1e-4, c
+        x16, w16 = x.bfloat16(), wqkv.bfloat16()
+        ref16 = tak.token_attention_pool_reference(x16.double() @ w16.double().T, w, 16, 4, 32)
+        sep = tak.token_attention_pool(torch.nn.functional.linear(x16, w16), w, 16, 4, 32)
+        out16 = tak.token_attention_project_pool(x16, w16, w, 16, 4, 32)
+        # bf16 q/k in both; the projecting kernel keeps v in float32, so it is no further from float64
+        assert (out16.double() - ref16).norm() <= 1.05 * (sep.double() - ref16).norm() + 1e-6, c
+    net = Denoiser(dim=300, cond_dim=512, widths=(300, 50, 10)).to(dev).eval()
+    with torch.no_grad():
+        for p in (net.film.weight, net.film.bias, net.out_proj.weight, net.out_proj.bias):
+            p.normal_(0.0, 0.02)
+    x = torch.randn(777, 300, device=dev, generator=gen)
+    t = torch.randint(0, 1000, (777,), device=dev, generator=gen)
+    c = torch.randn(777, 512, device=dev, generator=gen)
+    with torch.no_grad():
+        ref = net.set_attention_impl("sdpa")(x, t, c)
+        out = net.set_attention_impl("triton")(x, t, c)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
 def test_set_launch_parses_and_rejects_bad_specs() -> None:

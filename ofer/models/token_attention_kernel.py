@@ -23,7 +23,17 @@ against 551 us for the compiled fused-reduction form, 928 us for compiled explic
 first version with CUDA-core broadcast products instead of `tl.dot` took 868 us and was dropped. A compiled
 IdGen sampling step went from 6.6 to 4.4 ms, ExpGen from 4.9 to 2.7 ms (with the first launch shape).
 
-`token_attention_pool` is a `torch.library` custom op, so `torch.compile` and CUDA graphs treat it as one call.
+`token_attention_project_pool` does the q/k/v projection inside the kernel too, for attention inputs of at most
+`PROJECT_MAX_WIDTH` (64) channels: per program (32 rows, head) the rows' q, k, v of all T tokens are three
+(32, C) @ (C, T * Dh) tensor-core products, the scores one batched (T, Dh) @ (Dh, T) product per row, so the
+(R, T * 3 * H * Dh) q/k/v tensor (6,144 values per row, up to 614x the input) is never written and read back.
+Measured on an H200 at 51,200 rows (bf16; `bench_token_attention.py --widths`), against the cuBLAS projection
+followed by `token_attention_pool`: 228 vs 588 us at 10 channels, 283 vs 655 at 25, 445 vs 770 at 53 (492 with
+the projection's K padded to a multiple of 8 for cuBLAS). A compiled sampling step went from 7.78 to
+7.46 ms (IdGen) and 4.16 to 3.61 ms (ExpGen). The wide (300-channel) IdGen blocks keep the separate projection:
+their 3.7 MB of q/k/v weights would be re-read by every 32-row block (5.9 GB per call at 51,200 rows).
+
+Both are `torch.library` custom ops, so `torch.compile` and CUDA graphs treat each as one call.
 Triton is optional: `available(x, head_dim)` says whether the op can run on `x` (Triton importable, a CUDA
 tensor or TRITON_INTERPRET=1 for the CPU interpreter used in our tests, head_dim >= 16 for `tl.dot`); otherwise
 `Denoiser` uses its PyTorch forms. On GPUs below compute capability 8.0 the op computes in PyTorch.
@@ -34,7 +44,7 @@ import os
 
 import torch
 
-__all__ = ["available", "token_attention_pool", "token_attention_pool_reference"]
+__all__ = ["available", "token_attention_pool", "token_attention_pool_reference", "token_attention_project_pool"]
 
 try:  # Triton is an optional dependency (shipped with CUDA builds of torch)
     import triton
@@ -47,6 +57,12 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Module-level so benchmarks/bench_token_attention.py can sweep it; see the module docstring for the choice.
 # block_rows: rows stacked per tl.dot tile (None: 64 // tokens, a 64 x 64 score tile; at least 16 / tokens).
 LAUNCH = {"block_rows": None, "tiles": 4, "stages": 2, "num_warps": 2}
+# The kernel with the projection inside (`token_attention_project_pool`): rows per program and warps, and the
+# widest attention input it takes (wider inputs: the cuBLAS projection, then `token_attention_pool`).
+# Per padded width (16, 32, 64 channels).
+PROJECT_LAUNCH = {16: {"block_rows": 32, "num_warps": 4}, 32: {"block_rows": 32, "num_warps": 4},
+                  64: {"block_rows": 32, "num_warps": 8}}
+PROJECT_MAX_WIDTH = 64
 
 
 def set_launch(spec: str) -> dict:
@@ -59,6 +75,19 @@ def set_launch(spec: str) -> dict:
     rows, tiles, stages, warps = (int(p) for p in parts)
     LAUNCH.update(block_rows=rows, tiles=tiles, stages=stages, num_warps=warps)
     return LAUNCH
+
+
+def set_project_launch(spec: str, widths: tuple[int, ...] = (16, 32, 64)) -> dict:
+    """Set `PROJECT_LAUNCH` of the padded `widths` from "ROWSxWARPS" (e.g. "16x4"): rows per program (a power of
+    two >= 16) and warps; returns the new `PROJECT_LAUNCH`."""
+    parts = spec.split("x")
+    ok = len(parts) == 2 and all(p.isdigit() and int(p) > 0 for p in parts)
+    if not ok or int(parts[0]) < 16 or int(parts[0]) & (int(parts[0]) - 1):
+        raise ValueError(f"projecting attention launch {spec!r}: expected rows x warps, rows a power of two >= 16 "
+                         "and warps a positive integer, such as '16x4'")
+    for cp in widths:
+        PROJECT_LAUNCH[cp] = {"block_rows": int(parts[0]), "num_warps": int(parts[1])}
+    return PROJECT_LAUNCH
 
 
 def available(x: torch.Tensor, head_dim: int = 16) -> bool:
@@ -111,6 +140,42 @@ if triton is not None:
             tl.store(out_ptr + out, pooled, mask=(rr < R)[:, None])
 
 
+    @triton.jit
+    def _project_pool_kernel(
+        x_ptr, wp_ptr, w_ptr, out_ptr, R, scale,
+        T: tl.constexpr, H: tl.constexpr, DH: tl.constexpr, CP: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        # Program (block of BLOCK_R rows, head h). The projection is done here: q/k/v of all T tokens of head h
+        # are (BLOCK_R, CP) @ (CP, T * DH) tensor-core products from the normalised input, reshaped to
+        # (BLOCK_R, T, DH); the scores of each row are one batched (T, DH) @ (DH, T) product (no masked cross-row
+        # entries); q/k/v never reach memory. x is (R, CP) and the weights (H, 3, CP, T * DH), both zero-padded
+        # to CP channels, so every load is aligned and unmasked along the channels (masked loads of odd widths
+        # such as 53 ran 60x slower on an H200).
+        pid = tl.program_id(0)
+        h = tl.program_id(1)
+        TD: tl.constexpr = T * DH
+        cc = tl.arange(0, CP)
+        woffs = (h * 3 * CP + cc[:, None]) * TD + tl.arange(0, TD)[None, :]  # (CP, TD) block of head h's q
+        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < R
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * CP + cc[None, :], mask=row_ok[:, None], other=0.0)
+        q = tl.dot(x, tl.load(wp_ptr + woffs), input_precision="ieee", out_dtype=tl.float32).to(x.dtype)
+        k = tl.dot(x, tl.load(wp_ptr + woffs + CP * TD), input_precision="ieee", out_dtype=tl.float32).to(x.dtype)
+        q3 = tl.reshape(q, (BLOCK_R, T, DH))
+        k3 = tl.reshape(k, (BLOCK_R, T, DH))
+        s = tl.dot(q3, tl.trans(k3, (0, 2, 1)), input_precision="ieee", out_dtype=tl.float32) * scale  # (BLOCK_R, T, T)
+        s = s - tl.max(s, axis=2)[:, :, None]
+        e = tl.exp(s)
+        a = e / tl.sum(e, axis=2)[:, :, None]
+        wt = tl.load(w_ptr + tl.arange(0, T)).to(tl.float32)
+        c = tl.sum(a * wt[None, :, None], axis=1)  # (BLOCK_R, T): c_u = sum_t w_t a_tu
+        v = tl.dot(x, tl.load(wp_ptr + woffs + 2 * CP * TD), input_precision="ieee", out_dtype=tl.float32)
+        v3 = tl.reshape(v, (BLOCK_R, T, DH))  # float32: v is not rounded
+        pooled = tl.sum(c[:, :, None] * v3, axis=1)  # (BLOCK_R, DH)
+        out = rows[:, None].to(tl.int64) * (H * DH) + h * DH + tl.arange(0, DH)[None, :]
+        tl.store(out_ptr + out, pooled, mask=row_ok[:, None])
+
+
 @torch.library.custom_op("ofer::token_attention_pool", mutates_args=())
 def token_attention_pool(qkv: torch.Tensor, w: torch.Tensor, tokens: int, heads: int, head_dim: int) -> torch.Tensor:
     """Token-mixed attention output of every row and head.
@@ -150,6 +215,60 @@ def token_attention_pool(qkv: torch.Tensor, w: torch.Tensor, tokens: int, heads:
 @token_attention_pool.register_fake
 def _(qkv: torch.Tensor, w: torch.Tensor, tokens: int, heads: int, head_dim: int) -> torch.Tensor:
     return qkv.new_empty(qkv.shape[0], heads * head_dim, dtype=torch.float32)
+
+
+@torch.library.custom_op("ofer::token_attention_project_pool", mutates_args=())
+def token_attention_project_pool(x: torch.Tensor, wqkv: torch.Tensor, w: torch.Tensor, tokens: int, heads: int,
+                                 head_dim: int) -> torch.Tensor:
+    """`token_attention_pool(x @ wqkv.T, w, ...)` with the q/k/v projection inside the kernel (narrow inputs).
+
+    Args:
+        x: (R, C) normalised attention input, rows contiguous; C <= 64.
+        wqkv: (tokens * 3 * heads * head_dim, C) the to_qkv weight (rows laid out token, q/k/v, head, channel),
+            same dtype as x (the kernel multiplies in that dtype and accumulates in float32; q and k are rounded
+            to it before the score product, v is kept in float32).
+        w: (tokens,) token-mix weights.
+        tokens, heads, head_dim: the attention shape; tokens and head_dim powers of two, tokens >= 16.
+
+    Returns:
+        (R, heads * head_dim) float32, as `token_attention_pool`.
+    """
+    if not available(x, head_dim):
+        raise RuntimeError("token_attention_project_pool needs Triton (shipped with CUDA builds of torch), a CUDA "
+                           f"tensor (or TRITON_INTERPRET=1) and head_dim >= 16; got a {x.device.type} tensor, "
+                           f"head_dim {head_dim}, Triton {'installed' if triton is not None else 'not installed'}")
+    R, C = x.shape if x.ndim == 2 else (-1, -1)
+    if x.ndim != 2 or x.stride(1) != 1 or not 1 <= C <= PROJECT_MAX_WIDTH:
+        raise ValueError(f"token_attention_project_pool: x must be a row-contiguous (R, C) tensor with 1 <= C <= "
+                         f"{PROJECT_MAX_WIDTH}, got shape {tuple(x.shape)} strides {x.stride()}")
+    if wqkv.shape != (tokens * 3 * heads * head_dim, C) or not wqkv.is_contiguous() or wqkv.dtype != x.dtype:
+        raise ValueError(f"token_attention_project_pool: wqkv must be a contiguous ({tokens * 3 * heads * head_dim}, "
+                         f"{C}) tensor of x's dtype {x.dtype}, got {tuple(wqkv.shape)} {wqkv.dtype}")
+    if tokens & (tokens - 1) or head_dim & (head_dim - 1) or tokens < 16:
+        raise ValueError(f"token_attention_project_pool: tokens ({tokens}) and head_dim ({head_dim}) must be powers "
+                         "of two, tokens >= 16")
+    if x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 0):
+        return _pooled_torch(x @ wqkv.T, w, tokens, heads, head_dim)
+    out = torch.empty(R, heads * head_dim, device=x.device, dtype=torch.float32)
+    if R == 0:
+        return out
+    cp = max(16, 1 << (C - 1).bit_length())
+    # Zero-pad the channels to cp and lay the weights out (head, q/k/v, channel, token * head_dim): a (cp, T * Dh)
+    # row-major block per head and q/k/v, the tensor-core operand as it is loaded. Small copies (at most 786 KB
+    # of weights and R * 64 input values) against the R * 6,144-wide q/k/v tensor they replace.
+    xp = torch.nn.functional.pad(x, (0, cp - C))
+    wp = x.new_zeros(heads, 3, cp, tokens, head_dim)
+    wp[:, :, :C] = wqkv.view(tokens, 3, heads, head_dim, C).permute(2, 1, 4, 0, 3)
+    launch = PROJECT_LAUNCH[cp]
+    grid = (triton.cdiv(R, launch["block_rows"]), heads)
+    _project_pool_kernel[grid](xp, wp, w.contiguous(), out, R, head_dim**-0.5, T=tokens, H=heads, DH=head_dim,
+                               CP=cp, BLOCK_R=launch["block_rows"], num_warps=launch["num_warps"])
+    return out
+
+
+@token_attention_project_pool.register_fake
+def _(x: torch.Tensor, wqkv: torch.Tensor, w: torch.Tensor, tokens: int, heads: int, head_dim: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], heads * head_dim, dtype=torch.float32)
 
 
 def _pooled_torch(qkv: torch.Tensor, w: torch.Tensor, tokens: int, heads: int, head_dim: int) -> torch.Tensor:

@@ -88,28 +88,39 @@ class TokenSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C) -> x + attention(norm(x)), (B, C)."""
         b = x.shape[0]
-        qkv = self.to_qkv(self.norm(x))
+        xn = self.norm(x)
         w = self.token_mix.weight[0]  # (T,)
         impl = self.impl
         if impl == "auto":  # measured choices, see Denoiser.set_attention_impl
             if torch.is_grad_enabled():
                 impl = "math"
-            elif qkv.is_cuda and token_attention_kernel.available(qkv, self.head_dim):
+            elif xn.is_cuda and token_attention_kernel.available(xn, self.head_dim):
                 impl = "triton"
             elif torch.compiler.is_compiling():
                 impl = "reduce"
             else:
                 impl = "math"
+        if impl == "triton" and torch.is_grad_enabled() and (xn.requires_grad or w.requires_grad):
+            raise RuntimeError("attention impl 'triton' is inference-only (no backward); use 'auto' or 'math' "
+                               "for training, or run under torch.no_grad()")
         # to_out per token followed by the token mix is linear in the attention output o, so mix the T tokens
         # first (a T-times smaller matmul): sum_t w_t (W o_t + b) + c = W (sum_t w_t o_t) + b sum_t w_t + c.
-        if impl == "triton":
-            if torch.is_grad_enabled() and (qkv.requires_grad or w.requires_grad):
-                raise RuntimeError("attention impl 'triton' is inference-only (no backward); use 'auto' or 'math' "
-                                   "for training, or run under torch.no_grad()")
-            pooled = token_attention_kernel.token_attention_pool(qkv, w, self.tokens, self.heads, self.head_dim)
+        if impl == "triton" and xn.shape[1] <= token_attention_kernel.PROJECT_MAX_WIDTH and self.tokens >= 16:
+            # Narrow input: the projection runs inside the kernel, so the (B, T * 3 * H * Dh) q/k/v tensor (384x
+            # wider than a 16-channel input) is never written and read back. Same dtype as the Linear would use.
+            dev = xn.device.type
+            dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else xn.dtype
+            pooled = token_attention_kernel.token_attention_project_pool(
+                xn.to(dt).contiguous(), self.to_qkv.weight.to(dt).contiguous(), w, self.tokens, self.heads,
+                self.head_dim)
+        elif impl == "triton":
+            pooled = token_attention_kernel.token_attention_pool(self.to_qkv(xn), w, self.tokens, self.heads,
+                                                                 self.head_dim)
         elif impl == "reduce":
+            qkv = self.to_qkv(xn)
             pooled = self._pooled_by_reductions(qkv.view(b, self.tokens, 3, self.heads, self.head_dim), w)
         else:
+            qkv = self.to_qkv(xn)
             q, k, v = qkv.view(b, self.tokens, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             if impl == "sdpa":
                 o = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, Dh); scale Dh^-0.5 as the public code
@@ -326,12 +337,14 @@ class Denoiser(nn.Module):
         * "reduce": broadcast products and sums over views of the q/k/v tensor, with the token mix applied to
           the attention weights before the value product; one fused kernel per reduction when compiled
           (eager: memory-hungry, T*T*H*Dh floats per row);
-        * "triton": one Triton kernel after the q/k/v projection (`ofer.models.token_attention_kernel`),
-          forward only (no autograd);
+        * "triton": one Triton kernel after the q/k/v projection (`ofer.models.token_attention_kernel`), and
+          for inputs of at most `token_attention_kernel.PROJECT_MAX_WIDTH` (64) channels one kernel that also does
+          the projection; forward only (no autograd);
         * "sdpa": PyTorch's fused attention.
         Measured on an H200 at 25,600 rows, ms per DDIM sampling step IdGen / ExpGen (BENCHMARKS.md): eager
         math 15.7 / 11.6, eager triton 8.1 / 4.2; compiled math 9.3 / 7.3, compiled reduce 6.6-7.0 / 4.9-5.0,
-        compiled triton 4.4 / 2.7. Compiled training is faster with "math" than with "reduce" (IdGen 1.04 M vs
+        compiled triton 4.4 / 2.7 (at 51,200 rows, with the projection inside the kernel for the narrow blocks:
+        7.46 / 3.61 instead of 7.78 / 4.16). Compiled training is faster with "math" than with "reduce" (IdGen 1.04 M vs
         0.86 M samples/s). SDPA dispatches to cuDNN's flash kernel, which takes 57% of an eager IdGen step for
         these 16-token sequences and fails in backward at 65,536 rows and inside CUDA-graph capture.
         Returns self."""
