@@ -5,14 +5,19 @@ predictions (`synthetic_head`: 5042 vertices / 10080 faces, FLAME has 5023 / 997
 head shape and pose. Rows (seconds per image, images per second):
   * ours-cpu: `refine_alignment` on the CPU (libigl AABB closest points), one image after the other;
   * ours-cuda: `refine_alignment` on CUDA, `--batch-size` images per batched dogleg (torch closest points);
+    ours-cuda-compile: the same with the compiled closest-point search (`compile=True`), ours-cuda-triton with
+    the exact search as a Triton kernel (`triton=True`), ours-cuda-compile-triton with both;
   * baseline: trimesh closest points + `scipy.optimize.least_squares` over the 7 parameters (2-point
     Jacobian), i.e. what one writes without the official optimiser, on `--baseline-images` images.
 Crop and Procrustes are included in every row (they are the same code). Also reported: the largest
-per-vertex difference between the CPU and CUDA results, and the baseline's median error next to ours.
+per-vertex difference between the CPU and CUDA results (and between ours-cuda and each other CUDA row), and the
+baseline's median error next to ours.
 Prints a table and a JSON line; `--json PATH` writes the JSON too.
 
     PYTHONPATH=. python benchmarks/bench_now.py --images 4 --devices cpu --json /tmp/now.json
     PYTHONPATH=. python benchmarks/bench_now.py --images 64 --batch-size 32 --devices cpu,cuda --json $OUT/now.json
+    PYTHONPATH=. python benchmarks/bench_now.py --images 256 --batch-size 32 --baseline-images 0 \
+        --devices cuda,cuda-compile,cuda-triton,cuda-compile-triton --json $OUT/now_triton.json
 """
 from __future__ import annotations
 
@@ -63,14 +68,14 @@ def prepare(scan_v, scan_l, preds):
     return X, [landmark_similarity(scan_l, pl).apply(pv) for pv, _, pl in preds], [pf for _, pf, _ in preds]
 
 
-def run_ours(scan_v, scan_l, preds, *, device: str, batch_size: int, compile: bool = False):
+def run_ours(scan_v, scan_l, preds, *, device: str, batch_size: int, compile: bool = False, triton: bool = False):
     t0 = time.perf_counter()
     X, aligned, faces = prepare(scan_v, scan_l, preds)
     dists = []
     step = batch_size if device != "cpu" else 1
     for s in range(0, len(preds), step):
         res = refine_alignment([X] * len(aligned[s:s + step]), aligned[s:s + step], faces[s:s + step], device=device,
-                               compile=compile and device != "cpu")
+                               compile=compile and device != "cpu", triton=triton)
         dists.extend(res.distances)
     if device != "cpu":
         torch.cuda.synchronize()
@@ -100,7 +105,8 @@ def main() -> None:
     ap.add_argument("--scan-vertices", type=int, default=120_000)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--devices", default="cpu,cuda", help="comma list of cpu, cuda, cuda-compile (compiled "
-                    "closest-point search; CUDA rows skipped when unavailable)")
+                    "closest-point search), cuda-triton (Triton search kernel), cuda-compile-triton (both); CUDA "
+                    "rows skipped when unavailable")
     ap.add_argument("--cpu-images", type=int, default=None, help="images for the CPU row (default: all)")
     ap.add_argument("--baseline-images", type=int, default=1, help="images for the baseline row (0: skip)")
     ap.add_argument("--baseline-max-nfev", type=int, default=60,
@@ -122,15 +128,23 @@ def main() -> None:
     }
     results = {}
     for row in [d.strip() for d in args.devices.split(",") if d.strip()]:
-        dev, comp = row.removesuffix("-compile"), row.endswith("-compile")
+        tri = row.endswith("-triton")
+        dev = row.removesuffix("-triton")
+        dev, comp = dev.removesuffix("-compile"), dev.endswith("-compile")
+        if (comp or tri) and not dev.startswith("cuda"):
+            raise SystemExit(f"--devices {row}: -compile / -triton rows are CUDA rows (cuda-compile, cuda-triton, "
+                             "cuda-compile-triton)")
         if dev.startswith("cuda") and not torch.cuda.is_available():
             print(f"skip {row}: CUDA not available")
             continue
         subset = preds if dev != "cpu" or args.cpu_images is None else preds[: args.cpu_images]
-        if dev != "cpu":  # warm-up: CUDA context, allocator, kernels (and compilation)
-            run_ours(scan_v, scan_l, subset[: min(2, len(subset))], device=dev, batch_size=args.batch_size, compile=comp)
-        sec, dists = run_ours(scan_v, scan_l, subset, device=dev, batch_size=args.batch_size, compile=comp)
-        name = f"ours-{dev.split(':')[0]}" + ("-compile" if comp else "")
+        if dev != "cpu":  # warm-up with one full batch: CUDA context, allocator, kernels, and compilation for the
+            # batch's shapes (a 2-image warm-up left the compiled rows recompiling inside the timed run)
+            run_ours(scan_v, scan_l, subset[: min(args.batch_size, len(subset))], device=dev,
+                     batch_size=args.batch_size, compile=comp, triton=tri)
+        sec, dists = run_ours(scan_v, scan_l, subset, device=dev, batch_size=args.batch_size, compile=comp,
+                              triton=tri)
+        name = f"ours-{dev.split(':')[0]}" + ("-compile" if comp else "") + ("-triton" if tri else "")
         results[name] = dists
         out["rows"][name] = {"images": len(subset), "seconds": sec, "sec_per_image": sec / len(subset),
                              "images_per_sec": len(subset) / sec,
@@ -142,9 +156,12 @@ def main() -> None:
         out["rows"]["baseline"] = {"images": len(subset), "seconds": sec, "sec_per_image": sec / len(subset),
                                    "images_per_sec": len(subset) / sec,
                                    "median_mm": float(np.median(np.hstack(dists))), "nfev": nfev}
-    if "ours-cuda" in results and "ours-cuda-compile" in results:
-        out["cuda_vs_cuda_compile_max_abs_mm"] = float(max(np.abs(a - b).max() for a, b in
-                                                           zip(results["ours-cuda"], results["ours-cuda-compile"])))
+    diff_keys = []
+    for name in results:
+        if name.startswith("ours-cuda-") and "ours-cuda" in results:  # e.g. cuda_vs_cuda_compile_max_abs_mm
+            key = "cuda_vs_" + name.removeprefix("ours-").replace("-", "_") + "_max_abs_mm"
+            out[key] = float(max(np.abs(a - b).max() for a, b in zip(results["ours-cuda"], results[name])))
+            diff_keys.append(key)
     if "ours-cpu" in results and "ours-cuda" in results:
         n = min(len(results["ours-cpu"]), len(results["ours-cuda"]))
         out["cpu_vs_cuda_max_abs_mm"] = float(max(np.abs(a - b).max() for a, b in
@@ -155,10 +172,10 @@ def main() -> None:
         out["rows"]["baseline"]["ours_median_mm_same_images"] = float(np.median(np.hstack(ref[:n])))
         out["baseline_vs_ours_median_abs_mm"] = float(np.median(np.abs(np.hstack(results["baseline"]) - np.hstack(ref[:n]))))
 
-    print(f"\n{'row':<10} {'images':>6} {'s/image':>9} {'images/s':>9} {'median mm':>10}")
+    print(f"\n{'row':<24} {'images':>6} {'s/image':>9} {'images/s':>9} {'median mm':>10}")
     for name, r in out["rows"].items():
-        print(f"{name:<10} {r['images']:>6} {r['sec_per_image']:>9.3f} {r['images_per_sec']:>9.2f} {r['median_mm']:>10.4f}")
-    for k in ("cpu_vs_cuda_max_abs_mm", "cuda_vs_cuda_compile_max_abs_mm", "baseline_vs_ours_median_abs_mm"):
+        print(f"{name:<24} {r['images']:>6} {r['sec_per_image']:>9.3f} {r['images_per_sec']:>9.2f} {r['median_mm']:>10.4f}")
+    for k in ("cpu_vs_cuda_max_abs_mm", *diff_keys, "baseline_vs_ours_median_abs_mm"):
         if k in out:
             print(f"{k}: {out[k]:.2e}")
     print(json.dumps(out))

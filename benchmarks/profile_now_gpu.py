@@ -2,6 +2,7 @@
 the batched dogleg, and a (k, group_size) sweep of `closest_points_torch`. Prints a table and JSON.
 
     python benchmarks/profile_now_gpu.py --images 32 --json $OUT/now_profile.json
+    python benchmarks/profile_now_gpu.py --images 32 --configs 8x16c,8x16t,8x16ct --json $OUT/now_profile.json
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=32)
     ap.add_argument("--configs", default="8x16,8x16c,16x8c,8x8c,4x32c,16x16c",
-                    help="k x group_size of closest_points_torch; suffix c = compile=True")
+                    help="k x group_size of closest_points_torch; suffix c = compile=True, t = triton=True "
+                         "(Triton search kernel), ct = both")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     scan_v, scan_l, preds = make_inputs(args.images, 120_000, 0)
@@ -33,15 +35,17 @@ def main() -> None:
     out = {"device": torch.cuda.get_device_name(), "images": args.images, "points": len(X), "rows": []}
     ref = None
     for cfg in args.configs.split(","):
-        comp = cfg.endswith("c")
-        k, g = (int(v) for v in cfg.rstrip("c").split("x"))
+        flags = cfg.lstrip("0123456789x")
+        comp, tri = "c" in flags, "t" in flags
+        k, g = (int(v) for v in cfg.rstrip("ct").split("x"))
         calls, call_s = [0], [0.0]
 
-        def timed(*a, k=k, g=g, comp=comp, **kw):
+        def timed(*a, k=k, g=g, comp=comp, tri=tri, **kw):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             kw.pop("compile", None)
-            r = closest_points_torch(*a, k=k, group_size=g, compile=comp, **kw)
+            kw.pop("triton", None)
+            r = closest_points_torch(*a, k=k, group_size=g, compile=comp, triton=tri, **kw)
             torch.cuda.synchronize()
             calls[0] += 1
             call_s[0] += time.perf_counter() - t0
@@ -60,7 +64,7 @@ def main() -> None:
             if ref is None:
                 ref = res.distances
             diff = max(float(abs(a - b).max()) for a, b in zip(ref, res.distances))
-            row = {"k": k, "group_size": g, "compile": comp, "s_per_batch": total, "images_per_s": len(aligned) / total,
+            row = {"k": k, "group_size": g, "compile": comp, "triton": tri, "s_per_batch": total, "images_per_s": len(aligned) / total,
                    "closest_calls": calls[0], "closest_s": call_s[0], "closest_share": call_s[0] / total,
                    "max_diff_vs_first": diff, "max_dist": float(d.max())}
         except Exception as exc:  # noqa: BLE001

@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ofer.eval import pointmesh_kernel
 from ofer.eval.pointmesh import closest_points_igl, closest_points_torch
 from ofer.meshio import MESH_SUFFIXES, MeshIOError, atomic_write, load_mesh, read_landmarks, read_pp
 
@@ -401,6 +402,7 @@ def refine_alignment(
     options: DoglegOptions = DoglegOptions(),
     max_pairs: int | None = None,
     compile: bool = False,
+    triton: bool = False,
     _trace: list | None = None,
 ) -> RefineResult:
     """Chumpy's dogleg on the NoW scan-to-mesh residuals, batched: each image has its own trust region.
@@ -419,6 +421,12 @@ def refine_alignment(
         max_pairs: torch backend: point-triangle pairs tested at once (memory, ~500 bytes each); default
             2**24 on CUDA, 2**20 on CPU.
         compile: torch backend: compile the closest-point group search (`closest_points_torch(compile=True)`).
+        triton: torch backend: the exact closest-point search as one Triton kernel
+            (`closest_points_torch(triton=True)`); needs CUDA (or TRITON_INTERPRET=1).
+
+    Raises:
+        RuntimeError: `triton=True` where the kernel cannot run: the 'igl' backend (which 'auto' picks on the
+            CPU), a CPU device without TRITON_INTERPRET=1, or no Triton.
     """
     dev = resolve_device(device)
     if backend == "auto":
@@ -427,6 +435,10 @@ def refine_alignment(
         raise ValueError(f"backend={backend!r}: expected 'auto', 'igl' or 'torch'")
     if backend == "igl" and dev.type != "cpu":
         raise ValueError("backend='igl' runs on the CPU only; use device='cpu' or backend='torch'")
+    if triton and (backend == "igl" or not pointmesh_kernel.available(torch.empty(0, device=dev))):
+        raise RuntimeError("triton=True (now.triton) runs the torch backend's closest-point search as a Triton "
+                           "kernel, which needs Triton and CUDA (or TRITON_INTERPRET=1); got backend "
+                           f"{backend!r} on {dev.type}: use device='cuda' or triton=False")
     if backend == "igl":
         closest: ClosestFn = _closest_igl
     else:
@@ -434,7 +446,8 @@ def refine_alignment(
 
         def closest(points, point_mask, verts, faces, face_mask):  # noqa: ANN001, ANN202
             return closest_points_torch(
-                points, verts, faces, point_mask=point_mask, face_mask=face_mask, max_pairs=pairs, compile=compile
+                points, verts, faces, point_mask=point_mask, face_mask=face_mask, max_pairs=pairs, compile=compile,
+                triton=triton,
             ).points
     B = len(scan_points)
     if not (B == len(pred_vertices) == len(pred_faces)) or B == 0:
@@ -733,6 +746,7 @@ def score_now(
     batch_size: int = 16,
     max_pairs: int | None = None,
     compile: bool = False,
+    triton: bool = False,
     out_dir: str | os.PathLike | None = None,
     method_identifier: str = "RECON",
     imgs_list: str | os.PathLike | None = None,
@@ -764,6 +778,7 @@ def score_now(
         batch_size: images refined together (one batched dogleg; masks keep their trust regions apart).
         max_pairs: see `refine_alignment` (GPU memory of the closest-point search).
         compile: see `refine_alignment` (torch backend: compiled closest-point search).
+        triton: see `refine_alignment` (torch backend: the closest-point search as a Triton kernel, CUDA).
     """
     if unit not in UNIT_FACTORS:
         raise ValueError(f"unit={unit!r}: expected one of {sorted(UNIT_FACTORS)}")
@@ -819,6 +834,7 @@ def score_now(
         res = refine_alignment(
             [it.scan_points for it in batch], [it.aligned for it in batch], [it.faces for it in batch],
             metrical=metrical, device=dev, backend=backend, max_pairs=max_pairs, compile=compile,
+            triton=triton,
         )
         for it, dist, fail in zip(batch, res.distances, res.failure):
             if fail:
@@ -985,6 +1001,7 @@ def score_now_from_config(  # noqa: ANN001
         batch_size=int(c.batch_size),
         max_pairs=None if c.max_pairs is None else int(c.max_pairs),
         compile=bool(c.get("compile", False)),
+        triton=bool(c.get("triton", False)),
         out_dir=out_dir,
         method_identifier=c.method_identifier,
         imgs_list=c.imgs_list,

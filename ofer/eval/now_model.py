@@ -197,7 +197,7 @@ class ImageScores:
 def score_shapes(
     flame: FLAME, shapes: torch.Tensor, scan_points: np.ndarray, scan_lmks: np.ndarray, *, metrical: bool = False,
     unit: str = "mm", device: str | torch.device = "cpu", backend: str = "auto", batch_size: int = 16,
-    max_pairs: int | None = None, compile: bool = False,
+    max_pairs: int | None = None, compile: bool = False, triton: bool = False,
 ) -> list[np.ndarray]:
     """NoW distances of neutral FLAME shapes against one cropped scan, as the submission is scored.
 
@@ -209,7 +209,8 @@ def score_shapes(
         shapes: (M, n_shape) coefficients.
         scan_points: (n, 3) cropped scan vertices; scan_lmks: (7, 3) scan landmarks.
         batch_size: meshes refined together.
-        max_pairs, compile: as `refine_alignment` (torch backend: memory and the compiled closest-point search).
+        max_pairs, compile, triton: as `refine_alignment` (torch backend: memory, the compiled closest-point
+            search, the Triton search kernel).
 
     Returns:
         M arrays (n,) float64 of distances (mm).
@@ -229,7 +230,8 @@ def score_shapes(
     for s in range(0, len(aligned), batch_size):
         chunk = aligned[s:s + batch_size]
         res = refine_alignment([scan_points] * len(chunk), chunk, [faces] * len(chunk), metrical=metrical,
-                               device=device, backend=backend, max_pairs=max_pairs, compile=compile)
+                               device=device, backend=backend, max_pairs=max_pairs, compile=compile,
+                               triton=triton)
         bad = next((f for f in res.failure if f), None)
         if bad:
             raise ValueError(bad)
@@ -304,7 +306,7 @@ def run_ablation(cfg: DictConfig, report: NowReport, recon_dir: Path, out: Path)
         raise ValueError(f"ablation.num_candidates={cfg.ablation.num_candidates}: expected >= 1")
     opts = {"metrical": bool(c.metrical), "unit": c.unit, "device": dev, "backend": c.backend,
             "batch_size": int(c.batch_size), "max_pairs": None if c.max_pairs is None else int(c.max_pairs),
-            "compile": bool(c.get("compile", False))}
+            "compile": bool(c.get("compile", False)), "triton": bool(c.get("triton", False))}
     rng = np.random.default_rng(int(cfg.ablation.seed))
     scans: dict[str, tuple[np.ndarray, np.ndarray] | ImageFailure] = {}
     images: list[ImageScores] = []

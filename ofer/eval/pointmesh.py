@@ -9,6 +9,8 @@ region), as psbody-mesh's CGAL AABB tree does for the official NoW scorer. Two i
   distance is not above the next group's lower bound, no other triangle can be closer. Points that cannot be
   certified (rare: points far from the surface) are re-solved with more groups, ending in brute force.
   Memory is bounded by processing the points in chunks of at most `max_pairs` point-triangle pairs.
+  With `triton=True` the exact search runs as one Triton kernel (`ofer.eval.pointmesh_kernel`) instead of
+  torch operations on gathered candidate triangles.
 * `closest_points_igl`: one mesh at a time through `igl.point_mesh_squared_distance` (AABB tree, double).
 
 Degenerate (zero-area) triangles are handled as their edges; they never produce NaN.
@@ -22,6 +24,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from ofer.eval import pointmesh_kernel
 
 __all__ = [
     "ClosestPoints",
@@ -197,6 +201,7 @@ def closest_points_torch(
     group_size: int = 16,
     max_pairs: int = 1 << 22,
     compile: bool = False,
+    triton: bool = False,
 ) -> ClosestPoints:
     """Exact closest points from query points to triangle meshes, batched over meshes.
 
@@ -215,13 +220,22 @@ def closest_points_torch(
         face_mask: (B, F) bool, False for padded faces; None = all valid. Every mesh needs >= 1 valid face.
         k: groups searched per point before the certificate check.
         group_size: triangles per group.
-        max_pairs: point-triangle pairs tested at once (memory: about 500 bytes each).
+        max_pairs: point-triangle pairs tested at once (memory: about 500 bytes each; with `triton`, the kernel
+            keeps none, and a point-group pair of the group selection counts as 1/16 of a pair).
         compile: run the per-point group search through torch.compile (fused kernels instead of ~60
             element-wise ones; meant for CUDA: the whole NoW scorer measured 1.6-1.9x faster on an H200; the
             first call compiles).
+        triton: run the exact search of the k groups (`_search_groups`) as one Triton kernel
+            (`pointmesh_kernel.search_groups`: the same formula, no (B, P, k * group_size, 3, 3) gathered
+            triangles); needs CUDA tensors (or TRITON_INTERPRET=1). With `compile`, only the group selection is
+            compiled and the kernel runs after it.
 
     Returns:
         ClosestPoints with exact squared distances and closest points.
+
+    Raises:
+        RuntimeError: `triton=True` where the kernel cannot run (no Triton, or a CPU tensor without the
+            interpreter).
     """
     if points.ndim != 3 or vertices.ndim != 3 or faces.ndim != 3:
         raise ValueError(f"expected batched (B,P,3), (B,V,3), (B,F,3); got {points.shape}, {vertices.shape}, {faces.shape}")
@@ -234,6 +248,11 @@ def closest_points_torch(
         point_mask = torch.ones(B, P, dtype=torch.bool, device=dev)
     if bool((face_mask.sum(1) == 0).any()):
         raise ValueError("every mesh needs at least one valid face")
+    if triton and not pointmesh_kernel.available(points):
+        raise RuntimeError(f"closest_points_torch(triton=True) needs Triton and CUDA tensors (or "
+                           f"TRITON_INTERPRET=1); got {points.device.type} tensors, Triton "
+                           f"{'installed' if pointmesh_kernel.triton is not None else 'not installed'}; "
+                           "use triton=False for the torch search")
     G = group_size
     levels = max(0, math.ceil(math.log2(max(1, -(-F // G)))))
     nG = 1 << levels  # a power of two for the kd split; some groups may hold padding only
@@ -270,12 +289,23 @@ def closest_points_torch(
     block = 1 << (levels // 2)
     if nG // block < k + 1:
         block = 1
-    search = _compiled_search_chunk(k, block) if compile else functools.partial(_search_chunk, k=k, block=block)
+    if triton:
+        search = functools.partial(_search_chunk_triton, k=k, block=block, compile=compile)
+    elif compile:
+        search = _compiled_search_chunk(k, block)
+    else:
+        search = functools.partial(_search_chunk, k=k, block=block)
 
     sq = points.new_zeros(B, P)
     cp = points.new_zeros(B, P, 3)
     fi = torch.full((B, P), -1, dtype=torch.int64, device=dev)
-    chunk = max(1, max_pairs // max(1, B * max(nG, k * G)))
+    if triton:
+        # The kernel keeps nothing per point-triangle pair; the chunk is bounded by the pairs it tests and by the
+        # group selection's (B, Pc, nG) float64 temporaries (~32 bytes per point-group pair eager, ~1/16 of a
+        # torch search pair). Larger chunks also give the kernel enough points to fill the GPU (our choice).
+        chunk = max(1, max_pairs // max(1, B * max(nG // 16, k * G)))
+    else:
+        chunk = max(1, max_pairs // max(1, B * max(nG, k * G)))
     for s in range(0, P, chunk):
         p = pts[:, s:s + chunk]  # (B, Pc, 3)
         Pc = p.shape[1]
@@ -288,7 +318,7 @@ def closest_points_torch(
         if not bool(ok.all()):
             bi, pi = (~ok).nonzero(as_tuple=True)
             _fallback(points, vertices, faces, face_mask, bi, pi + s, sq, cp, fi, k=k, group_size=G,
-                      max_pairs=max_pairs, compile=compile)
+                      max_pairs=max_pairs, compile=compile, triton=triton)
     return _mask_points(ClosestPoints(sq, cp, fi), point_mask)
 
 
@@ -371,7 +401,22 @@ def _search_chunk(
     return bsq, bq, slot, lbk[..., k]
 
 
+def _search_chunk_triton(
+    p: torch.Tensor, gc: torch.Tensor, gr: torch.Tensor, gvalid: torch.Tensor, tri_s: torch.Tensor,
+    valid: torch.Tensor, slots: torch.Tensor, *, k: int, block: int, compile: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_search_chunk` with the exact search in the Triton kernel (`pointmesh_kernel.search_groups`). Only the
+    group selection goes through torch.compile (when `compile`); the kernel is a plain launch after the compiled
+    graph, so it needs no torch.library registration for dynamo to trace around it (our choice: simpler than a
+    custom op, and the search it replaces is the part compilation could not make fast)."""
+    nearest = _compiled_nearest_groups(k, block) if compile else functools.partial(_nearest_groups, k=k, block=block)
+    lbk, gidx = nearest(p, gc, gr, gvalid)
+    bsq, bq, slot = pointmesh_kernel.search_groups(p, gidx[..., :k], tri_s, valid, slots.shape[0])
+    return bsq, bq, slot, lbk[..., k]
+
+
 _COMPILED_SEARCH: dict[tuple[int, int], Any] = {}
+_COMPILED_NEAREST: dict[tuple[int, int], Any] = {}
 
 
 def _compiled_search_chunk(k: int, block: int):  # noqa: ANN202
@@ -382,6 +427,16 @@ def _compiled_search_chunk(k: int, block: int):  # noqa: ANN202
 
         _COMPILED_SEARCH[(k, block)] = torch.compile(search, dynamic=True)
     return _COMPILED_SEARCH[(k, block)]
+
+
+def _compiled_nearest_groups(k: int, block: int):  # noqa: ANN202
+    """`_nearest_groups` through torch.compile (dynamic shapes), one compiled function per (k, block)."""
+    if (k, block) not in _COMPILED_NEAREST:
+        def nearest(p, gc, gr, gvalid):  # noqa: ANN001, ANN202
+            return _nearest_groups(p, gc, gr, gvalid, k, block)
+
+        _COMPILED_NEAREST[(k, block)] = torch.compile(nearest, dynamic=True)
+    return _COMPILED_NEAREST[(k, block)]
 
 
 def _fallback(
@@ -399,6 +454,7 @@ def _fallback(
     group_size: int,
     max_pairs: int,
     compile: bool,
+    triton: bool,
 ) -> None:
     """Re-solve the uncertified (batch, point) pairs with 8x more groups (ending in brute force once the
     groups cover the mesh); results are written into sq/cp/fi in place."""
@@ -407,6 +463,7 @@ def _fallback(
         res = closest_points_torch(
             points[b:b + 1, sel], vertices[b:b + 1], faces[b:b + 1],
             face_mask=face_mask[b:b + 1], k=8 * k, group_size=group_size, max_pairs=max_pairs, compile=compile,
+            triton=triton,
         )
         sq[b, sel] = res.sqdist[0]
         cp[b, sel] = res.points[0]
