@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import torch
 
 from ofer.eval import pointmesh, pointmesh_kernel
 from ofer.eval.pointmesh import closest_point_on_triangle, closest_points_igl, closest_points_torch
+from tests._triton_interpreter import run_interpreted
 from tests.test_pointmesh import _random_mesh
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,10 +197,7 @@ def test_kernel_matches_torch_search_in_the_interpreter() -> None:
         np.testing.assert_allclose(out.sqdist[0].numpy(), closest_points_igl(p, v, f)[0], rtol=1e-10, atol=1e-12)
         print("ok")
     """)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+    run_interpreted(script)
 
 
 @pytest.mark.skipif(INTERPRET, reason="the interpreter runs the kernel on CPU tensors")

@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 from ofer.models.unet1d import Denoiser
+from tests._triton_interpreter import run_interpreted
 
-ROOT = Path(__file__).resolve().parents[1]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
@@ -77,10 +74,7 @@ def test_projecting_kernel_matches_reference_in_the_interpreter() -> None:
         assert calls.count("token_attention_pool") == 3 and calls.count("token_attention_project_pool") == 3, calls
         print("ok")
     """)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+    run_interpreted(script)
 
 
 def test_projecting_kernel_rejects_bad_inputs() -> None:
@@ -149,10 +143,7 @@ def test_kernel_matches_reference_in_the_interpreter() -> None:
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         print("ok")
     """)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+    run_interpreted(script)
 
 
 def test_pytorch_fallback_of_the_op_matches_reference() -> None:

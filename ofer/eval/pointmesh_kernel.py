@@ -61,6 +61,11 @@ if triton is not None:
         return n / tl.where(d != 0, d, 1.0)
 
     @triton.jit
+    def _select3(m, x0, x1, x2, y0, y1, y2):
+        # where(m, x, y) on the three coordinates
+        return tl.where(m, x0, y0), tl.where(m, x1, y1), tl.where(m, x2, y2)
+
+    @triton.jit
     def _closest_on_segment(px, py, pz, ax, ay, az, bx, by, bz):
         # pointmesh._closest_on_segment
         abx, aby, abz = bx - ax, by - ay, bz - az
@@ -99,31 +104,19 @@ if triton is not None:
         e56 = d5 - d6
         m = (va <= 0) & (e43 >= 0) & (e56 >= 0)  # edge bc
         t = _safe_div(e43, e43 + e56)
-        qx = tl.where(m, bx + t * (cx - bx), qx)
-        qy = tl.where(m, by + t * (cy - by), qy)
-        qz = tl.where(m, bz + t * (cz - bz), qz)
+        qx, qy, qz = _select3(m, bx + t * (cx - bx), by + t * (cy - by), bz + t * (cz - bz), qx, qy, qz)
         m = (vb <= 0) & (d2 >= 0) & (d6 <= 0)  # edge ac
         t = _safe_div(d2, d2 - d6)
-        qx = tl.where(m, ax + t * acx, qx)
-        qy = tl.where(m, ay + t * acy, qy)
-        qz = tl.where(m, az + t * acz, qz)
+        qx, qy, qz = _select3(m, ax + t * acx, ay + t * acy, az + t * acz, qx, qy, qz)
         m = (d6 >= 0) & (d5 <= d6)  # vertex c
-        qx = tl.where(m, cx, qx)
-        qy = tl.where(m, cy, qy)
-        qz = tl.where(m, cz, qz)
+        qx, qy, qz = _select3(m, cx, cy, cz, qx, qy, qz)
         m = (vc <= 0) & (d1 >= 0) & (d3 <= 0)  # edge ab
         t = _safe_div(d1, d1 - d3)
-        qx = tl.where(m, ax + t * abx, qx)
-        qy = tl.where(m, ay + t * aby, qy)
-        qz = tl.where(m, az + t * abz, qz)
+        qx, qy, qz = _select3(m, ax + t * abx, ay + t * aby, az + t * abz, qx, qy, qz)
         m = (d3 >= 0) & (d4 <= d3)  # vertex b
-        qx = tl.where(m, bx, qx)
-        qy = tl.where(m, by, qy)
-        qz = tl.where(m, bz, qz)
+        qx, qy, qz = _select3(m, bx, by, bz, qx, qy, qz)
         m = (d1 <= 0) & (d2 <= 0)  # vertex a
-        qx = tl.where(m, ax, qx)
-        qy = tl.where(m, ay, qy)
-        qz = tl.where(m, az, qz)
+        qx, qy, qz = _select3(m, ax, ay, az, qx, qy, qz)
 
         # Degenerate triangles (or a non-finite interior solve): the closest of the three edges, the first on ties.
         nx = aby * acz - abz * acy
@@ -145,9 +138,7 @@ if triton is not None:
         td = _dot3(ex, ey, ez, ex, ey, ez)
         m = td < sd
         sx, sy, sz = tl.where(m, tx, sx), tl.where(m, ty, sy), tl.where(m, tz, sz)
-        qx = tl.where(deg, sx, qx)
-        qy = tl.where(deg, sy, qy)
-        qz = tl.where(deg, sz, qz)
+        qx, qy, qz = _select3(deg, sx, sy, sz, qx, qy, qz)
         return qx, qy, qz
 
     @triton.jit
