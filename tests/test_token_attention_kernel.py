@@ -72,23 +72,36 @@ def test_projecting_kernel_matches_reference_in_the_interpreter() -> None:
             out = net.set_attention_impl("triton")(x, t, c)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         assert calls.count("token_attention_pool") == 3 and calls.count("token_attention_project_pool") == 3, calls
+        import pytest
+        with pytest.raises(ValueError, match="1 <= C <= 64"):
+            tak.token_attention_project_pool(torch.zeros(2, 65), torch.zeros(6144, 65), torch.zeros(16), 16, 4, 32)
+        with pytest.raises(ValueError, match="wqkv must be a contiguous \\(6144, 8\\) tensor"):
+            tak.token_attention_project_pool(torch.zeros(2, 8), torch.zeros(6144, 9), torch.zeros(16), 16, 4, 32)
+        with pytest.raises(ValueError, match="powers of two, tokens >= 16"):
+            tak.token_attention_project_pool(torch.zeros(2, 8), torch.zeros(8 * 3 * 32, 8), torch.zeros(8), 8, 1, 32)
         print("ok")
     """)
     run_interpreted(script)
 
 
-def test_projecting_kernel_rejects_bad_inputs() -> None:
+def test_projecting_kernel_needs_a_backend_and_routes_by_width() -> None:
     from ofer.models import token_attention_kernel as tak
 
-    if not tak.available(torch.zeros(1), 32):
+    if not tak.available(torch.zeros(1), 32):  # bad shapes are tested in the interpreter test
         with pytest.raises(RuntimeError, match="token_attention_project_pool needs Triton"):
             tak.token_attention_project_pool(torch.zeros(2, 8), torch.zeros(16 * 3 * 4 * 32, 8), torch.zeros(16),
                                              16, 4, 32)
-        return
-    with pytest.raises(ValueError, match="1 <= C <= 64"):
-        tak.token_attention_project_pool(torch.zeros(2, 65), torch.zeros(6144, 65), torch.zeros(16), 16, 4, 32)
-    with pytest.raises(ValueError, match="wqkv must be a contiguous \\(6144, 8\\) tensor"):
-        tak.token_attention_project_pool(torch.zeros(2, 8), torch.zeros(6144, 9), torch.zeros(16), 16, 4, 32)
+    saved = tak.PROJECT_MAX_WIDTH
+    try:  # a PROJECT_MAX_WIDTH above the kernel's widest launch neither routes nor admits wider inputs
+        assert tak.projects(64) and not tak.projects(65) and not tak.projects(0)
+        tak.PROJECT_MAX_WIDTH = 256
+        assert tak.projects(64) and not tak.projects(65)
+        tak.PROJECT_MAX_WIDTH = 32
+        assert tak.projects(32) and not tak.projects(33)
+        tak.PROJECT_MAX_WIDTH = 0
+        assert not tak.projects(1)
+    finally:
+        tak.PROJECT_MAX_WIDTH = saved
 
 
 def test_set_project_launch_parses_and_rejects_bad_specs() -> None:

@@ -44,7 +44,8 @@ import os
 
 import torch
 
-__all__ = ["available", "token_attention_pool", "token_attention_pool_reference", "token_attention_project_pool"]
+__all__ = ["available", "projects", "token_attention_pool", "token_attention_pool_reference",
+           "token_attention_project_pool"]
 
 try:  # Triton is an optional dependency (shipped with CUDA builds of torch)
     import triton
@@ -62,7 +63,13 @@ LAUNCH = {"block_rows": None, "tiles": 4, "stages": 2, "num_warps": 2}
 # Per padded width (16, 32, 64 channels).
 PROJECT_LAUNCH = {16: {"block_rows": 32, "num_warps": 4}, 32: {"block_rows": 32, "num_warps": 4},
                   64: {"block_rows": 32, "num_warps": 8}}
-PROJECT_MAX_WIDTH = 64
+PROJECT_MAX_WIDTH = 64  # may be lowered (0: never); the kernel takes at most max(PROJECT_LAUNCH) = 64 channels
+
+
+def projects(width: int) -> bool:
+    """Whether `TokenSelfAttention` sends an attention input of `width` channels to `token_attention_project_pool`
+    (width <= PROJECT_MAX_WIDTH, capped at the widest padded width the kernel has a launch for)."""
+    return 1 <= width <= min(PROJECT_MAX_WIDTH, max(PROJECT_LAUNCH))
 
 
 def set_launch(spec: str) -> dict:
@@ -238,9 +245,9 @@ def token_attention_project_pool(x: torch.Tensor, wqkv: torch.Tensor, w: torch.T
                            f"tensor (or TRITON_INTERPRET=1) and head_dim >= 16; got a {x.device.type} tensor, "
                            f"head_dim {head_dim}, Triton {'installed' if triton is not None else 'not installed'}")
     R, C = x.shape if x.ndim == 2 else (-1, -1)
-    if x.ndim != 2 or x.stride(1) != 1 or not 1 <= C <= PROJECT_MAX_WIDTH:
+    if x.ndim != 2 or x.stride(1) != 1 or not 1 <= C <= max(PROJECT_LAUNCH):
         raise ValueError(f"token_attention_project_pool: x must be a row-contiguous (R, C) tensor with 1 <= C <= "
-                         f"{PROJECT_MAX_WIDTH}, got shape {tuple(x.shape)} strides {x.stride()}")
+                         f"{max(PROJECT_LAUNCH)}, got shape {tuple(x.shape)} strides {x.stride()}")
     if wqkv.shape != (tokens * 3 * heads * head_dim, C) or not wqkv.is_contiguous() or wqkv.dtype != x.dtype:
         raise ValueError(f"token_attention_project_pool: wqkv must be a contiguous ({tokens * 3 * heads * head_dim}, "
                          f"{C}) tensor of x's dtype {x.dtype}, got {tuple(wqkv.shape)} {wqkv.dtype}")

@@ -105,7 +105,7 @@ class TokenSelfAttention(nn.Module):
                                "for training, or run under torch.no_grad()")
         # to_out per token followed by the token mix is linear in the attention output o, so mix the T tokens
         # first (a T-times smaller matmul): sum_t w_t (W o_t + b) + c = W (sum_t w_t o_t) + b sum_t w_t + c.
-        if impl == "triton" and xn.shape[1] <= token_attention_kernel.PROJECT_MAX_WIDTH and self.tokens >= 16:
+        if impl == "triton" and token_attention_kernel.projects(xn.shape[1]) and self.tokens >= 16:
             # Narrow input: the projection runs inside the kernel, so the (B, T * 3 * H * Dh) q/k/v tensor (384x
             # wider than a 16-channel input) is never written and read back. Same dtype as the Linear would use.
             dev = xn.device.type
