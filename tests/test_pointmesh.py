@@ -97,6 +97,11 @@ def _random_mesh(seed: int, subdiv: int = 3, noise: float = 0.05):
     return v, m.faces.astype(np.int64), rng
 
 
+def _near_surface_points(V: np.ndarray, rng: np.random.Generator, n: int = 20000) -> np.ndarray:
+    """n points near the mesh: random vertices scaled by 0.9-1.1 plus 0.01 noise (the GPU tests' queries)."""
+    return V[rng.integers(0, len(V), n)] * rng.uniform(0.9, 1.1, (n, 1)) + rng.normal(scale=0.01, size=(n, 3))
+
+
 def _regions(points, V, F, face_idx, cp) -> tuple[int, int, int]:
     """Count closest points in face interiors, on edges and at vertices (from barycentric coordinates)."""
     tri = V[F[face_idx]]
@@ -195,7 +200,7 @@ def test_no_valid_face_is_an_error() -> None:
 @pytest.mark.parametrize("compile", [False, True])
 def test_cuda_matches_igl(compile: bool) -> None:
     V, F, rng = _random_mesh(8, subdiv=5)
-    P = V[rng.integers(0, len(V), 20000)] * rng.uniform(0.9, 1.1, (20000, 1)) + rng.normal(scale=0.01, size=(20000, 3))
+    P = _near_surface_points(V, rng)
     sq_i, cp_i, _ = closest_points_igl(P, V, F)
     dev = torch.device("cuda")
     out = closest_points_torch(torch.tensor(P, device=dev)[None], torch.tensor(V, device=dev)[None],

@@ -15,7 +15,7 @@ import torch
 from ofer.eval import pointmesh, pointmesh_kernel
 from ofer.eval.pointmesh import closest_point_on_triangle, closest_points_igl, closest_points_torch
 from tests._triton_interpreter import run_interpreted
-from tests.test_pointmesh import _random_mesh
+from tests.test_pointmesh import _near_surface_points, _random_mesh
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -151,7 +151,7 @@ def test_kernel_matches_torch_search_in_the_interpreter() -> None:
         import torch
         from ofer.eval import pointmesh, pointmesh_kernel as pk
         from ofer.eval.pointmesh import closest_points_brute_force, closest_points_igl, closest_points_torch
-        from tests.test_pointmesh import _random_mesh
+        from tests.test_pointmesh import _near_surface_points, _random_mesh
         from tests.test_pointmesh_kernel import check_search, make_search_inputs
 
         for seed, block in ((0, 128), (1, 32)):
@@ -257,8 +257,7 @@ def test_kernel_matches_torch_search_on_cuda() -> None:
 @pytest.mark.parametrize("compile", [False, True])
 def test_cuda_triton_matches_eager_and_igl(compile: bool) -> None:
     V, F, rng = _random_mesh(8, subdiv=5)
-    P = V[rng.integers(0, len(V), 20000)] * rng.uniform(0.9, 1.1, (20000, 1)) + rng.normal(scale=0.01, size=(20000, 3))
-    P = np.concatenate([P, rng.normal(size=(500, 3)) * 3])  # far points: some fail the certificate
+    P = np.concatenate([_near_surface_points(V, rng), rng.normal(size=(500, 3)) * 3])  # far points: some fail the certificate
     sq_i, cp_i, _ = closest_points_igl(P, V, F)
     dev = torch.device("cuda")
     args = (torch.tensor(P, device=dev)[None], torch.tensor(V, device=dev)[None], torch.tensor(F, device=dev)[None])
