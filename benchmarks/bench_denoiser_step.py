@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ofer import fast_sampling  # noqa: E402
 from ofer.diffusion import GaussianDiffusion  # noqa: E402
 from ofer.fast_sampling import GraphedSampler  # noqa: E402
 from ofer.models import token_attention_kernel as tak  # noqa: E402
@@ -62,7 +63,8 @@ def time_variant(name: str, impl: str, compile: bool, rows: int, steps: int, rep
 
 def profile_step(name: str, impl: str, rows: int, compiled: bool = False) -> str:
     model = build(name, impl)
-    trunk = torch.compile(model.trunk, dynamic=False) if compiled else model.trunk
+    opts = dict(fast_sampling.COMPILE_OPTIONS) or None
+    trunk = torch.compile(model.trunk, dynamic=False, options=opts) if compiled else model.trunk
     x = torch.randn(rows, model.dim, device="cuda")
     film = model.condition_film(torch.randn(rows, model.cond_dim, device="cuda")) + model.time_film(
         torch.tensor([500], device="cuda"))
@@ -90,8 +92,12 @@ def main() -> None:
     ap.add_argument("--project-max-widths", default=None,
                     help="comma list of token_attention_kernel.PROJECT_MAX_WIDTH values to time the triton rows with "
                          "(0: the projection never inside the kernel); default: the module's")
+    ap.add_argument("--inductor", action="append", default=None,
+                    help="inductor options of the compiled rows: 'default' (fast_sampling.COMPILE_OPTIONS), 'none' "
+                         "(inductor's defaults) or 'key=value,...'; repeat to compare (--inductor none --inductor default)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    inductor = [fast_sampling.parse_compile_options(s) for s in (args.inductor or ["default"])]
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
     if args.profile:
         for name in MODELS:
@@ -101,25 +107,30 @@ def main() -> None:
     if args.profile_compiled:
         for name in MODELS:
             for width in widths:
-                tak.PROJECT_MAX_WIDTH = default_width if width is None else width
-                table = profile_step(name, "auto", args.rows, compiled=True)
-                print(f"--- {name}, compiled, auto attention, PROJECT_MAX_WIDTH {tak.PROJECT_MAX_WIDTH}: one step's "
-                      f"CUDA kernels\n{table}", flush=True)
+                for opts in inductor:
+                    tak.PROJECT_MAX_WIDTH = default_width if width is None else width
+                    fast_sampling.COMPILE_OPTIONS = opts
+                    table = profile_step(name, "auto", args.rows, compiled=True)
+                    print(f"--- {name}, compiled, auto attention, PROJECT_MAX_WIDTH {tak.PROJECT_MAX_WIDTH}, inductor "
+                          f"{opts or 'default'}: one step's CUDA kernels\n{table}", flush=True)
     if args.only_profile:
         return
     impls = args.impls.split(",")
-    variants = [(impl, False) for impl in impls if impl in ("math", "sdpa", "triton")]  # eager "reduce" is huge
+    variants = [(impl, False, {}) for impl in impls if impl in ("math", "sdpa", "triton")]  # eager "reduce" is huge
     if not args.no_compile:
-        variants += [(impl, True) for impl in impls]
+        variants += [(impl, True, opts) for impl in impls for opts in inductor]
     for name in MODELS:
-        for (impl, comp), width in ((v, wd) for v in variants for wd in (widths if v[0] == "triton" else [None])):
+        for (impl, comp, opts), width in ((v, wd) for v in variants for wd in (widths if v[0] == "triton" else [None])):
             tak.PROJECT_MAX_WIDTH = default_width if width is None else width
+            fast_sampling.COMPILE_OPTIONS = opts
             try:
                 row = time_variant(name, impl, comp, args.rows, args.steps, args.repeats)
             except Exception as exc:  # noqa: BLE001 -- reported, the other variants go on
                 row = {"model": name, "attention": impl, "compile": comp, "error": f"{type(exc).__name__}: {exc}"[:400]}
             if impl == "triton":
                 row["project_max_width"] = tak.PROJECT_MAX_WIDTH
+            if comp:
+                row["inductor"] = opts
             out["rows"].append(row)
             print(json.dumps(row), flush=True)
             if args.json:

@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 import ofer  # noqa: E402,F401
+from ofer import fast_sampling  # noqa: E402
 from ofer.diffusion import GaussianDiffusion  # noqa: E402
 from ofer.flame import FLAME  # noqa: E402
 from ofer.models import token_attention_kernel as tak  # noqa: E402
@@ -107,6 +108,9 @@ def main() -> None:
     ap.add_argument("--project-max-width", type=int, default=None,
                     help="widest attention input whose q/k/v projection runs inside the Triton kernel (0: never; "
                          "default: the module's token_attention_kernel.PROJECT_MAX_WIDTH)")
+    ap.add_argument("--inductor", default="default",
+                    help="inductor options of the compiled trunks: 'default' (fast_sampling.COMPILE_OPTIONS), 'none' "
+                         "(inductor's defaults) or key=value,...")
     ap.add_argument("--settings", default="ddpm1000,ddim50,ddim25,dpmpp25",
                     help="comma list of the fast-path rows to run: ddpm1000, ddim50, ddim25, dpmpp25")
     ap.add_argument("--json", type=Path, default=None)
@@ -119,6 +123,7 @@ def main() -> None:
         tak.set_launch(args.attention_launch)
     if args.project_max_width is not None:
         tak.PROJECT_MAX_WIDTH = args.project_max_width
+    fast_sampling.COMPILE_OPTIONS = fast_sampling.parse_compile_options(args.inductor)
     device = "cuda"
     assert torch.cuda.is_available(), "this benchmark needs a GPU"
     assets = ensure_synthetic_flame(Path(tempfile.mkdtemp()))
@@ -128,7 +133,8 @@ def main() -> None:
     floor_ips = tflops * 1e12 / flop_per_image
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "bf16_gemm_tflops": tflops,
            "floor_images_per_s": floor_ips, "attention_launch": dict(tak.LAUNCH),
-           "project_max_width": tak.PROJECT_MAX_WIDTH, "project_launch": dict(tak.PROJECT_LAUNCH), "rows": []}
+           "project_max_width": tak.PROJECT_MAX_WIDTH, "project_launch": dict(tak.PROJECT_LAUNCH),
+           "inductor": fast_sampling.COMPILE_OPTIONS, "rows": []}
     print(f"device: {out['device']}  torch {torch.__version__}  bf16 GEMM {tflops:.0f} TFLOP/s  "
           f"floor (paper setting) {floor_ips:.0f} images/s", flush=True)
     ddpm = {"sampler": "ddpm"}

@@ -145,8 +145,22 @@ def main() -> None:
                     help="attention kernels of the compiled rows (compiled 'auto' = 'reduce'), e.g. auto,math")
     ap.add_argument("--no-graph", action="store_true", help="skip the whole-step CUDA-graph rows")
     ap.add_argument("--cpu", action="store_true", help="CPU rows only: fp32 IdGen/ExpGen steps at --rows")
+    ap.add_argument("--profile", default=None, metavar="IMPLS",
+                    help="only print the CUDA kernel table of one compiled bf16 step per job at the first --rows, "
+                         "for each attention kernel of this comma list (e.g. auto,triton)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    if args.profile:
+        for impl in args.profile.split(","):
+            for kind in ("idgen", "expgen"):
+                step, _ = generator_step(kind, args.rows[0], True, False, compile=True, impl=impl)
+                time_steps(step, n=2, warmup=5)
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    step()
+                    sync()
+                print(f"--- {kind}, {args.rows[0]} rows, bf16 + compile, attention {impl}: one step's CUDA kernels\n"
+                      + prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
+        return
     global DEVICE
     DEVICE = "cpu" if args.cpu else "cuda"
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -7,7 +7,6 @@ the batched dogleg, and a (k, group_size) sweep of `closest_points_torch`. Print
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 import time

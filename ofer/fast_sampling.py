@@ -18,7 +18,35 @@ from torch import nn
 
 from ofer.diffusion import GaussianDiffusion, denoise_step
 
-__all__ = ["GraphedSampler"]
+__all__ = ["COMPILE_OPTIONS", "GraphedSampler", "parse_compile_options"]
+
+# Inductor options of the compiled trunk (`torch.compile(..., options=COMPILE_OPTIONS)`). force_shape_pad: pad
+# every matmul operand to aligned sizes (IdGen's 300 channels are not a multiple of 8, so cuBLAS ran them with
+# sm80 kernels); measured on an H200 at 51,200 rows: IdGen step 7.55 -> 7.15 ms, ExpGen 3.52 -> 3.42 ms
+# (`benchmarks/bench_denoiser_step.py --inductor`, BENCHMARKS.md). Module-level so the benchmarks can compare.
+COMPILE_OPTIONS: dict = {"force_shape_pad": True}
+
+
+def parse_compile_options(spec: str) -> dict:
+    """Inductor options from "key=value,key=value" (values: integers, floats, true/false); "default" -> the
+    module's `COMPILE_OPTIONS`, "none" -> {} (inductor's own defaults). For the benchmarks' --inductor."""
+    if spec in ("default", "none"):
+        return dict(COMPILE_OPTIONS) if spec == "default" else {}
+    opts = {}
+    for item in spec.split(","):
+        key, sep, val = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--inductor {spec!r}: expected key=value[,key=value], e.g. padding_stride_threshold=256")
+        low = val.lower()
+        if low in ("true", "false"):
+            opts[key] = low == "true"
+            continue
+        try:
+            opts[key] = float(val) if "." in val else int(val)
+        except ValueError:
+            raise ValueError(f"--inductor {spec!r}: value of {key!r} must be an integer, a float, true or false, "
+                             f"got {val!r}") from None
+    return opts
 
 
 class GraphedSampler:
@@ -42,7 +70,10 @@ class GraphedSampler:
         self.split_film = all(hasattr(model, a) for a in ("time_film", "condition_film", "trunk"))
         # torch.compile fuses the many small element-wise kernels (norms, FiLM, SiLU) of a step; the compiled
         # kernels are then captured in our graphs like eager ones.
-        self.trunk = (torch.compile(model.trunk, dynamic=False) if compile else model.trunk) if self.split_film else None
+        trunk = model.trunk
+        if compile:
+            trunk = torch.compile(trunk, dynamic=False, options=dict(COMPILE_OPTIONS) or None)
+        self.trunk = trunk if self.split_film else None
         if self.split_film:
             with torch.no_grad():
                 self.tfilm = model.time_film(self.plan.timesteps.to(device)).float()  # (n, F), one row per step

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ofer.diffusion import GaussianDiffusion
-from ofer.fast_sampling import GraphedSampler
+from ofer.fast_sampling import COMPILE_OPTIONS, GraphedSampler, parse_compile_options
 from ofer.models.unet1d import Denoiser
 
 
@@ -37,3 +37,16 @@ def test_graphed_equals_eager(opts, compile):
     torch.testing.assert_close(out2, out, atol=0, rtol=0)
     # The test can fail: other starting noise gives other samples.
     assert (graphed(cond, num_samples=8, x_T=x_T + 1).sub(eager)).abs().max() > 1e-2
+
+
+def test_parse_compile_options():
+    assert parse_compile_options("none") == {}
+    assert parse_compile_options("default") == COMPILE_OPTIONS
+    assert parse_compile_options("default") is not COMPILE_OPTIONS  # a copy: callers may edit it
+    assert parse_compile_options("force_shape_pad=true,padding_stride_threshold=256,x=0.5,y=False") == {
+        "force_shape_pad": True, "padding_stride_threshold": 256, "x": 0.5, "y": False}
+    for bad in ("force_shape_pad", "=1", "a=1,b"):
+        with pytest.raises(ValueError, match="expected key=value"):
+            parse_compile_options(bad)
+    with pytest.raises(ValueError, match="'x' must be an integer, a float, true or false"):
+        parse_compile_options("x=abc")
