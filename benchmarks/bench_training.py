@@ -25,6 +25,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ofer.diffusion import GaussianDiffusion  # noqa: E402
+from ofer.fast_sampling import parse_compile_options  # noqa: E402
 from ofer.models.ranker import IdRanker  # noqa: E402
 from ofer.models.unet1d import Denoiser  # noqa: E402
 from ofer.ranking import listnet_loss, ranking_targets  # noqa: E402
@@ -68,7 +69,8 @@ def time_steps(step, n: int = 20, warmup: int = 3) -> float:
     return (time.perf_counter() - t) / n
 
 
-def generator_step(kind: str, rows: int, bf16: bool, ddp: bool, compile: bool = False, impl: str = "auto"):
+def generator_step(kind: str, rows: int, bf16: bool, ddp: bool, compile: bool = False, impl: str = "auto",
+                   inductor: dict | None = None):
     dim, cond, widths = (300, 512, (300, 50, 10)) if kind == "idgen" else (53, 1024, (53, 25, 10))
     model = Denoiser(dim=dim, cond_dim=cond, widths=widths).set_attention_impl(impl).to(DEVICE)
     params = count(model)
@@ -76,7 +78,7 @@ def generator_step(kind: str, rows: int, bf16: bool, ddp: bool, compile: bool = 
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()])
     if compile:  # as trainer.compile=true: fuses the element-wise kernels of forward and backward
-        model = torch.compile(model)
+        model = torch.compile(model, options=inductor or None)
     diff = GaussianDiffusion().to(DEVICE)
     opt = torch.optim.AdamW(opt_params, lr=1e-3, weight_decay=1e-4, fused=DEVICE == "cuda")
     x0 = torch.randn(rows, dim, device=DEVICE)
@@ -142,7 +144,11 @@ def main() -> None:
     ap.add_argument("--ddp-only", action="store_true")
     ap.add_argument("--compile", action="store_true", help="also rows with torch.compile'd models (CUDA)")
     ap.add_argument("--compile-impls", default="auto",
-                    help="attention kernels of the compiled rows (compiled 'auto' = 'reduce'), e.g. auto,math")
+                    help="attention kernels of the compiled rows (training 'auto' = 'triton' on CUDA), e.g. auto,math")
+    ap.add_argument("--inductor", action="append", default=None,
+                    help="inductor options of the compiled rows: 'none' (inductor's defaults, as trainer.compile), "
+                         "'default' (the sampler's fast_sampling.COMPILE_OPTIONS) or 'key=value,...'; repeat to compare")
+    ap.add_argument("--no-idrank", action="store_true", help="skip the IdRank rows (re-sampling takes minutes)")
     ap.add_argument("--no-graph", action="store_true", help="skip the whole-step CUDA-graph rows")
     ap.add_argument("--cpu", action="store_true", help="CPU rows only: fp32 IdGen/ExpGen steps at --rows")
     ap.add_argument("--profile", default=None, metavar="IMPLS",
@@ -170,20 +176,24 @@ def main() -> None:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     rank = dist.get_rank() if ddp else 0
     peak = gemm_tflops()
+    if rank == 0:
+        print(f"matmul rate {peak:.1f} TFLOP/s", flush=True)
     rows_out = []
     configs = [] if args.ddp_only else [("idgen", 64, False, False), ("expgen", 64, False, False)]
     configs += [(k, r, not args.cpu, False) for k in ("idgen", "expgen") for r in args.rows]
-    configs = [(*c, "auto") for c in configs]
+    configs = [(*c, "auto", {}) for c in configs]
     if args.compile:
-        configs += [(k, r, True, True, impl) for impl in args.compile_impls.split(",")
+        configs += [(k, r, True, True, impl, opts) for impl in args.compile_impls.split(",")
+                    for opts in (parse_compile_options(s) for s in args.inductor or ["none"])
                     for k in ("idgen", "expgen") for r in args.rows]
-    for kind, rows, bf16, comp, impl in configs:
-        step, params = generator_step(kind, rows, bf16, ddp, compile=comp, impl=impl)
+    for kind, rows, bf16, comp, impl, opts in configs:
+        step, params = generator_step(kind, rows, bf16, ddp, compile=comp, impl=impl, inductor=opts)
         s = time_steps(step, warmup=5 if comp else 3)
         mfu = 6 * params * rows / s / (peak * 1e12)
         rows_out.append({"job": kind, "rows_per_gpu": rows, "attention": impl,
                          "precision": ("bf16" if bf16 else "fp32") + (" + compile" if comp else ""),
-                         "world_size": world, "s_per_step": s, "samples_per_s": rows * world / s, "mfu": mfu})
+                         "world_size": world, "s_per_step": s, "samples_per_s": rows * world / s, "mfu": mfu,
+                         **({"inductor": opts} if comp else {})})
         if rank == 0:
             print(json.dumps(rows_out[-1]), flush=True)
     if not ddp and not args.cpu and not args.no_graph:
@@ -200,7 +210,7 @@ def main() -> None:
                                  "world_size": 1, "s_per_step": s, "samples_per_s": rows / s,
                                  "mfu": 6 * params * rows / s / (peak * 1e12)})
                 print(json.dumps(rows_out[-1]), flush=True)
-    if not args.ddp_only and not args.cpu:
+    if not args.ddp_only and not args.cpu and not args.no_idrank:
         # IdRank: cached pools vs re-sampling the candidates every step (the public code).
         torch.manual_seed(0)
         V = 1785

@@ -79,6 +79,8 @@ class TokenSelfAttention(nn.Module):
         super().__init__()
         self.heads, self.head_dim, self.tokens = heads, head_dim, tokens
         self.impl = "auto"  # see Denoiser.set_attention_impl
+        # the Triton kernels take power-of-two token counts and head sizes ("auto" uses PyTorch otherwise)
+        self._kernel_shape = not (tokens & (tokens - 1) or head_dim & (head_dim - 1))
         hidden = heads * head_dim
         self.norm = RMSNorm(dim)
         self.to_qkv = nn.Linear(dim, tokens * 3 * hidden, bias=False)
@@ -91,21 +93,17 @@ class TokenSelfAttention(nn.Module):
         xn = self.norm(x)
         w = self.token_mix.weight[0]  # (T,)
         impl = self.impl
+        grad = torch.is_grad_enabled() and (xn.requires_grad or w.requires_grad or self.to_qkv.weight.requires_grad)
         if impl == "auto":  # measured choices, see Denoiser.set_attention_impl
-            if torch.is_grad_enabled():
-                impl = "math"
-            elif xn.is_cuda and token_attention_kernel.available(xn, self.head_dim):
+            if xn.is_cuda and self._kernel_shape and token_attention_kernel.available(xn, self.head_dim):
                 impl = "triton"
-            elif torch.compiler.is_compiling():
+            elif torch.compiler.is_compiling() and not grad:
                 impl = "reduce"
             else:
                 impl = "math"
-        if impl == "triton" and torch.is_grad_enabled() and (xn.requires_grad or w.requires_grad):
-            raise RuntimeError("attention impl 'triton' is inference-only (no backward); use 'auto' or 'math' "
-                               "for training, or run under torch.no_grad()")
         # to_out per token followed by the token mix is linear in the attention output o, so mix the T tokens
         # first (a T-times smaller matmul): sum_t w_t (W o_t + b) + c = W (sum_t w_t o_t) + b sum_t w_t + c.
-        if impl == "triton" and token_attention_kernel.projects(xn.shape[1]) and self.tokens >= 16:
+        if impl == "triton" and not grad and token_attention_kernel.projects(xn.shape[1]) and self.tokens >= 16:
             # Narrow input: the projection runs inside the kernel, so the (B, T * 3 * H * Dh) q/k/v tensor (384x
             # wider than a 16-channel input) is never written and read back. Same dtype as the Linear would use.
             dev = xn.device.type
@@ -331,21 +329,22 @@ class Denoiser(nn.Module):
     def set_attention_impl(self, impl: str) -> "Denoiser":
         """Kernel of the 16-token attention; every choice computes the same function:
 
-        * "auto" (default), the fastest measured choice: with autograd "math"; without (sampling) "triton" on
-          CUDA when Triton is installed, else "reduce" inside torch.compile, else "math";
+        * "auto" (default), the fastest measured choice: "triton" on CUDA when Triton is installed (sampling and
+          training); otherwise "reduce" inside torch.compile without autograd, else "math";
         * "math": explicit matmul-softmax-matmul on permuted (B, H, T, Dh) copies;
         * "reduce": broadcast products and sums over views of the q/k/v tensor, with the token mix applied to
           the attention weights before the value product; one fused kernel per reduction when compiled
           (eager: memory-hungry, T*T*H*Dh floats per row);
         * "triton": one Triton kernel after the q/k/v projection (`ofer.models.token_attention_kernel`), and
           for inputs of at most `token_attention_kernel.PROJECT_MAX_WIDTH` (64) channels one kernel that also does
-          the projection; forward only (no autograd);
+          the projection (sampling only; with autograd every block takes the separate projection, whose kernel
+          has a Triton backward);
         * "sdpa": PyTorch's fused attention.
         Measured on an H200 at 25,600 rows, ms per DDIM sampling step IdGen / ExpGen (BENCHMARKS.md): eager
         math 15.7 / 11.6, eager triton 8.1 / 4.2; compiled math 9.3 / 7.3, compiled reduce 6.6-7.0 / 4.9-5.0,
         compiled triton 4.4 / 2.7 (at 51,200 rows, with the projection inside the kernel for the narrow blocks:
-        7.46 / 3.61 instead of 7.78 / 4.16). Compiled training is faster with "math" than with "reduce" (IdGen 1.04 M vs
-        0.86 M samples/s). SDPA dispatches to cuDNN's flash kernel, which takes 57% of an eager IdGen step for
+        7.46 / 3.61 instead of 7.78 / 4.16). Compiled bf16 training of IdGen at 65,536 rows: "triton" 2.18 M
+        samples/s, "math" 1.04 M (same run), "reduce" 0.86 M (another run). SDPA dispatches to cuDNN's flash kernel, which takes 57% of an eager IdGen step for
         these 16-token sequences and fails in backward at 65,536 rows and inside CUDA-graph capture.
         Returns self."""
         if impl not in ATTENTION_IMPLS:
