@@ -216,6 +216,15 @@ def test_kernel_backward_matches_float64_autograd_in_the_interpreter() -> None:
                 ew = float((dw.double() - rw).abs().max() / rw.abs().max())
                 assert eq < 1e-5 and ew < 1e-5, (launch, R, T, H, D, eq, ew)
         tak.LAUNCH.update(default)
+        # rows of a wider tensor (row stride 6,200): the gradient lands in the right columns
+        wide = torch.randn(9, 6200, requires_grad=True)
+        w = torch.randn(16, requires_grad=True)
+        g = torch.randn(9, 128)
+        (dwide,) = torch.autograd.grad(tak.token_attention_pool(wide[:, 56:], w, 16, 4, 32), (wide,), g)
+        q64 = wide.detach()[:, 56:].double().requires_grad_()
+        (rq,) = torch.autograd.grad(tak.token_attention_pool_reference(q64, w.detach(), 16, 4, 32), (q64,), g.double())
+        assert float(dwide[:, :56].abs().max()) == 0
+        assert float((dwide[:, 56:].double() - rq).abs().max() / rq.abs().max()) < 1e-5
         qkv, w = torch.randn(3, 6144, requires_grad=True), torch.randn(16, requires_grad=True)
         torch.library.opcheck(tak.token_attention_pool, (qkv, w, 16, 4, 32),
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

@@ -297,7 +297,8 @@ def token_attention_pool_backward(qkv: torch.Tensor, w: torch.Tensor, grad: torc
             qkv_, w_ = qkv.detach().requires_grad_(), w.detach().requires_grad_()
             dqkv, dw = torch.autograd.grad(_pooled_torch(qkv_, w_, tokens, heads, head_dim), (qkv_, w_), grad)
         return dqkv.to(qkv.dtype), dw.to(w.dtype)
-    dqkv = torch.empty_like(qkv)
+    qkv = qkv.contiguous()  # a row-strided view: dqkv below is written with qkv's row stride
+    dqkv = qkv.new_empty(qkv.shape)
     block_r = max(LAUNCH["block_rows"] or 64 // tokens, triton.cdiv(16, tokens))
     tiles, stages, warps = LAUNCH["tiles"], LAUNCH["stages"], LAUNCH["num_warps"]
     grid = (triton.cdiv(triton.cdiv(R, block_r), tiles), heads)
@@ -312,7 +313,7 @@ def token_attention_pool_backward(qkv: torch.Tensor, w: torch.Tensor, grad: torc
 @token_attention_pool_backward.register_fake
 def _(qkv: torch.Tensor, w: torch.Tensor, grad: torch.Tensor, tokens: int, heads: int,
       head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.empty_like(qkv), torch.empty_like(w)
+    return qkv.new_empty(qkv.shape), w.new_empty(w.shape)
 
 
 def _pool_setup_context(ctx, inputs, output) -> None:
