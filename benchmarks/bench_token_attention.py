@@ -7,6 +7,7 @@ form compiled, and the Triton kernel of `ofer.models.token_attention_kernel` (th
 a first kernel version with CUDA-core products, since removed: 868 us).
 
     python benchmarks/bench_token_attention.py --rows 25600 --json $OUT/token_attention.json
+    python benchmarks/bench_token_attention.py --rows 65536 --backward-launches 4x4x2x2,4x4x2x4,4x2x2x4 --json ...
 """
 from __future__ import annotations
 
@@ -37,6 +38,10 @@ def main() -> None:
                          "the kernel with the projection inside (token_attention_project_pool)")
     ap.add_argument("--project-launches", default="16x4",
                     help="comma list of the projecting kernel's launches, rows per program x warps")
+    ap.add_argument("--backward-launches", default="",
+                    help="comma list of the backward kernel's launch shapes (token_attention_kernel.BACKWARD_LAUNCH): "
+                         "also time the gradient of the pooled output w.r.t. q/k/v and w, kernel vs autograd of the "
+                         "explicit math (eager and compiled)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -93,6 +98,8 @@ def main() -> None:
         print(f"fastest launch: {out['best_launch']} ({best['us_per_call']:.0f} us)")
     if args.widths:
         out["projection"] = project_rows(args, w)
+    if args.backward_launches:
+        out["backward"] = backward_rows(args, qkv, w, math)
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
 
@@ -108,6 +115,50 @@ def timed_us(fn, x: torch.Tensor, iters: int) -> float:  # noqa: ANN001
         end.record()
         torch.cuda.synchronize()
     return start.elapsed_time(end) / iters * 1e3
+
+
+def backward_rows(args: argparse.Namespace, qkv: torch.Tensor, w: torch.Tensor, math) -> list[dict]:  # noqa: ANN001
+    """The backward alone (us per call): d pooled -> (d qkv, d w). Autograd through the explicit math (eager and
+    compiled; forward included, as autograd needs it) against the backward kernel per launch (no forward: it
+    recomputes what it needs). Error: largest |d qkv| difference from float64 autograd of the per-token formula
+    on the first 512 rows, relative to the largest reference entry."""
+    g = torch.randn(qkv.shape[0], H * DH, device="cuda")
+    q64, w64 = qkv[:512].double().requires_grad_(), w.double().requires_grad_()
+    ref = torch.autograd.grad(tak.token_attention_pool_reference(q64, w64, T, H, DH), q64, g[:512].double())[0]
+    wg = w.detach().requires_grad_()
+
+    def math_grad(fn):  # noqa: ANN001, ANN202
+        def run(x: torch.Tensor) -> torch.Tensor:
+            with torch.enable_grad():
+                xx = x.detach().requires_grad_()
+                out = fn(xx, wg)
+                return torch.autograd.grad(out, xx, g[: x.shape[0]].to(out.dtype))[0]
+        return run
+
+    def math_w(x: torch.Tensor, ww: torch.Tensor) -> torch.Tensor:
+        q, k, v = x.view(-1, T, 3, H, DH).permute(2, 0, 3, 1, 4).unbind(0)
+        a = (q @ k.transpose(-1, -2) * DH**-0.5).softmax(-1)
+        return torch.einsum("bhtd,t->bhd", a.to(v.dtype) @ v, ww.to(v.dtype)).reshape(-1, H * DH)
+
+    forms = {"backward: math autograd eager": math_grad(math_w),
+             "backward: math autograd compiled": math_grad(torch.compile(math_w))}
+    for spec in args.backward_launches.split(","):
+        tak.set_launch(spec, backward=True)  # a malformed spec fails here, before any timing
+
+        def kernel_bwd(x: torch.Tensor, spec: str = spec) -> torch.Tensor:
+            tak.set_launch(spec, backward=True)
+            return tak.token_attention_pool_backward(x, w, g[: x.shape[0]], T, H, DH)[0]
+        forms[f"backward kernel {spec}"] = kernel_bwd
+    rows = []
+    for name, fn in forms.items():
+        try:
+            err = float((fn(qkv[:512]).double() - ref).abs().max() / ref.abs().max())
+            row = {"form": name, "us_per_call": timed_us(fn, qkv, args.iters), "max_rel_err": err}
+        except Exception as exc:  # noqa: BLE001 -- reported, the other forms go on
+            row = {"form": name, "error": f"{type(exc).__name__}: {exc}"[:400]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
 
 
 def project_rows(args: argparse.Namespace, w: torch.Tensor) -> list[dict]:

@@ -199,10 +199,11 @@ def test_kernel_backward_matches_float64_autograd_in_the_interpreter() -> None:
         from ofer.models import token_attention_kernel as tak
         from tests.test_token_attention_kernel import small_net
         torch.manual_seed(0)
-        default = dict(tak.LAUNCH)
-        for launch in (default, {"block_rows": 1, "tiles": 3, "stages": 2, "num_warps": 2},
-                       {"block_rows": None, "tiles": 1, "stages": 1, "num_warps": 4}):
-            tak.LAUNCH.update(launch)
+        default = dict(tak.BACKWARD_LAUNCH)
+        for spec in ("default", "1x3x2x2", "4x1x1x4"):
+            if spec != "default":
+                tak.set_launch(spec, backward=True)
+            launch = dict(tak.BACKWARD_LAUNCH)
             for R, T, H, D in [(1, 16, 4, 32), (7, 16, 4, 32), (5, 8, 2, 16), (13, 16, 4, 32)]:
                 qkv = (torch.randn(R, T * 3 * H * D) * 2).requires_grad_()
                 w = torch.randn(T).requires_grad_()
@@ -215,7 +216,7 @@ def test_kernel_backward_matches_float64_autograd_in_the_interpreter() -> None:
                 eq = float((dqkv.double() - rq).abs().max() / rq.abs().max())
                 ew = float((dw.double() - rw).abs().max() / rw.abs().max())
                 assert eq < 1e-5 and ew < 1e-5, (launch, R, T, H, D, eq, ew)
-        tak.LAUNCH.update(default)
+        tak.BACKWARD_LAUNCH.update(default)
         # rows of a wider tensor (row stride 6,200): the gradient lands in the right columns
         wide = torch.randn(9, 6200, requires_grad=True)
         w = torch.randn(16, requires_grad=True)
@@ -350,13 +351,17 @@ def test_kernel_backward_on_cuda_matches_float64_and_trains_like_math() -> None:
 def test_set_launch_parses_and_rejects_bad_specs() -> None:
     from ofer.models import token_attention_kernel as tak
 
-    saved = dict(tak.LAUNCH)
+    saved, saved_bwd = dict(tak.LAUNCH), dict(tak.BACKWARD_LAUNCH)
     try:
         assert tak.set_launch("2x8x3x1") == {"block_rows": 2, "tiles": 8, "stages": 3, "num_warps": 1}
         for bad in ("4x4x2", "4x4x2x0", "4xax2x2", "4x4x2x2x1", ""):
             with pytest.raises(ValueError, match="rows x tiles x stages x warps"):
                 tak.set_launch(bad)
         assert tak.LAUNCH == {"block_rows": 2, "tiles": 8, "stages": 3, "num_warps": 1}  # unchanged by bad specs
+        assert tak.set_launch("1x2x1x4", backward=True) == {"block_rows": 1, "tiles": 2, "stages": 1, "num_warps": 4}
+        assert tak.BACKWARD_LAUNCH["num_warps"] == 4 and tak.LAUNCH["num_warps"] == 1  # only the backward's
     finally:
         tak.LAUNCH.clear()
         tak.LAUNCH.update(saved)
+        tak.BACKWARD_LAUNCH.clear()
+        tak.BACKWARD_LAUNCH.update(saved_bwd)

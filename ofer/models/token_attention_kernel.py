@@ -12,8 +12,8 @@ reading each q/k/v element once and writing only (R, H * Dh) float32: no permute
 memory, no batched 16 x 16 matmuls (which took 45% of a compiled IdGen sampling step on an H200,
 BENCHMARKS.md). Scores and softmax are float32.
 
-Backward (`token_attention_pool` is differentiable w.r.t. qkv and w): one kernel with the forward's stacking and
-launch recomputes the scores from q/k/v and writes dL/dqkv and per-program partial sums of dL/dw (summed on the
+Backward (`token_attention_pool` is differentiable w.r.t. qkv and w): one kernel with the forward's stacking
+(launch: `BACKWARD_LAUNCH`) recomputes the scores from q/k/v and writes dL/dqkv and per-program partial sums of dL/dw (summed on the
 host: deterministic). Nothing but qkv is kept for the backward. A compiled bf16 IdGen training step at 65,536
 rows on an H200 went from 0.0628 s with the PyTorch "math" form (cuBLAS batched 16 x 16 matmuls and permuted
 copies: 57% of the step) to 0.0301 s (`benchmarks/bench_training.py --compile-impls math,auto`).
@@ -64,6 +64,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Module-level so benchmarks/bench_token_attention.py can sweep it; see the module docstring for the choice.
 # block_rows: rows stacked per tl.dot tile (None: 64 // tokens, a 64 x 64 score tile; at least 16 / tokens).
 LAUNCH = {"block_rows": None, "tiles": 4, "stages": 2, "num_warps": 2}
+# The backward kernel's launch, same fields (not swept yet: the forward's values).
+BACKWARD_LAUNCH = {"block_rows": None, "tiles": 4, "stages": 2, "num_warps": 2}
 # The kernel with the projection inside (`token_attention_project_pool`): rows per program and warps, and the
 # widest attention input it takes (wider inputs: the cuBLAS projection, then `token_attention_pool`).
 # Per padded width (16, 32, 64 channels).
@@ -78,16 +80,18 @@ def projects(width: int) -> bool:
     return 1 <= width <= min(PROJECT_MAX_WIDTH, max(PROJECT_LAUNCH))
 
 
-def set_launch(spec: str) -> dict:
-    """Set `LAUNCH` from "ROWSxTILESxSTAGESxWARPS" (e.g. "4x4x2x2"), four positive integers; returns the new
-    `LAUNCH`. Used by the benchmarks' --launches / --attention-launch options."""
+def set_launch(spec: str, *, backward: bool = False) -> dict:
+    """Set `LAUNCH` (`BACKWARD_LAUNCH` with backward=True) from "ROWSxTILESxSTAGESxWARPS" (e.g. "4x4x2x2"), four
+    positive integers; returns the new launch. Used by the benchmarks' --launches / --attention-launch /
+    --backward-launches options."""
     parts = spec.split("x")
     if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise ValueError(f"attention launch {spec!r}: expected rows x tiles x stages x warps, four positive "
                          "integers such as '4x4x2x2'")
     rows, tiles, stages, warps = (int(p) for p in parts)
-    LAUNCH.update(block_rows=rows, tiles=tiles, stages=stages, num_warps=warps)
-    return LAUNCH
+    launch = BACKWARD_LAUNCH if backward else LAUNCH
+    launch.update(block_rows=rows, tiles=tiles, stages=stages, num_warps=warps)
+    return launch
 
 
 def set_project_launch(spec: str, widths: tuple[int, ...] = (16, 32, 64)) -> dict:
@@ -288,7 +292,7 @@ def _(qkv: torch.Tensor, w: torch.Tensor, tokens: int, heads: int, head_dim: int
 def token_attention_pool_backward(qkv: torch.Tensor, w: torch.Tensor, grad: torch.Tensor, tokens: int, heads: int,
                                   head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of `token_attention_pool` w.r.t. qkv (qkv's dtype and shape) and w (w's dtype), given
-    grad = dL/d(output), (R, heads * head_dim). One Triton kernel with the forward's launch; the scores are
+    grad = dL/d(output), (R, heads * head_dim). One Triton kernel launched as `BACKWARD_LAUNCH`; the scores are
     recomputed from qkv."""
     R = qkv.shape[0]
     grad = grad.contiguous().float()
@@ -299,8 +303,9 @@ def token_attention_pool_backward(qkv: torch.Tensor, w: torch.Tensor, grad: torc
         return dqkv.to(qkv.dtype), dw.to(w.dtype)
     qkv = qkv.contiguous()  # a row-strided view: dqkv below is written with qkv's row stride
     dqkv = qkv.new_empty(qkv.shape)
-    block_r = max(LAUNCH["block_rows"] or 64 // tokens, triton.cdiv(16, tokens))
-    tiles, stages, warps = LAUNCH["tiles"], LAUNCH["stages"], LAUNCH["num_warps"]
+    launch = BACKWARD_LAUNCH
+    block_r = max(launch["block_rows"] or 64 // tokens, triton.cdiv(16, tokens))
+    tiles, stages, warps = launch["tiles"], launch["stages"], launch["num_warps"]
     grid = (triton.cdiv(triton.cdiv(R, block_r), tiles), heads)
     dw_part = torch.empty(grid[0], heads, tokens, device=qkv.device, dtype=torch.float32)
     if R > 0:
