@@ -26,6 +26,20 @@ def small_net(seed: int = 0) -> Denoiser:
     return net.eval()
 
 
+def paper_idgen(rows: int, gen: torch.Generator) -> tuple[Denoiser, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A paper-sized IdGen on gen's device (FiLM and output layers given signal) and `rows` inputs x, t, cond
+    drawn from gen."""
+    dev = gen.device
+    net = Denoiser(dim=300, cond_dim=512, widths=(300, 50, 10)).to(dev)
+    with torch.no_grad():
+        for p in (net.film.weight, net.film.bias, net.out_proj.weight, net.out_proj.bias):
+            p.normal_(0.0, 0.02)
+    x = torch.randn(rows, 300, device=dev, generator=gen)
+    t = torch.randint(0, 1000, (rows,), device=dev, generator=gen)
+    c = torch.randn(rows, 512, device=dev, generator=gen)
+    return net, x, t, c
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton not installed; covered by the GPU tests")
 def test_projecting_kernel_matches_reference_in_the_interpreter() -> None:
     """The kernel with the q/k/v projection inside against the float64 formula on x @ wqkv.T: widths below, at
@@ -292,13 +306,8 @@ def test_projecting_kernel_on_cuda_matches_reference_and_the_separate_projection
         out16 = tak.token_attention_project_pool(x16, w16, w, 16, 4, 32)
         # bf16 q/k in both; the projecting kernel keeps v in float32, so it is no further from float64
         assert (out16.double() - ref16).norm() <= 1.05 * (sep.double() - ref16).norm() + 1e-6, c
-    net = Denoiser(dim=300, cond_dim=512, widths=(300, 50, 10)).to(dev).eval()
-    with torch.no_grad():
-        for p in (net.film.weight, net.film.bias, net.out_proj.weight, net.out_proj.bias):
-            p.normal_(0.0, 0.02)
-    x = torch.randn(777, 300, device=dev, generator=gen)
-    t = torch.randint(0, 1000, (777,), device=dev, generator=gen)
-    c = torch.randn(777, 512, device=dev, generator=gen)
+    net, x, t, c = paper_idgen(777, gen)
+    net.eval()
     with torch.no_grad():
         ref = net.set_attention_impl("sdpa")(x, t, c)
         out = net.set_attention_impl("triton")(x, t, c)
@@ -324,13 +333,7 @@ def test_kernel_backward_on_cuda_matches_float64_and_trains_like_math() -> None:
     assert float((dqkv.double() - rq).abs().max() / rq.abs().max()) < 1e-4
     assert float((dw.double() - rw).abs().max() / rw.abs().max()) < 1e-4
 
-    net = Denoiser(dim=300, cond_dim=512, widths=(300, 50, 10)).to(dev)
-    with torch.no_grad():
-        for p in (net.film.weight, net.film.bias, net.out_proj.weight, net.out_proj.bias):
-            p.normal_(0.0, 0.02)
-    x = torch.randn(2048, 300, device=dev, generator=gen)
-    t = torch.randint(0, 1000, (2048,), device=dev, generator=gen)
-    c = torch.randn(2048, 512, device=dev, generator=gen)
+    net, x, t, c = paper_idgen(2048, gen)
 
     def grads(impl: str, bf16: bool, compiled: bool = False) -> torch.Tensor:
         net.zero_grad(set_to_none=True)
