@@ -94,7 +94,8 @@ def main() -> None:
                          "(0: the projection never inside the kernel); default: the module's")
     ap.add_argument("--inductor", action="append", default=None,
                     help="inductor options of the compiled rows: 'default' (fast_sampling.COMPILE_OPTIONS), 'none' "
-                         "(inductor's defaults) or 'key=value,...'; repeat to compare (--inductor none --inductor default)")
+                         "(inductor's defaults) or 'key=value,...'; repeat to compare (--inductor none "
+                         "--inductor default)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     inductor = [fast_sampling.parse_compile_options(s) for s in (args.inductor or ["default"])]

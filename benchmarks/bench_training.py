@@ -146,8 +146,8 @@ def main() -> None:
     ap.add_argument("--compile-impls", default="auto",
                     help="attention kernels of the compiled rows (training 'auto' = 'triton' on CUDA), e.g. auto,math")
     ap.add_argument("--inductor", action="append", default=None,
-                    help="inductor options of the compiled rows: 'none' (inductor's defaults, as trainer.compile), "
-                         "'default' (the sampler's fast_sampling.COMPILE_OPTIONS) or 'key=value,...'; repeat to compare")
+                    help="inductor options of the compiled rows: 'default' (fast_sampling.COMPILE_OPTIONS, as "
+                         "trainer.compile), 'none' (inductor's defaults) or 'key=value,...'; repeat to compare")
     ap.add_argument("--no-idrank", action="store_true", help="skip the IdRank rows (re-sampling takes minutes)")
     ap.add_argument("--no-graph", action="store_true", help="skip the whole-step CUDA-graph rows")
     ap.add_argument("--cpu", action="store_true", help="CPU rows only: fp32 IdGen/ExpGen steps at --rows")
@@ -159,7 +159,8 @@ def main() -> None:
     if args.profile:
         for impl in args.profile.split(","):
             for kind in ("idgen", "expgen"):
-                step, _ = generator_step(kind, args.rows[0], True, False, compile=True, impl=impl)
+                step, _ = generator_step(kind, args.rows[0], True, False, compile=True, impl=impl,
+                                         inductor=parse_compile_options("default"))
                 time_steps(step, n=2, warmup=5)
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                     step()
@@ -184,7 +185,7 @@ def main() -> None:
     configs = [(*c, "auto", {}) for c in configs]
     if args.compile:
         configs += [(k, r, True, True, impl, opts) for impl in args.compile_impls.split(",")
-                    for opts in (parse_compile_options(s) for s in args.inductor or ["none"])
+                    for opts in (parse_compile_options(s) for s in args.inductor or ["default"])
                     for k in ("idgen", "expgen") for r in args.rows]
     for kind, rows, bf16, comp, impl, opts in configs:
         step, params = generator_step(kind, rows, bf16, ddp, compile=comp, impl=impl, inductor=opts)

@@ -13,10 +13,11 @@ memory, no batched 16 x 16 matmuls (which took 45% of a compiled IdGen sampling 
 BENCHMARKS.md). Scores and softmax are float32.
 
 Backward (`token_attention_pool` is differentiable w.r.t. qkv and w): one kernel with the forward's stacking
-(launch: `BACKWARD_LAUNCH`) recomputes the scores from q/k/v and writes dL/dqkv and per-program partial sums of dL/dw (summed on the
-host: deterministic). Nothing but qkv is kept for the backward. A compiled bf16 IdGen training step at 65,536
-rows on an H200 went from 0.0628 s with the PyTorch "math" form (cuBLAS batched 16 x 16 matmuls and permuted
-copies: 57% of the step) to 0.0301 s (`benchmarks/bench_training.py --compile-impls math,auto`).
+(launch: `BACKWARD_LAUNCH`) recomputes the scores from q/k/v and writes dL/dqkv and per-program partial sums of
+dL/dw (summed on the host: deterministic). Nothing but qkv is kept for the backward. A compiled bf16 IdGen
+training step at 65,536 rows on an H200 went from 0.0628 s with the PyTorch "math" form (cuBLAS batched 16 x 16
+matmuls and permuted copies: 57% of the step) to 0.0301 s (`benchmarks/bench_training.py --compile-impls
+math,auto --inductor none`).
 
 How: per program (block of 4 rows, head), the rows' 4 x 16 tokens are stacked into one (64, Dh) tile and all
 scores come from one tensor-core `tl.dot` (64 x 64; scores between tokens of different rows are masked to -inf

@@ -344,8 +344,9 @@ class Denoiser(nn.Module):
         math 15.7 / 11.6, eager triton 8.1 / 4.2; compiled math 9.3 / 7.3, compiled reduce 6.6-7.0 / 4.9-5.0,
         compiled triton 4.4 / 2.7 (at 51,200 rows, with the projection inside the kernel for the narrow blocks:
         7.46 / 3.61 instead of 7.78 / 4.16). Compiled bf16 training of IdGen at 65,536 rows: "triton" 2.18 M
-        samples/s, "math" 1.04 M (same run), "reduce" 0.86 M (another run). SDPA dispatches to cuDNN's flash kernel, which takes 57% of an eager IdGen step for
-        these 16-token sequences and fails in backward at 65,536 rows and inside CUDA-graph capture.
+        samples/s, "math" 1.04 M (same run), "reduce" 0.86 M (another run). SDPA dispatches to cuDNN's flash
+        kernel, which takes 57% of an eager IdGen step for these 16-token sequences and fails in backward at
+        65,536 rows and inside CUDA-graph capture.
         Returns self."""
         if impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention impl must be one of {list(ATTENTION_IMPLS)}, got {impl!r}")
