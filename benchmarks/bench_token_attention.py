@@ -51,9 +51,7 @@ def main() -> None:
     att = TokenSelfAttention(8, heads=H, head_dim=DH, tokens=T).cuda()
 
     def math(x: torch.Tensor) -> torch.Tensor:
-        q, k, v = x.view(-1, T, 3, H, DH).permute(2, 0, 3, 1, 4).unbind(0)
-        a = (q @ k.transpose(-1, -2) * DH**-0.5).softmax(-1)
-        return torch.einsum("bhtd,t->bhd", a.to(v.dtype) @ v, w.to(v.dtype)).reshape(-1, H * DH)
+        return math_pool(x, w)
 
     def reduce(x: torch.Tensor) -> torch.Tensor:
         return att._pooled_by_reductions(x.view(-1, T, 3, H, DH), w).reshape(-1, H * DH)
@@ -77,15 +75,7 @@ def main() -> None:
         try:
             with torch.no_grad():
                 err = float((fn(qkv[:512]).double() - ref).abs().max())
-                for _ in range(3):
-                    fn(qkv)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(args.iters):
-                    fn(qkv)
-                end.record()
-                torch.cuda.synchronize()
-            us = start.elapsed_time(end) / args.iters * 1e3
+            us = timed_us(fn, qkv, args.iters)
             row = {"form": name, "us_per_call": us, "read_TB_per_s": bytes_read / us / 1e6, "max_abs_err": err}
         except Exception as exc:  # noqa: BLE001 -- reported, the other forms go on
             row = {"form": name, "error": f"{type(exc).__name__}: {exc}"[:400]}
@@ -99,9 +89,16 @@ def main() -> None:
     if args.widths:
         out["projection"] = project_rows(args, w)
     if args.backward_launches:
-        out["backward"] = backward_rows(args, qkv, w, math)
+        out["backward"] = backward_rows(args, qkv, w)
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
+
+
+def math_pool(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The explicit math form: permuted q/k/v, batched matmuls, softmax, token mix with w."""
+    q, k, v = x.view(-1, T, 3, H, DH).permute(2, 0, 3, 1, 4).unbind(0)
+    a = (q @ k.transpose(-1, -2) * DH**-0.5).softmax(-1)
+    return torch.einsum("bhtd,t->bhd", a.to(v.dtype) @ v, w.to(v.dtype)).reshape(-1, H * DH)
 
 
 def timed_us(fn, x: torch.Tensor, iters: int) -> float:  # noqa: ANN001
@@ -117,7 +114,7 @@ def timed_us(fn, x: torch.Tensor, iters: int) -> float:  # noqa: ANN001
     return start.elapsed_time(end) / iters * 1e3
 
 
-def backward_rows(args: argparse.Namespace, qkv: torch.Tensor, w: torch.Tensor, math) -> list[dict]:  # noqa: ANN001
+def backward_rows(args: argparse.Namespace, qkv: torch.Tensor, w: torch.Tensor) -> list[dict]:
     """The backward alone (us per call): d pooled -> (d qkv, d w). Autograd through the explicit math (eager and
     compiled; forward included, as autograd needs it) against the backward kernel per launch (no forward: it
     recomputes what it needs). Error: largest |d qkv| difference from float64 autograd of the per-token formula
@@ -135,13 +132,8 @@ def backward_rows(args: argparse.Namespace, qkv: torch.Tensor, w: torch.Tensor, 
                 return torch.autograd.grad(out, xx, g[: x.shape[0]].to(out.dtype))[0]
         return run
 
-    def math_w(x: torch.Tensor, ww: torch.Tensor) -> torch.Tensor:
-        q, k, v = x.view(-1, T, 3, H, DH).permute(2, 0, 3, 1, 4).unbind(0)
-        a = (q @ k.transpose(-1, -2) * DH**-0.5).softmax(-1)
-        return torch.einsum("bhtd,t->bhd", a.to(v.dtype) @ v, ww.to(v.dtype)).reshape(-1, H * DH)
-
-    forms = {"backward: math autograd eager": math_grad(math_w),
-             "backward: math autograd compiled": math_grad(torch.compile(math_w))}
+    forms = {"backward: math autograd eager": math_grad(math_pool),
+             "backward: math autograd compiled": math_grad(torch.compile(math_pool))}
     for spec in args.backward_launches.split(","):
         tak.set_launch(spec, backward=True)  # a malformed spec fails here, before any timing
 
