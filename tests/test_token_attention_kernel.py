@@ -150,7 +150,7 @@ def test_kernel_matches_reference_in_the_interpreter() -> None:
         # the default launch, one program per tile, and others (3 row blocks per program, the last ones past the
         # end; 1 or 2 rows per tile)
         for launch in (default, {"block_rows": None, "tiles": 1, "stages": 1, "num_warps": 4},
-                       {"block_rows": 1, "tiles": 3, "stages": 2, "num_warps": 2},
+                       {"block_rows": 1, "tiles": 3, "stages": 2, "num_warps": 2, "order": "row"},
                        {"block_rows": 2, "tiles": 2, "stages": 3, "num_warps": 1}):
             tak.LAUNCH.update(launch)
             for R, T, H, D in [(1, 16, 4, 32), (7, 16, 4, 32), (5, 8, 2, 16), (3, 32, 2, 16), (13, 16, 4, 32), (40, 16, 4, 32)]:
@@ -214,7 +214,7 @@ def test_kernel_backward_matches_float64_autograd_in_the_interpreter() -> None:
         from tests.test_token_attention_kernel import small_net
         torch.manual_seed(0)
         default = dict(tak.BACKWARD_LAUNCH)
-        for spec in ("default", "1x3x2x2", "4x1x1x4"):
+        for spec in ("default", "1x3x2x2:row", "4x1x1x4"):
             if spec != "default":
                 tak.set_launch(spec, backward=True)
             launch = dict(tak.BACKWARD_LAUNCH)
@@ -244,6 +244,7 @@ def test_kernel_backward_matches_float64_autograd_in_the_interpreter() -> None:
         torch.library.opcheck(tak.token_attention_pool, (qkv, w, 16, 4, 32),
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
         grads = {}
+        tak.PROJECT_MAX_WIDTH = 0  # every block through to_qkv and this kernel (the projecting one: its own test)
         for impl in ("math", "triton"):
             net = small_net().train()
             torch.manual_seed(1)
@@ -254,6 +255,55 @@ def test_kernel_backward_matches_float64_autograd_in_the_interpreter() -> None:
         for n, ref in grads["math"].items():
             torch.testing.assert_close(grads["triton"][n], ref, atol=1e-5, rtol=1e-4, msg=n)
         assert any(("to_qkv" in n or "token_mix" in n) and ref.abs().max() > 1e-4 for n, ref in grads["math"].items())
+        print("ok")
+    """)
+    run_interpreted(script)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton not installed; covered by the GPU tests")
+def test_projecting_kernel_backward_matches_float64_autograd_in_the_interpreter() -> None:
+    """The projecting kernel's backward (q/k/v recomputed from x; gradients w.r.t. x, the to_qkv weight and the
+    token-mix weights) against autograd through the float64 formula on x @ wqkv.T, at padded widths 16/32/64, partial
+    row blocks, two launches, 1-4 heads and 16 or 32 tokens; opcheck of the op's registrations; and that the
+    Denoiser routes narrow blocks to it only without autograd. Checked to fail with the softmax-backward term r_t
+    dropped and with dk from the untransposed ds."""
+    script = textwrap.dedent("""
+        import torch
+        from ofer.models import token_attention_kernel as tak
+        from tests.test_token_attention_kernel import small_net
+        torch.manual_seed(0)
+        for launch in ("default", "32x4"):
+            if launch != "default":
+                for cp in tak.PROJECT_BACKWARD_LAUNCH:
+                    tak.PROJECT_BACKWARD_LAUNCH[cp] = {"block_rows": 32, "num_warps": 4}
+            for R, C, T, H, D in [(1, 10, 16, 4, 32), (21, 53, 16, 4, 32), (5, 3, 16, 2, 16), (40, 64, 16, 4, 32),
+                                  (17, 25, 32, 1, 16)]:
+                x = torch.randn(R, C).requires_grad_()
+                wq = (torch.randn(T * 3 * H * D, C) * C**-0.5).requires_grad_()
+                w = torch.randn(T).requires_grad_()
+                g = torch.randn(R, H * D)
+                dx, dwq, dw = torch.autograd.grad(tak.token_attention_project_pool(x, wq, w, T, H, D), (x, wq, w), g)
+                x64, wq64, w64 = (v.detach().double().requires_grad_() for v in (x, wq, w))
+                ref = tak.token_attention_pool_reference(x64 @ wq64.T, w64, T, H, D)
+                for got, want in zip((dx, dwq, dw), torch.autograd.grad(ref, (x64, wq64, w64), g.double())):
+                    assert got.dtype == torch.float32 and got.shape == want.shape
+                    err = float((got.double() - want).abs().max() / want.abs().max())
+                    assert err < 1e-5, (launch, R, C, T, H, D, err)
+        x, wq, w = torch.randn(3, 20, requires_grad=True), torch.randn(6144, 20, requires_grad=True), torch.randn(16)
+        torch.library.opcheck(tak.token_attention_project_pool, (x, wq, w.requires_grad_(), 16, 4, 32),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+        calls = []  # routing: the projecting kernel only without autograd (its backward trains slower)
+        for name in ("token_attention_pool", "token_attention_project_pool"):
+            op = getattr(tak, name)
+            setattr(tak, name, lambda *a, _op=op, _n=name: calls.append(_n) or _op(*a))
+        net = small_net().train().set_attention_impl("triton")
+        x, t, c = torch.randn(6, 12), torch.tensor([0, 10, 300, 500, 900, 999]), torch.randn(6, 6)
+        net(x, t, c).square().sum().backward()
+        assert calls == ["token_attention_pool"] * 6, calls
+        calls.clear()
+        with torch.no_grad():
+            net(x, t, c)
+        assert calls == ["token_attention_project_pool"] * 6, calls
         print("ok")
     """)
     run_interpreted(script)
@@ -317,9 +367,10 @@ def test_projecting_kernel_on_cuda_matches_reference_and_the_separate_projection
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_kernel_backward_on_cuda_matches_float64_and_trains_like_math() -> None:
-    """On CUDA: the backward kernel in fp32 against float64 autograd of the per-token formula; a paper-sized
-    IdGen's parameter gradients under bf16 autocast with "triton" (the training default on CUDA) no further from
-    the fp32 "math" gradients than bf16 "math" is, eager and compiled."""
+    """On CUDA: the backward kernels (after the projection, and the projecting one) in fp32 against float64
+    autograd of the per-token formula; a paper-sized IdGen's parameter gradients under bf16 autocast with "triton"
+    (the training default on CUDA) no further from the fp32 "math" gradients than bf16 "math" is, eager and
+    compiled."""
     from ofer.models import token_attention_kernel as tak
 
     dev = torch.device("cuda")
@@ -332,6 +383,14 @@ def test_kernel_backward_on_cuda_matches_float64_and_trains_like_math() -> None:
     rq, rw = torch.autograd.grad(tak.token_attention_pool_reference(q64, w64, 16, 4, 32), (q64, w64), g.double())
     assert float((dqkv.double() - rq).abs().max() / rq.abs().max()) < 1e-4
     assert float((dw.double() - rw).abs().max() / rw.abs().max()) < 1e-4
+    # the projecting kernel's backward (53 channels, padded to 64), fp32
+    x = torch.randn(3001, 53, device=dev, generator=gen).requires_grad_()
+    wq = (torch.randn(6144, 53, device=dev, generator=gen) * 53**-0.5).requires_grad_()
+    got = torch.autograd.grad(tak.token_attention_project_pool(x, wq, w, 16, 4, 32), (x, wq, w), g)
+    x64, wq64 = x.detach().double().requires_grad_(), wq.detach().double().requires_grad_()
+    ref = tak.token_attention_pool_reference(x64 @ wq64.T, w64, 16, 4, 32)
+    for a, b in zip(got, torch.autograd.grad(ref, (x64, wq64, w64), g.double())):
+        assert float((a.double() - b).abs().max() / b.abs().max()) < 1e-4
 
     net, x, t, c = paper_idgen(2048, gen)
 
@@ -356,12 +415,15 @@ def test_set_launch_parses_and_rejects_bad_specs() -> None:
 
     saved, saved_bwd = dict(tak.LAUNCH), dict(tak.BACKWARD_LAUNCH)
     try:
-        assert tak.set_launch("2x8x3x1") == {"block_rows": 2, "tiles": 8, "stages": 3, "num_warps": 1}
-        for bad in ("4x4x2", "4x4x2x0", "4xax2x2", "4x4x2x2x1", ""):
+        assert tak.set_launch("2x8x3x1:row") == {"block_rows": 2, "tiles": 8, "stages": 3, "num_warps": 1,
+                                                  "order": "row"}
+        for bad in ("4x4x2", "4x4x2x0", "4xax2x2", "4x4x2x2x1", "", "4x4x2x2:", "4x4x2x2:col", "4x4x2x2:row:row"):
             with pytest.raises(ValueError, match="rows x tiles x stages x warps"):
                 tak.set_launch(bad)
-        assert tak.LAUNCH == {"block_rows": 2, "tiles": 8, "stages": 3, "num_warps": 1}  # unchanged by bad specs
-        assert tak.set_launch("1x2x1x4", backward=True) == {"block_rows": 1, "tiles": 2, "stages": 1, "num_warps": 4}
+        assert tak.LAUNCH == {"block_rows": 2, "tiles": 8, "stages": 3, "num_warps": 1,
+                              "order": "row"}  # unchanged by bad specs
+        assert tak.set_launch("1x2x1x4", backward=True) == {"block_rows": 1, "tiles": 2, "stages": 1, "num_warps": 4,
+                                                            "order": "head"}  # no suffix: the default order
         assert tak.BACKWARD_LAUNCH["num_warps"] == 4 and tak.LAUNCH["num_warps"] == 1  # only the backward's
     finally:
         tak.LAUNCH.clear()

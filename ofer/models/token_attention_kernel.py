@@ -17,7 +17,10 @@ Backward (`token_attention_pool` is differentiable w.r.t. qkv and w): one kernel
 dL/dw (summed on the host: deterministic). Nothing but qkv is kept for the backward. A compiled bf16 IdGen
 training step at 65,536 rows on an H200 went from 0.0628 s with the PyTorch "math" form (cuBLAS batched 16 x 16
 matmuls and permuted copies: 57% of the step) to 0.0301 s (`benchmarks/bench_training.py --compile-impls
-math,auto --inductor none`).
+math,auto --inductor none`). Programs are numbered head-fastest (`LAUNCH["order"]`): the H programs of a row
+block run side by side and share each 128-byte line of q/k/v (two heads' 32 channels of a token) in L2. That
+took the backward from 808 to 610 us per call at 65,536 rows (the forward stayed at 318 us), and a compiled
+IdGen training step from 28.3 to 27.1 ms (ExpGen 18.0 -> 15.9 ms), same run on an H200.
 
 How: per program (block of 4 rows, head), the rows' 4 x 16 tokens are stacked into one (64, Dh) tile and all
 scores come from one tensor-core `tl.dot` (64 x 64; scores between tokens of different rows are masked to -inf
@@ -39,6 +42,10 @@ followed by `token_attention_pool`: 228 vs 588 us at 10 channels, 283 vs 655 at 
 the projection's K padded to a multiple of 8 for cuBLAS). A compiled sampling step went from 7.78 to
 7.46 ms (IdGen) and 4.16 to 3.61 ms (ExpGen). The wide (300-channel) IdGen blocks keep the separate projection:
 their 3.7 MB of q/k/v weights would be re-read by every 32-row block (5.9 GB per call at 51,200 rows).
+It is differentiable (`token_attention_project_pool_backward`: q/k/v recomputed from x per 16 rows, dL/dqkv
+written, dx and dW as two cuBLAS matmuls of it), but measured slower than the separate projection in training
+(forward + backward at 65,536 rows: 2.98 vs 2.95 ms at 53 channels, 1.59 vs 1.88 ms at 10; a compiled IdGen
+step 28.5 vs 27.1 ms), so `Denoiser` uses it for sampling only.
 
 Both are `torch.library` custom ops, so `torch.compile` and CUDA graphs treat each as one call.
 Triton is optional: `available(x, head_dim)` says whether the op can run on `x` (Triton importable, a CUDA
@@ -52,7 +59,7 @@ import os
 import torch
 
 __all__ = ["available", "projects", "token_attention_pool", "token_attention_pool_backward",
-           "token_attention_pool_reference", "token_attention_project_pool"]
+           "token_attention_pool_reference", "token_attention_project_pool", "token_attention_project_pool_backward"]
 
 try:  # Triton is an optional dependency (shipped with CUDA builds of torch)
     import triton
@@ -64,14 +71,21 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Launch shape: row blocks per program (a software-pipelined loop), pipeline stages, warps per program.
 # Module-level so benchmarks/bench_token_attention.py can sweep it; see the module docstring for the choice.
 # block_rows: rows stacked per tl.dot tile (None: 64 // tokens, a 64 x 64 score tile; at least 16 / tokens).
-LAUNCH = {"block_rows": None, "tiles": 4, "stages": 2, "num_warps": 2}
-# The backward kernel's launch, same fields (not swept yet: the forward's values).
-BACKWARD_LAUNCH = {"block_rows": None, "tiles": 4, "stages": 2, "num_warps": 2}
+# order: which program index varies fastest, "head" (the H programs of one row block run side by side, so each
+# 128-byte line of q/k/v, two heads' 32 channels of one token, is used from L2 by both) or "row" (all row
+# blocks of head 0 first, then head 1, ...).
+LAUNCH = {"block_rows": None, "tiles": 4, "stages": 2, "num_warps": 2, "order": "head"}
+# The backward kernel's launch, same fields.
+BACKWARD_LAUNCH = {"block_rows": None, "tiles": 4, "stages": 2, "num_warps": 2, "order": "head"}
 # The kernel with the projection inside (`token_attention_project_pool`): rows per program and warps, and the
 # widest attention input it takes (wider inputs: the cuBLAS projection, then `token_attention_pool`).
 # Per padded width (16, 32, 64 channels).
 PROJECT_LAUNCH = {16: {"block_rows": 32, "num_warps": 4}, 32: {"block_rows": 32, "num_warps": 4},
                   64: {"block_rows": 32, "num_warps": 8}}
+# The projecting kernel's backward (`token_attention_project_pool_backward`), per padded width: rows per program
+# (a power of two >= 16) and warps.
+PROJECT_BACKWARD_LAUNCH = {16: {"block_rows": 16, "num_warps": 4}, 32: {"block_rows": 16, "num_warps": 4},
+                           64: {"block_rows": 16, "num_warps": 8}}
 PROJECT_MAX_WIDTH = 64  # may be lowered (0: never); the kernel takes at most max(PROJECT_LAUNCH) = 64 channels
 
 
@@ -82,16 +96,18 @@ def projects(width: int) -> bool:
 
 
 def set_launch(spec: str, *, backward: bool = False) -> dict:
-    """Set `LAUNCH` (`BACKWARD_LAUNCH` with backward=True) from "ROWSxTILESxSTAGESxWARPS" (e.g. "4x4x2x2"), four
-    positive integers; returns the new launch. Used by the benchmarks' --launches / --attention-launch /
-    --backward-launches options."""
-    parts = spec.split("x")
-    if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+    """Set `LAUNCH` (`BACKWARD_LAUNCH` with backward=True) from "ROWSxTILESxSTAGESxWARPS[:ORDER]" (e.g.
+    "4x4x2x2" or "4x4x2x2:row"), four positive integers and the program order "head" (the default) or "row";
+    returns the new launch. Used by the benchmarks' --launches / --attention-launch / --backward-launches
+    options."""
+    shape, sep, order = spec.partition(":")
+    parts = shape.split("x")
+    if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts) or (sep and order not in ("head", "row")):
         raise ValueError(f"attention launch {spec!r}: expected rows x tiles x stages x warps, four positive "
-                         "integers such as '4x4x2x2'")
+                         "integers, optionally followed by ':head' or ':row', such as '4x4x2x2' or '4x4x2x2:row'")
     rows, tiles, stages, warps = (int(p) for p in parts)
     launch = BACKWARD_LAUNCH if backward else LAUNCH
-    launch.update(block_rows=rows, tiles=tiles, stages=stages, num_warps=warps)
+    launch.update(block_rows=rows, tiles=tiles, stages=stages, num_warps=warps, order=order or "head")
     return launch
 
 
@@ -119,37 +135,58 @@ def available(x: torch.Tensor, head_dim: int = 16) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _program_block_head(n_prog_r, H: tl.constexpr, HEAD_FASTEST: tl.constexpr):
+        # The flat program index -> (row-block program, head) of a launch of n_prog_r * H programs, the head
+        # varying fastest or slowest (LAUNCH["order"]). One grid axis: no 65,535 limit on the second.
+        pid = tl.program_id(0)
+        if HEAD_FASTEST:
+            return pid // H, pid % H
+        else:
+            return pid % n_prog_r, pid // n_prog_r
+
+    @triton.jit
+    def _stacked_attention(qkv_ptr, blk, R, stride_row, scale, h, T: tl.constexpr, H: tl.constexpr,
+                           DH: tl.constexpr, BLOCK_R: tl.constexpr):
+        # Shared by the forward and backward kernels: row block `blk` of head h, its BLOCK_R rows' T tokens stacked
+        # into one (M, DH) tile. Returns the rows of the stacked tokens, the row mask, the (M, DH) offsets of q in
+        # qkv (k and v follow at + H * DH and + 2 * H * DH), q, k, v as stored, and the softmax a (M, M) of the
+        # scores from one tl.dot, entries between tokens of different rows masked to -inf before the softmax
+        # (so a is 0 there).
+        M: tl.constexpr = BLOCK_R * T
+        i = tl.arange(0, M)  # stacked token index: row i // T, token i % T
+        tok = i % T
+        row = blk * BLOCK_R + i // T
+        row_ok = row < R
+        base = row.to(tl.int64) * stride_row + tok * (3 * H * DH) + h * DH  # (M,)
+        offs = base[:, None] + tl.arange(0, DH)[None, :]  # (M, DH)
+        q = tl.load(qkv_ptr + offs, mask=row_ok[:, None], other=0.0)
+        k = tl.load(qkv_ptr + offs + H * DH, mask=row_ok[:, None], other=0.0)
+        v = tl.load(qkv_ptr + offs + 2 * H * DH, mask=row_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=tl.float32) * scale  # (M, M)
+        s = tl.where((i[:, None] // T) == (i[None, :] // T), s, float("-inf"))
+        s = s - tl.max(s, axis=1)[:, None]
+        e = tl.exp(s)
+        a = e / tl.sum(e, axis=1)[:, None]
+        return row, row_ok, offs, q, k, v, a
+
+    @triton.jit
     def _token_attention_pool_kernel(
-        qkv_ptr, w_ptr, out_ptr, R, stride_row, scale,
+        qkv_ptr, w_ptr, out_ptr, R, stride_row, scale, n_prog_r,
         T: tl.constexpr, H: tl.constexpr, DH: tl.constexpr, BLOCK_R: tl.constexpr, TILES: tl.constexpr,
-        STAGES: tl.constexpr,
+        STAGES: tl.constexpr, HEAD_FASTEST: tl.constexpr,
     ):
         # Program (TILES consecutive row blocks, head): per row block, the BLOCK_R rows' tokens are stacked into
         # one (BLOCK_R * T, DH) tile, the scores of all stacked tokens against each other come from one tl.dot,
         # and entries between tokens of different rows are masked out before the softmax. The loop over the
         # row blocks is software-pipelined (STAGES): the next block's loads are in flight during this one's math.
-        pid_r = tl.program_id(0)
-        h = tl.program_id(1)
+        pid_r, h = _program_block_head(n_prog_r, H, HEAD_FASTEST)
         M: tl.constexpr = BLOCK_R * T
-        i = tl.arange(0, M)  # stacked token index: row i // T, token i % T
         ch = tl.arange(0, DH)
-        tok = i % T
-        same = (i[:, None] // T) == (i[None, :] // T)
-        w = tl.load(w_ptr + tok).to(tl.float32)  # (M,): w of each stacked token
+        w = tl.load(w_ptr + tl.arange(0, M) % T).to(tl.float32)  # (M,): w of each stacked token
         for it in tl.range(0, TILES, num_stages=STAGES):
             blk = pid_r * TILES + it
-            row = blk * BLOCK_R + i // T
-            row_ok = row < R
-            base = row.to(tl.int64) * stride_row + tok * (3 * H * DH) + h * DH  # (M,)
-            offs = base[:, None] + ch[None, :]  # (M, DH)
-            q = tl.load(qkv_ptr + offs, mask=row_ok[:, None], other=0.0)
-            k = tl.load(qkv_ptr + offs + H * DH, mask=row_ok[:, None], other=0.0)
-            v = tl.load(qkv_ptr + offs + 2 * H * DH, mask=row_ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=tl.float32) * scale  # (M, M)
-            s = tl.where(same, s, float("-inf"))
-            s = s - tl.max(s, axis=1)[:, None]
-            e = tl.exp(s)
-            a = e / tl.sum(e, axis=1)[:, None]
+            row, row_ok, offs, q, k, v, a = _stacked_attention(qkv_ptr, blk, R, stride_row, scale, h, T, H, DH,
+                                                               BLOCK_R)
             c = tl.sum(a * w[:, None], axis=0)  # (M,): sum over the row's query tokens (others are 0)
             prod = c[:, None] * v.to(tl.float32)  # (M, DH)
             pooled = tl.sum(tl.reshape(prod, (BLOCK_R, T, DH)), axis=1)  # (BLOCK_R, DH)
@@ -160,9 +197,9 @@ if triton is not None:
 
     @triton.jit
     def _token_attention_pool_bwd_kernel(
-        qkv_ptr, w_ptr, g_ptr, dqkv_ptr, dw_ptr, R, stride_row, scale,
+        qkv_ptr, w_ptr, g_ptr, dqkv_ptr, dw_ptr, R, stride_row, scale, n_prog_r,
         T: tl.constexpr, H: tl.constexpr, DH: tl.constexpr, BLOCK_R: tl.constexpr, TILES: tl.constexpr,
-        STAGES: tl.constexpr,
+        STAGES: tl.constexpr, HEAD_FASTEST: tl.constexpr,
     ):
         # Gradients of pooled = sum_u c_u v_u, c_u = sum_t w_t a_tu, a = softmax_u(s), s_tu = scale q_t . k_u,
         # given g = dL/dpooled (per row and head), with the forward's stacking and masking (the scores are
@@ -172,31 +209,17 @@ if triton is not None:
         # Cross-row entries have a = 0, so their ds is 0 and the two (M, M) @ (M, DH) products stay per row.
         # Each program writes its partial dL/dw (T,) to dw_ptr[program, head]; the host sums them (no atomics:
         # the result does not depend on the order programs finish).
-        pid_r = tl.program_id(0)
-        h = tl.program_id(1)
+        pid_r, h = _program_block_head(n_prog_r, H, HEAD_FASTEST)
         M: tl.constexpr = BLOCK_R * T
-        i = tl.arange(0, M)
         ch = tl.arange(0, DH)
-        tok = i % T
-        same = (i[:, None] // T) == (i[None, :] // T)
-        w = tl.load(w_ptr + tok).to(tl.float32)
+        w = tl.load(w_ptr + tl.arange(0, M) % T).to(tl.float32)
         dw_acc = tl.zeros((M,), dtype=tl.float32)
         for it in tl.range(0, TILES, num_stages=STAGES):
             blk = pid_r * TILES + it
-            row = blk * BLOCK_R + i // T
-            row_ok = row < R
-            base = row.to(tl.int64) * stride_row + tok * (3 * H * DH) + h * DH  # (M,)
-            offs = base[:, None] + ch[None, :]  # (M, DH)
-            q = tl.load(qkv_ptr + offs, mask=row_ok[:, None], other=0.0)
-            k = tl.load(qkv_ptr + offs + H * DH, mask=row_ok[:, None], other=0.0)
-            v = tl.load(qkv_ptr + offs + 2 * H * DH, mask=row_ok[:, None], other=0.0)
+            row, row_ok, offs, q, k, v, a = _stacked_attention(qkv_ptr, blk, R, stride_row, scale, h, T, H, DH,
+                                                               BLOCK_R)
             g = tl.load(g_ptr + row.to(tl.int64)[:, None] * (H * DH) + h * DH + ch[None, :], mask=row_ok[:, None],
                         other=0.0).to(tl.float32)  # (M, DH): each token sees its row's g
-            s = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=tl.float32) * scale  # (M, M)
-            s = tl.where(same, s, float("-inf"))
-            s = s - tl.max(s, axis=1)[:, None]
-            e = tl.exp(s)
-            a = e / tl.sum(e, axis=1)[:, None]
             c = tl.sum(a * w[:, None], axis=0)  # (M,): c_u
             dc = tl.sum(v.to(tl.float32) * g, axis=1)  # (M,): dc_u = v_u . g (0 on rows past R: g = 0)
             r = tl.sum(a * dc[None, :], axis=1)  # (M,): r_t
@@ -247,6 +270,53 @@ if triton is not None:
         out = rows[:, None].to(tl.int64) * (H * DH) + h * DH + tl.arange(0, DH)[None, :]
         tl.store(out_ptr + out, pooled, mask=row_ok[:, None])
 
+    @triton.jit
+    def _project_pool_bwd_kernel(
+        x_ptr, wp_ptr, w_ptr, g_ptr, dqkv_ptr, dw_ptr, R, scale,
+        T: tl.constexpr, H: tl.constexpr, DH: tl.constexpr, CP: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        # Gradients of `_project_pool_kernel`'s output w.r.t. q/k/v (written to dqkv, (R, T * 3 * H * DH) in the
+        # to_qkv output layout) and the token-mix weights (per-program partial sums, summed on the host), given
+        # g = dL/dpooled. Program (block of BLOCK_R rows, head h); q, k, v are recomputed from x exactly as in the
+        # forward (q and k rounded to x's dtype, v float32), then as in `_token_attention_pool_bwd_kernel`:
+        #   dv_u = c_u g,  dc_u = v_u . g,  r_t = sum_u a_tu dc_u,  ds_tu = a_tu w_t (dc_u - r_t),
+        #   dq = scale ds k,  dk = scale ds^T q.
+        # dx and dW of the projection are then two cuBLAS matmuls of dqkv on the host.
+        pid = tl.program_id(0)
+        h = tl.program_id(1)
+        TD: tl.constexpr = T * DH
+        cc = tl.arange(0, CP)
+        woffs = (h * 3 * CP + cc[:, None]) * TD + tl.arange(0, TD)[None, :]
+        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < R
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * CP + cc[None, :], mask=row_ok[:, None], other=0.0)
+        q = tl.dot(x, tl.load(wp_ptr + woffs), input_precision="ieee", out_dtype=tl.float32).to(x.dtype)
+        k = tl.dot(x, tl.load(wp_ptr + woffs + CP * TD), input_precision="ieee", out_dtype=tl.float32).to(x.dtype)
+        q3 = tl.reshape(q, (BLOCK_R, T, DH))
+        k3 = tl.reshape(k, (BLOCK_R, T, DH))
+        s = tl.dot(q3, tl.trans(k3, (0, 2, 1)), input_precision="ieee", out_dtype=tl.float32) * scale
+        s = s - tl.max(s, axis=2)[:, :, None]
+        e = tl.exp(s)
+        a = e / tl.sum(e, axis=2)[:, :, None]  # (BLOCK_R, T, U)
+        wt = tl.load(w_ptr + tl.arange(0, T)).to(tl.float32)
+        g = tl.load(g_ptr + rows[:, None].to(tl.int64) * (H * DH) + h * DH + tl.arange(0, DH)[None, :],
+                    mask=row_ok[:, None], other=0.0).to(tl.float32)  # (BLOCK_R, DH); 0 on rows past R
+        v = tl.dot(x, tl.load(wp_ptr + woffs + 2 * CP * TD), input_precision="ieee", out_dtype=tl.float32)
+        dc = tl.sum(tl.reshape(v, (BLOCK_R, T, DH)) * g[:, None, :], axis=2)  # (BLOCK_R, U)
+        c = tl.sum(a * wt[None, :, None], axis=1)  # (BLOCK_R, U)
+        # dqkv offsets of (row, token, channel) for q; k and v follow at + H * DH and + 2 * H * DH
+        offs = (rows[:, None, None].to(tl.int64) * (T * 3 * H * DH) + tl.arange(0, T)[None, :, None] * (3 * H * DH)
+                + h * DH + tl.arange(0, DH)[None, None, :])
+        out_ty = dqkv_ptr.dtype.element_ty
+        tl.store(dqkv_ptr + offs + 2 * H * DH, (c[:, :, None] * g[:, None, :]).to(out_ty), mask=row_ok[:, None, None])
+        r = tl.sum(a * dc[:, None, :], axis=2)  # (BLOCK_R, T)
+        ds = (a * wt[None, :, None] * (dc[:, None, :] - r[:, :, None]) * scale).to(x.dtype)  # (BLOCK_R, T, U)
+        dq = tl.dot(ds, k3, input_precision="ieee", out_dtype=tl.float32)
+        tl.store(dqkv_ptr + offs, dq.to(out_ty), mask=row_ok[:, None, None])
+        dk = tl.dot(tl.trans(ds, (0, 2, 1)), q3, input_precision="ieee", out_dtype=tl.float32)
+        tl.store(dqkv_ptr + offs + H * DH, dk.to(out_ty), mask=row_ok[:, None, None])
+        tl.store(dw_ptr + (pid * H + h) * T + tl.arange(0, T), tl.sum(r, axis=0))
+
 
 @torch.library.custom_op("ofer::token_attention_pool", mutates_args=())
 def token_attention_pool(qkv: torch.Tensor, w: torch.Tensor, tokens: int, heads: int, head_dim: int) -> torch.Tensor:
@@ -277,10 +347,10 @@ def token_attention_pool(qkv: torch.Tensor, w: torch.Tensor, tokens: int, heads:
         return out
     block_r = max(LAUNCH["block_rows"] or 64 // tokens, triton.cdiv(16, tokens))
     tiles, stages, warps = LAUNCH["tiles"], LAUNCH["stages"], LAUNCH["num_warps"]
-    grid = (triton.cdiv(triton.cdiv(R, block_r), tiles), heads)
-    _token_attention_pool_kernel[grid](qkv, w.contiguous(), out, R, qkv.stride(0), head_dim**-0.5,
-                                       T=tokens, H=heads, DH=head_dim, BLOCK_R=block_r, TILES=tiles,
-                                       STAGES=stages, num_warps=warps)
+    n_prog_r = triton.cdiv(triton.cdiv(R, block_r), tiles)
+    _token_attention_pool_kernel[(n_prog_r * heads,)](
+        qkv, w.contiguous(), out, R, qkv.stride(0), head_dim**-0.5, n_prog_r, T=tokens, H=heads, DH=head_dim,
+        BLOCK_R=block_r, TILES=tiles, STAGES=stages, HEAD_FASTEST=LAUNCH["order"] == "head", num_warps=warps)
     return out
 
 
@@ -307,12 +377,13 @@ def token_attention_pool_backward(qkv: torch.Tensor, w: torch.Tensor, grad: torc
     launch = BACKWARD_LAUNCH
     block_r = max(launch["block_rows"] or 64 // tokens, triton.cdiv(16, tokens))
     tiles, stages, warps = launch["tiles"], launch["stages"], launch["num_warps"]
-    grid = (triton.cdiv(triton.cdiv(R, block_r), tiles), heads)
-    dw_part = torch.empty(grid[0], heads, tokens, device=qkv.device, dtype=torch.float32)
+    n_prog_r = triton.cdiv(triton.cdiv(R, block_r), tiles)
+    dw_part = torch.empty(n_prog_r, heads, tokens, device=qkv.device, dtype=torch.float32)
     if R > 0:
-        _token_attention_pool_bwd_kernel[grid](qkv, w.contiguous(), grad, dqkv, dw_part, R, qkv.stride(0),
-                                               head_dim**-0.5, T=tokens, H=heads, DH=head_dim, BLOCK_R=block_r,
-                                               TILES=tiles, STAGES=stages, num_warps=warps)
+        _token_attention_pool_bwd_kernel[(n_prog_r * heads,)](
+            qkv, w.contiguous(), grad, dqkv, dw_part, R, qkv.stride(0), head_dim**-0.5, n_prog_r, T=tokens,
+            H=heads, DH=head_dim, BLOCK_R=block_r, TILES=tiles, STAGES=stages,
+            HEAD_FASTEST=launch["order"] == "head", num_warps=warps)
     return dqkv, dw_part.sum((0, 1)).to(w.dtype)
 
 
@@ -372,13 +443,7 @@ def token_attention_project_pool(x: torch.Tensor, wqkv: torch.Tensor, w: torch.T
     out = torch.empty(R, heads * head_dim, device=x.device, dtype=torch.float32)
     if R == 0:
         return out
-    cp = max(16, 1 << (C - 1).bit_length())
-    # Zero-pad the channels to cp and lay the weights out (head, q/k/v, channel, token * head_dim): a (cp, T * Dh)
-    # row-major block per head and q/k/v, the tensor-core operand as it is loaded. Small copies (at most 786 KB
-    # of weights and R * 64 input values) against the R * 6,144-wide q/k/v tensor they replace.
-    xp = torch.nn.functional.pad(x, (0, cp - C))
-    wp = x.new_zeros(heads, 3, cp, tokens, head_dim)
-    wp[:, :, :C] = wqkv.view(tokens, 3, heads, head_dim, C).permute(2, 1, 4, 0, 3)
+    xp, wp, cp = _padded_operands(x, wqkv, tokens, heads, head_dim)
     launch = PROJECT_LAUNCH[cp]
     grid = (triton.cdiv(R, launch["block_rows"]), heads)
     _project_pool_kernel[grid](xp, wp, w.contiguous(), out, R, head_dim**-0.5, T=tokens, H=heads, DH=head_dim,
@@ -386,9 +451,71 @@ def token_attention_project_pool(x: torch.Tensor, wqkv: torch.Tensor, w: torch.T
     return out
 
 
+def _padded_operands(x: torch.Tensor, wqkv: torch.Tensor, tokens: int, heads: int,
+                     head_dim: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """x zero-padded to cp channels (16, 32 or 64) and the weights laid out (head, q/k/v, channel, token * head_dim):
+    a (cp, T * Dh) row-major block per head and q/k/v, the tensor-core operand as it is loaded. Small copies (at
+    most 786 KB of weights and R * 64 input values) against the R * 6,144-wide q/k/v tensor they replace."""
+    C = x.shape[1]
+    cp = max(16, 1 << (C - 1).bit_length())
+    xp = torch.nn.functional.pad(x, (0, cp - C))
+    wp = x.new_zeros(heads, 3, cp, tokens, head_dim)
+    wp[:, :, :C] = wqkv.view(tokens, 3, heads, head_dim, C).permute(2, 1, 4, 0, 3)
+    return xp, wp, cp
+
+
 @token_attention_project_pool.register_fake
 def _(x: torch.Tensor, wqkv: torch.Tensor, w: torch.Tensor, tokens: int, heads: int, head_dim: int) -> torch.Tensor:
     return x.new_empty(x.shape[0], heads * head_dim, dtype=torch.float32)
+
+
+@torch.library.custom_op("ofer::token_attention_project_pool_backward", mutates_args=())
+def token_attention_project_pool_backward(x: torch.Tensor, wqkv: torch.Tensor, w: torch.Tensor, grad: torch.Tensor,
+                                          tokens: int, heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of `token_attention_project_pool` w.r.t. the projection output q/k/v, (R, tokens * 3 * heads *
+    head_dim) in x's dtype, laid out as `x @ wqkv.T` (so dx = dqkv @ wqkv and dwqkv = dqkv.T @ x), and w.r.t. w
+    (w's dtype), given grad = dL/d(output). One Triton kernel per (rows, head) launched as `PROJECT_BACKWARD_LAUNCH`
+    recomputes q/k/v from x: nothing of the 6,144-wide q/k/v is kept between forward and backward."""
+    R = x.shape[0]
+    grad = grad.contiguous().float()
+    if x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 0):
+        with torch.enable_grad():
+            qkv_, w_ = (x @ wqkv.T).detach().requires_grad_(), w.detach().requires_grad_()
+            dqkv, dw = torch.autograd.grad(_pooled_torch(qkv_, w_, tokens, heads, head_dim), (qkv_, w_), grad)
+        return dqkv.to(x.dtype), dw.to(w.dtype)
+    xp, wp, cp = _padded_operands(x, wqkv, tokens, heads, head_dim)
+    launch = PROJECT_BACKWARD_LAUNCH[cp]
+    grid = (triton.cdiv(R, launch["block_rows"]), heads)
+    dqkv = x.new_empty(R, tokens * 3 * heads * head_dim)
+    dw_part = torch.empty(grid[0], heads, tokens, device=x.device, dtype=torch.float32)
+    if R > 0:
+        _project_pool_bwd_kernel[grid](xp, wp, w.contiguous(), grad, dqkv, dw_part, R, head_dim**-0.5, T=tokens,
+                                       H=heads, DH=head_dim, CP=cp, BLOCK_R=launch["block_rows"],
+                                       num_warps=launch["num_warps"])
+    return dqkv, dw_part.sum((0, 1)).to(w.dtype)
+
+
+@token_attention_project_pool_backward.register_fake
+def _(x: torch.Tensor, wqkv: torch.Tensor, w: torch.Tensor, grad: torch.Tensor, tokens: int, heads: int,
+      head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.new_empty(x.shape[0], tokens * 3 * heads * head_dim), w.new_empty(w.shape)
+
+
+def _project_setup_context(ctx, inputs, output) -> None:
+    x, wqkv, w, tokens, heads, head_dim = inputs
+    ctx.save_for_backward(x, wqkv, w)
+    ctx.shape = (tokens, heads, head_dim)
+
+
+def _project_backward(ctx, grad: torch.Tensor):
+    x, wqkv, w = ctx.saved_tensors
+    dqkv, dw = token_attention_project_pool_backward(x, wqkv, w, grad, *ctx.shape)
+    dx = dqkv @ wqkv if ctx.needs_input_grad[0] else None
+    dwqkv = dqkv.T @ x if ctx.needs_input_grad[1] else None
+    return dx, dwqkv, dw, None, None, None
+
+
+token_attention_project_pool.register_autograd(_project_backward, setup_context=_project_setup_context)
 
 
 def _pooled_torch(qkv: torch.Tensor, w: torch.Tensor, tokens: int, heads: int, head_dim: int) -> torch.Tensor:

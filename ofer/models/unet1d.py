@@ -106,6 +106,8 @@ class TokenSelfAttention(nn.Module):
         if impl == "triton" and not grad and token_attention_kernel.projects(xn.shape[1]) and self.tokens >= 16:
             # Narrow input: the projection runs inside the kernel, so the (B, T * 3 * H * Dh) q/k/v tensor (384x
             # wider than a 16-channel input) is never written and read back. Same dtype as the Linear would use.
+            # Sampling only: the op is differentiable, but its backward (q/k/v recomputed per 16-32 rows) made a
+            # compiled IdGen training step slower, 27.1 -> 28.5 ms at 65,536 rows on an H200 (BENCHMARKS.md).
             dev = xn.device.type
             dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else xn.dtype
             pooled = token_attention_kernel.token_attention_project_pool(
@@ -337,8 +339,8 @@ class Denoiser(nn.Module):
           (eager: memory-hungry, T*T*H*Dh floats per row);
         * "triton": one Triton kernel after the q/k/v projection (`ofer.models.token_attention_kernel`), and
           for inputs of at most `token_attention_kernel.PROJECT_MAX_WIDTH` (64) channels one kernel that also does
-          the projection (sampling only; with autograd every block takes the separate projection, whose kernel
-          has a Triton backward);
+          the projection (sampling only: with autograd every block takes the separate projection; both ops have
+          Triton backwards, but the projecting one's made training slower);
         * "sdpa": PyTorch's fused attention.
         Measured on an H200 at 25,600 rows, ms per DDIM sampling step IdGen / ExpGen (BENCHMARKS.md): eager
         math 15.7 / 11.6, eager triton 8.1 / 4.2; compiled math 9.3 / 7.3, compiled reduce 6.6-7.0 / 4.9-5.0,
