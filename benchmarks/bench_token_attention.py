@@ -8,6 +8,7 @@ a first kernel version with CUDA-core products, since removed: 868 us).
 
     python benchmarks/bench_token_attention.py --rows 25600 --json $OUT/token_attention.json
     python benchmarks/bench_token_attention.py --rows 65536 --backward-launches 4x4x2x2,4x4x2x4,4x2x2x4 --json ...
+    python benchmarks/bench_token_attention.py --rows 65536 --widths 10,25,53 --project-backward-launches 16x4,16x8
 """
 from __future__ import annotations
 
@@ -38,6 +39,11 @@ def main() -> None:
                          "the kernel with the projection inside (token_attention_project_pool)")
     ap.add_argument("--project-launches", default="16x4",
                     help="comma list of the projecting kernel's launches, rows per program x warps")
+    ap.add_argument("--project-backward-launches", default="",
+                    help="with --widths: also time forward + backward (gradients of x, the projection weight and w) "
+                         "of the cuBLAS projection + kernels against the projecting kernel with its backward, per "
+                         "launch of the latter (rows per program x warps, token_attention_kernel."
+                         "PROJECT_BACKWARD_LAUNCH)")
     ap.add_argument("--backward-launches", default="",
                     help="comma list of the backward kernel's launch shapes (token_attention_kernel.BACKWARD_LAUNCH): "
                          "also time the gradient of the pooled output w.r.t. q/k/v and w, kernel vs autograd of the "
@@ -188,7 +194,49 @@ def project_rows(args: argparse.Namespace, w: torch.Tensor) -> list[dict]:
                 row = {"width": c, "form": name, "error": f"{type(exc).__name__}: {exc}"[:400]}
             rows.append(row)
             print(json.dumps(row), flush=True)
+        if args.project_backward_launches:
+            rows += project_backward_rows(args, x, wqkv, w)
     tak.PROJECT_LAUNCH.update(saved)
+    return rows
+
+
+def project_backward_rows(args: argparse.Namespace, x: torch.Tensor, wqkv: torch.Tensor, w: torch.Tensor) -> list[dict]:
+    """Forward + backward (us per call) of the pooled attention of input x: the cuBLAS projection + the kernel after
+    it (autograd: the backward kernel, then the projection's two matmuls) against the projecting kernel, whose
+    backward recomputes q/k/v and writes only their gradient, per backward launch. Error: the largest |dx|
+    difference from float64 autograd on the first 512 rows, relative to the largest reference entry."""
+    c = x.shape[1]
+    g = torch.randn(x.shape[0], H * DH, device="cuda")
+    x64, wq64 = x[:512].double().requires_grad_(), wqkv.double()
+    ref = torch.autograd.grad(tak.token_attention_pool_reference(x64 @ wq64.T, w, T, H, DH), x64, g[:512].double())[0]
+    wq = wqkv.detach().requires_grad_()
+
+    def grad_of(pooled):  # noqa: ANN001, ANN202
+        def run(xx: torch.Tensor) -> torch.Tensor:
+            with torch.enable_grad():
+                xg = xx.detach().requires_grad_()
+                return torch.autograd.grad(pooled(xg), (xg, wq), g[: xx.shape[0]])[0]
+        return run
+
+    forms = {"fwd+bwd: projection + kernel": grad_of(
+        lambda xx: tak.token_attention_pool(torch.nn.functional.linear(xx, wq), w, T, H, DH))}
+    for spec in args.project_backward_launches.split(","):
+        rows_, warps = (int(v) for v in spec.split("x"))
+
+        def fused(xx: torch.Tensor, rows_: int = rows_, warps: int = warps) -> torch.Tensor:
+            for cp in tak.PROJECT_BACKWARD_LAUNCH:
+                tak.PROJECT_BACKWARD_LAUNCH[cp] = {"block_rows": rows_, "num_warps": warps}
+            return grad_of(lambda xg: tak.token_attention_project_pool(xg, wq, w, T, H, DH))(xx)
+        forms[f"fwd+bwd: projecting kernel, backward {spec}"] = fused
+    rows = []
+    for name, fn in forms.items():
+        try:
+            err = float((fn(x[:512]).double() - ref).abs().max() / ref.abs().max())
+            row = {"width": c, "form": name, "us_per_call": timed_us(fn, x, args.iters), "max_rel_err": err}
+        except Exception as exc:  # noqa: BLE001 -- reported, the other forms go on
+            row = {"width": c, "form": name, "error": f"{type(exc).__name__}: {exc}"[:400]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 

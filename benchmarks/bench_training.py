@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ofer.diffusion import GaussianDiffusion  # noqa: E402
 from ofer.fast_sampling import parse_compile_options  # noqa: E402
+from ofer.models import token_attention_kernel as tak  # noqa: E402
 from ofer.models.ranker import IdRanker  # noqa: E402
 from ofer.models.unet1d import Denoiser  # noqa: E402
 from ofer.ranking import listnet_loss, ranking_targets  # noqa: E402
@@ -154,19 +155,40 @@ def main() -> None:
     ap.add_argument("--profile", default=None, metavar="IMPLS",
                     help="only print the CUDA kernel table of one compiled bf16 step per job at the first --rows, "
                          "for each attention kernel of this comma list (e.g. auto,triton)")
+    ap.add_argument("--attention-launch", default=None, metavar="SPEC",
+                    help="the attention kernel's forward launch (token_attention_kernel.set_launch), e.g. 4x4x2x2:row")
+    ap.add_argument("--backward-launch", default=None, metavar="SPEC",
+                    help="the backward kernel's launch (token_attention_kernel.BACKWARD_LAUNCH), e.g. 4x2x2x4")
+    ap.add_argument("--project-max-width", type=int, default=None,
+                    help="widest attention input whose q/k/v projection runs inside the Triton kernels (0: never; "
+                         "default: token_attention_kernel.PROJECT_MAX_WIDTH)")
+    ap.add_argument("--trace", type=Path, default=None, metavar="DIR",
+                    help="with --profile: also record CPU ops with input shapes and write a Chrome trace per job to "
+                         "DIR (which op launched which kernel)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    if args.attention_launch:
+        tak.set_launch(args.attention_launch)
+    if args.backward_launch:
+        tak.set_launch(args.backward_launch, backward=True)
+    if args.project_max_width is not None:
+        tak.PROJECT_MAX_WIDTH = args.project_max_width
     if args.profile:
         for impl in args.profile.split(","):
             for kind in ("idgen", "expgen"):
                 step, _ = generator_step(kind, args.rows[0], True, False, compile=True, impl=impl,
                                          inductor=parse_compile_options("default"))
                 time_steps(step, n=2, warmup=5)
-                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                acts = [torch.profiler.ProfilerActivity.CUDA]
+                acts += [torch.profiler.ProfilerActivity.CPU] if args.trace else []
+                with torch.profiler.profile(activities=acts, record_shapes=bool(args.trace)) as prof:
                     step()
                     sync()
+                if args.trace:
+                    args.trace.mkdir(parents=True, exist_ok=True)
+                    prof.export_chrome_trace(str(args.trace / f"train_{kind}_{impl}.json"))
                 print(f"--- {kind}, {args.rows[0]} rows, bf16 + compile, attention {impl}: one step's CUDA kernels\n"
-                      + prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
+                      + prof.key_averages().table(sort_by="cuda_time_total", row_limit=45), flush=True)
         return
     global DEVICE
     DEVICE = "cpu" if args.cpu else "cuda"
@@ -194,7 +216,9 @@ def main() -> None:
         rows_out.append({"job": kind, "rows_per_gpu": rows, "attention": impl,
                          "precision": ("bf16" if bf16 else "fp32") + (" + compile" if comp else ""),
                          "world_size": world, "s_per_step": s, "samples_per_s": rows * world / s, "mfu": mfu,
-                         **({"inductor": opts} if comp else {})})
+                         **({"inductor": opts} if comp else {}),
+                         "attention_launch": dict(tak.LAUNCH), "backward_launch": dict(tak.BACKWARD_LAUNCH),
+                         "project_max_width": tak.PROJECT_MAX_WIDTH})
         if rank == 0:
             print(json.dumps(rows_out[-1]), flush=True)
     if not ddp and not args.cpu and not args.no_graph:
