@@ -23,8 +23,12 @@ __all__ = ["COMPILE_OPTIONS", "GraphedSampler", "parse_compile_options"]
 # Inductor options of the compiled trunk (`torch.compile(..., options=COMPILE_OPTIONS)`). force_shape_pad: pad
 # every matmul operand to aligned sizes (IdGen's 300 channels are not a multiple of 8, so cuBLAS ran them with
 # sm80 kernels); measured on an H200 at 51,200 rows: IdGen step 7.55 -> 7.15 ms, ExpGen 3.52 -> 3.42 ms
-# (`benchmarks/bench_denoiser_step.py --inductor`, BENCHMARKS.md). Module-level so the benchmarks can compare.
-COMPILE_OPTIONS: dict = {"force_shape_pad": True}
+# (`benchmarks/bench_denoiser_step.py --inductor`, BENCHMARKS.md). comprehensive_padding=False: no padded row
+# strides for intermediate tensors; in training the FiLM matmul's (rows, 3,440) output got a 3,456 stride, and
+# cuBLAS's addmm copied it twice (0.9 ms of a 27 ms IdGen step); same run on an H200, 65,536 rows: IdGen
+# training step 27.28 -> 26.51 ms, ExpGen 15.79 -> 15.80, sampling steps unchanged (7.155 / 7.157 ms IdGen).
+# Module-level so the benchmarks can compare.
+COMPILE_OPTIONS: dict = {"force_shape_pad": True, "comprehensive_padding": False}
 
 
 def parse_compile_options(spec: str) -> dict:

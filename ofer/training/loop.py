@@ -214,12 +214,12 @@ class _Trainer:
         else:
             self.ddp = self.model
         if cfg.compile:  # only the training forward/backward; checkpoints and EMA use the plain module
-            # the sampler's inductor options (matmul shape padding): IdGen 65,536 rows on an H200 0.0301 -> 0.0284 s
-            # per step (BENCHMARKS.md)
+            # the sampler's inductor options (matmul shape padding, no padded strides): IdGen 65,536 rows on an
+            # H200 0.0301 -> 0.0284 s per step with the first, 27.28 -> 26.51 ms with the second (BENCHMARKS.md)
             self.ddp = torch.compile(self.ddp, options=dict(COMPILE_OPTIONS) or None)
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-        self.optimizer = torch.optim.AdamW(
-            self.groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+        self.optimizer = torch.optim.AdamW(  # fused: one kernel for all parameters on CUDA (as bench_training)
+            self.groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=self.device.type == "cuda"
         )
         self.dataset = task.train_dataset()
         self.num_items = len(self.dataset)
