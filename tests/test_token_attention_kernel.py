@@ -151,7 +151,10 @@ def test_kernel_matches_reference_in_the_interpreter() -> None:
         # end; 1 or 2 rows per tile)
         for launch in (default, {"block_rows": None, "tiles": 1, "stages": 1, "num_warps": 4},
                        {"block_rows": 1, "tiles": 3, "stages": 2, "num_warps": 2, "order": "row"},
-                       {"block_rows": 2, "tiles": 2, "stages": 3, "num_warps": 1}):
+                       {"block_rows": 2, "tiles": 2, "stages": 3, "num_warps": 1},
+                       {"block_rows": 2, "tiles": 3, "stages": 2, "num_warps": 2, "form": "batched"},
+                       {"block_rows": 1, "tiles": 2, "stages": 1, "num_warps": 4, "form": "batched", "order": "row"}):
+            tak.LAUNCH.update(default)
             tak.LAUNCH.update(launch)
             for R, T, H, D in [(1, 16, 4, 32), (7, 16, 4, 32), (5, 8, 2, 16), (3, 32, 2, 16), (13, 16, 4, 32), (40, 16, 4, 32)]:
                 qkv = torch.randn(R, T * 3 * H * D) * 2
@@ -214,7 +217,7 @@ def test_kernel_backward_matches_float64_autograd_in_the_interpreter() -> None:
         from tests.test_token_attention_kernel import small_net
         torch.manual_seed(0)
         default = dict(tak.BACKWARD_LAUNCH)
-        for spec in ("default", "1x3x2x2:row", "4x1x1x4"):
+        for spec in ("default", "1x3x2x2:row", "4x1x1x4", "2x3x2x2:batched", "4x1x1x4:row:batched"):
             if spec != "default":
                 tak.set_launch(spec, backward=True)
             launch = dict(tak.BACKWARD_LAUNCH)
@@ -416,14 +419,18 @@ def test_set_launch_parses_and_rejects_bad_specs() -> None:
     saved, saved_bwd = dict(tak.LAUNCH), dict(tak.BACKWARD_LAUNCH)
     try:
         assert tak.set_launch("2x8x3x1:row") == {"block_rows": 2, "tiles": 8, "stages": 3, "num_warps": 1,
-                                                  "order": "row"}
-        for bad in ("4x4x2", "4x4x2x0", "4xax2x2", "4x4x2x2x1", "", "4x4x2x2:", "4x4x2x2:col", "4x4x2x2:row:row"):
+                                                  "order": "row", "form": "stacked"}
+        assert tak.set_launch("2x8x3x1:batched:row")["form"] == "batched"
+        assert tak.set_launch("2x8x3x1:row") == {"block_rows": 2, "tiles": 8, "stages": 3, "num_warps": 1,
+                                                  "order": "row", "form": "stacked"}
+        for bad in ("4x4x2", "4x4x2x0", "4xax2x2", "4x4x2x2x1", "", "4x4x2x2:", "4x4x2x2:col", "4x4x2x2:row:row",
+                    "4x4x2x2:batched:stacked", "4x4x2x2:row:batched:x"):
             with pytest.raises(ValueError, match="rows x tiles x stages x warps"):
                 tak.set_launch(bad)
         assert tak.LAUNCH == {"block_rows": 2, "tiles": 8, "stages": 3, "num_warps": 1,
-                              "order": "row"}  # unchanged by bad specs
+                              "order": "row", "form": "stacked"}  # unchanged by bad specs
         assert tak.set_launch("1x2x1x4", backward=True) == {"block_rows": 1, "tiles": 2, "stages": 1, "num_warps": 4,
-                                                            "order": "head"}  # no suffix: the default order
+                                                            "order": "head", "form": "stacked"}  # no suffix: defaults
         assert tak.BACKWARD_LAUNCH["num_warps"] == 4 and tak.LAUNCH["num_warps"] == 1  # only the backward's
     finally:
         tak.LAUNCH.clear()

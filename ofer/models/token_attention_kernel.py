@@ -22,13 +22,17 @@ block run side by side and share each 128-byte line of q/k/v (two heads' 32 chan
 took the backward from 808 to 610 us per call at 65,536 rows (the forward stayed at 318 us), and a compiled
 IdGen training step from 28.3 to 27.1 ms (ExpGen 18.0 -> 15.9 ms), same run on an H200.
 
-How: per program (block of 4 rows, head), the rows' 4 x 16 tokens are stacked into one (64, Dh) tile and all
-scores come from one tensor-core `tl.dot` (64 x 64; scores between tokens of different rows are masked to -inf
-before the softmax: 4x more products than needed, all on the tensor cores).
+How (`LAUNCH["form"]`): "batched" (the default for T >= 16), per program (block of rows, head) q, k, v are
+(rows, T, Dh) tiles and the scores one batched tensor-core `tl.dot` of (T, Dh) @ (Dh, T) per row; "stacked"
+(the first form, and the one for T < 16), the rows' tokens are stacked into one (rows * T, Dh) tile and all
+scores come from one (64 x 64) `tl.dot`, scores between tokens of different rows masked to -inf before the
+softmax (4x more scores computed and exponentiated than needed). Batched is faster, at 65,536 rows on an H200:
+forward 318 -> 249 us, backward 610 -> 445 us; a compiled IdGen training step 26.5 -> 25.1 ms, the paper-setting
+pipeline 48.7 -> 49.4 images/s (same runs, BENCHMARKS.md).
 Each program loops over `LAUNCH["tiles"]` consecutive row blocks of one head, software-pipelined over
 `LAUNCH["stages"]` stages, with `LAUNCH["num_warps"]` warps.
-Measured on an H200, 25,600 rows of bf16 q/k/v (`benchmarks/bench_token_attention.py`): 132 us per call with
-the default launch (4 blocks per program, 2 stages, 2 warps; one block per program with 4 warps: 163-167 us),
+Measured on an H200, 25,600 rows of bf16 q/k/v (`benchmarks/bench_token_attention.py`), stacked form: 132 us per
+call with its launch (4 blocks per program, 2 stages, 2 warps; one block per program with 4 warps: 163-167 us),
 against 551 us for the compiled fused-reduction form, 928 us for compiled explicit math, 1,300 us eager; a
 first version with CUDA-core broadcast products instead of `tl.dot` took 868 us and was dropped. A compiled
 IdGen sampling step went from 6.6 to 4.4 ms, ExpGen from 4.9 to 2.7 ms (with the first launch shape).
@@ -74,9 +78,13 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # order: which program index varies fastest, "head" (the H programs of one row block run side by side, so each
 # 128-byte line of q/k/v, two heads' 32 channels of one token, is used from L2 by both) or "row" (all row
 # blocks of head 0 first, then head 1, ...).
-LAUNCH = {"block_rows": None, "tiles": 4, "stages": 2, "num_warps": 2, "order": "head"}
+# form: "batched" (rows a batch dimension of (rows, T, Dh) tiles, one 16 x 16 score product per row) or "stacked"
+# (rows x tokens stacked into one tile, cross-row scores masked; also takes T < 16, which "batched" hands to it).
+# Measured on an H200 at 65,536 rows (`bench_token_attention.py`): forward 318 us stacked (4x4x2x2) -> 249 us
+# batched (2x4x2x2), backward 610 us (4x4x2x2) -> 445 us (4x2x2x4).
+LAUNCH = {"block_rows": 2, "tiles": 4, "stages": 2, "num_warps": 2, "order": "head", "form": "batched"}
 # The backward kernel's launch, same fields.
-BACKWARD_LAUNCH = {"block_rows": None, "tiles": 4, "stages": 2, "num_warps": 2, "order": "head"}
+BACKWARD_LAUNCH = {"block_rows": 4, "tiles": 2, "stages": 2, "num_warps": 4, "order": "head", "form": "batched"}
 # The kernel with the projection inside (`token_attention_project_pool`): rows per program and warps, and the
 # widest attention input it takes (wider inputs: the cuBLAS projection, then `token_attention_pool`).
 # Per padded width (16, 32, 64 channels).
@@ -96,18 +104,23 @@ def projects(width: int) -> bool:
 
 
 def set_launch(spec: str, *, backward: bool = False) -> dict:
-    """Set `LAUNCH` (`BACKWARD_LAUNCH` with backward=True) from "ROWSxTILESxSTAGESxWARPS[:ORDER]" (e.g.
-    "4x4x2x2" or "4x4x2x2:row"), four positive integers and the program order "head" (the default) or "row";
-    returns the new launch. Used by the benchmarks' --launches / --attention-launch / --backward-launches
+    """Set `LAUNCH` (`BACKWARD_LAUNCH` with backward=True) from "ROWSxTILESxSTAGESxWARPS[:ORDER][:FORM]" (e.g.
+    "4x4x2x2" or "4x4x2x2:row:batched"), four positive integers, the program order "head" (the default) or
+    "row", and the tile form "stacked" (the default) or "batched"; returns the new launch. Used by the benchmarks' --launches / --attention-launch / --backward-launches
     options."""
-    shape, sep, order = spec.partition(":")
+    shape, *words = spec.split(":")
     parts = shape.split("x")
-    if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts) or (sep and order not in ("head", "row")):
+    orders = [w for w in words if w in ("head", "row")]
+    forms = [w for w in words if w in ("stacked", "batched")]
+    if (len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts) or len(orders) > 1 or len(forms) > 1
+            or len(orders) + len(forms) != len(words)):
         raise ValueError(f"attention launch {spec!r}: expected rows x tiles x stages x warps, four positive "
-                         "integers, optionally followed by ':head' or ':row', such as '4x4x2x2' or '4x4x2x2:row'")
+                         "integers, optionally followed by ':head' or ':row' and ':stacked' or ':batched', such as "
+                         "'4x4x2x2' or '4x4x2x2:row:batched'")
     rows, tiles, stages, warps = (int(p) for p in parts)
     launch = BACKWARD_LAUNCH if backward else LAUNCH
-    launch.update(block_rows=rows, tiles=tiles, stages=stages, num_warps=warps, order=order or "head")
+    launch.update(block_rows=rows, tiles=tiles, stages=stages, num_warps=warps, order=(orders or ["head"])[0],
+                  form=(forms or ["stacked"])[0])
     return launch
 
 
@@ -168,6 +181,75 @@ if triton is not None:
         e = tl.exp(s)
         a = e / tl.sum(e, axis=1)[:, None]
         return row, row_ok, offs, q, k, v, a
+
+    @triton.jit
+    def _batched_attention(qkv_ptr, blk, R, stride_row, scale, h, T: tl.constexpr, H: tl.constexpr,
+                           DH: tl.constexpr, BLOCK_R: tl.constexpr):
+        # As `_stacked_attention`, but the BLOCK_R rows are a batch dimension: q, k, v are (BLOCK_R, T, DH) and the
+        # scores one batched (T, DH) @ (DH, T) product per row, so no masked cross-row entries (the stacked form
+        # computes and exponentiates BLOCK_R times more scores than needed). Returns the rows, the row mask, the
+        # (BLOCK_R, T, DH) offsets of q, q, k, v and the softmax a (BLOCK_R, T, U).
+        rows = blk * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < R
+        offs = (rows.to(tl.int64)[:, None, None] * stride_row + tl.arange(0, T)[None, :, None] * (3 * H * DH)
+                + h * DH + tl.arange(0, DH)[None, None, :])
+        m = row_ok[:, None, None]
+        q = tl.load(qkv_ptr + offs, mask=m, other=0.0)
+        k = tl.load(qkv_ptr + offs + H * DH, mask=m, other=0.0)
+        v = tl.load(qkv_ptr + offs + 2 * H * DH, mask=m, other=0.0)
+        s = tl.dot(q, tl.trans(k, (0, 2, 1)), input_precision="ieee", out_dtype=tl.float32) * scale
+        s = s - tl.max(s, axis=2)[:, :, None]
+        e = tl.exp(s)
+        a = e / tl.sum(e, axis=2)[:, :, None]
+        return rows, row_ok, offs, q, k, v, a
+
+    @triton.jit
+    def _token_attention_pool_batched_kernel(
+        qkv_ptr, w_ptr, out_ptr, R, stride_row, scale, n_prog_r,
+        T: tl.constexpr, H: tl.constexpr, DH: tl.constexpr, BLOCK_R: tl.constexpr, TILES: tl.constexpr,
+        STAGES: tl.constexpr, HEAD_FASTEST: tl.constexpr,
+    ):
+        # `_token_attention_pool_kernel` with `_batched_attention` (LAUNCH["form"] == "batched").
+        pid_r, h = _program_block_head(n_prog_r, H, HEAD_FASTEST)
+        w = tl.load(w_ptr + tl.arange(0, T)).to(tl.float32)
+        for it in tl.range(0, TILES, num_stages=STAGES):
+            blk = pid_r * TILES + it
+            rows, row_ok, offs, q, k, v, a = _batched_attention(qkv_ptr, blk, R, stride_row, scale, h, T, H, DH,
+                                                                BLOCK_R)
+            c = tl.sum(a * w[None, :, None], axis=1)  # (BLOCK_R, U)
+            pooled = tl.sum(c[:, :, None] * v.to(tl.float32), axis=1)  # (BLOCK_R, DH)
+            out = rows[:, None].to(tl.int64) * (H * DH) + h * DH + tl.arange(0, DH)[None, :]
+            tl.store(out_ptr + out, pooled, mask=row_ok[:, None])
+
+    @triton.jit
+    def _token_attention_pool_batched_bwd_kernel(
+        qkv_ptr, w_ptr, g_ptr, dqkv_ptr, dw_ptr, R, stride_row, scale, n_prog_r,
+        T: tl.constexpr, H: tl.constexpr, DH: tl.constexpr, BLOCK_R: tl.constexpr, TILES: tl.constexpr,
+        STAGES: tl.constexpr, HEAD_FASTEST: tl.constexpr,
+    ):
+        # `_token_attention_pool_bwd_kernel` with `_batched_attention` (BACKWARD_LAUNCH["form"] == "batched").
+        pid_r, h = _program_block_head(n_prog_r, H, HEAD_FASTEST)
+        w = tl.load(w_ptr + tl.arange(0, T)).to(tl.float32)
+        dw_acc = tl.zeros((T,), dtype=tl.float32)
+        for it in tl.range(0, TILES, num_stages=STAGES):
+            blk = pid_r * TILES + it
+            rows, row_ok, offs, q, k, v, a = _batched_attention(qkv_ptr, blk, R, stride_row, scale, h, T, H, DH,
+                                                                BLOCK_R)
+            g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * (H * DH) + h * DH + tl.arange(0, DH)[None, :],
+                        mask=row_ok[:, None], other=0.0).to(tl.float32)  # (BLOCK_R, DH)
+            c = tl.sum(a * w[None, :, None], axis=1)  # (BLOCK_R, U)
+            dc = tl.sum(v.to(tl.float32) * g[:, None, :], axis=2)  # (BLOCK_R, U)
+            r = tl.sum(a * dc[:, None, :], axis=2)  # (BLOCK_R, T)
+            ds = a * w[None, :, None] * (dc[:, None, :] - r[:, :, None]) * scale
+            dq = tl.dot(ds.to(q.dtype), k, input_precision="ieee", out_dtype=tl.float32)
+            dk = tl.dot(tl.trans(ds, (0, 2, 1)).to(q.dtype), q, input_precision="ieee", out_dtype=tl.float32)
+            out_ty = dqkv_ptr.dtype.element_ty
+            m = row_ok[:, None, None]
+            tl.store(dqkv_ptr + offs, dq.to(out_ty), mask=m)
+            tl.store(dqkv_ptr + offs + H * DH, dk.to(out_ty), mask=m)
+            tl.store(dqkv_ptr + offs + 2 * H * DH, (c[:, :, None] * g[:, None, :]).to(out_ty), mask=m)
+            dw_acc += tl.sum(r, axis=0)
+        tl.store(dw_ptr + (pid_r * H + h) * T + tl.arange(0, T), dw_acc)
 
     @triton.jit
     def _token_attention_pool_kernel(
@@ -348,7 +430,9 @@ def token_attention_pool(qkv: torch.Tensor, w: torch.Tensor, tokens: int, heads:
     block_r = max(LAUNCH["block_rows"] or 64 // tokens, triton.cdiv(16, tokens))
     tiles, stages, warps = LAUNCH["tiles"], LAUNCH["stages"], LAUNCH["num_warps"]
     n_prog_r = triton.cdiv(triton.cdiv(R, block_r), tiles)
-    _token_attention_pool_kernel[(n_prog_r * heads,)](
+    batched = LAUNCH["form"] == "batched" and tokens >= 16  # tl.dot needs 16 x 16 per row
+    kernel = _token_attention_pool_batched_kernel if batched else _token_attention_pool_kernel
+    kernel[(n_prog_r * heads,)](
         qkv, w.contiguous(), out, R, qkv.stride(0), head_dim**-0.5, n_prog_r, T=tokens, H=heads, DH=head_dim,
         BLOCK_R=block_r, TILES=tiles, STAGES=stages, HEAD_FASTEST=LAUNCH["order"] == "head", num_warps=warps)
     return out
@@ -380,7 +464,9 @@ def token_attention_pool_backward(qkv: torch.Tensor, w: torch.Tensor, grad: torc
     n_prog_r = triton.cdiv(triton.cdiv(R, block_r), tiles)
     dw_part = torch.empty(n_prog_r, heads, tokens, device=qkv.device, dtype=torch.float32)
     if R > 0:
-        _token_attention_pool_bwd_kernel[(n_prog_r * heads,)](
+        batched = launch["form"] == "batched" and tokens >= 16
+        kernel = _token_attention_pool_batched_bwd_kernel if batched else _token_attention_pool_bwd_kernel
+        kernel[(n_prog_r * heads,)](
             qkv, w.contiguous(), grad, dqkv, dw_part, R, qkv.stride(0), head_dim**-0.5, n_prog_r, T=tokens,
             H=heads, DH=head_dim, BLOCK_R=block_r, TILES=tiles, STAGES=stages,
             HEAD_FASTEST=launch["order"] == "head", num_warps=warps)
