@@ -7,7 +7,7 @@ form compiled, and the Triton kernel of `ofer.models.token_attention_kernel` (th
 a first kernel version with CUDA-core products, since removed: 868 us).
 
     python benchmarks/bench_token_attention.py --rows 25600 --json $OUT/token_attention.json
-    python benchmarks/bench_token_attention.py --rows 65536 --backward-launches 4x4x2x2,4x4x2x4,4x2x2x4 --json ...
+    python benchmarks/bench_token_attention.py --rows 65536 --backward-launches 4x2x2x4,4x4x2x4,4x1x1x4 --json ...
     python benchmarks/bench_token_attention.py --rows 65536 --widths 10,25,53 --project-backward-launches 16x4,16x8
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=25_600)
     ap.add_argument("--iters", type=int, default=50)
-    ap.add_argument("--launches", default="4x4x2x2",
+    ap.add_argument("--launches", default="2x4x2x2",
                     help="comma list of the Triton kernel's launch shapes, rows per tile x tiles per program x "
                          "stages x warps (token_attention_kernel.LAUNCH)")
     ap.add_argument("--widths", default="",

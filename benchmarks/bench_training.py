@@ -156,7 +156,7 @@ def main() -> None:
                     help="only print the CUDA kernel table of one compiled bf16 step per job at the first --rows, "
                          "for each attention kernel of this comma list (e.g. auto,triton)")
     ap.add_argument("--attention-launch", default=None, metavar="SPEC",
-                    help="the attention kernel's forward launch (token_attention_kernel.set_launch), e.g. 4x4x2x2:row")
+                    help="the attention kernel's forward launch (token_attention_kernel.set_launch), e.g. 2x4x2x2:row")
     ap.add_argument("--backward-launch", default=None, metavar="SPEC",
                     help="the backward kernel's launch (token_attention_kernel.BACKWARD_LAUNCH), e.g. 4x2x2x4")
     ap.add_argument("--project-max-width", type=int, default=None,

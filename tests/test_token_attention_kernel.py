@@ -144,19 +144,19 @@ def test_kernel_matches_reference_in_the_interpreter() -> None:
         import torch
         from ofer.models import token_attention_kernel as tak
         from ofer.models.token_attention_kernel import token_attention_pool, token_attention_pool_reference
+        from ofer.models.unet1d import Denoiser
         from tests.test_token_attention_kernel import small_net
         torch.manual_seed(0)
         default = dict(tak.LAUNCH)
         # the default launch, one program per tile, and others (3 row blocks per program, the last ones past the
         # end; 1 or 2 rows per tile)
-        for launch in (default, {"block_rows": None, "tiles": 1, "stages": 1, "num_warps": 4},
+        for launch in (default, {"block_rows": 8, "tiles": 1, "stages": 1, "num_warps": 4},
                        {"block_rows": 1, "tiles": 3, "stages": 2, "num_warps": 2, "order": "row"},
                        {"block_rows": 2, "tiles": 2, "stages": 3, "num_warps": 1},
-                       {"block_rows": 2, "tiles": 3, "stages": 2, "num_warps": 2, "form": "batched"},
-                       {"block_rows": 1, "tiles": 2, "stages": 1, "num_warps": 4, "form": "batched", "order": "row"}):
+                       {"block_rows": 4, "tiles": 1, "stages": 1, "num_warps": 4, "order": "row"}):
             tak.LAUNCH.update(default)
             tak.LAUNCH.update(launch)
-            for R, T, H, D in [(1, 16, 4, 32), (7, 16, 4, 32), (5, 8, 2, 16), (3, 32, 2, 16), (13, 16, 4, 32), (40, 16, 4, 32)]:
+            for R, T, H, D in [(1, 16, 4, 32), (7, 16, 4, 32), (5, 16, 2, 16), (3, 32, 2, 16), (13, 16, 4, 32), (40, 16, 4, 32)]:
                 qkv = torch.randn(R, T * 3 * H * D) * 2
                 w = torch.randn(T)
                 out = token_attention_pool(qkv, w, T, H, D)
@@ -165,6 +165,11 @@ def test_kernel_matches_reference_in_the_interpreter() -> None:
                 err = float((out.double() - ref).abs().max())
                 assert err < 5e-5, (launch, R, T, H, D, err)  # float32 scores and softmax
         tak.LAUNCH.update(default)
+        import pytest
+        with pytest.raises(ValueError, match="tokens >= 16"):  # tl.dot needs 16 x 16 score tiles
+            token_attention_pool(torch.zeros(2, 8 * 3 * 2 * 16), torch.zeros(8), 8, 2, 16)
+        net8 = Denoiser(dim=12, cond_dim=6, widths=(12, 8), time_dim=16, attn_tokens=8, attn_head_dim=16)
+        assert not any(m._kernel_shape for m in net8.modules() if hasattr(m, "_kernel_shape"))  # "auto": PyTorch
         tak.PROJECT_MAX_WIDTH = 0  # every block through the separate projection and this kernel (the projecting
         net = small_net()          # kernel's own test covers the default routing of this network)
         x, t, c = torch.randn(3, 12), torch.tensor([0, 500, 999]), torch.randn(3, 6)
@@ -217,11 +222,11 @@ def test_kernel_backward_matches_float64_autograd_in_the_interpreter() -> None:
         from tests.test_token_attention_kernel import small_net
         torch.manual_seed(0)
         default = dict(tak.BACKWARD_LAUNCH)
-        for spec in ("default", "1x3x2x2:row", "4x1x1x4", "2x3x2x2:batched", "4x1x1x4:row:batched"):
+        for spec in ("default", "1x3x2x2:row", "4x1x1x4", "2x3x2x2"):
             if spec != "default":
                 tak.set_launch(spec, backward=True)
             launch = dict(tak.BACKWARD_LAUNCH)
-            for R, T, H, D in [(1, 16, 4, 32), (7, 16, 4, 32), (5, 8, 2, 16), (13, 16, 4, 32)]:
+            for R, T, H, D in [(1, 16, 4, 32), (7, 16, 4, 32), (5, 16, 2, 16), (3, 32, 1, 16), (13, 16, 4, 32)]:
                 qkv = (torch.randn(R, T * 3 * H * D) * 2).requires_grad_()
                 w = torch.randn(T).requires_grad_()
                 g = torch.randn(R, H * D)
@@ -419,18 +424,14 @@ def test_set_launch_parses_and_rejects_bad_specs() -> None:
     saved, saved_bwd = dict(tak.LAUNCH), dict(tak.BACKWARD_LAUNCH)
     try:
         assert tak.set_launch("2x8x3x1:row") == {"block_rows": 2, "tiles": 8, "stages": 3, "num_warps": 1,
-                                                  "order": "row", "form": "stacked"}
-        assert tak.set_launch("2x8x3x1:batched:row")["form"] == "batched"
-        assert tak.set_launch("2x8x3x1:row") == {"block_rows": 2, "tiles": 8, "stages": 3, "num_warps": 1,
-                                                  "order": "row", "form": "stacked"}
-        for bad in ("4x4x2", "4x4x2x0", "4xax2x2", "4x4x2x2x1", "", "4x4x2x2:", "4x4x2x2:col", "4x4x2x2:row:row",
-                    "4x4x2x2:batched:stacked", "4x4x2x2:row:batched:x"):
+                                                  "order": "row"}
+        for bad in ("4x4x2", "4x4x2x0", "4xax2x2", "4x4x2x2x1", "", "4x4x2x2:", "4x4x2x2:col", "4x4x2x2:row:row"):
             with pytest.raises(ValueError, match="rows x tiles x stages x warps"):
                 tak.set_launch(bad)
         assert tak.LAUNCH == {"block_rows": 2, "tiles": 8, "stages": 3, "num_warps": 1,
-                              "order": "row", "form": "stacked"}  # unchanged by bad specs
+                              "order": "row"}  # unchanged by bad specs
         assert tak.set_launch("1x2x1x4", backward=True) == {"block_rows": 1, "tiles": 2, "stages": 1, "num_warps": 4,
-                                                            "order": "head", "form": "stacked"}  # no suffix: defaults
+                                                            "order": "head"}  # no suffix: the default order
         assert tak.BACKWARD_LAUNCH["num_warps"] == 4 and tak.LAUNCH["num_warps"] == 1  # only the backward's
     finally:
         tak.LAUNCH.clear()

@@ -12,30 +12,27 @@ reading each q/k/v element once and writing only (R, H * Dh) float32: no permute
 memory, no batched 16 x 16 matmuls (which took 45% of a compiled IdGen sampling step on an H200,
 BENCHMARKS.md). Scores and softmax are float32.
 
-Backward (`token_attention_pool` is differentiable w.r.t. qkv and w): one kernel with the forward's stacking
-(launch: `BACKWARD_LAUNCH`) recomputes the scores from q/k/v and writes dL/dqkv and per-program partial sums of
-dL/dw (summed on the host: deterministic). Nothing but qkv is kept for the backward. A compiled bf16 IdGen
-training step at 65,536 rows on an H200 went from 0.0628 s with the PyTorch "math" form (cuBLAS batched 16 x 16
-matmuls and permuted copies: 57% of the step) to 0.0301 s (`benchmarks/bench_training.py --compile-impls
-math,auto --inductor none`). Programs are numbered head-fastest (`LAUNCH["order"]`): the H programs of a row
-block run side by side and share each 128-byte line of q/k/v (two heads' 32 channels of a token) in L2. That
-took the backward from 808 to 610 us per call at 65,536 rows (the forward stayed at 318 us), and a compiled
-IdGen training step from 28.3 to 27.1 ms (ExpGen 18.0 -> 15.9 ms), same run on an H200.
+How: per program (block of `LAUNCH["block_rows"]` rows, head), q, k, v are (rows, T, Dh) tiles, the rows a
+batch dimension, and the scores one batched tensor-core `tl.dot` of (T, Dh) @ (Dh, T) per row (T >= 16 and
+Dh >= 16 for `tl.dot`). Each program loops over `LAUNCH["tiles"]` consecutive row blocks of one head,
+software-pipelined over `LAUNCH["stages"]` stages, with `LAUNCH["num_warps"]` warps. Programs are numbered
+head-fastest (`LAUNCH["order"]`): the H programs of a row block run side by side and share each 128-byte line of
+q/k/v (two heads' 32 channels of a token) in L2.
 
-How (`LAUNCH["form"]`): "batched" (the default for T >= 16), per program (block of rows, head) q, k, v are
-(rows, T, Dh) tiles and the scores one batched tensor-core `tl.dot` of (T, Dh) @ (Dh, T) per row; "stacked"
-(the first form, and the one for T < 16), the rows' tokens are stacked into one (rows * T, Dh) tile and all
-scores come from one (64 x 64) `tl.dot`, scores between tokens of different rows masked to -inf before the
-softmax (4x more scores computed and exponentiated than needed). Batched is faster, at 65,536 rows on an H200:
-forward 318 -> 249 us, backward 610 -> 445 us; a compiled IdGen training step 26.5 -> 25.1 ms, the paper-setting
-pipeline 48.7 -> 49.4 images/s (same runs, BENCHMARKS.md).
-Each program loops over `LAUNCH["tiles"]` consecutive row blocks of one head, software-pipelined over
-`LAUNCH["stages"]` stages, with `LAUNCH["num_warps"]` warps.
-Measured on an H200, 25,600 rows of bf16 q/k/v (`benchmarks/bench_token_attention.py`), stacked form: 132 us per
-call with its launch (4 blocks per program, 2 stages, 2 warps; one block per program with 4 warps: 163-167 us),
-against 551 us for the compiled fused-reduction form, 928 us for compiled explicit math, 1,300 us eager; a
-first version with CUDA-core broadcast products instead of `tl.dot` took 868 us and was dropped. A compiled
-IdGen sampling step went from 6.6 to 4.4 ms, ExpGen from 4.9 to 2.7 ms (with the first launch shape).
+Backward (`token_attention_pool` is differentiable w.r.t. qkv and w): one kernel with the same tiles (launch:
+`BACKWARD_LAUNCH`) recomputes the scores from q/k/v and writes dL/dqkv and per-program partial sums of dL/dw
+(summed on the host: deterministic). Nothing but qkv is kept for the backward.
+
+History, measured on an H200 (BENCHMARKS.md; `benchmarks/bench_token_attention.py`, `bench_training.py`): the
+first tensor-core version stacked 4 rows x 16 tokens into one (64, Dh) tile with one 64 x 64 score product and
+masked the cross-row scores (4x more scores computed and exponentiated than needed): 132 us per call at 25,600
+rows against 551 us for the compiled fused-reduction form, 928 us for compiled explicit math, 1,300 us eager (a
+version with CUDA-core broadcast products took 868 us); a compiled IdGen sampling step went from 6.6 to 4.4 ms,
+ExpGen from 4.9 to 2.7 ms. Its backward took a compiled bf16 IdGen training step at 65,536 rows from 0.0628 s
+with the PyTorch "math" form (cuBLAS batched 16 x 16 matmuls and permuted copies: 57% of the step) to 0.0301 s.
+Head-fastest programs: backward 808 -> 610 us at 65,536 rows, IdGen training step 28.3 -> 27.1 ms. The batched
+tiles (current; the stacked kernels were removed after the comparison, see commit f907576): forward 318 -> 249
+us, backward 610 -> 445 us, IdGen training step 26.5 -> 25.1 ms, paper-setting pipeline 48.7 -> 49.4 images/s.
 
 `token_attention_project_pool` does the q/k/v projection inside the kernel too, for attention inputs of at most
 `PROJECT_MAX_WIDTH` (64) channels: per program (32 rows, head) the rows' q, k, v of all T tokens are three
@@ -53,8 +50,8 @@ step 28.5 vs 27.1 ms), so `Denoiser` uses it for sampling only.
 
 Both are `torch.library` custom ops, so `torch.compile` and CUDA graphs treat each as one call.
 Triton is optional: `available(x, head_dim)` says whether the op can run on `x` (Triton importable, a CUDA
-tensor or TRITON_INTERPRET=1 for the CPU interpreter used in our tests, head_dim >= 16 for `tl.dot`); otherwise
-`Denoiser` uses its PyTorch forms. On GPUs below compute capability 8.0 the op computes in PyTorch.
+tensor or TRITON_INTERPRET=1 for the CPU interpreter used in our tests, head_dim >= 16 for `tl.dot`); the ops
+take T >= 16 tokens; otherwise `Denoiser` uses its PyTorch forms. On GPUs below compute capability 8.0 the op computes in PyTorch.
 """
 from __future__ import annotations
 
@@ -74,17 +71,15 @@ except ImportError:  # pragma: no cover - depends on the installation
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Launch shape: row blocks per program (a software-pipelined loop), pipeline stages, warps per program.
 # Module-level so benchmarks/bench_token_attention.py can sweep it; see the module docstring for the choice.
-# block_rows: rows stacked per tl.dot tile (None: 64 // tokens, a 64 x 64 score tile; at least 16 / tokens).
+# block_rows: rows per tile (the batch dimension of one (rows, T, Dh) tile).
 # order: which program index varies fastest, "head" (the H programs of one row block run side by side, so each
 # 128-byte line of q/k/v, two heads' 32 channels of one token, is used from L2 by both) or "row" (all row
 # blocks of head 0 first, then head 1, ...).
-# form: "batched" (rows a batch dimension of (rows, T, Dh) tiles, one 16 x 16 score product per row) or "stacked"
-# (rows x tokens stacked into one tile, cross-row scores masked; also takes T < 16, which "batched" hands to it).
-# Measured on an H200 at 65,536 rows (`bench_token_attention.py`): forward 318 us stacked (4x4x2x2) -> 249 us
-# batched (2x4x2x2), backward 610 us (4x4x2x2) -> 445 us (4x2x2x4).
-LAUNCH = {"block_rows": 2, "tiles": 4, "stages": 2, "num_warps": 2, "order": "head", "form": "batched"}
+# Measured on an H200 at 65,536 rows (`bench_token_attention.py`): forward 249 us (2x4x2x2), backward 445 us
+# (4x2x2x4); see the module docstring.
+LAUNCH = {"block_rows": 2, "tiles": 4, "stages": 2, "num_warps": 2, "order": "head"}
 # The backward kernel's launch, same fields.
-BACKWARD_LAUNCH = {"block_rows": 4, "tiles": 2, "stages": 2, "num_warps": 4, "order": "head", "form": "batched"}
+BACKWARD_LAUNCH = {"block_rows": 4, "tiles": 2, "stages": 2, "num_warps": 4, "order": "head"}
 # The kernel with the projection inside (`token_attention_project_pool`): rows per program and warps, and the
 # widest attention input it takes (wider inputs: the cuBLAS projection, then `token_attention_pool`).
 # Per padded width (16, 32, 64 channels).
@@ -104,23 +99,18 @@ def projects(width: int) -> bool:
 
 
 def set_launch(spec: str, *, backward: bool = False) -> dict:
-    """Set `LAUNCH` (`BACKWARD_LAUNCH` with backward=True) from "ROWSxTILESxSTAGESxWARPS[:ORDER][:FORM]" (e.g.
-    "4x4x2x2" or "4x4x2x2:row:batched"), four positive integers, the program order "head" (the default) or
-    "row", and the tile form "stacked" (the default) or "batched"; returns the new launch. Used by the benchmarks' --launches / --attention-launch / --backward-launches
+    """Set `LAUNCH` (`BACKWARD_LAUNCH` with backward=True) from "ROWSxTILESxSTAGESxWARPS[:ORDER]" (e.g.
+    "2x4x2x2" or "2x4x2x2:row"), four positive integers and the program order "head" (the default) or "row";
+    returns the new launch. Used by the benchmarks' --launches / --attention-launch / --backward-launches
     options."""
-    shape, *words = spec.split(":")
+    shape, sep, order = spec.partition(":")
     parts = shape.split("x")
-    orders = [w for w in words if w in ("head", "row")]
-    forms = [w for w in words if w in ("stacked", "batched")]
-    if (len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts) or len(orders) > 1 or len(forms) > 1
-            or len(orders) + len(forms) != len(words)):
+    if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts) or (sep and order not in ("head", "row")):
         raise ValueError(f"attention launch {spec!r}: expected rows x tiles x stages x warps, four positive "
-                         "integers, optionally followed by ':head' or ':row' and ':stacked' or ':batched', such as "
-                         "'4x4x2x2' or '4x4x2x2:row:batched'")
+                         "integers, optionally followed by ':head' or ':row', such as '2x4x2x2' or '2x4x2x2:row'")
     rows, tiles, stages, warps = (int(p) for p in parts)
     launch = BACKWARD_LAUNCH if backward else LAUNCH
-    launch.update(block_rows=rows, tiles=tiles, stages=stages, num_warps=warps, order=(orders or ["head"])[0],
-                  form=(forms or ["stacked"])[0])
+    launch.update(block_rows=rows, tiles=tiles, stages=stages, num_warps=warps, order=order or "head")
     return launch
 
 
@@ -158,37 +148,12 @@ if triton is not None:
             return pid % n_prog_r, pid // n_prog_r
 
     @triton.jit
-    def _stacked_attention(qkv_ptr, blk, R, stride_row, scale, h, T: tl.constexpr, H: tl.constexpr,
+    def _row_tile_attention(qkv_ptr, blk, R, stride_row, scale, h, T: tl.constexpr, H: tl.constexpr,
                            DH: tl.constexpr, BLOCK_R: tl.constexpr):
-        # Shared by the forward and backward kernels: row block `blk` of head h, its BLOCK_R rows' T tokens stacked
-        # into one (M, DH) tile. Returns the rows of the stacked tokens, the row mask, the (M, DH) offsets of q in
-        # qkv (k and v follow at + H * DH and + 2 * H * DH), q, k, v as stored, and the softmax a (M, M) of the
-        # scores from one tl.dot, entries between tokens of different rows masked to -inf before the softmax
-        # (so a is 0 there).
-        M: tl.constexpr = BLOCK_R * T
-        i = tl.arange(0, M)  # stacked token index: row i // T, token i % T
-        tok = i % T
-        row = blk * BLOCK_R + i // T
-        row_ok = row < R
-        base = row.to(tl.int64) * stride_row + tok * (3 * H * DH) + h * DH  # (M,)
-        offs = base[:, None] + tl.arange(0, DH)[None, :]  # (M, DH)
-        q = tl.load(qkv_ptr + offs, mask=row_ok[:, None], other=0.0)
-        k = tl.load(qkv_ptr + offs + H * DH, mask=row_ok[:, None], other=0.0)
-        v = tl.load(qkv_ptr + offs + 2 * H * DH, mask=row_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=tl.float32) * scale  # (M, M)
-        s = tl.where((i[:, None] // T) == (i[None, :] // T), s, float("-inf"))
-        s = s - tl.max(s, axis=1)[:, None]
-        e = tl.exp(s)
-        a = e / tl.sum(e, axis=1)[:, None]
-        return row, row_ok, offs, q, k, v, a
-
-    @triton.jit
-    def _batched_attention(qkv_ptr, blk, R, stride_row, scale, h, T: tl.constexpr, H: tl.constexpr,
-                           DH: tl.constexpr, BLOCK_R: tl.constexpr):
-        # As `_stacked_attention`, but the BLOCK_R rows are a batch dimension: q, k, v are (BLOCK_R, T, DH) and the
-        # scores one batched (T, DH) @ (DH, T) product per row, so no masked cross-row entries (the stacked form
-        # computes and exponentiates BLOCK_R times more scores than needed). Returns the rows, the row mask, the
-        # (BLOCK_R, T, DH) offsets of q, q, k, v and the softmax a (BLOCK_R, T, U).
+        # Shared by the forward and backward kernels: row block `blk` of head h as (BLOCK_R, T, DH) tiles of q, k, v
+        # (the rows a batch dimension) and the softmax a (BLOCK_R, T, U) of the scores, one batched tensor-core
+        # (T, DH) @ (DH, T) product per row. Returns the rows, the row mask, the (BLOCK_R, T, DH) offsets of q in
+        # qkv (k and v follow at + H * DH and + 2 * H * DH), q, k, v as stored, and a.
         rows = blk * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < R
         offs = (rows.to(tl.int64)[:, None, None] * stride_row + tl.arange(0, T)[None, :, None] * (3 * H * DH)
@@ -204,17 +169,19 @@ if triton is not None:
         return rows, row_ok, offs, q, k, v, a
 
     @triton.jit
-    def _token_attention_pool_batched_kernel(
+    def _token_attention_pool_kernel(
         qkv_ptr, w_ptr, out_ptr, R, stride_row, scale, n_prog_r,
         T: tl.constexpr, H: tl.constexpr, DH: tl.constexpr, BLOCK_R: tl.constexpr, TILES: tl.constexpr,
         STAGES: tl.constexpr, HEAD_FASTEST: tl.constexpr,
     ):
-        # `_token_attention_pool_kernel` with `_batched_attention` (LAUNCH["form"] == "batched").
+        # Program (TILES consecutive row blocks, head): per row block, pooled = sum_u c_u v_u with
+        # c_u = sum_t w_t a_tu. The loop over the row blocks is software-pipelined (STAGES): the next block's loads
+        # are in flight during this one's math.
         pid_r, h = _program_block_head(n_prog_r, H, HEAD_FASTEST)
         w = tl.load(w_ptr + tl.arange(0, T)).to(tl.float32)
         for it in tl.range(0, TILES, num_stages=STAGES):
             blk = pid_r * TILES + it
-            rows, row_ok, offs, q, k, v, a = _batched_attention(qkv_ptr, blk, R, stride_row, scale, h, T, H, DH,
+            rows, row_ok, offs, q, k, v, a = _row_tile_attention(qkv_ptr, blk, R, stride_row, scale, h, T, H, DH,
                                                                 BLOCK_R)
             c = tl.sum(a * w[None, :, None], axis=1)  # (BLOCK_R, U)
             pooled = tl.sum(c[:, :, None] * v.to(tl.float32), axis=1)  # (BLOCK_R, DH)
@@ -222,18 +189,24 @@ if triton is not None:
             tl.store(out_ptr + out, pooled, mask=row_ok[:, None])
 
     @triton.jit
-    def _token_attention_pool_batched_bwd_kernel(
+    def _token_attention_pool_bwd_kernel(
         qkv_ptr, w_ptr, g_ptr, dqkv_ptr, dw_ptr, R, stride_row, scale, n_prog_r,
         T: tl.constexpr, H: tl.constexpr, DH: tl.constexpr, BLOCK_R: tl.constexpr, TILES: tl.constexpr,
         STAGES: tl.constexpr, HEAD_FASTEST: tl.constexpr,
     ):
-        # `_token_attention_pool_bwd_kernel` with `_batched_attention` (BACKWARD_LAUNCH["form"] == "batched").
+        # Gradients of pooled = sum_u c_u v_u, c_u = sum_t w_t a_tu, a = softmax_u(s), s_tu = scale q_t . k_u,
+        # given g = dL/dpooled (per row and head); the scores are recomputed, nothing but q/k/v is stored between
+        # forward and backward:
+        #   dv_u = c_u g,  dc_u = v_u . g,  r_t = sum_u a_tu dc_u = dL/dw_t (summed over rows and heads),
+        #   ds_tu = a_tu w_t (dc_u - r_t),  dq = scale ds k,  dk = scale ds^T q.
+        # Each program writes its partial dL/dw (T,) to dw_ptr[program, head]; the host sums them (no atomics:
+        # the result does not depend on the order programs finish).
         pid_r, h = _program_block_head(n_prog_r, H, HEAD_FASTEST)
         w = tl.load(w_ptr + tl.arange(0, T)).to(tl.float32)
         dw_acc = tl.zeros((T,), dtype=tl.float32)
         for it in tl.range(0, TILES, num_stages=STAGES):
             blk = pid_r * TILES + it
-            rows, row_ok, offs, q, k, v, a = _batched_attention(qkv_ptr, blk, R, stride_row, scale, h, T, H, DH,
+            rows, row_ok, offs, q, k, v, a = _row_tile_attention(qkv_ptr, blk, R, stride_row, scale, h, T, H, DH,
                                                                 BLOCK_R)
             g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * (H * DH) + h * DH + tl.arange(0, DH)[None, :],
                         mask=row_ok[:, None], other=0.0).to(tl.float32)  # (BLOCK_R, DH)
@@ -250,72 +223,6 @@ if triton is not None:
             tl.store(dqkv_ptr + offs + 2 * H * DH, (c[:, :, None] * g[:, None, :]).to(out_ty), mask=m)
             dw_acc += tl.sum(r, axis=0)
         tl.store(dw_ptr + (pid_r * H + h) * T + tl.arange(0, T), dw_acc)
-
-    @triton.jit
-    def _token_attention_pool_kernel(
-        qkv_ptr, w_ptr, out_ptr, R, stride_row, scale, n_prog_r,
-        T: tl.constexpr, H: tl.constexpr, DH: tl.constexpr, BLOCK_R: tl.constexpr, TILES: tl.constexpr,
-        STAGES: tl.constexpr, HEAD_FASTEST: tl.constexpr,
-    ):
-        # Program (TILES consecutive row blocks, head): per row block, the BLOCK_R rows' tokens are stacked into
-        # one (BLOCK_R * T, DH) tile, the scores of all stacked tokens against each other come from one tl.dot,
-        # and entries between tokens of different rows are masked out before the softmax. The loop over the
-        # row blocks is software-pipelined (STAGES): the next block's loads are in flight during this one's math.
-        pid_r, h = _program_block_head(n_prog_r, H, HEAD_FASTEST)
-        M: tl.constexpr = BLOCK_R * T
-        ch = tl.arange(0, DH)
-        w = tl.load(w_ptr + tl.arange(0, M) % T).to(tl.float32)  # (M,): w of each stacked token
-        for it in tl.range(0, TILES, num_stages=STAGES):
-            blk = pid_r * TILES + it
-            row, row_ok, offs, q, k, v, a = _stacked_attention(qkv_ptr, blk, R, stride_row, scale, h, T, H, DH,
-                                                               BLOCK_R)
-            c = tl.sum(a * w[:, None], axis=0)  # (M,): sum over the row's query tokens (others are 0)
-            prod = c[:, None] * v.to(tl.float32)  # (M, DH)
-            pooled = tl.sum(tl.reshape(prod, (BLOCK_R, T, DH)), axis=1)  # (BLOCK_R, DH)
-            rr = blk * BLOCK_R + tl.arange(0, BLOCK_R)
-            out = rr[:, None].to(tl.int64) * (H * DH) + h * DH + ch[None, :]
-            tl.store(out_ptr + out, pooled, mask=(rr < R)[:, None])
-
-
-    @triton.jit
-    def _token_attention_pool_bwd_kernel(
-        qkv_ptr, w_ptr, g_ptr, dqkv_ptr, dw_ptr, R, stride_row, scale, n_prog_r,
-        T: tl.constexpr, H: tl.constexpr, DH: tl.constexpr, BLOCK_R: tl.constexpr, TILES: tl.constexpr,
-        STAGES: tl.constexpr, HEAD_FASTEST: tl.constexpr,
-    ):
-        # Gradients of pooled = sum_u c_u v_u, c_u = sum_t w_t a_tu, a = softmax_u(s), s_tu = scale q_t . k_u,
-        # given g = dL/dpooled (per row and head), with the forward's stacking and masking (the scores are
-        # recomputed, nothing but q/k/v is stored between forward and backward):
-        #   dv_u = c_u g,  dc_u = v_u . g,  r_t = sum_u a_tu dc_u = dL/dw_t (summed over rows and heads),
-        #   ds_tu = a_tu w_t (dc_u - r_t),  dq = scale ds k,  dk = scale ds^T q.
-        # Cross-row entries have a = 0, so their ds is 0 and the two (M, M) @ (M, DH) products stay per row.
-        # Each program writes its partial dL/dw (T,) to dw_ptr[program, head]; the host sums them (no atomics:
-        # the result does not depend on the order programs finish).
-        pid_r, h = _program_block_head(n_prog_r, H, HEAD_FASTEST)
-        M: tl.constexpr = BLOCK_R * T
-        ch = tl.arange(0, DH)
-        w = tl.load(w_ptr + tl.arange(0, M) % T).to(tl.float32)
-        dw_acc = tl.zeros((M,), dtype=tl.float32)
-        for it in tl.range(0, TILES, num_stages=STAGES):
-            blk = pid_r * TILES + it
-            row, row_ok, offs, q, k, v, a = _stacked_attention(qkv_ptr, blk, R, stride_row, scale, h, T, H, DH,
-                                                               BLOCK_R)
-            g = tl.load(g_ptr + row.to(tl.int64)[:, None] * (H * DH) + h * DH + ch[None, :], mask=row_ok[:, None],
-                        other=0.0).to(tl.float32)  # (M, DH): each token sees its row's g
-            c = tl.sum(a * w[:, None], axis=0)  # (M,): c_u
-            dc = tl.sum(v.to(tl.float32) * g, axis=1)  # (M,): dc_u = v_u . g (0 on rows past R: g = 0)
-            r = tl.sum(a * dc[None, :], axis=1)  # (M,): r_t
-            ds = a * w[:, None] * (dc[None, :] - r[:, None]) * scale  # (M, M), 0 across rows
-            dq = tl.dot(ds.to(q.dtype), k, input_precision="ieee", out_dtype=tl.float32)
-            dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision="ieee", out_dtype=tl.float32)
-            dv = c[:, None] * g
-            out_ty = dqkv_ptr.dtype.element_ty
-            tl.store(dqkv_ptr + offs, dq.to(out_ty), mask=row_ok[:, None])
-            tl.store(dqkv_ptr + offs + H * DH, dk.to(out_ty), mask=row_ok[:, None])
-            tl.store(dqkv_ptr + offs + 2 * H * DH, dv.to(out_ty), mask=row_ok[:, None])
-            dw_acc += r
-        dw = tl.sum(tl.reshape(dw_acc, (BLOCK_R, T)), axis=0)  # (T,)
-        tl.store(dw_ptr + (pid_r * H + h) * T + tl.arange(0, T), dw)
 
     @triton.jit
     def _project_pool_kernel(
@@ -407,7 +314,7 @@ def token_attention_pool(qkv: torch.Tensor, w: torch.Tensor, tokens: int, heads:
     Args:
         qkv: (R, tokens * 3 * heads * head_dim), rows contiguous, laid out (token, q/k/v, head, channel).
         w: (tokens,) token-mix weights.
-        tokens, heads, head_dim: the attention shape; tokens and head_dim powers of two.
+        tokens, heads, head_dim: the attention shape; tokens and head_dim powers of two, tokens >= 16.
 
     Returns:
         (R, heads * head_dim) float32: sum_t w_t attention(q, k, v)_t per head, channels head-major.
@@ -420,19 +327,18 @@ def token_attention_pool(qkv: torch.Tensor, w: torch.Tensor, tokens: int, heads:
     if qkv.ndim != 2 or qkv.shape[1] != tokens * 3 * heads * head_dim or qkv.stride(1) != 1:
         raise ValueError(f"token_attention_pool: qkv must be a row-contiguous (R, {tokens * 3 * heads * head_dim}) "
                          f"tensor, got shape {tuple(qkv.shape)} strides {qkv.stride()}")
-    if tokens & (tokens - 1) or head_dim & (head_dim - 1):
-        raise ValueError(f"token_attention_pool: tokens ({tokens}) and head_dim ({head_dim}) must be powers of two")
+    if tokens & (tokens - 1) or head_dim & (head_dim - 1) or tokens < 16:
+        raise ValueError(f"token_attention_pool: tokens ({tokens}) and head_dim ({head_dim}) must be powers of two, "
+                         "tokens >= 16")
     if qkv.is_cuda and torch.cuda.get_device_capability(qkv.device) < (8, 0):
         return _pooled_torch(qkv, w, tokens, heads, head_dim)
     out = torch.empty(R, heads * head_dim, device=qkv.device, dtype=torch.float32)
     if R == 0:
         return out
-    block_r = max(LAUNCH["block_rows"] or 64 // tokens, triton.cdiv(16, tokens))
+    block_r = LAUNCH["block_rows"]
     tiles, stages, warps = LAUNCH["tiles"], LAUNCH["stages"], LAUNCH["num_warps"]
     n_prog_r = triton.cdiv(triton.cdiv(R, block_r), tiles)
-    batched = LAUNCH["form"] == "batched" and tokens >= 16  # tl.dot needs 16 x 16 per row
-    kernel = _token_attention_pool_batched_kernel if batched else _token_attention_pool_kernel
-    kernel[(n_prog_r * heads,)](
+    _token_attention_pool_kernel[(n_prog_r * heads,)](
         qkv, w.contiguous(), out, R, qkv.stride(0), head_dim**-0.5, n_prog_r, T=tokens, H=heads, DH=head_dim,
         BLOCK_R=block_r, TILES=tiles, STAGES=stages, HEAD_FASTEST=LAUNCH["order"] == "head", num_warps=warps)
     return out
@@ -459,14 +365,12 @@ def token_attention_pool_backward(qkv: torch.Tensor, w: torch.Tensor, grad: torc
     qkv = qkv.contiguous()  # a row-strided view: dqkv below is written with qkv's row stride
     dqkv = qkv.new_empty(qkv.shape)
     launch = BACKWARD_LAUNCH
-    block_r = max(launch["block_rows"] or 64 // tokens, triton.cdiv(16, tokens))
+    block_r = launch["block_rows"]
     tiles, stages, warps = launch["tiles"], launch["stages"], launch["num_warps"]
     n_prog_r = triton.cdiv(triton.cdiv(R, block_r), tiles)
     dw_part = torch.empty(n_prog_r, heads, tokens, device=qkv.device, dtype=torch.float32)
     if R > 0:
-        batched = launch["form"] == "batched" and tokens >= 16
-        kernel = _token_attention_pool_batched_bwd_kernel if batched else _token_attention_pool_bwd_kernel
-        kernel[(n_prog_r * heads,)](
+        _token_attention_pool_bwd_kernel[(n_prog_r * heads,)](
             qkv, w.contiguous(), grad, dqkv, dw_part, R, qkv.stride(0), head_dim**-0.5, n_prog_r, T=tokens,
             H=heads, DH=head_dim, BLOCK_R=block_r, TILES=tiles, STAGES=stages,
             HEAD_FASTEST=launch["order"] == "head", num_warps=warps)

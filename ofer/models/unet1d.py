@@ -79,8 +79,8 @@ class TokenSelfAttention(nn.Module):
         super().__init__()
         self.heads, self.head_dim, self.tokens = heads, head_dim, tokens
         self.impl = "auto"  # see Denoiser.set_attention_impl
-        # the Triton kernels take power-of-two token counts and head sizes ("auto" uses PyTorch otherwise)
-        self._kernel_shape = not (tokens & (tokens - 1) or head_dim & (head_dim - 1))
+        # the Triton kernels take power-of-two token counts (>= 16) and head sizes ("auto" uses PyTorch otherwise)
+        self._kernel_shape = not (tokens & (tokens - 1) or head_dim & (head_dim - 1)) and tokens >= 16
         hidden = heads * head_dim
         self.norm = RMSNorm(dim)
         self.to_qkv = nn.Linear(dim, tokens * 3 * hidden, bias=False)
