@@ -51,7 +51,8 @@ step 28.5 vs 27.1 ms), so `Denoiser` uses it for sampling only.
 Both are `torch.library` custom ops, so `torch.compile` and CUDA graphs treat each as one call.
 Triton is optional: `available(x, head_dim)` says whether the op can run on `x` (Triton importable, a CUDA
 tensor or TRITON_INTERPRET=1 for the CPU interpreter used in our tests, head_dim >= 16 for `tl.dot`); the ops
-take T >= 16 tokens; otherwise `Denoiser` uses its PyTorch forms. On GPUs below compute capability 8.0 the op computes in PyTorch.
+take T >= 16 tokens; otherwise `Denoiser` uses its PyTorch forms. On GPUs below compute capability 8.0 the ops
+compute in PyTorch.
 """
 from __future__ import annotations
 
@@ -225,6 +226,31 @@ if triton is not None:
         tl.store(dw_ptr + (pid_r * H + h) * T + tl.arange(0, T), dw_acc)
 
     @triton.jit
+    def _projected_attention(x_ptr, wp_ptr, w_ptr, R, scale, h, T: tl.constexpr, DH: tl.constexpr,
+                             CP: tl.constexpr, BLOCK_R: tl.constexpr):
+        # Shared by the projecting kernel's forward and backward: rows block program_id(0) of head h, q/k/v of all
+        # T tokens as (BLOCK_R, CP) @ (CP, T * DH) tensor-core products (q and k rounded to x's dtype, v float32),
+        # reshaped to (BLOCK_R, T, DH), and the softmax a (BLOCK_R, T, U) of one batched score product per row.
+        # Returns the rows, the row mask, q, k, v, a and the token-mix weights (T,) in float32.
+        TD: tl.constexpr = T * DH
+        cc = tl.arange(0, CP)
+        woffs = (h * 3 * CP + cc[:, None]) * TD + tl.arange(0, TD)[None, :]  # (CP, TD) block of head h's q
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < R
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * CP + cc[None, :], mask=row_ok[:, None], other=0.0)
+        q = tl.dot(x, tl.load(wp_ptr + woffs), input_precision="ieee", out_dtype=tl.float32).to(x.dtype)
+        k = tl.dot(x, tl.load(wp_ptr + woffs + CP * TD), input_precision="ieee", out_dtype=tl.float32).to(x.dtype)
+        q3 = tl.reshape(q, (BLOCK_R, T, DH))
+        k3 = tl.reshape(k, (BLOCK_R, T, DH))
+        s = tl.dot(q3, tl.trans(k3, (0, 2, 1)), input_precision="ieee", out_dtype=tl.float32) * scale
+        s = s - tl.max(s, axis=2)[:, :, None]
+        e = tl.exp(s)
+        a = e / tl.sum(e, axis=2)[:, :, None]
+        wt = tl.load(w_ptr + tl.arange(0, T)).to(tl.float32)
+        v = tl.dot(x, tl.load(wp_ptr + woffs + 2 * CP * TD), input_precision="ieee", out_dtype=tl.float32)
+        return rows, row_ok, q3, k3, tl.reshape(v, (BLOCK_R, T, DH)), a, wt
+
+    @triton.jit
     def _project_pool_kernel(
         x_ptr, wp_ptr, w_ptr, out_ptr, R, scale,
         T: tl.constexpr, H: tl.constexpr, DH: tl.constexpr, CP: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -235,27 +261,10 @@ if triton is not None:
         # entries); q/k/v never reach memory. x is (R, CP) and the weights (H, 3, CP, T * DH), both zero-padded
         # to CP channels, so every load is aligned and unmasked along the channels (masked loads of odd widths
         # such as 53 ran 60x slower on an H200).
-        pid = tl.program_id(0)
         h = tl.program_id(1)
-        TD: tl.constexpr = T * DH
-        cc = tl.arange(0, CP)
-        woffs = (h * 3 * CP + cc[:, None]) * TD + tl.arange(0, TD)[None, :]  # (CP, TD) block of head h's q
-        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-        row_ok = rows < R
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * CP + cc[None, :], mask=row_ok[:, None], other=0.0)
-        q = tl.dot(x, tl.load(wp_ptr + woffs), input_precision="ieee", out_dtype=tl.float32).to(x.dtype)
-        k = tl.dot(x, tl.load(wp_ptr + woffs + CP * TD), input_precision="ieee", out_dtype=tl.float32).to(x.dtype)
-        q3 = tl.reshape(q, (BLOCK_R, T, DH))
-        k3 = tl.reshape(k, (BLOCK_R, T, DH))
-        s = tl.dot(q3, tl.trans(k3, (0, 2, 1)), input_precision="ieee", out_dtype=tl.float32) * scale  # (BLOCK_R, T, T)
-        s = s - tl.max(s, axis=2)[:, :, None]
-        e = tl.exp(s)
-        a = e / tl.sum(e, axis=2)[:, :, None]
-        wt = tl.load(w_ptr + tl.arange(0, T)).to(tl.float32)
+        rows, row_ok, q3, k3, v3, a, wt = _projected_attention(x_ptr, wp_ptr, w_ptr, R, scale, h, T, DH, CP, BLOCK_R)
         c = tl.sum(a * wt[None, :, None], axis=1)  # (BLOCK_R, T): c_u = sum_t w_t a_tu
-        v = tl.dot(x, tl.load(wp_ptr + woffs + 2 * CP * TD), input_precision="ieee", out_dtype=tl.float32)
-        v3 = tl.reshape(v, (BLOCK_R, T, DH))  # float32: v is not rounded
-        pooled = tl.sum(c[:, :, None] * v3, axis=1)  # (BLOCK_R, DH)
+        pooled = tl.sum(c[:, :, None] * v3, axis=1)  # (BLOCK_R, DH); v float32, not rounded
         out = rows[:, None].to(tl.int64) * (H * DH) + h * DH + tl.arange(0, DH)[None, :]
         tl.store(out_ptr + out, pooled, mask=row_ok[:, None])
 
@@ -273,25 +282,10 @@ if triton is not None:
         # dx and dW of the projection are then two cuBLAS matmuls of dqkv on the host.
         pid = tl.program_id(0)
         h = tl.program_id(1)
-        TD: tl.constexpr = T * DH
-        cc = tl.arange(0, CP)
-        woffs = (h * 3 * CP + cc[:, None]) * TD + tl.arange(0, TD)[None, :]
-        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-        row_ok = rows < R
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * CP + cc[None, :], mask=row_ok[:, None], other=0.0)
-        q = tl.dot(x, tl.load(wp_ptr + woffs), input_precision="ieee", out_dtype=tl.float32).to(x.dtype)
-        k = tl.dot(x, tl.load(wp_ptr + woffs + CP * TD), input_precision="ieee", out_dtype=tl.float32).to(x.dtype)
-        q3 = tl.reshape(q, (BLOCK_R, T, DH))
-        k3 = tl.reshape(k, (BLOCK_R, T, DH))
-        s = tl.dot(q3, tl.trans(k3, (0, 2, 1)), input_precision="ieee", out_dtype=tl.float32) * scale
-        s = s - tl.max(s, axis=2)[:, :, None]
-        e = tl.exp(s)
-        a = e / tl.sum(e, axis=2)[:, :, None]  # (BLOCK_R, T, U)
-        wt = tl.load(w_ptr + tl.arange(0, T)).to(tl.float32)
+        rows, row_ok, q3, k3, v3, a, wt = _projected_attention(x_ptr, wp_ptr, w_ptr, R, scale, h, T, DH, CP, BLOCK_R)
         g = tl.load(g_ptr + rows[:, None].to(tl.int64) * (H * DH) + h * DH + tl.arange(0, DH)[None, :],
                     mask=row_ok[:, None], other=0.0).to(tl.float32)  # (BLOCK_R, DH); 0 on rows past R
-        v = tl.dot(x, tl.load(wp_ptr + woffs + 2 * CP * TD), input_precision="ieee", out_dtype=tl.float32)
-        dc = tl.sum(tl.reshape(v, (BLOCK_R, T, DH)) * g[:, None, :], axis=2)  # (BLOCK_R, U)
+        dc = tl.sum(v3 * g[:, None, :], axis=2)  # (BLOCK_R, U)
         c = tl.sum(a * wt[None, :, None], axis=1)  # (BLOCK_R, U)
         # dqkv offsets of (row, token, channel) for q; k and v follow at + H * DH and + 2 * H * DH
         offs = (rows[:, None, None].to(tl.int64) * (T * 3 * H * DH) + tl.arange(0, T)[None, :, None] * (3 * H * DH)
@@ -299,7 +293,7 @@ if triton is not None:
         out_ty = dqkv_ptr.dtype.element_ty
         tl.store(dqkv_ptr + offs + 2 * H * DH, (c[:, :, None] * g[:, None, :]).to(out_ty), mask=row_ok[:, None, None])
         r = tl.sum(a * dc[:, None, :], axis=2)  # (BLOCK_R, T)
-        ds = (a * wt[None, :, None] * (dc[:, None, :] - r[:, :, None]) * scale).to(x.dtype)  # (BLOCK_R, T, U)
+        ds = (a * wt[None, :, None] * (dc[:, None, :] - r[:, :, None]) * scale).to(q3.dtype)  # (BLOCK_R, T, U)
         dq = tl.dot(ds, k3, input_precision="ieee", out_dtype=tl.float32)
         tl.store(dqkv_ptr + offs, dq.to(out_ty), mask=row_ok[:, None, None])
         dk = tl.dot(tl.trans(ds, (0, 2, 1)), q3, input_precision="ieee", out_dtype=tl.float32)
