@@ -150,7 +150,7 @@ if triton is not None:
 
     @triton.jit
     def _row_tile_attention(qkv_ptr, blk, R, stride_row, scale, h, T: tl.constexpr, H: tl.constexpr,
-                           DH: tl.constexpr, BLOCK_R: tl.constexpr):
+                            DH: tl.constexpr, BLOCK_R: tl.constexpr):
         # Shared by the forward and backward kernels: row block `blk` of head h as (BLOCK_R, T, DH) tiles of q, k, v
         # (the rows a batch dimension) and the softmax a (BLOCK_R, T, U) of the scores, one batched tensor-core
         # (T, DH) @ (DH, T) product per row. Returns the rows, the row mask, the (BLOCK_R, T, DH) offsets of q in
@@ -183,7 +183,7 @@ if triton is not None:
         for it in tl.range(0, TILES, num_stages=STAGES):
             blk = pid_r * TILES + it
             rows, row_ok, offs, q, k, v, a = _row_tile_attention(qkv_ptr, blk, R, stride_row, scale, h, T, H, DH,
-                                                                BLOCK_R)
+                                                                 BLOCK_R)
             c = tl.sum(a * w[None, :, None], axis=1)  # (BLOCK_R, U)
             pooled = tl.sum(c[:, :, None] * v.to(tl.float32), axis=1)  # (BLOCK_R, DH)
             out = rows[:, None].to(tl.int64) * (H * DH) + h * DH + tl.arange(0, DH)[None, :]
@@ -208,7 +208,7 @@ if triton is not None:
         for it in tl.range(0, TILES, num_stages=STAGES):
             blk = pid_r * TILES + it
             rows, row_ok, offs, q, k, v, a = _row_tile_attention(qkv_ptr, blk, R, stride_row, scale, h, T, H, DH,
-                                                                BLOCK_R)
+                                                                 BLOCK_R)
             g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * (H * DH) + h * DH + tl.arange(0, DH)[None, :],
                         mask=row_ok[:, None], other=0.0).to(tl.float32)  # (BLOCK_R, DH)
             c = tl.sum(a * w[None, :, None], axis=1)  # (BLOCK_R, U)
