@@ -74,11 +74,11 @@ class GraphedSampler:
         self.split_film = all(hasattr(model, a) for a in ("time_film", "condition_film", "trunk"))
         # torch.compile fuses the many small element-wise kernels (norms, FiLM, SiLU) of a step; the compiled
         # kernels are then captured in our graphs like eager ones.
-        trunk = model.trunk
-        if compile:
-            trunk = torch.compile(trunk, dynamic=False, options=dict(COMPILE_OPTIONS) or None)
-        self.trunk = trunk if self.split_film else None
+        self.trunk = None  # a model without the split-FiLM methods runs whole (and uncompiled) in every step
         if self.split_film:
+            self.trunk = model.trunk
+            if compile:
+                self.trunk = torch.compile(self.trunk, dynamic=False, options=dict(COMPILE_OPTIONS) or None)
             with torch.no_grad():
                 self.tfilm = model.time_film(self.plan.timesteps.to(device)).float()  # (n, F), one row per step
             self.cfilm = torch.zeros(rows, self.tfilm.shape[1], device=device)

@@ -39,6 +39,31 @@ def test_graphed_equals_eager(opts, compile):
     assert (graphed(cond, num_samples=8, x_T=x_T + 1).sub(eager)).abs().max() > 1e-2
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile", [False, True])
+def test_graphed_runs_a_model_without_the_split_film_methods(compile):
+    """Any noise predictor model(x, t, cond) works: it runs whole in every step (compile applies to a trunk only)."""
+
+    class Plain(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, t, cond):  # noqa: ANN001, ANN201
+            return self.inner(x, t, cond)
+
+    torch.manual_seed(0)
+    model = Plain(Denoiser(dim=53, cond_dim=16, widths=(53, 25, 10))).cuda().eval()
+    diff = GaussianDiffusion().cuda()
+    cond = torch.randn(2, 16, device="cuda")
+    x_T = torch.randn(2, 4, 53, device="cuda")
+    eager = diff.sample(model, cond, dim=53, num_samples=4, x_T=x_T, sampler="ddim", steps=10)
+    graphed = GraphedSampler(diff, model, rows=8, dim=53, cond_dim=16, bf16=False, compile=compile, sampler="ddim",
+                             steps=10)
+    assert not graphed.split_film and graphed.trunk is None
+    torch.testing.assert_close(graphed(cond, num_samples=4, x_T=x_T), eager, atol=2e-4, rtol=1e-4)
+
+
 def test_parse_compile_options():
     assert parse_compile_options("none") == {}
     assert parse_compile_options("default") == COMPILE_OPTIONS
