@@ -183,8 +183,9 @@ def test_kernel_matches_reference_in_the_interpreter() -> None:
 
 
 def test_pytorch_fallback_of_the_op_matches_reference() -> None:
-    """The op's PyTorch path (GPUs without bf16 tensor cores) against the float64 per-token formula."""
-    from ofer.models.token_attention_kernel import _pooled_torch, token_attention_pool_reference
+    """The ops' PyTorch paths (GPUs without bf16 tensor cores), forward and backward, against the float64
+    per-token formula and its autograd."""
+    from ofer.models.token_attention_kernel import _grads_torch, _pooled_torch, token_attention_pool_reference
 
     torch.manual_seed(1)
     for R, T, H, D in [(1, 16, 4, 32), (6, 8, 2, 16)]:
@@ -192,6 +193,13 @@ def test_pytorch_fallback_of_the_op_matches_reference() -> None:
         out = _pooled_torch(qkv, w, T, H, D)
         assert out.dtype == torch.float32 and out.shape == (R, H * D)
         torch.testing.assert_close(out.double(), token_attention_pool_reference(qkv, w, T, H, D), atol=1e-5, rtol=1e-5)
+        g = torch.randn(R, H * D)
+        dqkv, dw = _grads_torch(qkv, w, g, T, H, D)
+        q64, w64 = qkv.double().requires_grad_(), w.double().requires_grad_()
+        rq, rw = torch.autograd.grad(token_attention_pool_reference(q64, w64, T, H, D), (q64, w64), g.double())
+        assert dqkv.dtype == torch.float32 and dw.dtype == torch.float32
+        torch.testing.assert_close(dqkv.double(), rq, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(dw.double(), rw, atol=1e-5, rtol=1e-4)
 
 
 def test_triton_attention_needs_a_backend() -> None:

@@ -334,13 +334,18 @@ def token_attention_pool(qkv: torch.Tensor, w: torch.Tensor, tokens: int, heads:
     out = torch.empty(R, heads * head_dim, device=qkv.device, dtype=torch.float32)
     if R == 0:
         return out
-    block_r = LAUNCH["block_rows"]
-    tiles, stages, warps = LAUNCH["tiles"], LAUNCH["stages"], LAUNCH["num_warps"]
-    n_prog_r = triton.cdiv(triton.cdiv(R, block_r), tiles)
-    _token_attention_pool_kernel[(n_prog_r * heads,)](
-        qkv, w.contiguous(), out, R, qkv.stride(0), head_dim**-0.5, n_prog_r, T=tokens, H=heads, DH=head_dim,
-        BLOCK_R=block_r, TILES=tiles, STAGES=stages, HEAD_FASTEST=LAUNCH["order"] == "head", num_warps=warps)
+    n_prog_r, meta = _launch_meta(LAUNCH, R)
+    _token_attention_pool_kernel[(n_prog_r * heads,)](qkv, w.contiguous(), out, R, qkv.stride(0), head_dim**-0.5,
+                                                      n_prog_r, T=tokens, H=heads, DH=head_dim, **meta)
     return out
+
+
+def _launch_meta(launch: dict, R: int) -> tuple[int, dict]:
+    """Row-block programs per head for R rows, and the kernel's launch keywords, from `LAUNCH` or
+    `BACKWARD_LAUNCH`."""
+    n_prog_r = triton.cdiv(triton.cdiv(R, launch["block_rows"]), launch["tiles"])
+    return n_prog_r, {"BLOCK_R": launch["block_rows"], "TILES": launch["tiles"], "STAGES": launch["stages"],
+                      "HEAD_FASTEST": launch["order"] == "head", "num_warps": launch["num_warps"]}
 
 
 @token_attention_pool.register_fake
@@ -357,22 +362,15 @@ def token_attention_pool_backward(qkv: torch.Tensor, w: torch.Tensor, grad: torc
     R = qkv.shape[0]
     grad = grad.contiguous().float()
     if qkv.is_cuda and torch.cuda.get_device_capability(qkv.device) < (8, 0):
-        with torch.enable_grad():
-            qkv_, w_ = qkv.detach().requires_grad_(), w.detach().requires_grad_()
-            dqkv, dw = torch.autograd.grad(_pooled_torch(qkv_, w_, tokens, heads, head_dim), (qkv_, w_), grad)
-        return dqkv.to(qkv.dtype), dw.to(w.dtype)
+        return _grads_torch(qkv, w, grad, tokens, heads, head_dim)
     qkv = qkv.contiguous()  # a row-strided view: dqkv below is written with qkv's row stride
     dqkv = qkv.new_empty(qkv.shape)
-    launch = BACKWARD_LAUNCH
-    block_r = launch["block_rows"]
-    tiles, stages, warps = launch["tiles"], launch["stages"], launch["num_warps"]
-    n_prog_r = triton.cdiv(triton.cdiv(R, block_r), tiles)
+    n_prog_r, meta = _launch_meta(BACKWARD_LAUNCH, R)
     dw_part = torch.empty(n_prog_r, heads, tokens, device=qkv.device, dtype=torch.float32)
     if R > 0:
-        _token_attention_pool_bwd_kernel[(n_prog_r * heads,)](
-            qkv, w.contiguous(), grad, dqkv, dw_part, R, qkv.stride(0), head_dim**-0.5, n_prog_r, T=tokens,
-            H=heads, DH=head_dim, BLOCK_R=block_r, TILES=tiles, STAGES=stages,
-            HEAD_FASTEST=launch["order"] == "head", num_warps=warps)
+        _token_attention_pool_bwd_kernel[(n_prog_r * heads,)](qkv, w.contiguous(), grad, dqkv, dw_part, R,
+                                                              qkv.stride(0), head_dim**-0.5, n_prog_r, T=tokens,
+                                                              H=heads, DH=head_dim, **meta)
     return dqkv, dw_part.sum((0, 1)).to(w.dtype)
 
 
@@ -468,10 +466,7 @@ def token_attention_project_pool_backward(x: torch.Tensor, wqkv: torch.Tensor, w
     R = x.shape[0]
     grad = grad.contiguous().float()
     if x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 0):
-        with torch.enable_grad():
-            qkv_, w_ = (x @ wqkv.T).detach().requires_grad_(), w.detach().requires_grad_()
-            dqkv, dw = torch.autograd.grad(_pooled_torch(qkv_, w_, tokens, heads, head_dim), (qkv_, w_), grad)
-        return dqkv.to(x.dtype), dw.to(w.dtype)
+        return _grads_torch(x @ wqkv.T, w, grad, tokens, heads, head_dim)
     xp, wp, cp = _padded_operands(x, wqkv, tokens, heads, head_dim)
     launch = PROJECT_BACKWARD_LAUNCH[cp]
     grid = (triton.cdiv(R, launch["block_rows"]), heads)
@@ -505,6 +500,16 @@ def _project_backward(ctx, grad: torch.Tensor):
 
 
 token_attention_project_pool.register_autograd(_project_backward, setup_context=_project_setup_context)
+
+
+def _grads_torch(qkv: torch.Tensor, w: torch.Tensor, grad: torch.Tensor, tokens: int, heads: int,
+                 head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backward ops' function by autograd through `_pooled_torch` (GPUs without bf16 tensor cores): the
+    gradients w.r.t. qkv and w, in their dtypes."""
+    with torch.enable_grad():
+        qkv_, w_ = qkv.detach().requires_grad_(), w.detach().requires_grad_()
+        dqkv, dw = torch.autograd.grad(_pooled_torch(qkv_, w_, tokens, heads, head_dim), (qkv_, w_), grad)
+    return dqkv.to(qkv.dtype), dw.to(w.dtype)
 
 
 def _pooled_torch(qkv: torch.Tensor, w: torch.Tensor, tokens: int, heads: int, head_dim: int) -> torch.Tensor:
