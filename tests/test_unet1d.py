@@ -205,6 +205,29 @@ def test_cuda_bf16_autocast() -> None:
     assert torch.isfinite(out).all() and (out.float() - ref).norm() < 0.05 * ref.norm()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_autocast_norms_return_the_activation_dtype() -> None:
+    """CUDA autocast computes GroupNorm and the RMS norm in float32; the blocks hand bf16 on (so the fused FiLM,
+    SiLU and backward kernels move bf16, not float32) and stay as close to the float32 block as bf16 allows."""
+    from ofer.models.unet1d import FiLMResBlock, RMSNorm
+
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    block, norm = FiLMResBlock(300, 300, groups=1).to(device), RMSNorm(300).to(device)
+    x, scale, shift = (torch.randn(512, 300, device=device) for _ in range(3))
+    with torch.no_grad():
+        ref_block, ref_norm = block(x, 0.1 * scale, 0.1 * shift), norm(x)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            xb = x.bfloat16()
+            out_block, out_norm = block(xb, 0.1 * scale.bfloat16(), 0.1 * shift.bfloat16()), norm(xb)
+            assert block.norm1(block.lin1(xb)).dtype == torch.float32  # what autocast itself returns
+    assert out_block.dtype == torch.bfloat16 and out_norm.dtype == torch.bfloat16
+    assert (out_block.float() - ref_block).norm() < 0.02 * ref_block.norm()
+    assert (out_norm.float() - ref_norm).norm() < 0.01 * ref_norm.norm()
+    assert ref_block.dtype == torch.float32  # without autocast nothing is cast
+
+
 def test_split_film_equals_the_joint_film_matmul(idgen: Denoiser) -> None:
     """forward = trunk(time_film + condition_film) must equal the public design's single FiLM matmul on
     SiLU(concat(time embedding, cond_scale * cond)), computed here directly from the module's `film` Linear."""
