@@ -165,8 +165,12 @@ def main() -> None:
     ap.add_argument("--trace", type=Path, default=None, metavar="DIR",
                     help="with --profile: also record CPU ops with input shapes and write a Chrome trace per job to "
                          "DIR (which op launched which kernel)")
+    ap.add_argument("--optimize-ddp", default=None, choices=("true", "false"),
+                    help="torch._dynamo.config.optimize_ddp for the compiled DDP rows (default: the trainer's choice)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    if args.optimize_ddp is not None:
+        torch._dynamo.config.optimize_ddp = args.optimize_ddp == "true"
     if args.attention_launch:
         tak.set_launch(args.attention_launch)
     if args.backward_launch:
@@ -218,7 +222,7 @@ def main() -> None:
                          "world_size": world, "s_per_step": s, "samples_per_s": rows * world / s, "mfu": mfu,
                          **({"inductor": opts} if comp else {}),
                          "attention_launch": dict(tak.LAUNCH), "backward_launch": dict(tak.BACKWARD_LAUNCH),
-                         "project_max_width": tak.PROJECT_MAX_WIDTH})
+                         "project_max_width": tak.PROJECT_MAX_WIDTH, "optimize_ddp": torch._dynamo.config.optimize_ddp})
         if rank == 0:
             print(json.dumps(rows_out[-1]), flush=True)
     if not ddp and not args.cpu and not args.no_graph:
