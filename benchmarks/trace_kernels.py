@@ -1,0 +1,106 @@
+"""Where the GPU time of a profiled step goes, from a Chrome trace of torch.profiler (issue 8).
+
+Reads a trace written by `bench_training.py --profile auto --trace DIR` (CPU ops recorded with their input
+shapes) and prints the kernel time by kind (cuBLAS GEMMs, our attention kernels, inductor's Triton kernels,
+other), the kernels with the most time, and the GEMM time per launching aten op and input shapes: each kernel is
+matched to the runtime/driver call that launched it (same correlation id) and that call to the innermost CPU op
+around it on the same thread.
+
+    python benchmarks/trace_kernels.py docs/bench/train_trace_idgen_65536_h100.json.gz
+"""
+from __future__ import annotations
+
+import argparse
+import bisect
+import gzip
+import json
+from collections import defaultdict
+from pathlib import Path
+
+
+def load_trace(path: Path) -> list[dict]:
+    """The trace's events, from a .json or .json.gz Chrome trace."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt") as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SystemExit(f"{path}: not a readable Chrome trace ({exc})") from None
+    events = data.get("traceEvents") if isinstance(data, dict) else data
+    if not isinstance(events, list):
+        raise SystemExit(f"{path}: expected a Chrome trace with a 'traceEvents' list")
+    return events
+
+
+def kind_of(name: str) -> str:
+    """GEMM (cuBLAS / cuBLASLt / CUTLASS), attention (our Triton kernels), inductor (its Triton kernels), other."""
+    if "nvjet" in name or "gemm" in name.lower() or "splitKreduce" in name or "cutlass" in name:
+        return "gemm"
+    if "token_attention" in name or "project_pool" in name:
+        return "attention"
+    if name.startswith("triton_"):
+        return "inductor"
+    return "other"
+
+
+def summarize(events: list[dict]) -> dict:
+    """Kernel microseconds by kind, by kernel name, and GEMM microseconds by (launching op, input shapes)."""
+    kernels = [e for e in events if e.get("cat") == "kernel"]
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    ops_by_thread: dict = defaultdict(list)
+    for e in events:
+        if e.get("cat") == "cpu_op":
+            ops_by_thread[e["tid"]].append(e)
+    starts = {}
+    for tid, ops in ops_by_thread.items():
+        ops.sort(key=lambda o: o["ts"])
+        starts[tid] = [o["ts"] for o in ops]
+
+    def launching_op(launch: dict) -> dict | None:
+        ops, t0, t1 = ops_by_thread.get(launch["tid"], []), launch["ts"], launch["ts"] + launch.get("dur", 0)
+        best = None
+        for o in ops[: bisect.bisect_right(starts.get(launch["tid"], []), t0)]:
+            if o["ts"] + o.get("dur", 0) >= t1 and (best is None or o["dur"] < best["dur"]):
+                best = o
+        return best
+
+    by_kind: dict = defaultdict(float)
+    by_name: dict = defaultdict(lambda: [0.0, 0])
+    gemm_by_op: dict = defaultdict(lambda: [0.0, 0])
+    for k in kernels:
+        dur, name = float(k.get("dur", 0)), k["name"]
+        kind = kind_of(name)
+        by_kind[kind] += dur
+        by_name[name][0] += dur
+        by_name[name][1] += 1
+        if kind == "gemm":
+            launch = launches.get(k.get("args", {}).get("correlation"))
+            op = launching_op(launch) if launch else None
+            key = (op["name"], str(op.get("args", {}).get("Input Dims"))) if op else ("?", "?")
+            gemm_by_op[key][0] += dur
+            gemm_by_op[key][1] += 1
+    return {"total_us": sum(by_kind.values()), "by_kind": dict(by_kind), "by_name": dict(by_name),
+            "gemm_by_op": dict(gemm_by_op)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("trace", type=Path)
+    ap.add_argument("--top", type=int, default=25, help="rows of the per-kernel and per-op tables")
+    args = ap.parse_args()
+    s = summarize(load_trace(args.trace))
+    total = s["total_us"] or 1.0
+    print(f"{args.trace}: {s['total_us'] / 1e3:.2f} ms of kernel time")
+    for kind, us in sorted(s["by_kind"].items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:10s} {us / 1e3:8.2f} ms  {100 * us / total:5.1f}%")
+    print("kernels (us, calls, name):")
+    for name, (us, n) in sorted(s["by_name"].items(), key=lambda kv: -kv[1][0])[: args.top]:
+        print(f"  {us:9.0f} {n:4d}  {name[:110]}")
+    print("GEMM time by launching op and input shapes (us, kernels, op, shapes):")
+    for (op, dims), (us, n) in sorted(s["gemm_by_op"].items(), key=lambda kv: -kv[1][0])[: args.top]:
+        print(f"  {us:9.0f} {n:4d}  {op} {dims}")
+
+
+if __name__ == "__main__":
+    main()

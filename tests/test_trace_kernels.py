@@ -1,0 +1,66 @@
+"""benchmarks/trace_kernels.py on a hand-made Chrome trace: kernel time by kind, and each GEMM kernel charged
+to the innermost CPU op that launched it (the numbers in BENCHMARKS.md's H100 profile come from it)."""
+from __future__ import annotations
+
+import gzip
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import trace_kernels  # noqa: E402
+
+
+def _trace() -> list[dict]:
+    cpu = [  # an outer op around an inner one on thread 1, another op on thread 2 at the same time
+        {"cat": "cpu_op", "name": "aten::linear", "tid": 1, "ts": 0, "dur": 100, "args": {"Input Dims": [[8, 4]]}},
+        {"cat": "cpu_op", "name": "aten::mm", "tid": 1, "ts": 10, "dur": 50, "args": {"Input Dims": [[8, 4], [4, 2]]}},
+        {"cat": "cpu_op", "name": "aten::addmm", "tid": 2, "ts": 0, "dur": 100, "args": {"Input Dims": [[2], [8, 4]]}},
+    ]
+    launches = [
+        {"cat": "cuda_driver", "name": "cuLaunchKernelEx", "tid": 1, "ts": 20, "dur": 5, "args": {"correlation": 1}},
+        {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "tid": 1, "ts": 70, "dur": 5, "args": {"correlation": 2}},
+        {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "tid": 2, "ts": 30, "dur": 5, "args": {"correlation": 3}},
+        {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "tid": 1, "ts": 80, "dur": 5, "args": {"correlation": 4}},
+    ]
+    kernels = [
+        {"cat": "kernel", "name": "nvjet_sm90_tst_64x64", "ts": 200, "dur": 30.0, "args": {"correlation": 1}},
+        {"cat": "kernel", "name": "void cublasLt::splitKreduce_kernel<>", "ts": 240, "dur": 2.0,
+         "args": {"correlation": 2}},
+        {"cat": "kernel", "name": "nvjet_sm90_tst_128x64", "ts": 250, "dur": 10.0, "args": {"correlation": 3}},
+        {"cat": "kernel", "name": "_token_attention_pool_kernel", "ts": 270, "dur": 7.0, "args": {"correlation": 4}},
+        {"cat": "kernel", "name": "triton_per_fused_native_group_norm_0", "ts": 280, "dur": 5.0, "args": {}},
+        {"cat": "kernel", "name": "void at::native::elementwise_kernel<>", "ts": 290, "dur": 1.0, "args": {}},
+    ]
+    return cpu + launches + kernels
+
+
+def test_kernel_time_by_kind_and_gemms_by_innermost_launching_op() -> None:
+    s = trace_kernels.summarize(_trace())
+    assert s["total_us"] == pytest.approx(55.0)
+    assert s["by_kind"] == pytest.approx({"gemm": 42.0, "attention": 7.0, "inductor": 5.0, "other": 1.0})
+    by_op = {op: v for (op, _), v in s["gemm_by_op"].items()}
+    # the first kernel was launched inside aten::mm (inside aten::linear); the split-K reduction by the launch
+    # at ts 70, outside aten::mm but inside aten::linear; the third on the other thread
+    assert by_op == {"aten::mm": [30.0, 1], "aten::linear": [2.0, 1], "aten::addmm": [10.0, 1]}
+    assert ("aten::mm", str([[8, 4], [4, 2]])) in s["gemm_by_op"]
+
+
+def test_reads_gzip_and_names_a_bad_file(tmp_path: Path, capsys) -> None:
+    good = tmp_path / "t.json.gz"
+    with gzip.open(good, "wt") as f:
+        json.dump({"traceEvents": _trace()}, f)
+    sys.argv = ["trace_kernels.py", str(good), "--top", "3"]
+    trace_kernels.main()
+    out = capsys.readouterr().out
+    assert "0.06 ms of kernel time" in out and "aten::mm [[8, 4], [4, 2]]" in out
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(SystemExit, match="bad.json: not a readable Chrome trace"):
+        trace_kernels.load_trace(bad)
+    (tmp_path / "list.json").write_text(json.dumps({"traceEvents": 3}))
+    with pytest.raises(SystemExit, match="expected a Chrome trace"):
+        trace_kernels.load_trace(tmp_path / "list.json")
