@@ -169,7 +169,8 @@ class FiLMResBlock(nn.Module):
         h = self.lin1(x)
         # Under autocast GroupNorm computes (and returns) float32; its output goes back to the Linear's dtype
         # (bf16), so FiLM, SiLU and every tensor of the backward stay bf16 like the rest of the trunk instead of
-        # float32 (half the memory traffic of these fused kernels). Without autocast this is a no-op.
+        # float32 (half the memory traffic of these fused kernels); the residual stream is then bf16 too. Without
+        # autocast this is a no-op.
         h = F.silu(self.norm1(h).to(h.dtype) * (1 + scale) + shift)
         h = self.lin2(h)
         h = F.silu(self.norm2(h).to(h.dtype))
