@@ -166,7 +166,8 @@ def main() -> None:
                     help="with --profile: also record CPU ops with input shapes and write a Chrome trace per job to "
                          "DIR (which op launched which kernel)")
     ap.add_argument("--optimize-ddp", default=None, choices=("true", "false"),
-                    help="torch._dynamo.config.optimize_ddp for the compiled DDP rows (default: the trainer's choice)")
+                    help="torch._dynamo.config.optimize_ddp for the compiled DDP rows (default: torch's, true, as the "
+                         "trainer runs)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.optimize_ddp is not None:

@@ -61,7 +61,7 @@ def summarize(events: list[dict]) -> dict:
         ops, t0, t1 = ops_by_thread.get(launch["tid"], []), launch["ts"], launch["ts"] + launch.get("dur", 0)
         best = None
         for o in ops[: bisect.bisect_right(starts.get(launch["tid"], []), t0)]:
-            if o["ts"] + o.get("dur", 0) >= t1 and (best is None or o["dur"] < best["dur"]):
+            if o["ts"] + o.get("dur", 0) >= t1 and (best is None or o.get("dur", 0) < best.get("dur", 0)):
                 best = o
         return best
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ofer.models.unet1d import Denoiser
+from ofer.models.unet1d import Denoiser, FiLMResBlock, RMSNorm
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
 
@@ -210,8 +210,6 @@ def test_cuda_bf16_autocast() -> None:
 def test_cuda_autocast_norms_return_the_activation_dtype() -> None:
     """CUDA autocast computes GroupNorm and the RMS norm in float32; the blocks hand bf16 on (so the fused FiLM,
     SiLU and backward kernels move bf16, not float32) and stay as close to the float32 block as bf16 allows."""
-    from ofer.models.unet1d import FiLMResBlock, RMSNorm
-
     torch.manual_seed(0)
     device = torch.device("cuda")
     block, norm = FiLMResBlock(300, 300, groups=1).to(device), RMSNorm(300).to(device)
