@@ -92,9 +92,6 @@ def main() -> None:
     ap.add_argument("--project-max-widths", default=None,
                     help="comma list of token_attention_kernel.PROJECT_MAX_WIDTH values to time the triton rows with "
                          "(0: the projection never inside the kernel); default: the module's")
-    ap.add_argument("--gram-max-widths", default=None,
-                    help="comma list of token_attention_kernel.GRAM_MAX_WIDTH values to time the triton rows with "
-                         "(0: never the Gram-form kernel), crossed with --project-max-widths; default: the module's")
     ap.add_argument("--inductor", action="append", default=None,
                     help="inductor options of the compiled rows: 'default' (fast_sampling.COMPILE_OPTIONS), 'none' "
                          "(inductor's defaults) or 'key=value,...'; repeat to compare (--inductor none "
@@ -106,24 +103,17 @@ def main() -> None:
     if args.profile:
         for name in MODELS:
             print(f"--- {name}, eager, sdpa: one step's CUDA kernels\n{profile_step(name, 'sdpa', args.rows)}", flush=True)
-    project = [int(v) for v in args.project_max_widths.split(",")] if args.project_max_widths else [None]
-    gram = [int(v) for v in args.gram_max_widths.split(",")] if args.gram_max_widths else [None]
-    widths = [(pw, gw) for pw in project for gw in gram]
-    defaults = (tak.PROJECT_MAX_WIDTH, tak.GRAM_MAX_WIDTH)
-
-    def set_widths(width: tuple) -> None:
-        tak.PROJECT_MAX_WIDTH, tak.GRAM_MAX_WIDTH = (d if w is None else w for w, d in zip(width, defaults))
-
+    widths = [int(v) for v in args.project_max_widths.split(",")] if args.project_max_widths else [None]
+    default_width = tak.PROJECT_MAX_WIDTH
     if args.profile_compiled:
         for name in MODELS:
             for width in widths:
                 for opts in inductor:
-                    set_widths(width)
+                    tak.PROJECT_MAX_WIDTH = default_width if width is None else width
                     fast_sampling.COMPILE_OPTIONS = opts
                     table = profile_step(name, "auto", args.rows, compiled=True)
-                    print(f"--- {name}, compiled, auto attention, PROJECT_MAX_WIDTH {tak.PROJECT_MAX_WIDTH}, "
-                          f"GRAM_MAX_WIDTH {tak.GRAM_MAX_WIDTH}, inductor {opts or 'default'}: one step's CUDA "
-                          f"kernels\n{table}", flush=True)
+                    print(f"--- {name}, compiled, auto attention, PROJECT_MAX_WIDTH {tak.PROJECT_MAX_WIDTH}, inductor "
+                          f"{opts or 'default'}: one step's CUDA kernels\n{table}", flush=True)
     if args.only_profile:
         return
     impls = args.impls.split(",")
@@ -131,16 +121,15 @@ def main() -> None:
     if not args.no_compile:
         variants += [(impl, True, opts) for impl in impls for opts in inductor]
     for name in MODELS:
-        for (impl, comp, opts), width in ((v, wd) for v in variants
-                                          for wd in (widths if v[0] == "triton" else [(None, None)])):
-            set_widths(width)
+        for (impl, comp, opts), width in ((v, wd) for v in variants for wd in (widths if v[0] == "triton" else [None])):
+            tak.PROJECT_MAX_WIDTH = default_width if width is None else width
             fast_sampling.COMPILE_OPTIONS = opts
             try:
                 row = time_variant(name, impl, comp, args.rows, args.steps, args.repeats)
             except Exception as exc:  # noqa: BLE001 -- reported, the other variants go on
                 row = {"model": name, "attention": impl, "compile": comp, "error": f"{type(exc).__name__}: {exc}"[:400]}
             if impl == "triton":
-                row["project_max_width"], row["gram_max_width"] = tak.PROJECT_MAX_WIDTH, tak.GRAM_MAX_WIDTH
+                row["project_max_width"] = tak.PROJECT_MAX_WIDTH
             if comp:
                 row["inductor"] = opts
             out["rows"].append(row)

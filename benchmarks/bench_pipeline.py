@@ -108,9 +108,6 @@ def main() -> None:
     ap.add_argument("--project-max-width", type=int, default=None,
                     help="widest attention input whose q/k/v projection runs inside the Triton kernel (0: never; "
                          "default: the module's token_attention_kernel.PROJECT_MAX_WIDTH)")
-    ap.add_argument("--gram-max-width", type=int, default=None,
-                    help="widest attention input that takes the Gram-form kernel (0: never; default: the module's "
-                         "token_attention_kernel.GRAM_MAX_WIDTH)")
     ap.add_argument("--inductor", default="default",
                     help="inductor options of the compiled trunks: 'default' (fast_sampling.COMPILE_OPTIONS), 'none' "
                          "(inductor's defaults) or key=value,...")
@@ -126,8 +123,6 @@ def main() -> None:
         tak.set_launch(args.attention_launch)
     if args.project_max_width is not None:
         tak.PROJECT_MAX_WIDTH = args.project_max_width
-    if args.gram_max_width is not None:
-        tak.GRAM_MAX_WIDTH = args.gram_max_width
     fast_sampling.COMPILE_OPTIONS = fast_sampling.parse_compile_options(args.inductor)
     device = "cuda"
     assert torch.cuda.is_available(), "this benchmark needs a GPU"
@@ -139,7 +134,6 @@ def main() -> None:
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "bf16_gemm_tflops": tflops,
            "floor_images_per_s": floor_ips, "attention_launch": dict(tak.LAUNCH),
            "project_max_width": tak.PROJECT_MAX_WIDTH, "project_launch": dict(tak.PROJECT_LAUNCH),
-           "gram_max_width": tak.GRAM_MAX_WIDTH, "gram_launch": {k: dict(v) for k, v in tak.GRAM_LAUNCH.items()},
            "inductor": fast_sampling.COMPILE_OPTIONS, "rows": []}
     print(f"device: {out['device']}  torch {torch.__version__}  bf16 GEMM {tflops:.0f} TFLOP/s  "
           f"floor (paper setting) {floor_ips:.0f} images/s", flush=True)

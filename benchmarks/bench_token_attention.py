@@ -9,8 +9,6 @@ a first kernel version with CUDA-core products, since removed: 868 us).
     python benchmarks/bench_token_attention.py --rows 25600 --json $OUT/token_attention.json
     python benchmarks/bench_token_attention.py --rows 65536 --backward-launches 4x2x2x4,4x4x2x4,4x1x1x4 --json ...
     python benchmarks/bench_token_attention.py --rows 65536 --widths 10,25,53 --project-backward-launches 16x4,16x8
-    python benchmarks/bench_token_attention.py --rows 51200 --widths 10,25,32,50,53 --project-launches 32x4 \\
-        --gram-launches 64x32x2x4,128x32x3x8 --json ...
 """
 from __future__ import annotations
 
@@ -41,10 +39,6 @@ def main() -> None:
                          "the kernel with the projection inside (token_attention_project_pool)")
     ap.add_argument("--project-launches", default="16x4",
                     help="comma list of the projecting kernel's launches, rows per program x warps")
-    ap.add_argument("--gram-launches", default="",
-                    help="with --widths: also time the Gram-form kernel (token_attention_gram_pool, widths <= 32) "
-                         "at these launches ROWSxBKxSTAGESxWARPS, comma-separated (e.g. 64x32x2x4), and its "
-                         "operands (gram_operands, eager) separately")
     ap.add_argument("--project-backward-launches", default="",
                     help="with --widths: also time forward + backward (gradients of x, the projection weight and w) "
                          "of the cuBLAS projection + kernels against the projecting kernel with its backward, per "
@@ -169,7 +163,7 @@ def project_rows(args: argparse.Namespace, w: torch.Tensor) -> list[dict]:
     """Per input width: normalised input (rows, C) bf16 -> pooled attention, (a) the bf16 cuBLAS projection to
     (rows, 6,144) followed by the kernel, (b) the kernel with the projection inside, per launch."""
     rows = []
-    saved, saved_gram = dict(tak.PROJECT_LAUNCH), {k: dict(v) for k, v in tak.GRAM_LAUNCH.items()}
+    saved = dict(tak.PROJECT_LAUNCH)
     for c in (int(v) for v in args.widths.split(",")):
         x = torch.nn.functional.normalize(torch.randn(args.rows, c, device="cuda"), dim=-1).mul(c**0.5)
         x = x.to(torch.bfloat16)
@@ -191,22 +185,10 @@ def project_rows(args: argparse.Namespace, w: torch.Tensor) -> list[dict]:
                 tak.set_project_launch(spec)
                 return tak.token_attention_project_pool(xx, wqkv, w, T, H, DH)
             forms[f"projecting kernel {spec}"] = fused
-        if args.gram_launches and c <= max(tak.GRAM_LAUNCH):
-            operands = tak.gram_operands(wqkv, T, H, DH, x.dtype)
-            forms["Gram operands (gram_operands, eager; once per step)"] = (
-                lambda xx: tak.gram_operands(wqkv, T, H, DH, xx.dtype)[0])
-            for spec in args.gram_launches.split(","):
-                tak.set_gram_launch(spec)  # a malformed spec fails here, before any timing
-
-                def gram(xx: torch.Tensor, spec: str = spec, operands=operands) -> torch.Tensor:  # noqa: ANN001
-                    tak.set_gram_launch(spec)
-                    return tak.token_attention_gram_pool(xx, *operands, w, T, H, DH)
-                forms[f"Gram kernel {spec}"] = gram
         for name, fn in forms.items():
             try:
                 with torch.no_grad():
-                    got = fn(x[:512])
-                    err = float((got.double() - ref).abs().max()) if got.shape == ref.shape else None
+                    err = float((fn(x[:512]).double() - ref).abs().max())
                 row = {"width": c, "form": name, "us_per_call": timed_us(fn, x, args.iters), "max_abs_err": err}
             except Exception as exc:  # noqa: BLE001 -- reported, the other forms go on
                 row = {"width": c, "form": name, "error": f"{type(exc).__name__}: {exc}"[:400]}
@@ -215,7 +197,6 @@ def project_rows(args: argparse.Namespace, w: torch.Tensor) -> list[dict]:
         if args.project_backward_launches:
             rows += project_backward_rows(args, x, wqkv, w)
     tak.PROJECT_LAUNCH.update(saved)
-    tak.GRAM_LAUNCH.update(saved_gram)
     return rows
 
 

@@ -52,7 +52,6 @@ def test_projecting_kernel_matches_reference_in_the_interpreter() -> None:
         from ofer.models.unet1d import Denoiser
         from tests.test_token_attention_kernel import small_net
         torch.manual_seed(0)
-        tak.GRAM_MAX_WIDTH = 0  # the Gram form (for the narrowest blocks) has its own test
         for launch in ("16x4", "32x2"):
             tak.set_project_launch(launch)
             for R, C, H, D in [(37, 10, 4, 32), (5, 53, 4, 32), (16, 25, 2, 16), (3, 64, 1, 32), (1, 1, 1, 16)]:
@@ -137,112 +136,6 @@ def test_set_project_launch_parses_and_rejects_bad_specs() -> None:
         tak.PROJECT_LAUNCH.update(saved)
 
 
-def test_gram_form_is_exact_in_float64() -> None:
-    """The Gram form's algebra (scores as channel-pair products times weights derived from the to_qkv weight, the
-    value product as (c (x) x) @ Wv), in float64 PyTorch, against the per-token formula on x @ wqkv.T: equal up
-    to rounding at widths 1 to 32 (odd ones padded), 1-4 heads, 16 or 32 tokens. Without Triton. Checked to fail
-    with the G_tu[j, i] half of the symmetrised weights dropped and with the log2 units left out."""
-    from ofer.models.token_attention_kernel import _gram_pooled_torch, gram_operands, token_attention_pool_reference
-
-    torch.manual_seed(0)
-    for R, C, T, H, D in [(7, 1, 16, 1, 16), (9, 10, 16, 4, 32), (5, 25, 32, 2, 16), (4, 32, 16, 4, 32),
-                          (3, 17, 16, 3, 16)]:
-        x = torch.randn(R, C, dtype=torch.float64)
-        wqkv = torch.randn(T * 3 * H * D, C, dtype=torch.float64) * C**-0.5
-        w = torch.randn(T, dtype=torch.float64)
-        m, wv, pairs = gram_operands(wqkv, T, H, D, torch.float64)
-        kp, cp = -(-C * (C + 1) // 2 // 32) * 32, max(16, 1 << (C - 1).bit_length())
-        assert m.shape == (H, kp, T * T) and wv.shape == (H, T * cp, D) and pairs.shape == (2, kp)
-        assert pairs.dtype == torch.int32 and m.dtype == wv.dtype == torch.float64
-        out = _gram_pooled_torch(torch.nn.functional.pad(x, (0, cp - C)), m, wv, pairs, w, T, H, D)
-        torch.testing.assert_close(out, token_attention_pool_reference(x @ wqkv.T, w, T, H, D), atol=1e-12,
-                                   rtol=1e-12)
-
-
-def test_gram_routing_and_launch_parsing() -> None:
-    from ofer.models import token_attention_kernel as tak
-
-    saved, saved_launch = tak.GRAM_MAX_WIDTH, {k: dict(v) for k, v in tak.GRAM_LAUNCH.items()}
-    try:  # capped at the kernel's widest launch (32 channels); 16 tokens only
-        assert tak.grams(1) and tak.grams(16) and not tak.grams(17) and not tak.grams(0)  # the default, 16
-        assert not tak.grams(10, tokens=32) and not tak.grams(10, tokens=8)
-        tak.GRAM_MAX_WIDTH = 64
-        assert tak.grams(32) and not tak.grams(33)
-        tak.GRAM_MAX_WIDTH = 0
-        assert not tak.grams(1)
-        assert tak.set_gram_launch("128x16x3x8", widths=(32,)) == {
-            16: saved_launch[16], 32: {"block_rows": 128, "bk": 16, "stages": 3, "num_warps": 8}}
-        for bad in ("64x64x2x4", "8x32x2x4", "48x32x2x4", "64x32x2", "64x32x0x4", "64xax2x4", ""):
-            with pytest.raises(ValueError, match="rows x bk x stages x warps"):
-                tak.set_gram_launch(bad)
-        assert tak.GRAM_LAUNCH[32] == {"block_rows": 128, "bk": 16, "stages": 3, "num_warps": 8}  # unchanged
-    finally:
-        tak.GRAM_MAX_WIDTH = saved
-        tak.GRAM_LAUNCH.clear()
-        tak.GRAM_LAUNCH.update(saved_launch)
-
-
-@pytest.mark.skipif(not HAS_TRITON, reason="Triton not installed; covered by the GPU tests")
-def test_gram_kernel_matches_reference_in_the_interpreter() -> None:
-    """The Gram-form kernel against the float64 formula on x @ wqkv.T (widths 1 to 32, padded ones, partial row
-    blocks, two launches, 1-4 heads); its errors for bad operands; opcheck of its registrations; and a Denoiser
-    routing its narrowest blocks to it (GRAM_MAX_WIDTH), the middle ones to the projecting kernel
-    (PROJECT_MAX_WIDTH) and the widest to the separate projection, against PyTorch's SDPA. Checked to fail with the
-    softmax over the wrong axis (t instead of u) and with the (t, u) columns of M transposed."""
-    script = textwrap.dedent("""
-        import pytest
-        import torch
-        from ofer.models import token_attention_kernel as tak
-        from ofer.models.unet1d import Denoiser
-        torch.manual_seed(0)
-        for launch in ("64x32x2x4", "16x16x1x2"):
-            tak.set_gram_launch(launch)
-            for R, C, H, D in [(37, 10, 4, 32), (70, 25, 2, 16), (5, 32, 1, 32), (3, 1, 1, 16), (17, 17, 3, 16)]:
-                x = torch.randn(R, C)
-                wqkv = torch.randn(16 * 3 * H * D, C) * C**-0.5
-                w = torch.randn(16)
-                out = tak.token_attention_gram_pool(x, *tak.gram_operands(wqkv, 16, H, D, x.dtype), w, 16, H, D)
-                ref = tak.token_attention_pool_reference(x.double() @ wqkv.double().T, w, 16, H, D)
-                assert out.dtype == torch.float32 and out.shape == (R, H * D)
-                err = float((out.double() - ref).abs().max())
-                assert err < 5e-5, (launch, R, C, H, D, err)
-        ops = tak.gram_operands(torch.randn(6144, 10), 16, 4, 32, torch.float32)
-        with pytest.raises(ValueError, match="1 <= C <= 32"):
-            tak.token_attention_gram_pool(torch.zeros(2, 33), *ops, torch.zeros(16), 16, 4, 32)
-        with pytest.raises(ValueError, match="m must be a contiguous \\(4, 96, 256\\)"):  # 10 channels, not 12
-            tak.token_attention_gram_pool(torch.zeros(2, 12), *ops, torch.zeros(16), 16, 4, 32)
-        with pytest.raises(ValueError, match="pairs must be"):
-            tak.token_attention_gram_pool(torch.zeros(2, 10), ops[0], ops[1], ops[2].long(), torch.zeros(16), 16, 4,
-                                          32)
-        with pytest.raises(ValueError, match="tokens \\(32\\) must be 16"):
-            tak.token_attention_gram_pool(torch.zeros(2, 10), *ops, torch.zeros(32), 32, 4, 32)
-        torch.library.opcheck(tak.token_attention_gram_pool, (torch.randn(3, 10), *ops, torch.randn(16), 16, 4, 32),
-                              test_utils=("test_schema", "test_faketensor"))
-        torch.manual_seed(1)
-        net = Denoiser(dim=80, cond_dim=6, widths=(80, 24, 8), time_dim=16)
-        with torch.no_grad():
-            for p in (net.film.weight, net.film.bias, net.out_proj.weight, net.out_proj.bias):
-                p.normal_(0.0, 0.05)
-        net.eval()
-        widths = [m.to_qkv.in_features for m in net.modules() if hasattr(m, "to_qkv")]
-        x, t, c = torch.randn(5, 80), torch.tensor([0, 10, 500, 900, 999]), torch.randn(5, 6)
-        calls = []
-        for name in ("token_attention_pool", "token_attention_project_pool", "token_attention_gram_pool"):
-            orig = getattr(tak, name)
-            setattr(tak, name, lambda *a, orig=orig, name=name: calls.append(name) or orig(*a))
-        with torch.no_grad():
-            ref = net.set_attention_impl("sdpa")(x, t, c)
-            tak.PROJECT_MAX_WIDTH, tak.GRAM_MAX_WIDTH = 32, 16  # 80 separately, 24 projecting, 8 Gram
-            out = net.set_attention_impl("triton")(x, t, c)
-        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-        expected = ["token_attention_gram_pool" if c <= 16 else "token_attention_project_pool" if c <= 32
-                    else "token_attention_pool" for c in widths]
-        assert calls == expected and len(set(calls)) == 3, (calls, widths)
-        print("ok")
-    """)
-    run_interpreted(script)
-
-
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton not installed; covered by the GPU tests")
 def test_kernel_matches_reference_in_the_interpreter() -> None:
     """The kernel against an independent per-token float64 formula (odd row counts exercise the row mask, three
@@ -277,8 +170,8 @@ def test_kernel_matches_reference_in_the_interpreter() -> None:
             token_attention_pool(torch.zeros(2, 8 * 3 * 2 * 16), torch.zeros(8), 8, 2, 16)
         net8 = Denoiser(dim=12, cond_dim=6, widths=(12, 8), time_dim=16, attn_tokens=8, attn_head_dim=16)
         assert not any(m._kernel_shape for m in net8.modules() if hasattr(m, "_kernel_shape"))  # "auto": PyTorch
-        tak.PROJECT_MAX_WIDTH = tak.GRAM_MAX_WIDTH = 0  # every block through the separate projection and this
-        net = small_net()  # kernel (the projecting and Gram kernels' own tests cover the default routing)
+        tak.PROJECT_MAX_WIDTH = 0  # every block through the separate projection and this kernel (the projecting
+        net = small_net()          # kernel's own test covers the default routing of this network)
         x, t, c = torch.randn(3, 12), torch.tensor([0, 500, 999]), torch.randn(3, 6)
         with torch.no_grad():
             ref = net.set_attention_impl("sdpa")(x, t, c)
@@ -416,7 +309,6 @@ def test_projecting_kernel_backward_matches_float64_autograd_in_the_interpreter(
         torch.library.opcheck(tak.token_attention_project_pool, (x, wq, w.requires_grad_(), 16, 4, 32),
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
         calls = []  # routing: the projecting kernel only without autograd (its backward trains slower)
-        tak.GRAM_MAX_WIDTH = 0
         for name in ("token_attention_pool", "token_attention_project_pool"):
             op = getattr(tak, name)
             setattr(tak, name, lambda *a, _op=op, _n=name: calls.append(_n) or _op(*a))
@@ -486,33 +378,6 @@ def test_projecting_kernel_on_cuda_matches_reference_and_the_separate_projection
         ref = net.set_attention_impl("sdpa")(x, t, c)
         out = net.set_attention_impl("triton")(x, t, c)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gram_kernel_on_cuda_matches_reference_and_the_projecting_kernel() -> None:
-    """On CUDA: the Gram-form kernel in fp32 against the float64 formula (widths 1 to 32); in bf16 (the pair
-    products and score weights rounded instead of q and k) within twice the projecting kernel's distance from
-    the float64 formula on the same bf16 inputs. The Denoiser's routing through it is covered by
-    test_triton_attention_on_cuda_matches_sdpa_and_is_the_auto_choice (ExpGen widths 53, 25, 10)."""
-    from ofer.models import token_attention_kernel as tak
-
-    dev = torch.device("cuda")
-    gen = torch.Generator(device=dev).manual_seed(0)
-    w = torch.randn(16, device=dev, generator=gen)
-    for c in (1, 10, 25, 32):
-        x = torch.randn(3001, c, device=dev, generator=gen)
-        wqkv = torch.randn(6144, c, device=dev, generator=gen) * c**-0.5
-        ref = tak.token_attention_pool_reference(x.double() @ wqkv.double().T, w, 16, 4, 32)
-        out = tak.token_attention_gram_pool(x, *tak.gram_operands(wqkv, 16, 4, 32, x.dtype), w, 16, 4, 32)
-        assert float((out.double() - ref).abs().max()) < 1e-4, c
-        x16, w16 = x.bfloat16(), wqkv.bfloat16()
-        ref16 = tak.token_attention_pool_reference(x16.double() @ w16.double().T, w, 16, 4, 32)
-        proj = tak.token_attention_project_pool(x16, w16, w, 16, 4, 32)
-        gram = tak.token_attention_gram_pool(x16, *tak.gram_operands(w16, 16, 4, 32, x16.dtype), w, 16, 4, 32)
-        ratio = float((gram.double() - ref16).norm() / (proj.double() - ref16).norm())
-        print(f"width {c}: bf16 error of the Gram kernel / the projecting kernel's = {ratio:.3f}")
-        assert ratio <= 2.0, (c, ratio)
 
 
 @pytest.mark.gpu

@@ -60,9 +60,8 @@ import os
 
 import torch
 
-__all__ = ["available", "gram_operands", "grams", "projects", "token_attention_gram_pool", "token_attention_pool",
-           "token_attention_pool_backward", "token_attention_pool_reference", "token_attention_project_pool",
-           "token_attention_project_pool_backward"]
+__all__ = ["available", "projects", "token_attention_pool", "token_attention_pool_backward",
+           "token_attention_pool_reference", "token_attention_project_pool", "token_attention_project_pool_backward"]
 
 try:  # Triton is an optional dependency (shipped with CUDA builds of torch)
     import triton
@@ -92,44 +91,12 @@ PROJECT_LAUNCH = {16: {"block_rows": 32, "num_warps": 4}, 32: {"block_rows": 32,
 PROJECT_BACKWARD_LAUNCH = {16: {"block_rows": 16, "num_warps": 4}, 32: {"block_rows": 16, "num_warps": 4},
                            64: {"block_rows": 16, "num_warps": 8}}
 PROJECT_MAX_WIDTH = 64  # may be lowered (0: never); the kernel takes at most max(PROJECT_LAUNCH) = 64 channels
-# The Gram-form kernel (`token_attention_gram_pool`) for inputs of at most GRAM_MAX_WIDTH channels (0: never; the
-# kernel takes at most max(GRAM_LAUNCH) = 32): per padded width (16, 32), rows per program (a power of two >= 16),
-# pair columns per K step (16 or 32: the pair count is padded to a multiple of GRAM_K_MULTIPLE), pipeline stages
-# and warps.
-# Measured on an H100 at 51,200 rows (`bench_token_attention.py --widths 10,25 --gram-launches ...`): 10 channels
-# 155-175 us against 231-535 us for the projecting kernel; 25 channels 514 us against 283 us (the Gram form's
-# 352 pair columns are 3.4x the projection's multiply-adds), so only inputs of at most 16 channels take it.
-GRAM_LAUNCH = {16: {"block_rows": 128, "bk": 32, "stages": 3, "num_warps": 8},
-               32: {"block_rows": 64, "bk": 32, "stages": 2, "num_warps": 4}}
-GRAM_MAX_WIDTH = 16
-GRAM_K_MULTIPLE = 32
 
 
 def projects(width: int) -> bool:
     """Whether `TokenSelfAttention` sends an attention input of `width` channels to `token_attention_project_pool`
     (width <= PROJECT_MAX_WIDTH, capped at the widest padded width the kernel has a launch for)."""
     return 1 <= width <= min(PROJECT_MAX_WIDTH, max(PROJECT_LAUNCH))
-
-
-def grams(width: int, tokens: int = 16) -> bool:
-    """Whether `TokenSelfAttention` sends an attention input of `width` channels to `token_attention_gram_pool`
-    (width <= GRAM_MAX_WIDTH, capped at the widest padded width the kernel has a launch for; 16 tokens, whose
-    16 x 16 scores per row are one 256-wide tensor-core tile)."""
-    return 1 <= width <= min(GRAM_MAX_WIDTH, max(GRAM_LAUNCH)) and tokens == 16
-
-
-def set_gram_launch(spec: str, widths: tuple[int, ...] = (16, 32)) -> dict:
-    """Set `GRAM_LAUNCH` of the padded `widths` from "ROWSxBKxSTAGESxWARPS" (e.g. "64x32x2x4"): rows per program
-    (a power of two >= 16), pair columns per K step (16 or 32), pipeline stages and warps; returns the new
-    `GRAM_LAUNCH`."""
-    parts = spec.split("x")
-    ok = len(parts) == 4 and all(p.isdigit() and int(p) > 0 for p in parts)
-    if not ok or int(parts[0]) < 16 or int(parts[0]) & (int(parts[0]) - 1) or int(parts[1]) not in (16, 32):
-        raise ValueError(f"Gram attention launch {spec!r}: expected rows x bk x stages x warps, rows a power of two "
-                         ">= 16, bk 16 or 32, stages and warps positive integers, such as '64x32x2x4'")
-    for cp in widths:
-        GRAM_LAUNCH[cp] = dict(zip(("block_rows", "bk", "stages", "num_warps"), (int(p) for p in parts)))
-    return GRAM_LAUNCH
 
 
 def set_launch(spec: str, *, backward: bool = False) -> dict:
@@ -339,42 +306,6 @@ if triton is not None:
         tl.store(dw_ptr + (pid * H + h) * T + tl.arange(0, T), tl.sum(r, axis=0))
 
 
-    @triton.jit
-    def _gram_pool_kernel(
-        x_ptr, pairs_ptr, m_ptr, wv_ptr, w_ptr, out_ptr, R,
-        T: tl.constexpr, H: tl.constexpr, DH: tl.constexpr, CP: tl.constexpr, KP: tl.constexpr,
-        BLOCK_R: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
-    ):
-        # Program (block of BLOCK_R rows, head h); see `token_attention_gram_pool`. The scores of all T x T token
-        # pairs of a row are one row of a plain 2-D product Z @ M_h: Z (BLOCK_R, KP) the products x_i x_j of the
-        # row's channel pairs i <= j (gathered from x per K step), M_h (KP, T * T) in log2 units. The pooled output
-        # is a second 2-D product (c (x) x) @ Wv_h with the token weights c_u = sum_t w_t a_tu. No 3-D tiles, no
-        # tensor built from an MMA accumulator feeds a tensor-core product.
-        TT: tl.constexpr = T * T
-        h = tl.program_id(1)
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        row_ok = rows < R
-        xrow = x_ptr + rows.to(tl.int64)[:, None] * CP
-        s = tl.zeros((BLOCK_R, TT), dtype=tl.float32)
-        for k0 in tl.range(0, KP, BK, num_stages=STAGES):
-            kk = k0 + tl.arange(0, BK)
-            xi = tl.load(xrow + tl.load(pairs_ptr + kk)[None, :])  # x is zero-padded to whole row blocks
-            xj = tl.load(xrow + tl.load(pairs_ptr + KP + kk)[None, :])
-            z = (xi.to(tl.float32) * xj.to(tl.float32)).to(xi.dtype)
-            mk = tl.load(m_ptr + (h * KP + kk[:, None]) * TT + tl.arange(0, TT)[None, :])
-            s = tl.dot(z, mk, s, input_precision="ieee")
-        s3 = tl.reshape(s, (BLOCK_R, T, T))  # (rows, t, u), log2 units
-        e = tl.exp2(s3 - tl.max(s3, axis=2)[:, :, None])
-        a = e / tl.sum(e, axis=2)[:, :, None]
-        wt = tl.load(w_ptr + tl.arange(0, T)).to(tl.float32)
-        c = tl.sum(a * wt[None, :, None], axis=1)  # (BLOCK_R, U): c_u = sum_t w_t a_tu
-        x = tl.load(xrow + tl.arange(0, CP)[None, :])
-        cx = tl.reshape((c[:, :, None] * x.to(tl.float32)[:, None, :]).to(x.dtype), (BLOCK_R, T * CP))
-        wv = tl.load(wv_ptr + (h * T * CP + tl.arange(0, T * CP)[:, None]) * DH + tl.arange(0, DH)[None, :])
-        pooled = tl.dot(cx, wv, input_precision="ieee", out_dtype=tl.float32)  # (BLOCK_R, DH)
-        out = rows[:, None].to(tl.int64) * (H * DH) + h * DH + tl.arange(0, DH)[None, :]
-        tl.store(out_ptr + out, pooled, mask=row_ok[:, None])
-
 @torch.library.custom_op("ofer::token_attention_pool", mutates_args=())
 def token_attention_pool(qkv: torch.Tensor, w: torch.Tensor, tokens: int, heads: int, head_dim: int) -> torch.Tensor:
     """Token-mixed attention output of every row and head.
@@ -569,116 +500,6 @@ def _project_backward(ctx, grad: torch.Tensor):
 
 
 token_attention_project_pool.register_autograd(_project_backward, setup_context=_project_setup_context)
-
-
-def gram_operands(wqkv: torch.Tensor, tokens: int, heads: int, head_dim: int,
-                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The weights of `token_attention_gram_pool` from the to_qkv weight (tokens * 3 * heads * head_dim, C), C <= 32.
-
-    With q_t = Wq_t x and k_u = Wk_u x (Wq_t, Wk_u: (head_dim, C) row blocks of wqkv), the score of a token pair is
-    a quadratic form of x: q_t . k_u = sum_ij x_i x_j G_tu[i, j], G_tu = Wq_t^T Wk_u. Over the C (C + 1) / 2
-    channel pairs i <= j (z_ij = x_i x_j) it is linear: scores = z @ M with M[ij, (t, u)] = G_tu[i, j] +
-    G_tu[j, i] (i < j) or G_tu[i, i]. Computed in float32 (float64 for a float64 weight) from the weight, then
-    rounded to `dtype`.
-
-    Returns:
-        m: (heads, KP, tokens * tokens) in `dtype`, the score weights times head_dim^-0.5 * log2(e) (the kernel
-            uses exp2), rows past the C (C + 1) / 2 pairs zero; KP the pair count rounded up to GRAM_K_MULTIPLE.
-        wv: (heads, tokens * CP, head_dim) in `dtype`, the value weights laid out (token, channel) per head, the
-            channels zero-padded to CP (16 or 32).
-        pairs: (2, KP) int32, the channel indices (i, j) of each pair (0 past the real pairs).
-    """
-    C = wqkv.shape[1]
-    cp = max(16, 1 << (C - 1).bit_length())
-    wf = wqkv.to(torch.promote_types(wqkv.dtype, torch.float32)).view(tokens, 3, heads, head_dim, C)
-    ij = torch.triu_indices(C, C, device=wqkv.device)  # (2, K), i <= j
-    g = torch.einsum("thdi,uhdj->htuij", wf[:, 0], wf[:, 1])  # (H, T, U, C, C)
-    sym = g[..., ij[0], ij[1]] + torch.where(ij[0] != ij[1], g[..., ij[1], ij[0]], 0.0)  # (H, T, U, K)
-    k = ij.shape[1]
-    kp = -(-k // GRAM_K_MULTIPLE) * GRAM_K_MULTIPLE
-    m = sym.reshape(heads, tokens * tokens, k).transpose(1, 2) * (head_dim**-0.5 * 1.4426950408889634)
-    m = torch.nn.functional.pad(m, (0, 0, 0, kp - k)).to(dtype).contiguous()
-    wv = torch.nn.functional.pad(wf[:, 2].permute(1, 0, 3, 2), (0, 0, 0, cp - C))  # (H, T, CP, Dh)
-    pairs = torch.nn.functional.pad(ij.to(torch.int32), (0, kp - k))
-    return m, wv.reshape(heads, tokens * cp, head_dim).to(dtype).contiguous(), pairs
-
-
-@torch.library.custom_op("ofer::token_attention_gram_pool", mutates_args=())
-def token_attention_gram_pool(x: torch.Tensor, m: torch.Tensor, wv: torch.Tensor, pairs: torch.Tensor, w: torch.Tensor,
-                              tokens: int, heads: int, head_dim: int) -> torch.Tensor:
-    """`token_attention_pool(x @ wqkv.T, w, ...)` for narrow inputs (C <= 32), in the Gram form: the scores of all
-    token pairs of a row are one row of a 2-D tensor-core product of the row's channel-pair products x_i x_j with
-    weights precomputed from wqkv (`gram_operands`), so the kernel needs no per-row 3-D products. The projecting
-    kernel's per-row score products stage q and k, reshaped from an MMA accumulator, in shared memory with 8-way
-    bank conflicts (Nsight Compute, BENCHMARKS.md); this form has none of those tiles. It does more tensor-core
-    work (C (C + 1) / 2 * T * T multiply-adds per row and head for the scores against 2 * C * T * head_dim for
-    q and k), so it is for narrow inputs. Sampling only (no autograd); one kernel per (rows, head), launched as
-    `GRAM_LAUNCH`.
-
-    Args:
-        x: (R, C) normalised attention input, rows contiguous, 1 <= C <= 32, in `m`'s dtype.
-        m, wv, pairs: `gram_operands(wqkv, tokens, heads, head_dim, x.dtype)`.
-        w: (tokens,) token-mix weights.
-        tokens, heads, head_dim: the attention shape; 16 tokens, head_dim a power of two.
-
-    Returns:
-        (R, heads * head_dim) float32, as `token_attention_pool`. In bf16 the pair products, the score weights,
-        and the token-weighted inputs c_u x are rounded to bf16 (sums in float32).
-    """
-    if not available(x, head_dim):
-        raise RuntimeError("token_attention_gram_pool needs Triton (shipped with CUDA builds of torch), a CUDA "
-                           f"tensor (or TRITON_INTERPRET=1) and head_dim >= 16; got a {x.device.type} tensor, "
-                           f"head_dim {head_dim}, Triton {'installed' if triton is not None else 'not installed'}")
-    if tokens != 16 or head_dim & (head_dim - 1):
-        raise ValueError(f"token_attention_gram_pool: tokens ({tokens}) must be 16 (the T * T scores of a row are "
-                         f"one 256-wide tile) and head_dim ({head_dim}) a power of two")
-    R, C = x.shape if x.ndim == 2 else (-1, -1)
-    if x.ndim != 2 or x.stride(1) != 1 or not 1 <= C <= max(GRAM_LAUNCH):
-        raise ValueError(f"token_attention_gram_pool: x must be a row-contiguous (R, C) tensor with 1 <= C <= "
-                         f"{max(GRAM_LAUNCH)}, got shape {tuple(x.shape)} strides {x.stride()}")
-    cp = max(16, 1 << (C - 1).bit_length())
-    kp = -(-C * (C + 1) // 2 // GRAM_K_MULTIPLE) * GRAM_K_MULTIPLE
-    expected = {"m": (m, (heads, kp, tokens * tokens), x.dtype), "wv": (wv, (heads, tokens * cp, head_dim), x.dtype),
-                "pairs": (pairs, (2, kp), torch.int32)}
-    for name, (t, shape, dtype) in expected.items():
-        if t.shape != shape or t.dtype != dtype or not t.is_contiguous():
-            raise ValueError(f"token_attention_gram_pool: {name} must be a contiguous {shape} {dtype} tensor (from "
-                             f"gram_operands for {C} channels), got {tuple(t.shape)} {t.dtype}")
-    if x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 0):
-        return _gram_pooled_torch(torch.nn.functional.pad(x, (0, cp - C)), m, wv, pairs, w, tokens, heads, head_dim)
-    out = torch.empty(R, heads * head_dim, device=x.device, dtype=torch.float32)
-    if R == 0:
-        return out
-    launch = GRAM_LAUNCH[cp]
-    grid = (triton.cdiv(R, launch["block_rows"]), heads)
-    # x zero-padded to CP channels and to whole row blocks, so the kernel's loads need no row mask: with masked
-    # loads, a partial last block faulted on an H100 (Triton 3.6, bf16, 1-stage loop: illegal memory access).
-    xp = torch.nn.functional.pad(x, (0, cp - C, 0, grid[0] * launch["block_rows"] - R))
-    _gram_pool_kernel[grid](xp, pairs, m, wv, w.contiguous(), out, R, T=tokens, H=heads, DH=head_dim, CP=cp, KP=kp,
-                            BLOCK_R=launch["block_rows"], BK=launch["bk"], STAGES=launch["stages"],
-                            num_warps=launch["num_warps"])
-    return out
-
-
-@token_attention_gram_pool.register_fake
-def _(x: torch.Tensor, m: torch.Tensor, wv: torch.Tensor, pairs: torch.Tensor, w: torch.Tensor, tokens: int,
-      heads: int, head_dim: int) -> torch.Tensor:
-    return x.new_empty(x.shape[0], heads * head_dim, dtype=torch.float32)
-
-
-def _gram_pooled_torch(xp: torch.Tensor, m: torch.Tensor, wv: torch.Tensor, pairs: torch.Tensor, w: torch.Tensor,
-                       tokens: int, heads: int, head_dim: int) -> torch.Tensor:
-    """The Gram op's function in PyTorch, in the operands' precision or float32 if lower (GPUs without bf16 tensor
-    cores; float64 operands give the exact algebra, for tests). xp: x zero-padded to CP channels."""
-    dt = torch.promote_types(m.dtype, torch.float32)
-    xf = xp.to(dt)
-    z = xf[:, pairs[0].long()] * xf[:, pairs[1].long()]  # (R, KP)
-    s = torch.einsum("rk,hkn->rhn", z, m.to(dt)).view(-1, heads, tokens, tokens)
-    a = (s * 0.6931471805599453).softmax(-1)  # m is in log2 units
-    c = torch.einsum("rhtu,t->rhu", a, w.to(dt))
-    cp = wv.shape[1] // tokens
-    pooled = torch.einsum("rhu,rc,hucd->rhd", c, xf, wv.to(dt).view(heads, tokens, cp, head_dim))
-    return pooled.reshape(-1, heads * head_dim).to(torch.promote_types(dt, torch.float32))
 
 
 def _grads_torch(qkv: torch.Tensor, w: torch.Tensor, grad: torch.Tensor, tokens: int, heads: int,

@@ -103,27 +103,16 @@ class TokenSelfAttention(nn.Module):
                 impl = "math"
         # to_out per token followed by the token mix is linear in the attention output o, so mix the T tokens
         # first (a T-times smaller matmul): sum_t w_t (W o_t + b) + c = W (sum_t w_t o_t) + b sum_t w_t + c.
-        narrow = impl == "triton" and not grad and self.tokens >= 16
-        gram = narrow and token_attention_kernel.grams(xn.shape[1], self.tokens)
-        if gram or (narrow and token_attention_kernel.projects(xn.shape[1])):
+        if impl == "triton" and not grad and token_attention_kernel.projects(xn.shape[1]) and self.tokens >= 16:
             # Narrow input: the projection runs inside the kernel, so the (B, T * 3 * H * Dh) q/k/v tensor (384x
             # wider than a 16-channel input) is never written and read back. Same dtype as the Linear would use.
-            # The narrowest inputs take the Gram form (scores as one 2-D product of channel-pair products, weights
-            # derived from to_qkv here, so torch.compile fuses their few small kernels into the step).
-            # Sampling only: the projecting op is differentiable, but its backward (q/k/v recomputed per 16-32
-            # rows) made a compiled IdGen training step slower, 27.1 -> 28.5 ms at 65,536 rows on an H200
-            # (BENCHMARKS.md).
+            # Sampling only: the op is differentiable, but its backward (q/k/v recomputed per 16-32 rows) made a
+            # compiled IdGen training step slower, 27.1 -> 28.5 ms at 65,536 rows on an H200 (BENCHMARKS.md).
             dev = xn.device.type
             dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else xn.dtype
-            if gram:
-                operands = token_attention_kernel.gram_operands(self.to_qkv.weight, self.tokens, self.heads,
-                                                                self.head_dim, dt)
-                pooled = token_attention_kernel.token_attention_gram_pool(
-                    xn.to(dt).contiguous(), *operands, w, self.tokens, self.heads, self.head_dim)
-            else:
-                pooled = token_attention_kernel.token_attention_project_pool(
-                    xn.to(dt).contiguous(), self.to_qkv.weight.to(dt).contiguous(), w, self.tokens, self.heads,
-                    self.head_dim)
+            pooled = token_attention_kernel.token_attention_project_pool(
+                xn.to(dt).contiguous(), self.to_qkv.weight.to(dt).contiguous(), w, self.tokens, self.heads,
+                self.head_dim)
         elif impl == "triton":
             pooled = token_attention_kernel.token_attention_pool(self.to_qkv(xn), w, self.tokens, self.heads,
                                                                  self.head_dim)
@@ -357,9 +346,7 @@ class Denoiser(nn.Module):
         * "triton": one Triton kernel after the q/k/v projection (`ofer.models.token_attention_kernel`), and
           for inputs of at most `token_attention_kernel.PROJECT_MAX_WIDTH` (64) channels one kernel that also does
           the projection (sampling only: with autograd every block takes the separate projection; both ops have
-          Triton backwards, but the projecting one's made training slower); inputs of at most
-          `token_attention_kernel.GRAM_MAX_WIDTH` (16) channels take the Gram form of the projecting kernel
-          (`token_attention_gram_pool`, sampling only);
+          Triton backwards, but the projecting one's made training slower);
         * "sdpa": PyTorch's fused attention.
         Measured on an H200 at 25,600 rows, ms per DDIM sampling step IdGen / ExpGen (BENCHMARKS.md): eager
         math 15.7 / 11.6, eager triton 8.1 / 4.2; compiled math 9.3 / 7.3, compiled reduce 6.6-7.0 / 4.9-5.0,
