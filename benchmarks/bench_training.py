@@ -71,13 +71,14 @@ def time_steps(step, n: int = 20, warmup: int = 3) -> float:
 
 
 def generator_step(kind: str, rows: int, bf16: bool, ddp: bool, compile: bool = False, impl: str = "auto",
-                   inductor: dict | None = None):
+                   inductor: dict | None = None, ddp_kwargs: dict | None = None):
     dim, cond, widths = (300, 512, (300, 50, 10)) if kind == "idgen" else (53, 1024, (53, 25, 10))
     model = Denoiser(dim=dim, cond_dim=cond, widths=widths).set_attention_impl(impl).to(DEVICE)
     params = count(model)
     opt_params = list(model.parameters())
     if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()])
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()],
+                                                          **(ddp_kwargs or {}))
     if compile:  # as trainer.compile=true: fuses the element-wise kernels of forward and backward
         model = torch.compile(model, options=inductor or None)
     diff = GaussianDiffusion().to(DEVICE)
@@ -139,6 +140,26 @@ def graphed_generator_step(kind: str, rows: int):
     return step, params
 
 
+def parse_kwargs(spec: str) -> dict:
+    """'key=value,...' -> dict; values parsed as int, float, true/false, else kept as strings."""
+    out = {}
+    for item in filter(None, spec.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--ddp-kwargs: expected key=value pairs separated by commas, got {item!r}")
+        if value.lower() in ("true", "false"):
+            out[key] = value.lower() == "true"
+        else:
+            try:
+                out[key] = int(value)
+            except ValueError:
+                try:
+                    out[key] = float(value)
+                except ValueError:
+                    out[key] = value
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, nargs="+", default=[4096, 16384])
@@ -168,8 +189,16 @@ def main() -> None:
     ap.add_argument("--optimize-ddp", default=None, choices=("true", "false"),
                     help="torch._dynamo.config.optimize_ddp for the compiled DDP rows (default: torch's, true, as the "
                          "trainer runs)")
+    ap.add_argument("--ddp-kwargs", default="", metavar="KEY=VALUE,...",
+                    help="keyword arguments of DistributedDataParallel for the DDP rows, e.g. bucket_cap_mb=100 or "
+                         "gradient_as_bucket_view=true (default: torch's, as the trainer runs)")
+    ap.add_argument("--jobs", default="idgen,expgen", help="comma list of the generator jobs to time")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    ddp_kwargs = parse_kwargs(args.ddp_kwargs)
+    jobs = args.jobs.split(",")
+    if set(jobs) - {"idgen", "expgen"}:
+        ap.error(f"--jobs: expected idgen and/or expgen, got {args.jobs!r}")
     if args.optimize_ddp is not None:
         torch._dynamo.config.optimize_ddp = args.optimize_ddp == "true"
     if args.attention_launch:
@@ -207,15 +236,16 @@ def main() -> None:
     if rank == 0:
         print(f"matmul rate {peak:.1f} TFLOP/s", flush=True)
     rows_out = []
-    configs = [] if args.ddp_only else [("idgen", 64, False, False), ("expgen", 64, False, False)]
-    configs += [(k, r, not args.cpu, False) for k in ("idgen", "expgen") for r in args.rows]
+    configs = [] if args.ddp_only else [(k, 64, False, False) for k in jobs]
+    configs += [(k, r, not args.cpu, False) for k in jobs for r in args.rows]
     configs = [(*c, "auto", {}) for c in configs]
     if args.compile:
         configs += [(k, r, True, True, impl, opts) for impl in args.compile_impls.split(",")
                     for opts in (parse_compile_options(s) for s in args.inductor or ["default"])
-                    for k in ("idgen", "expgen") for r in args.rows]
+                    for k in jobs for r in args.rows]
     for kind, rows, bf16, comp, impl, opts in configs:
-        step, params = generator_step(kind, rows, bf16, ddp, compile=comp, impl=impl, inductor=opts)
+        step, params = generator_step(kind, rows, bf16, ddp, compile=comp, impl=impl, inductor=opts,
+                                      ddp_kwargs=ddp_kwargs)
         s = time_steps(step, warmup=5 if comp else 3)
         mfu = 6 * params * rows / s / (peak * 1e12)
         rows_out.append({"job": kind, "rows_per_gpu": rows, "attention": impl,
@@ -223,11 +253,12 @@ def main() -> None:
                          "world_size": world, "s_per_step": s, "samples_per_s": rows * world / s, "mfu": mfu,
                          **({"inductor": opts} if comp else {}),
                          "attention_launch": dict(tak.LAUNCH), "backward_launch": dict(tak.BACKWARD_LAUNCH),
-                         "project_max_width": tak.PROJECT_MAX_WIDTH, "optimize_ddp": torch._dynamo.config.optimize_ddp})
+                         "project_max_width": tak.PROJECT_MAX_WIDTH, "optimize_ddp": torch._dynamo.config.optimize_ddp,
+                         **({"ddp_kwargs": ddp_kwargs} if ddp else {})})
         if rank == 0:
             print(json.dumps(rows_out[-1]), flush=True)
     if not ddp and not args.cpu and not args.no_graph:
-        for kind in ("idgen", "expgen"):
+        for kind in jobs:
             for rows in args.rows:
                 try:
                     step, params = graphed_generator_step(kind, rows)

@@ -52,6 +52,7 @@ class TrainerConfig:
     deterministic: bool = False
     model_keys: tuple[str, ...] = ("model",)
     ddp_find_unused_parameters: bool = False
+    ddp_gradient_as_bucket_view: bool = True
     preempt_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR2")
     progress: bool = True
     compile: bool = False

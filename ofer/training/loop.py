@@ -210,6 +210,7 @@ class _Trainer:
                 self.model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=cfg.ddp_find_unused_parameters,
+                gradient_as_bucket_view=cfg.ddp_gradient_as_bucket_view,
             )
         else:
             self.ddp = self.model
