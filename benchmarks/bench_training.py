@@ -189,13 +189,17 @@ def main() -> None:
     ap.add_argument("--optimize-ddp", default=None, choices=("true", "false"),
                     help="torch._dynamo.config.optimize_ddp for the compiled DDP rows (default: torch's, true, as the "
                          "trainer runs)")
-    ap.add_argument("--ddp-kwargs", default="", metavar="KEY=VALUE,...",
-                    help="keyword arguments of DistributedDataParallel for the DDP rows, e.g. bucket_cap_mb=100 or "
-                         "gradient_as_bucket_view=true (default: torch's, as the trainer runs)")
+    ap.add_argument("--ddp-kwargs", default="gradient_as_bucket_view=true", metavar="KEY=VALUE,...",
+                    help="keyword arguments of DistributedDataParallel for the DDP rows, e.g. bucket_cap_mb=100; "
+                         "default: gradient_as_bucket_view=true, as the trainer runs (trainer."
+                         "ddp_gradient_as_bucket_view); '' for torch's defaults")
     ap.add_argument("--jobs", default="idgen,expgen", help="comma list of the generator jobs to time")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    ddp_kwargs = parse_kwargs(args.ddp_kwargs)
+    try:
+        ddp_kwargs = parse_kwargs(args.ddp_kwargs)
+    except ValueError as exc:
+        ap.error(str(exc))
     jobs = args.jobs.split(",")
     if set(jobs) - {"idgen", "expgen"}:
         ap.error(f"--jobs: expected idgen and/or expgen, got {args.jobs!r}")
