@@ -25,7 +25,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ofer.diffusion import GaussianDiffusion  # noqa: E402
-from ofer.fast_sampling import parse_compile_options  # noqa: E402
+from ofer.fast_sampling import parse_compile_options, parse_key_values  # noqa: E402
 from ofer.models import token_attention_kernel as tak  # noqa: E402
 from ofer.models.ranker import IdRanker  # noqa: E402
 from ofer.models.unet1d import Denoiser  # noqa: E402
@@ -140,26 +140,6 @@ def graphed_generator_step(kind: str, rows: int):
     return step, params
 
 
-def parse_kwargs(spec: str) -> dict:
-    """'key=value,...' -> dict; values parsed as int, float, true/false, else kept as strings."""
-    out = {}
-    for item in filter(None, spec.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--ddp-kwargs: expected key=value pairs separated by commas, got {item!r}")
-        if value.lower() in ("true", "false"):
-            out[key] = value.lower() == "true"
-        else:
-            try:
-                out[key] = int(value)
-            except ValueError:
-                try:
-                    out[key] = float(value)
-                except ValueError:
-                    out[key] = value
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, nargs="+", default=[4096, 16384])
@@ -197,7 +177,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     try:
-        ddp_kwargs = parse_kwargs(args.ddp_kwargs)
+        ddp_kwargs = parse_key_values(args.ddp_kwargs, "--ddp-kwargs", "bucket_cap_mb=100") if args.ddp_kwargs else {}
     except ValueError as exc:
         ap.error(str(exc))
     jobs = args.jobs.split(",")

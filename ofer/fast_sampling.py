@@ -18,7 +18,7 @@ from torch import nn
 
 from ofer.diffusion import GaussianDiffusion, denoise_step
 
-__all__ = ["COMPILE_OPTIONS", "GraphedSampler", "parse_compile_options"]
+__all__ = ["COMPILE_OPTIONS", "GraphedSampler", "parse_compile_options", "parse_key_values"]
 
 # Inductor options of the compiled trunk (`torch.compile(..., options=COMPILE_OPTIONS)`). force_shape_pad: pad
 # every matmul operand to aligned sizes (IdGen's 300 channels are not a multiple of 8, so cuBLAS ran them with
@@ -36,11 +36,17 @@ def parse_compile_options(spec: str) -> dict:
     module's `COMPILE_OPTIONS`, "none" -> {} (inductor's own defaults). For the benchmarks' --inductor."""
     if spec in ("default", "none"):
         return dict(COMPILE_OPTIONS) if spec == "default" else {}
+    return parse_key_values(spec, "--inductor", "padding_stride_threshold=256")
+
+
+def parse_key_values(spec: str, option: str, example: str) -> dict:
+    """Keyword arguments from "key=value,key=value" (values: integers, floats, true/false), for a benchmark's
+    command-line `option` (named in the errors, with `example`)."""
     opts = {}
     for item in spec.split(","):
         key, sep, val = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--inductor {spec!r}: expected key=value[,key=value], e.g. padding_stride_threshold=256")
+            raise ValueError(f"{option} {spec!r}: expected key=value[,key=value], e.g. {example}")
         low = val.lower()
         if low in ("true", "false"):
             opts[key] = low == "true"
@@ -48,7 +54,7 @@ def parse_compile_options(spec: str) -> dict:
         try:
             opts[key] = float(val) if "." in val else int(val)
         except ValueError:
-            raise ValueError(f"--inductor {spec!r}: value of {key!r} must be an integer, a float, true or false, "
+            raise ValueError(f"{option} {spec!r}: value of {key!r} must be an integer, a float, true or false, "
                              f"got {val!r}") from None
     return opts
 

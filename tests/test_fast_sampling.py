@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ofer.diffusion import GaussianDiffusion
-from ofer.fast_sampling import COMPILE_OPTIONS, GraphedSampler, parse_compile_options
+from ofer.fast_sampling import COMPILE_OPTIONS, GraphedSampler, parse_compile_options, parse_key_values
 from ofer.models.unet1d import Denoiser
 
 
@@ -75,3 +75,5 @@ def test_parse_compile_options():
             parse_compile_options(bad)
     with pytest.raises(ValueError, match="'x' must be an integer, a float, true or false"):
         parse_compile_options("x=abc")
+    with pytest.raises(ValueError, match=r"--ddp-kwargs 'b': expected key=value\[,key=value\], e.g. b=1"):
+        parse_key_values("b", "--ddp-kwargs", "b=1")  # the shared parser names the option it parses
