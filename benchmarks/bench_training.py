@@ -96,14 +96,19 @@ def generator_step(kind: str, rows: int, bf16: bool, ddp: bool, compile: bool = 
     return step, params
 
 
-def graphed_generator_step(kind: str, rows: int):
+def graphed_generator_step(kind: str, rows: int, compile: bool = False, impl: str = "math",
+                           inductor: dict | None = None):
     """The same bf16 step captured whole (forward, backward, fused AdamW) into one CUDA graph and replayed:
     no Python or launch overhead per step. Timesteps and noise are drawn inside the graph (CUDA RNG), the
-    batch is copied into static buffers before each replay, as a training loop would."""
+    batch is copied into static buffers before each replay, as a training loop would. With `compile`, the
+    model is torch.compile'd first (compiled during the warm-up steps, then its kernels captured)."""
     dim, cond, widths = (300, 512, (300, 50, 10)) if kind == "idgen" else (53, 1024, (53, 25, 10))
-    # Explicit attention math: cuDNN's fused attention backward fails inside graph capture (seen on H200).
-    model = Denoiser(dim=dim, cond_dim=cond, widths=widths).set_attention_impl("math").to(DEVICE)
+    # Default: explicit attention math (cuDNN's fused attention backward fails inside graph capture, seen on an
+    # H200); our Triton kernels ('auto' in training) can be captured.
+    model = Denoiser(dim=dim, cond_dim=cond, widths=widths).set_attention_impl(impl).to(DEVICE)
     params = count(model)
+    if compile:
+        model = torch.compile(model, options=inductor or None)
     diff = GaussianDiffusion().to(DEVICE)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4, fused=True, capturable=True)
     x0 = torch.randn(rows, dim, device=DEVICE)
@@ -151,7 +156,8 @@ def main() -> None:
                     help="inductor options of the compiled rows: 'default' (fast_sampling.COMPILE_OPTIONS, as "
                          "trainer.compile), 'none' (inductor's defaults) or 'key=value,...'; repeat to compare")
     ap.add_argument("--no-idrank", action="store_true", help="skip the IdRank rows (re-sampling takes minutes)")
-    ap.add_argument("--no-graph", action="store_true", help="skip the whole-step CUDA-graph rows")
+    ap.add_argument("--no-graph", action="store_true", help="skip the whole-step CUDA-graph rows (with --compile: "
+                    "eager and compiled steps captured whole)")
     ap.add_argument("--cpu", action="store_true", help="CPU rows only: fp32 IdGen/ExpGen steps at --rows")
     ap.add_argument("--profile", default=None, metavar="IMPLS",
                     help="only print the CUDA kernel table of one compiled bf16 step per job at the first --rows, "
@@ -242,19 +248,28 @@ def main() -> None:
         if rank == 0:
             print(json.dumps(rows_out[-1]), flush=True)
     if not ddp and not args.cpu and not args.no_graph:
-        for kind in jobs:
-            for rows in args.rows:
-                try:
-                    step, params = graphed_generator_step(kind, rows)
-                    s = time_steps(step)
-                except Exception as exc:  # noqa: BLE001 -- reported, the other rows go on
-                    rows_out.append({"job": kind, "rows_per_gpu": rows, "precision": "bf16 + CUDA graph",
-                                     "error": f"{type(exc).__name__}: {exc}"})
-                    continue
-                rows_out.append({"job": kind, "rows_per_gpu": rows, "precision": "bf16 + CUDA graph",
-                                 "world_size": 1, "s_per_step": s, "samples_per_s": rows / s,
-                                 "mfu": 6 * params * rows / s / (peak * 1e12)})
-                print(json.dumps(rows_out[-1]), flush=True)
+        # eager steps with explicit attention math; with --compile also the compiled steps (attention 'auto', the
+        # inductor options of the first --inductor) captured whole
+        graphs = [(False, "math", {})]
+        if args.compile:
+            graphs.append((True, "auto", parse_compile_options((args.inductor or ["default"])[0])))
+        for comp, impl, opts in graphs:
+            label = "bf16 + compile + CUDA graph" if comp else "bf16 + CUDA graph"
+            for kind in jobs:
+                for rows in args.rows:
+                    try:
+                        step, params = graphed_generator_step(kind, rows, compile=comp, impl=impl, inductor=opts)
+                        s = time_steps(step)
+                    except Exception as exc:  # noqa: BLE001 -- reported, the other rows go on
+                        rows_out.append({"job": kind, "rows_per_gpu": rows, "precision": label, "attention": impl,
+                                         "error": f"{type(exc).__name__}: {exc}"})
+                        print(json.dumps(rows_out[-1]), flush=True)
+                        continue
+                    rows_out.append({"job": kind, "rows_per_gpu": rows, "precision": label, "attention": impl,
+                                     "world_size": 1, "s_per_step": s, "samples_per_s": rows / s,
+                                     "mfu": 6 * params * rows / s / (peak * 1e12),
+                                     **({"inductor": opts} if comp else {})})
+                    print(json.dumps(rows_out[-1]), flush=True)
     if not args.ddp_only and not args.cpu and not args.no_idrank:
         # IdRank: cached pools vs re-sampling the candidates every step (the public code).
         torch.manual_seed(0)
