@@ -224,3 +224,21 @@ def test_other_condition_control_of_the_generator_evaluation() -> None:
     off, on = results[False], results[True]
     assert off["err_mean_sample_other_cond"] == off["err_mean_sample"]
     assert abs(on["err_mean_sample_other_cond"] - on["err_mean_sample"]) > 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("job", ["train_idgen", "train_expgen"])
+def test_generators_train_with_cuda_graphs_on_cuda(job, tiny_root, tmp_path):
+    """The real IdGen/ExpGen tasks (bf16, compiled, our attention kernels with their backward) are captured by
+    trainer.cuda_graph=true and train on from the graphs: a capture event, no failure, finite losses."""
+    from ofer.jobs import train_generator
+
+    res = train_generator(_cfg(job, tiny_root, tmp_path, "trainer.max_steps=6", "trainer.batch_size=4",
+                               "trainer.cuda_graph=true", "trainer.compile=true", "trainer.precision=bf16",
+                               "device=cuda", *SMALL_GEN), run_dir=tmp_path)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    events = [x["event"] for x in lines if "event" in x]
+    assert "cuda_graph_captured" in events and "cuda_graph_failed" not in events, events
+    losses = [x["loss"] for x in lines if "loss" in x]
+    assert res.step == 6 and len(losses) == 6 and all(np.isfinite(losses))

@@ -432,3 +432,95 @@ def test_ddp_two_gloo_ranks_match_each_other_and_one_process(tmp_path: Path) -> 
     _run(single, tmp_path / "single", max_steps=12, ckpt_every=6)
     torch.testing.assert_close(rank0, single.model.state_dict(), atol=1e-5, rtol=1e-5)
     assert not list(ddp_dir.glob("metrics*.jsonl"))[1:]  # one log file, written by rank 0 only
+
+
+# ------------------------------------------------------------------------------ CUDA graphs
+
+
+def test_cuda_graph_is_ignored_on_cpu(tmp_path: Path) -> None:
+    """trainer.cuda_graph=true on the CPU: an event, and the same weights as without it."""
+    weights = []
+    for graph in (False, True):
+        task = make_task(0, deterministic_loss=True)
+        _run(task, tmp_path / str(graph), max_steps=4, cuda_graph=graph)
+        weights.append(task.model.weight.detach().clone())
+    assert _events(tmp_path / "True", "cuda_graph_ignored_on_cpu")
+    assert not _events(tmp_path / "False", "cuda_graph_ignored_on_cpu")
+    torch.testing.assert_close(weights[0], weights[1], atol=0, rtol=0)
+
+
+def test_batch_signature_and_float_lrs() -> None:
+    from ofer.training.loop import _float_lrs, _signature
+
+    a = {"x": torch.zeros(8, 4), "index": torch.arange(8), "name": "a"}
+    assert _signature(a) == _signature({"x": torch.ones(8, 4), "index": torch.arange(8, 16), "name": "a"})
+    assert _signature(a) != _signature({"x": torch.ones(7, 4), "index": torch.arange(7), "name": "a"})  # shape
+    assert _signature(a) != _signature({"x": torch.ones(8, 4).double(), "index": torch.arange(8), "name": "a"})
+    assert _signature(a) != _signature({"x": torch.ones(8, 4), "index": torch.arange(8), "name": "b"})  # value
+    opt = torch.optim.AdamW([nn.Parameter(torch.zeros(2))], lr=1e-3)
+    opt.param_groups[0]["lr"] = torch.tensor(0.25)
+    state = _float_lrs(opt.state_dict())
+    assert state["param_groups"][0]["lr"] == 0.25 and type(state["param_groups"][0]["lr"]) is float
+    assert isinstance(opt.param_groups[0]["lr"], Tensor)  # the live optimizer is untouched
+    assert _float_lrs({"_last_lr": [torch.tensor(0.5), 0.1]})["_last_lr"] == [0.5, 0.1]
+
+
+def _cuda_run(task: ToyTask, run_dir: Path, **overrides: Any) -> Any:
+    cfg = toy_trainer_cfg(**overrides)
+    return train(task, cfg, run_dir=run_dir, device="cuda", resolved_config=resolved(cfg))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_graph_training_matches_eager_on_cuda(tmp_path: Path, compile: bool) -> None:
+    """trainer.cuda_graph=true trains the same weights, EMA and optimizer state as the eager step (fp32,
+    deterministic loss): the batches reach the graph (a different batch every step), the cosine schedule with
+    warm-up changes the captured learning rate, clipping and EMA run in the graph; checkpoints hold float lrs."""
+    overrides = dict(max_steps=12, ckpt_every=None, lr_scheduler="cosine", warmup_steps=3, grad_clip=0.5,
+                     compile=compile)
+    states = {}
+    for graph in (False, True):
+        task = make_task(0, deterministic_loss=True, record_seen=False)
+        _cuda_run(task, tmp_path / str(graph), cuda_graph=graph, **overrides)
+        states[graph] = load_checkpoint(tmp_path / str(graph) / "checkpoints" / "last.pt")
+    assert _events(tmp_path / "True", "cuda_graph_captured") and not _events(tmp_path / "True", "cuda_graph_failed")
+    assert not _events(tmp_path / "False", "cuda_graph_captured")
+    _assert_same_state(states[True], states[False])
+    assert not torch.equal(states[True]["model"]["weight"].cpu(), make_task(0).model.weight.detach())  # trained
+    for g in states[True]["optimizer"]["param_groups"]:
+        assert type(g["lr"]) is float
+    lrs = [r["lr"] for r in _records(tmp_path / "True") if "lr" in r]
+    assert len(set(lrs)) > 3  # the schedule moved
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_nan_skip_and_resume_on_cuda(tmp_path: Path) -> None:
+    """With graphs, a non-finite step is skipped as in the eager step, and a run resumed from a graph run's
+    checkpoint (2 eager steps, then a new capture) ends with the same state as an uninterrupted one."""
+    bad = 17
+    # constant schedule with warm-up: the learning rate depends on the step only, not on max_steps
+    overrides = dict(nan_policy="skip", max_skips=1, ckpt_every=5, warmup_steps=4)
+    eager = _cuda_run(make_task(0, deterministic_loss=True, nan_at_index=bad, record_seen=False), tmp_path / "eager",
+                      max_steps=20, **overrides)
+    first = make_task(0, deterministic_loss=True, nan_at_index=bad, record_seen=False)
+    _cuda_run(first, tmp_path / "graph", max_steps=10, cuda_graph=True, **overrides)
+    second = make_task(7, deterministic_loss=True, nan_at_index=bad, record_seen=False)
+    graphed = _cuda_run(second, tmp_path / "graph", max_steps=20, cuda_graph=True, **overrides)
+    assert graphed.skipped == eager.skipped >= 2
+    assert len(_events(tmp_path / "graph", "cuda_graph_captured")) == 2  # one per process
+    _assert_same_state(load_checkpoint(graphed.checkpoint), load_checkpoint(eager.checkpoint))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_capture_failure_falls_back_to_eager_on_cuda(tmp_path: Path) -> None:
+    """A loss that syncs with the host (ToyTask records each batch's indices with .tolist()) cannot be captured:
+    the run logs why and trains on eagerly, every batch seen once."""
+    task = make_task(0, deterministic_loss=True)
+    result = _cuda_run(task, tmp_path, max_steps=6, cuda_graph=True)
+    failed = _events(tmp_path, "cuda_graph_failed")
+    assert len(failed) == 1 and failed[0]["error"]
+    assert result.step == 6 and math.isfinite(result.metrics["loss"])
+    assert len(task.seen) >= 6 and torch.isfinite(task.model.weight).all()

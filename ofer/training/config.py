@@ -56,6 +56,7 @@ class TrainerConfig:
     preempt_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR2")
     progress: bool = True
     compile: bool = False
+    cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         def choose(key: str, allowed: tuple[str, ...]) -> None:
