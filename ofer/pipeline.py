@@ -2,6 +2,10 @@
 
 Without ExpGen (`expgen=None`) it stops at the ranked identity, which is all the NoW benchmark scores.
 
+IdRank scores the N shapes of an image straight from their coefficients by default (`fold_ranker`,
+`ofer.models.ranker.ShapeRanker`: its first layer folded with FLAME's face rows, the same function as decoding
+every candidate to face vertices in mm and scoring those, which `fold_ranker=False` does as the public code).
+
 Everything is batched over images: B images x N hypotheses run as one denoiser batch of B*N rows per
 sampling step, on whatever device the models live on.
 """
@@ -22,6 +26,7 @@ from torch import Tensor, nn
 from ofer.diffusion import GaussianDiffusion
 from ofer.flame import FLAME, MM_PER_M
 from ofer.io import file_sha256
+from ofer.models.ranker import IdRanker, ShapeRanker, candidate_vertices
 from ofer.tasks.generator import JAW
 from ofer.training.checkpoint import (
     load_checkpoint, model_state_from_checkpoint, resolve_checkpoint_path,
@@ -95,7 +100,7 @@ class OferPipeline(nn.Module):
             (`sampler`, `steps`, `eta`, `timestep_spacing`; OFER: DDPM over all 1000 steps).
         expgen, exp_diffusion, exp_sampling: the same for expressions (53 = 50 expression + 3 jaw); expgen and
             exp_diffusion None: identity only (no expression samples).
-        ranker: IdRank; `ranker(face_vertices_mm (B,N,Vf,3), ctx (B,1024)) -> (B,N)`.
+        ranker: IdRank; `ranker(face_vertices_mm (B,N,Vf,3), ctx (B,1024)) -> (B,N)`, with Vf the `face` mask.
         num_samples: N hypotheses per image (OFER: 100).
         jaw_scale: factor on the sampled jaw. The public OFER code multiplies it by 0.5 at test time
             [code]; our default 1.0 keeps the distribution the model was trained on (set 0.5 to mimic it).
@@ -103,12 +108,17 @@ class OferPipeline(nn.Module):
             denoisers under bf16 autocast; noise then comes from the default CUDA generator.
         compile: with `fast`, also `torch.compile` the denoisers' trunks (fuses their element-wise kernels;
             ~10-15 s of compilation per model and batch size, then ~1.7x faster steps on an H200).
+        fold_ranker: score the candidates from their shape coefficients (`shape_ranker`, a `ShapeRanker` over
+            `ranker`; folded on first use, on the ranker's device, and again if its weights change) instead of
+            decoding them to face vertices first. The same scores up to rounding, without B*N FLAME decodes and
+            with a (w0, 300) instead of a (w0, Vf*3) per-candidate matmul. An attribute: switch it at any time.
     """
 
     def __init__(self, *, flame: FLAME, idgen: nn.Module, id_diffusion: GaussianDiffusion, expgen: nn.Module | None,
-                 exp_diffusion: GaussianDiffusion | None, ranker: nn.Module, id_sampling: dict | None = None,
+                 exp_diffusion: GaussianDiffusion | None, ranker: IdRanker, id_sampling: dict | None = None,
                  exp_sampling: dict | None = None, num_samples: int = 100, jaw_scale: float = 1.0,
-                 meta: dict | None = None, fast: bool = False, compile: bool = False) -> None:
+                 meta: dict | None = None, fast: bool = False, compile: bool = False,
+                 fold_ranker: bool = True) -> None:
         super().__init__()
         self.fast, self.compile = fast, compile
         self._graphed: dict[tuple, object] = {}
@@ -124,17 +134,20 @@ class OferPipeline(nn.Module):
         self.jaw_scale = jaw_scale
         self.meta = dict(meta or {})
         self.register_buffer("face_idx", flame.face_mask("face"), persistent=False)
+        self.fold_ranker = bool(fold_ranker)
+        # Cheap to build (the fold waits for the first call); a submodule, so `.to`/`.eval` reach it.
+        self.shape_ranker = ShapeRanker(ranker, flame, self.face_idx)
 
     @torch.no_grad()
     def forward(self, arcface: Tensor, farl: Tensor, *, generator: torch.Generator | None = None,
                 stage_seconds: dict[str, float] | None = None) -> Hypotheses:
         """Hypotheses of B images from their features: arcface (B,512), farl (B,512). `stage_seconds`, if given,
         receives the wall time of each stage (idgen, decode, idrank, expgen), synchronising CUDA between stages
-        (for benchmarks/bench_pipeline.py; it serialises the stages, so leave it None otherwise)."""
+        (for benchmarks/bench_pipeline.py; it serialises the stages, so leave it None otherwise). With
+        `fold_ranker` nothing is decoded: `decode` is ~0 s and IdRank works from the coefficients."""
         if arcface.ndim != 2 or farl.ndim != 2 or arcface.shape[0] != farl.shape[0]:
             raise ValueError(f"pipeline: arcface (B,512) and farl (B,512) expected, got {tuple(arcface.shape)} "
                              f"and {tuple(farl.shape)}")
-        from ofer.models.ranker import candidate_vertices
 
         def lap(name: str) -> None:
             nonlocal t_last
@@ -150,10 +163,16 @@ class OferPipeline(nn.Module):
         t_last = time.perf_counter()
         shapes = self._sample("id", arcface, 300, N, generator)  # (B,N,300)
         lap("idgen")
-        verts = candidate_vertices(self.flame, shapes, self.face_idx)  # (B,N,Vf,3) mm
-        lap("decode")
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.fast and verts.is_cuda):
-            scores = self.ranker(verts, ctx).float()  # (B,N); bf16 matmuls on the fast path
+        bf16 = self.fast and shapes.is_cuda  # bf16 IdRank matmuls on the fast path
+        if self.fold_ranker:
+            lap("decode")  # nothing to decode: the folded ranker takes the coefficients
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+                scores = self.shape_ranker(shapes, ctx).float()  # (B,N)
+        else:
+            verts = candidate_vertices(self.flame, shapes, self.face_idx)  # (B,N,Vf,3) mm
+            lap("decode")
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+                scores = self.ranker(verts, ctx).float()  # (B,N)
         best = scores.argmax(dim=1)
         lap("idrank")
         if self.expgen is None:

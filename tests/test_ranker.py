@@ -1,25 +1,29 @@
 """IdRank scorer: structure and size of the public code, an explicit reference forward, per-candidate
-GroupNorm, N = 1 / B = 1, candidate decoding against the full FLAME forward, config composition."""
+GroupNorm, N = 1 / B = 1, candidate decoding against the full FLAME forward, config composition, and scoring
+straight from shape coefficients (ShapeRanker) against decoding then scoring."""
 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from ofer.flame import MM_PER_M
-from ofer.models.ranker import IdRanker, RankLayer, candidate_vertices, ranker_input
+from ofer.flame import FLAME, MM_PER_M
+from ofer.models.ranker import IdRanker, RankLayer, ShapeRanker, candidate_vertices, ranker_input
 from ofer.ranking import listnet_loss, ranking_metrics, ranking_targets
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def _small(vf: int = 7, ctx: int = 6, widths=(16, 8), groups: int = 4, seed: int = 0) -> IdRanker:
+def _small(vf: int = 7, ctx: int = 6, widths=(16, 8), groups: int = 4, seed: int = 0,
+           input_norm: bool = False) -> IdRanker:
     torch.manual_seed(seed)
-    model = IdRanker(num_face_vertices=vf, ctx_dim=ctx, widths=widths, groups=groups).double()
+    model = IdRanker(num_face_vertices=vf, ctx_dim=ctx, widths=widths, groups=groups, input_norm=input_norm).double()
     # Non-trivial GroupNorm affine parameters, so a wrong gamma/beta placement shows.
     with torch.no_grad():
         for m in model.modules():
@@ -300,3 +304,143 @@ def test_input_normalization_fit_and_forward():
     assert off.input_center.abs().max() == 0 and torch.equal(off.input_scale, torch.ones(2, dtype=off.input_scale.dtype))
     with pytest.raises(ValueError, match="degenerate"):
         model.fit_input_normalization(torch.ones(3, 2, 7, 3))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scoring from shape coefficients (ShapeRanker)
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=[300, 40], ids=["n_shape300", "n_shape40"])
+def flame64(request, synthetic_flame):
+    """A float64 FLAME; with n_shape=40 only the first 40 of the 300 shape directions are used."""
+    return FLAME(synthetic_flame.flame_model, masks_path=synthetic_flame.masks, n_shape=request.param, n_exp=10,
+                 dtype=torch.float64)
+
+
+def _folded_setup(flame: FLAME, *, input_norm: bool, seed: int = 0) -> tuple[IdRanker, Tensor]:
+    """A small float64 ranker over the synthetic face mask; with input_norm, fitted on random candidates."""
+    face_idx = flame.face_mask("face")
+    ranker = _small(vf=face_idx.numel(), input_norm=input_norm, seed=seed)
+    if input_norm:
+        g = torch.Generator().manual_seed(100 + seed)
+        ranker.fit_input_normalization(
+            candidate_vertices(flame, torch.randn(4, 6, flame.n_shape, generator=g, dtype=torch.float64), face_idx))
+        assert ranker.input_center.abs().max() > 1 and not torch.equal(ranker.input_scale, torch.ones(2).double())
+    return ranker.requires_grad_(False), face_idx
+
+
+@pytest.mark.parametrize("input_norm", [False, True], ids=["raw", "input_norm"])
+@pytest.mark.parametrize("B,N", [(3, 5), (2, 1), (1, 1)])
+def test_shape_ranker_equals_decode_then_score(flame64, input_norm, B, N):
+    ranker, face_idx = _folded_setup(flame64, input_norm=input_norm)
+    folded = ShapeRanker(ranker, flame64, face_idx)
+    g = torch.Generator().manual_seed(B * 10 + N)
+    shapes = torch.randn(B, N, flame64.n_shape, generator=g, dtype=torch.float64)
+    ctx = torch.randn(B, 6, generator=g, dtype=torch.float64)
+    got = folded(shapes, ctx)
+    want = ranker(candidate_vertices(flame64, shapes, face_idx), ctx)
+    assert got.shape == (B, N) and got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    if N > 1:
+        # Within an image the logits differ by little without input_norm (the mean term dominates; see the
+        # module notes), so compare the differences on their own scale too: a wrong residual term shows there.
+        spread = float((want.max(dim=1).values - want.min(dim=1).values).min())
+        assert spread > 1e-8
+        centred = (lambda z: z - z.mean(dim=1, keepdim=True))
+        torch.testing.assert_close(centred(got), centred(want), rtol=0, atol=1e-6 * spread)
+    assert folded.mean_weight.shape == (16, flame64.n_shape) and folded.mean_bias.shape == (16,)
+
+
+@pytest.mark.parametrize("input_norm", [False, True], ids=["raw", "input_norm"])
+def test_shape_ranker_first_layer_is_the_explicit_linear(flame64, input_norm):
+    """Independent of the ranker's forward and of candidate_vertices: decode with FLAME's full forward (LBS at
+    zero pose), build the public code's rows [M, S_i - M] with ranker_input, standardise them by hand, apply the
+    first Linear as one matmul."""
+    ranker, face_idx = _folded_setup(flame64, input_norm=input_norm, seed=1)
+    folded = ShapeRanker(ranker, flame64, face_idx)
+    B, N = 2, 4
+    shapes = torch.randn(B, N, flame64.n_shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    verts = flame64(shapes.reshape(B * N, -1)).vertices[:, face_idx].reshape(B, N, -1, 3) * MM_PER_M
+    x = ranker_input(verts)  # (B, N, 2*Vf*3)
+    if input_norm:
+        half = x.shape[-1] // 2
+        s_m, s_r = ranker.input_scale
+        x = torch.cat([(x[..., :half] - ranker.input_center.reshape(-1)) / s_m, x[..., half:] / s_r], dim=-1)
+    lin = ranker.layers[0].mlp
+    want = x @ lin.weight.T + lin.bias  # (B, N, 16)
+    got = folded.first_preactivation(shapes)
+    assert got.shape == (B, N, 16)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
+    # not vacuous: the candidates of an image have different pre-activations
+    assert (want - want.mean(dim=1, keepdim=True)).abs().max() > 1e-3 * want.abs().max()
+
+
+def test_shape_ranker_refolds_when_the_source_changes(synthetic_flame):
+    """The fold follows in-place writes to the ranker (load_state_dict, a refitted normalisation), the input_norm
+    flag and a dtype change."""
+    flame64 = FLAME(synthetic_flame.flame_model, masks_path=synthetic_flame.masks, dtype=torch.float64)
+    ranker, face_idx = _folded_setup(flame64, input_norm=True)
+    folded = ShapeRanker(ranker, flame64, face_idx)
+    g = torch.Generator().manual_seed(3)
+    shapes = torch.randn(2, 5, 300, generator=g, dtype=torch.float64)
+    ctx = torch.randn(2, 6, generator=g, dtype=torch.float64)
+
+    def check(rtol: float = 1e-9) -> Tensor:
+        got = folded(shapes.to(ranker.input_scale.dtype), ctx.to(ranker.input_scale.dtype))
+        want = ranker(candidate_vertices(flame64, shapes.to(flame64.v_template.dtype), face_idx), ctx.to(got.dtype))
+        torch.testing.assert_close(got, want, rtol=rtol, atol=rtol)
+        return got
+
+    before = check()
+    other, _ = _folded_setup(flame64, input_norm=True, seed=7)
+    ranker.load_state_dict(other.state_dict())  # in-place copies
+    after = check()
+    assert (after - before).abs().max() > 1e-3
+    ranker.fit_input_normalization(candidate_vertices(flame64, 3 * torch.randn(3, 4, 300, dtype=torch.float64),
+                                                      face_idx))
+    check()
+    ranker.input_norm = False
+    check()
+    folded.float()  # the ranker and FLAME with it
+    assert check(rtol=1e-4).dtype == torch.float32 and folded.resid_weight.dtype == torch.float32
+
+
+def test_shape_ranker_gradients_and_inference_only(flame):
+    face_idx = flame.face_mask("face")
+    torch.manual_seed(0)
+    ranker = IdRanker(num_face_vertices=face_idx.numel(), ctx_dim=6, widths=(16, 8), groups=4)
+    folded = ShapeRanker(ranker, flame, face_idx)
+    shapes = torch.randn(2, 3, 300, requires_grad=True)
+    ctx = torch.randn(2, 6)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        folded(shapes, ctx)
+    with torch.no_grad():
+        assert folded(shapes, ctx).shape == (2, 3)
+    # Without gradients for the ranker, those with respect to the shapes are the decoded path's.
+    ranker.requires_grad_(False)
+    (grad,) = torch.autograd.grad(folded(shapes, ctx).square().sum(), shapes)
+    (want,) = torch.autograd.grad(ranker(candidate_vertices(flame, shapes, face_idx), ctx).square().sum(), shapes)
+    assert grad.abs().max() > 0
+    torch.testing.assert_close(grad, want, rtol=1e-3, atol=1e-4 * float(want.abs().max()))
+
+
+def test_shape_ranker_bad_inputs_are_named(flame):
+    face_idx = flame.face_mask("face")
+    ranker = IdRanker(num_face_vertices=face_idx.numel(), ctx_dim=6, widths=(8,), groups=2).requires_grad_(False)
+    with pytest.raises(TypeError, match="ShapeRanker: ranker must be an IdRanker, got Linear"):
+        ShapeRanker(torch.nn.Linear(3, 1), flame, face_idx)
+    with pytest.raises(ValueError, match=f"ShapeRanker: face_idx has 3 vertices, the ranker expects "
+                                         f"num_face_vertices={face_idx.numel()}"):
+        ShapeRanker(ranker, flame, face_idx[:3])
+    with pytest.raises(ValueError, match="ShapeRanker: face_idx spans"):
+        ShapeRanker(ranker, flame, face_idx.clone().fill_(flame.num_vertices))
+    with pytest.raises(ValueError, match="ShapeRanker: face_idx must be a non-empty 1-D integer tensor"):
+        ShapeRanker(ranker, flame, face_idx.float())
+    folded = ShapeRanker(ranker, flame, face_idx)
+    ctx = torch.zeros(2, 6)
+    for bad in (torch.zeros(2, 300), torch.zeros(2, 3, 299), torch.zeros(2, 0, 300)):
+        with pytest.raises(ValueError, match=r"ShapeRanker: shapes must have shape \(B, N >= 1, 300\), got "
+                                             + re.escape(str(tuple(bad.shape)))):
+            folded(bad, ctx)
+    with pytest.raises(ValueError, match=r"ShapeRanker: ctx must have shape \(2, 6\), got \(2, 5\)"):
+        folded(torch.zeros(2, 3, 300), torch.zeros(2, 5))

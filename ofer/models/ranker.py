@@ -46,6 +46,14 @@ Deviations from the public code (ours, on purpose):
   Without it, the first layer's pre-activation is dominated by M in mm (the same for all N candidates of an
   image: head coordinates of ~100 mm against residuals of ~1-3 mm), the per-row GroupNorm then divides the
   residual's contribution away, and the logits of one image start out nearly equal: a short run barely ranks.
+* Scoring straight from shape coefficients (`ShapeRanker`, what `OferPipeline` ranks with): at zero expression
+  and pose the face vertices are affine in the coefficients, S_i = T + D beta_i (mm), so M = T + D beta_bar and
+  S_i - M = D (beta_i - beta_bar), and the first pre-activation is
+  [W_M (T - C) / s_M + b] + (W_M D / s_M) beta_bar + (W_R D / s_R) (beta_i - beta_bar).
+  The three terms are folded in float64 (again whenever the weights change); per candidate that leaves a
+  (w0, n_shape) matmul instead of a (w0, Vf*3) one, and no FLAME decode (the public code decodes all B*N
+  candidates). The same function in exact arithmetic; in float32 it rounds less (no ~100 mm coordinates are
+  formed and subtracted). Inference only: no gradient reaches the first Linear.
 
 Shapes: B images, N candidates per image, Vf front-face vertices, C ctx_dim.
 """
@@ -61,7 +69,7 @@ from torch import Tensor, nn
 
 from ofer.flame import FLAME, MM_PER_M
 
-__all__ = ["IdRanker", "RankLayer", "candidate_vertices", "ranker_input"]
+__all__ = ["IdRanker", "RankLayer", "ShapeRanker", "candidate_vertices", "ranker_input"]
 
 
 def candidate_vertices(flame: FLAME, shapes: Tensor, face_idx: Tensor) -> Tensor:
@@ -82,18 +90,22 @@ def candidate_vertices(flame: FLAME, shapes: Tensor, face_idx: Tensor) -> Tensor
     if shapes.ndim != 3 or shapes.shape[-1] != flame.n_shape:
         raise ValueError(f"candidate_vertices: shapes must have shape (B, N, {flame.n_shape}), "
                          f"got {tuple(shapes.shape)}")
-    if face_idx.ndim != 1 or face_idx.dtype not in (torch.int64, torch.int32) or face_idx.numel() == 0:
-        raise ValueError(f"candidate_vertices: face_idx must be a non-empty 1-D integer tensor, got dtype "
-                         f"{face_idx.dtype} and shape {tuple(face_idx.shape)}")
-    V = flame.num_vertices
-    lo, hi = int(face_idx.min()), int(face_idx.max())
-    if lo < 0 or hi >= V:
-        raise ValueError(f"candidate_vertices: face_idx spans [{lo}, {hi}], outside the {V} FLAME vertices")
+    _check_face_idx("candidate_vertices", flame, face_idx)
     B, N, _ = shapes.shape
     # Only the face rows: the same numbers as decoding all V vertices and then indexing, without the
     # (B*N, V, 3) intermediate (6 GB for 1,024 images x 100 candidates).
     face = flame.shape_vertices(shapes.reshape(B * N, -1), vertex_ids=face_idx)  # (B*N, Vf, 3) metres
     return (face * MM_PER_M).view(B, N, face_idx.numel(), 3)
+
+
+def _check_face_idx(caller: str, flame: FLAME, face_idx: Tensor) -> None:
+    if face_idx.ndim != 1 or face_idx.dtype not in (torch.int64, torch.int32) or face_idx.numel() == 0:
+        raise ValueError(f"{caller}: face_idx must be a non-empty 1-D integer tensor, got dtype "
+                         f"{face_idx.dtype} and shape {tuple(face_idx.shape)}")
+    V = flame.num_vertices
+    lo, hi = int(face_idx.min()), int(face_idx.max())
+    if lo < 0 or hi >= V:
+        raise ValueError(f"{caller}: face_idx spans [{lo}, {hi}], outside the {V} FLAME vertices")
 
 
 def ranker_input(face_vertices_mm: Tensor) -> Tensor:
@@ -255,7 +267,142 @@ class IdRanker(nn.Module):
         # Linear on concat(M, R) = W_M M + W_R R + b, with the M term computed once per image.
         h = F.linear(resid.reshape(B, N, half), first.mlp.weight[:, half:])  # (B, N, w0)
         h = h + F.linear(mean.reshape(B, half), first.mlp.weight[:, :half], first.mlp.bias).unsqueeze(1)
-        h = first.modulate(h, ctx)
+        return self.logits_from_preactivation(h, ctx)
+
+    def logits_from_preactivation(self, h: Tensor, ctx: Tensor) -> Tensor:
+        """Everything after the first Linear: h (B, N, widths[0]) its pre-activation W [M', R'] + b, ctx (B, C)
+        -> logits (B, N). Shared by `forward` and `ShapeRanker`."""
+        h = self.layers[0].modulate(h, ctx)
         for layer in self.layers[1:]:
             h = layer(h, ctx)
         return h.squeeze(-1)  # (B, N)
+
+
+class ShapeRanker(nn.Module):
+    """IdRank scored straight from FLAME shape coefficients: `forward(shapes (B,N,n_shape), ctx (B,C)) -> logits
+    (B,N)`, the same function as `ranker(candidate_vertices(flame, shapes, face_idx), ctx)` (see the module notes).
+
+    The ranker's first Linear is folded with FLAME's face rows into three buffers, computed in float64 and
+    stored in the ranker's weight dtype and device:
+
+        mean_weight  = W_M D / s_M                      (w0, n_shape)
+        mean_bias    = W_M (T - C) / s_M + b            (w0,)
+        resid_weight = W_R D / s_R                      (w0, n_shape)
+
+    (C = 0, s = 1 without input_norm). Everything after the pre-activation runs the ranker's own layers
+    (`IdRanker.logits_from_preactivation`). The ranker and FLAME are held, not copied.
+
+    The fold is made on the first call and again whenever a tensor it reads has changed since: the first
+    Linear's weight and bias, `input_center`, `input_scale` (and the `input_norm` flag), FLAME's `v_template` and
+    `shapedirs`. A change is a new tensor, device or dtype, or an in-place write (`load_state_dict`, optimizer
+    steps, `.to` all count). Writes through `.data`, and in-place writes to inference tensors, bypass the
+    version counter and are not seen: call `refold()` after them.
+
+    Inference only: the folded weights are constants, so no gradient would reach the first Linear; a call with
+    gradients enabled while that layer requires them raises (gradients with respect to shapes and ctx are fine).
+
+    Args:
+        ranker: the IdRank network.
+        flame: FLAME layer (metres); its `n_shape` shape directions are folded.
+        face_idx: vertex indices (Vf,) of the front face, as for `candidate_vertices`; Vf must equal
+            `ranker.num_face_vertices`.
+    """
+
+    def __init__(self, ranker: IdRanker, flame: FLAME, face_idx: Tensor) -> None:
+        super().__init__()
+        if not isinstance(ranker, IdRanker):
+            raise TypeError(f"ShapeRanker: ranker must be an IdRanker, got {type(ranker).__name__}")
+        _check_face_idx("ShapeRanker", flame, face_idx)
+        if face_idx.numel() != ranker.num_face_vertices:
+            raise ValueError(f"ShapeRanker: face_idx has {face_idx.numel()} vertices, the ranker expects "
+                             f"num_face_vertices={ranker.num_face_vertices}")
+        self.ranker, self.flame, self.n_shape = ranker, flame, flame.n_shape
+        self.register_buffer("face_idx", face_idx.detach().to(torch.long).clone(), persistent=False)
+        for name in ("mean_weight", "mean_bias", "resid_weight"):  # derived: filled by `refold`, never saved
+            self.register_buffer(name, None, persistent=False)
+        self._folded_from: tuple | None = None
+
+    def extra_repr(self) -> str:
+        return f"num_face_vertices={self.face_idx.numel()}, n_shape={self.n_shape}"
+
+    def _source_key(self) -> tuple:
+        """Identity, place and version of every tensor the fold reads (cheap: no data is touched)."""
+        ranker, lin = self.ranker, self.ranker.layers[0].mlp
+        tensors = (lin.weight, lin.bias, ranker.input_center, ranker.input_scale, self.flame.v_template,
+                   self.flame.shapedirs)
+        # Inference tensors keep no version counter.
+        return (ranker.input_norm, *((id(t), t.data_ptr(), t.device, t.dtype, -1 if t.is_inference() else t._version)
+                                     for t in tensors))
+
+    @torch.no_grad()
+    def refold(self) -> None:
+        """Fold the ranker's current first Linear with FLAME's face rows (done by `forward` when needed)."""
+        ranker, flame, K = self.ranker, self.flame, self.n_shape
+        lin = ranker.layers[0].mlp
+        dev = lin.weight.device
+        # float64 where the weights live (the CPU for MPS, which has no float64); autocast off, so a call
+        # from inside a bf16 region folds exactly.
+        work = torch.device("cpu") if dev.type == "mps" else dev
+        f64 = {"device": work, "dtype": torch.float64}
+        idx = self.face_idx.to(flame.v_template.device)
+        T = flame.v_template[idx].to(**f64).reshape(-1) * MM_PER_M  # (Vf*3,) vertex-major, xyz inner (ranker_input)
+        D = flame.shapedirs[idx, :, :K].to(**f64).reshape(-1, K) * MM_PER_M  # (Vf*3, K), rows as T
+        half = ranker.in_dim // 2
+        w = lin.weight.to(**f64)
+        w_m, w_r = w[:, :half], w[:, half:]  # (w0, Vf*3) each: the M and the R half of the input
+        center, s_m, s_r = torch.zeros_like(T), torch.ones((), **f64), torch.ones((), **f64)
+        if ranker.input_norm:
+            center = ranker.input_center.to(**f64).reshape(-1)
+            s_m, s_r = ranker.input_scale.to(**f64).unbind()
+        with torch.autocast(work.type, enabled=False):
+            mean_weight = (w_m @ D) / s_m
+            mean_bias = w_m @ ((T - center) / s_m) + lin.bias.to(**f64)
+            resid_weight = (w_r @ D) / s_r
+        out = {"device": dev, "dtype": lin.weight.dtype}
+        self.mean_weight, self.mean_bias = mean_weight.to(**out), mean_bias.to(**out)
+        self.resid_weight = resid_weight.to(**out)
+        self.face_idx = idx
+        self._folded_from = self._source_key()
+
+    def _check_shapes(self, shapes: Tensor) -> int:
+        if shapes.ndim != 3 or shapes.shape[1] < 1 or shapes.shape[2] != self.n_shape:
+            raise ValueError(f"ShapeRanker: shapes must have shape (B, N >= 1, {self.n_shape}), "
+                             f"got {tuple(shapes.shape)}")
+        return shapes.shape[0]
+
+    def first_preactivation(self, shapes: Tensor) -> Tensor:
+        """The ranker's first-layer pre-activation W [M', R'] + b of the decoded candidates, from their shapes.
+
+        Args:
+            shapes: FLAME shape coefficients, shape (B, N >= 1, flame.n_shape).
+
+        Returns:
+            shape (B, N, ranker.widths[0]), in the ranker's weight dtype.
+        """
+        self._check_shapes(shapes)
+        lin = self.ranker.layers[0].mlp
+        if torch.is_grad_enabled() and (lin.weight.requires_grad or lin.bias.requires_grad):
+            raise RuntimeError("ShapeRanker is inference-only (its folded first layer passes no gradient to the "
+                               "ranker's): call it under torch.no_grad() or torch.inference_mode(), or score "
+                               "candidate_vertices with the IdRanker to train")
+        if self._folded_from != self._source_key():
+            self.refold()
+        beta = shapes.to(self.mean_weight.dtype)
+        mean = beta.mean(dim=1)  # (B, K): beta_bar, M = T + D beta_bar
+        h = F.linear(beta - mean.unsqueeze(1), self.resid_weight)  # (B, N, w0): W_R R'
+        return h + F.linear(mean, self.mean_weight, self.mean_bias).unsqueeze(1)  # + W_M M' + b, once per image
+
+    def forward(self, shapes: Tensor, ctx: Tensor) -> Tensor:
+        """Score N candidate shapes per image.
+
+        Args:
+            shapes: FLAME shape coefficients, shape (B, N >= 1, flame.n_shape).
+            ctx: image context, shape (B, ranker.ctx_dim).
+
+        Returns:
+            logits, shape (B, N): those of `ranker(candidate_vertices(flame, shapes, face_idx), ctx)`.
+        """
+        B = self._check_shapes(shapes)
+        if ctx.shape != (B, self.ranker.ctx_dim):
+            raise ValueError(f"ShapeRanker: ctx must have shape ({B}, {self.ranker.ctx_dim}), got {tuple(ctx.shape)}")
+        return self.ranker.logits_from_preactivation(self.first_preactivation(shapes), ctx)
