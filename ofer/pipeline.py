@@ -122,6 +122,7 @@ class OferPipeline(nn.Module):
         super().__init__()
         self.fast, self.compile = fast, compile
         self._graphed: dict[tuple, object] = {}
+        self._compiled_ranker: Any = None
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if (expgen is None) != (exp_diffusion is None):
@@ -167,7 +168,7 @@ class OferPipeline(nn.Module):
         if self.fold_ranker:
             lap("decode")  # nothing to decode: the folded ranker takes the coefficients
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-                scores = self.shape_ranker(shapes, ctx).float()  # (B,N)
+                scores = self._rank_shapes(shapes, ctx).float()  # (B,N)
         else:
             verts = candidate_vertices(self.flame, shapes, self.face_idx)  # (B,N,Vf,3) mm
             lap("decode")
@@ -182,6 +183,20 @@ class OferPipeline(nn.Module):
         lap("expgen")
         return Hypotheses(shapes=shapes, scores=scores, best=best, expressions=exp[..., :50],
                           jaw=exp[..., 50:53] * self.jaw_scale, meta=dict(self.meta))
+
+    def _rank_shapes(self, shapes: Tensor, ctx: Tensor) -> Tensor:
+        """IdRank logits (B,N) of the shapes through the folded ranker; with `fast` and `compile` on CUDA its
+        tensor work is torch.compile'd (the bf16 IdRank MLP over B*N rows is element-wise bound: on an H100, ...)."""
+        sr = self.shape_ranker
+        if not (self.fast and self.compile and shapes.is_cuda):
+            return sr(shapes, ctx)
+        sr.check_inputs(shapes, ctx)
+        sr.fold()  # eager: the cheap refold check, outside the compiled function
+        if self._compiled_ranker is None:
+            from ofer.fast_sampling import COMPILE_OPTIONS
+
+            self._compiled_ranker = torch.compile(sr.folded_logits, options=dict(COMPILE_OPTIONS) or None)
+        return self._compiled_ranker(shapes, ctx)
 
     def _sample(self, which: str, cond: Tensor, dim: int, n: int, generator: torch.Generator | None) -> Tensor:
         diffusion, model, opts = ((self.id_diffusion, self.idgen, self.id_sampling) if which == "id"

@@ -240,5 +240,6 @@ def test_generators_train_with_cuda_graphs_on_cuda(job, tiny_root, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     events = [x["event"] for x in lines if "event" in x]
     assert "cuda_graph_captured" in events and "cuda_graph_failed" not in events, events
+    assert "cuda_graph_batch_mismatch" not in events, lines  # every later step replayed the graphs
     losses = [x["loss"] for x in lines if "loss" in x]
     assert res.step == 6 and len(losses) == 6 and all(np.isfinite(losses))

@@ -456,7 +456,11 @@ def test_batch_signature_and_float_lrs() -> None:
     assert _signature(a) == _signature({"x": torch.ones(8, 4), "index": torch.arange(8, 16), "name": "a"})
     assert _signature(a) != _signature({"x": torch.ones(7, 4), "index": torch.arange(7), "name": "a"})  # shape
     assert _signature(a) != _signature({"x": torch.ones(8, 4).double(), "index": torch.arange(8), "name": "a"})
-    assert _signature(a) != _signature({"x": torch.ones(8, 4), "index": torch.arange(8), "name": "b"})  # value
+    assert _signature(a) == _signature({"x": torch.ones(8, 4), "index": torch.arange(8), "name": "b"})  # by type
+    assert _signature(a) != _signature({"x": torch.ones(8, 4), "index": torch.arange(8), "name": 3})
+    names = {"x": torch.zeros(2, 4), "actor": ["a", "b"]}
+    assert _signature(names) == _signature({"x": torch.ones(2, 4), "actor": ["c", "d"]})
+    assert _signature(names) != _signature({"x": torch.ones(2, 4), "actor": ["c"]})
     opt = torch.optim.AdamW([nn.Parameter(torch.zeros(2))], lr=1e-3)
     opt.param_groups[0]["lr"] = torch.tensor(0.25)
     state = _float_lrs(opt.state_dict())

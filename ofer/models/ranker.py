@@ -370,6 +370,18 @@ class ShapeRanker(nn.Module):
                              f"got {tuple(shapes.shape)}")
         return shapes.shape[0]
 
+    def fold(self) -> None:
+        """Refold if a tensor the fold reads has changed since the last fold (a cheap check; `forward` calls it)."""
+        if self._folded_from != self._source_key():
+            self.refold()
+
+    def _check_inference(self) -> None:
+        lin = self.ranker.layers[0].mlp
+        if torch.is_grad_enabled() and (lin.weight.requires_grad or lin.bias.requires_grad):
+            raise RuntimeError("ShapeRanker is inference-only (its folded first layer passes no gradient to the "
+                               "ranker's): call it under torch.no_grad() or torch.inference_mode(), or score "
+                               "candidate_vertices with the IdRanker to train")
+
     def first_preactivation(self, shapes: Tensor) -> Tensor:
         """The ranker's first-layer pre-activation W [M', R'] + b of the decoded candidates, from their shapes.
 
@@ -380,17 +392,27 @@ class ShapeRanker(nn.Module):
             shape (B, N, ranker.widths[0]), in the ranker's weight dtype.
         """
         self._check_shapes(shapes)
-        lin = self.ranker.layers[0].mlp
-        if torch.is_grad_enabled() and (lin.weight.requires_grad or lin.bias.requires_grad):
-            raise RuntimeError("ShapeRanker is inference-only (its folded first layer passes no gradient to the "
-                               "ranker's): call it under torch.no_grad() or torch.inference_mode(), or score "
-                               "candidate_vertices with the IdRanker to train")
-        if self._folded_from != self._source_key():
-            self.refold()
+        self._check_inference()
+        self.fold()
+        return self._preactivation(shapes)
+
+    def _preactivation(self, shapes: Tensor) -> Tensor:
         beta = shapes.to(self.mean_weight.dtype)
         mean = beta.mean(dim=1)  # (B, K): beta_bar, M = T + D beta_bar
         h = F.linear(beta - mean.unsqueeze(1), self.resid_weight)  # (B, N, w0): W_R R'
         return h + F.linear(mean, self.mean_weight, self.mean_bias).unsqueeze(1)  # + W_M M' + b, once per image
+
+    def folded_logits(self, shapes: Tensor, ctx: Tensor) -> Tensor:
+        """`forward` without its input checks and refold check: tensor work only, so `torch.compile` fuses it
+        into few kernels (`OferPipeline` with `compile`). Call `fold()` first; inputs as for `forward`."""
+        return self.ranker.logits_from_preactivation(self._preactivation(shapes), ctx)
+
+    def check_inputs(self, shapes: Tensor, ctx: Tensor) -> None:
+        """The input checks of `forward` (shapes (B, N >= 1, n_shape), ctx (B, ctx_dim), inference only)."""
+        B = self._check_shapes(shapes)
+        if ctx.shape != (B, self.ranker.ctx_dim):
+            raise ValueError(f"ShapeRanker: ctx must have shape ({B}, {self.ranker.ctx_dim}), got {tuple(ctx.shape)}")
+        self._check_inference()
 
     def forward(self, shapes: Tensor, ctx: Tensor) -> Tensor:
         """Score N candidate shapes per image.
@@ -402,7 +424,6 @@ class ShapeRanker(nn.Module):
         Returns:
             logits, shape (B, N): those of `ranker(candidate_vertices(flame, shapes, face_idx), ctx)`.
         """
-        B = self._check_shapes(shapes)
-        if ctx.shape != (B, self.ranker.ctx_dim):
-            raise ValueError(f"ShapeRanker: ctx must have shape ({B}, {self.ranker.ctx_dim}), got {tuple(ctx.shape)}")
-        return self.ranker.logits_from_preactivation(self.first_preactivation(shapes), ctx)
+        self.check_inputs(shapes, ctx)
+        self.fold()
+        return self.folded_logits(shapes, ctx)

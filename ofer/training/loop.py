@@ -16,10 +16,12 @@ scheduler, RNG streams and next batch.
 are skipped as before) and replayed with each batch copied into the captured inputs. Same function as the eager
 step (tests compare weights, EMA and optimizer state); the random draws of the loss (timesteps, noise) come from
 the CUDA generator as before but need not be the same numbers, so a graphed run is not bitwise the same as an
-eager one (nor a resumed graphed run as an uninterrupted one: it runs 2 eager steps after resuming). A batch
-of another shape runs eagerly; a loss that cannot be captured (it syncs with the host) is logged (event
-``cuda_graph_failed``) and the run goes on eagerly. Measured on an H100 host: compiled ExpGen step
-at 65,536 rows 33.97 -> 17.70 ms, IdGen 35.19 -> 29.20 ms (BENCHMARKS.md).
+eager one (nor a resumed graphed run as an uninterrupted one: it runs 2 eager steps after resuming). The loss
+must depend on the batch through its tensors alone (other values, such as names, are not part of the replay). A
+batch of other tensor shapes runs eagerly (event ``cuda_graph_batch_mismatch``, once); a loss that cannot be
+captured (it syncs with the host) is logged (event ``cuda_graph_failed``) and the run goes on eagerly.
+Measured on an H100 host: compiled ExpGen step at 65,536 rows 33.97 -> 17.70 ms, IdGen 35.19 -> 29.20 ms
+(BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -136,14 +138,16 @@ def _move(batch: Any, device: torch.device) -> Any:
 
 def _signature(batch: Any) -> Any:
     """The batch's structure with each tensor replaced by (shape, dtype, device): a CUDA graph replays only batches
-    of the signature it was captured with (other values, e.g. names, compare by value)."""
+    of the signature it was captured with. Other values (e.g. the actor names of a batch) count by type only: the
+    graph replays the loss of the captured step, so under trainer.cuda_graph a loss must depend on the batch
+    through its tensors alone."""
     if isinstance(batch, Tensor):
         return ("tensor", tuple(batch.shape), batch.dtype, batch.device)
     if isinstance(batch, Mapping):
         return ("map", tuple((k, _signature(v)) for k, v in batch.items()))
     if isinstance(batch, (list, tuple)):
         return (type(batch).__name__, tuple(_signature(v) for v in batch))
-    return ("value", batch)
+    return ("value", type(batch).__name__)
 
 
 def _copy_into(static: Any, batch: Any) -> None:
@@ -211,10 +215,7 @@ class _StepGraphs:
             trainer._update(self.grad_norm)
 
     def matches(self, batch: Mapping[str, Any]) -> bool:
-        try:
-            return bool(_signature(batch) == self.signature)
-        except Exception:  # noqa: BLE001 -- e.g. values whose == is not a bool (arrays): not replayable
-            return False
+        return _signature(batch) == self.signature
 
     def forward_backward(self, batch: Mapping[str, Any], stop: bool) -> tuple[dict[str, Tensor], Tensor, Tensor]:
         _copy_into(self.batch, batch)
@@ -273,6 +274,7 @@ class _Trainer:
         # trainer.cuda_graph: eager steps before capture (compilation, lazy initialisation), then the graphs
         self._eager_left = _EAGER_STEPS_BEFORE_CAPTURE
         self._graphs: _StepGraphs | None = None
+        self._told_mismatch = False
 
     # ------------------------------------------------------------------------------------- setup
 
@@ -586,6 +588,10 @@ class _Trainer:
         if self.use_graphs and self._graphs is None and self._eager_left == 0:
             self._capture(batch)
         graphed = self._graphs is not None and self._graphs.matches(batch)
+        if self._graphs is not None and not graphed and not self._told_mismatch:
+            self._told_mismatch = True  # once per run: such batches run eagerly (correct, slower)
+            self._event("cuda_graph_batch_mismatch", captured=str(self._graphs.signature)[:300],
+                        batch=str(_signature(batch))[:300])
         if graphed:
             terms, grad_norm, stats_t = self._graphs.forward_backward(batch, stop)
         else:
@@ -635,7 +641,10 @@ class _Trainer:
             self.optimizer.zero_grad(set_to_none=True)  # drop gradients a failed capture may have left
             self._event("cuda_graph_failed", error=f"{type(exc).__name__}: {exc}"[:500])
             return
-        self._event("cuda_graph_captured", batch_shapes={k: list(v.shape) for k, v in self._graphs.batch.items()})
+        captured = self._graphs.batch
+        shapes = {k: list(v.shape) for k, v in captured.items() if isinstance(v, Tensor)} if isinstance(
+            captured, Mapping) else {}
+        self._event("cuda_graph_captured", batch_shapes=shapes)
 
     def _accumulate(self, stats: list[float]) -> None:
         w = self._window
