@@ -1,0 +1,145 @@
+"""Steps per second of the training loop itself (`ofer.training.train`), with and without `trainer.cuda_graph`.
+
+`bench_training.py` times a bare step (forward, backward, AdamW); this script runs the real loop around it:
+the deterministic sampler and DataLoader, the per-step stats vector and its one host sync, clipping, AdamW,
+EMA, the LR schedule, logging. The data are cached features already on the GPU, as with the feature cache:
+each dataset item is a block of `--rows-per-item` rows of (target, condition) in one device tensor, gathered
+by the batch's indices inside the loss (so the loss depends on the batch through its tensors only, as
+`trainer.cuda_graph` requires). Paper-sized IdGen / ExpGen denoisers with our default attention, bf16,
+`trainer.compile=true`. Time per step = wall time between the ends of steps `--warmup` and `--steps`, each
+step ending with its host sync; MFU as in bench_training.py (6 x parameters x rows / time / measured bf16
+GEMM rate).
+
+    python benchmarks/bench_trainer.py --json $OUT/trainer.json
+    python benchmarks/bench_trainer.py --cpu --rows-per-item 8 --items-per-step 4 --steps 6 --warmup 3  # smoke
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ofer.diffusion import GaussianDiffusion  # noqa: E402
+from ofer.models.unet1d import Denoiser  # noqa: E402
+from ofer.training import train  # noqa: E402
+
+SHAPES = {"idgen": (300, 512, (300, 50, 10)), "expgen": (53, 1024, (53, 25, 10))}
+
+
+class _Indices(torch.utils.data.Dataset):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, int]:
+        return {"index": i}
+
+
+class BlockTask:
+    """A generator job on cached rows: item i is rows [i * R, (i + 1) * R) of device tensors (x0, cond)."""
+
+    num_timesteps = 1000
+
+    def __init__(self, kind: str, items: int, rows_per_item: int, device: str) -> None:
+        dim, cond, widths = SHAPES[kind]
+        torch.manual_seed(0)
+        self.name = kind
+        self.model = Denoiser(dim=dim, cond_dim=cond, widths=widths)
+        self.diffusion = GaussianDiffusion().to(device)
+        self.x0 = torch.randn(items, rows_per_item, dim, device=device)
+        self.cond = torch.randn(items, rows_per_item, cond, device=device)
+        self.items = items
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": list(self.model.parameters())}]
+
+    def train_dataset(self) -> _Indices:
+        return _Indices(self.items)
+
+    def loss(self, model: nn.Module, batch: dict) -> dict[str, Tensor]:
+        idx = batch["index"]
+        x0 = self.x0[idx].flatten(0, 1)
+        cond = self.cond[idx].flatten(0, 1)
+        return self.diffusion.training_losses(model, x0, cond)
+
+
+def run(kind: str, graph: bool, args: argparse.Namespace, device: str) -> dict:
+    task = BlockTask(kind, args.items, args.rows_per_item, device)
+    params = sum(p.numel() for p in task.model.parameters())
+    cfg = {"max_steps": args.steps, "batch_size": args.items_per_step, "ckpt_every": None, "log_every": 10 ** 6,
+           "lr_scheduler": "constant", "precision": "bf16", "compile": device == "cuda", "cuda_graph": graph,
+           "progress": False, "seed": 0}
+    ends: dict[int, float] = {}
+    with tempfile.TemporaryDirectory() as run_dir:
+        train(task, cfg, run_dir=run_dir, device=device, resolved_config={"model": {"kind": kind}, "trainer": cfg},
+              on_step_end=lambda s: ends.__setitem__(s, time.perf_counter()))
+        events = [json.loads(line).get("event") for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    s = (ends[args.steps] - ends[args.warmup]) / (args.steps - args.warmup)
+    rows = args.items_per_step * args.rows_per_item
+    return {"job": kind, "cuda_graph": graph, "rows_per_step": rows, "s_per_step": s, "samples_per_s": rows / s,
+            "params": params, "events": sorted({e for e in events if e and e.startswith("cuda_graph")})}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--jobs", default="idgen,expgen")
+    ap.add_argument("--rows-per-item", type=int, default=1024)
+    ap.add_argument("--items-per-step", type=int, default=64, help="trainer.batch_size (65,536 rows by default)")
+    ap.add_argument("--items", type=int, default=128, help="dataset items (2 steps per epoch by default)")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=10, help="steps not timed (compilation, graph capture at step 3)")
+    ap.add_argument("--cpu", action="store_true", help="smoke run on the CPU (fp32, no compile, no graphs)")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    if not 0 < args.warmup < args.steps:
+        ap.error(f"need 0 < --warmup < --steps, got {args.warmup} and {args.steps}")
+    device = "cpu" if args.cpu else "cuda"
+    peak = None
+    if device == "cuda":
+        a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+        for _ in range(3):
+            a @ a
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(20):
+            a @ a
+        torch.cuda.synchronize()
+        peak = 2 * 8192 ** 3 * 20 / (time.perf_counter() - t) / 1e12
+    rows = []
+    for kind in args.jobs.split(","):
+        for graph in ((False,) if args.cpu else (False, True)):
+            try:
+                row = run(kind, graph, args, device)
+                if peak:
+                    row["mfu"] = 6 * row["params"] * row["rows_per_step"] / row["s_per_step"] / (peak * 1e12)
+            except Exception as exc:  # noqa: BLE001 -- reported, the other rows go on
+                row = {"job": kind, "cuda_graph": graph, "error": f"{type(exc).__name__}: {exc}"}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    print(f"device: {name}  bf16 GEMM {peak or 0:.0f} TFLOP/s")
+    print(f"{'job':8} {'cuda_graph':>10} {'ms/step':>9} {'samples/s':>12} {'MFU':>6}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['job']:8} {str(r['cuda_graph']):>10} error: {r['error'][:200]}")
+        else:
+            print(f"{r['job']:8} {str(r['cuda_graph']):>10} {r['s_per_step'] * 1e3:9.2f} {r['samples_per_s']:12,.0f} "
+                  f"{100 * r.get('mfu', 0):5.1f}%")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"device": name, "bf16_gemm_tflops": peak, "args": vars(args) | {
+            "json": str(args.json)}, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
