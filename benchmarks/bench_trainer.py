@@ -80,9 +80,26 @@ def run(kind: str, graph: bool, args: argparse.Namespace, device: str) -> dict:
            "lr_scheduler": "constant", "precision": "bf16", "compile": device == "cuda", "cuda_graph": graph,
            "progress": False, "seed": 0}
     ends: dict[int, float] = {}
+    prof = None
+
+    def on_step_end(step: int) -> None:
+        nonlocal prof
+        ends[step] = time.perf_counter()
+        if args.profile and step == args.warmup:  # profile the next 3 steps (CPU and CUDA activity)
+            acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda"
+                                                            else [])
+            prof = torch.profiler.profile(activities=acts)
+            prof.__enter__()
+        elif prof is not None and step == args.warmup + 3:
+            prof.__exit__(None, None, None)
+            for key in ("cpu_time_total", "cuda_time_total" if device == "cuda" else "self_cpu_time_total"):
+                print(f"--- {kind}, cuda_graph={graph}: steps {args.warmup + 1}-{args.warmup + 3}, by {key}\n"
+                      + prof.key_averages().table(sort_by=key, row_limit=25), flush=True)
+            prof = None
+
     with tempfile.TemporaryDirectory() as run_dir:
         train(task, cfg, run_dir=run_dir, device=device, resolved_config={"model": {"kind": kind}, "trainer": cfg},
-              on_step_end=lambda s: ends.__setitem__(s, time.perf_counter()))
+              on_step_end=on_step_end)
         events = [json.loads(line).get("event") for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     s = (ends[args.steps] - ends[args.warmup]) / (args.steps - args.warmup)
     rows = args.items_per_step * args.rows_per_item
@@ -99,6 +116,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=10, help="steps not timed (compilation, graph capture at step 3)")
     ap.add_argument("--cpu", action="store_true", help="smoke run on the CPU (fp32, no compile, no graphs)")
+    ap.add_argument("--graph", default="false,true", help="trainer.cuda_graph values to run (comma list)")
+    ap.add_argument("--profile", action="store_true",
+                    help="print the profiler tables (CPU and CUDA) of 3 steps after --warmup (those steps are timed "
+                         "too: use the timings of a run without it)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if not 0 < args.warmup < args.steps:
@@ -117,7 +138,7 @@ def main() -> None:
         peak = 2 * 8192 ** 3 * 20 / (time.perf_counter() - t) / 1e12
     rows = []
     for kind in args.jobs.split(","):
-        for graph in ((False,) if args.cpu else (False, True)):
+        for graph in ((False,) if args.cpu else tuple(v == "true" for v in args.graph.split(","))):
             try:
                 row = run(kind, graph, args, device)
                 if peak:
