@@ -7,7 +7,7 @@ each dataset item is a block of `--rows-per-item` rows of (target, condition) in
 by the batch's indices inside the loss (so the loss depends on the batch through its tensors only, as
 `trainer.cuda_graph` requires). Paper-sized IdGen / ExpGen denoisers with our default attention, bf16,
 `trainer.compile=true`. Time per step = wall time between the ends of steps `--warmup` and `--steps`, each
-step ending with its host sync; MFU as in bench_training.py (6 x parameters x rows / time / measured bf16
+step ending with its host sync (the last step, which also writes the final checkpoint, is left out); MFU as in bench_training.py (6 x parameters x rows / time / measured bf16
 GEMM rate).
 
     python benchmarks/bench_trainer.py --json $OUT/trainer.json
@@ -101,7 +101,8 @@ def run(kind: str, graph: bool, args: argparse.Namespace, device: str) -> dict:
         train(task, cfg, run_dir=run_dir, device=device, resolved_config={"model": {"kind": kind}, "trainer": cfg},
               on_step_end=on_step_end)
         events = [json.loads(line).get("event") for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    s = (ends[args.steps] - ends[args.warmup]) / (args.steps - args.warmup)
+    # up to the second-last step: the last one ends with the final checkpoint (on_step_end runs after it)
+    s = (ends[args.steps - 1] - ends[args.warmup]) / (args.steps - 1 - args.warmup)
     rows = args.items_per_step * args.rows_per_item
     return {"job": kind, "cuda_graph": graph, "rows_per_step": rows, "s_per_step": s, "samples_per_s": rows / s,
             "params": params, "events": sorted({e for e in events if e and e.startswith("cuda_graph")})}
@@ -122,8 +123,8 @@ def main() -> None:
                          "too: use the timings of a run without it)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    if not 0 < args.warmup < args.steps:
-        ap.error(f"need 0 < --warmup < --steps, got {args.warmup} and {args.steps}")
+    if not 0 < args.warmup < args.steps - 1:
+        ap.error(f"need 0 < --warmup < --steps - 1, got {args.warmup} and {args.steps}")
     device = "cpu" if args.cpu else "cuda"
     peak = None
     if device == "cuda":
