@@ -6,12 +6,12 @@ EMA, the LR schedule, logging. The data are cached features already on the GPU, 
 each dataset item is a block of `--rows-per-item` rows of (target, condition) in one device tensor, gathered
 by the batch's indices inside the loss (so the loss depends on the batch through its tensors only, as
 `trainer.cuda_graph` requires). Paper-sized IdGen / ExpGen denoisers with our default attention, bf16,
-`trainer.compile=true`. Time per step = wall time between the ends of steps `--warmup` and `--steps`, each
-step ending with its host sync (the last step, which also writes the final checkpoint, is left out); MFU as in bench_training.py (6 x parameters x rows / time / measured bf16
-GEMM rate).
+`trainer.compile=true`. Time per step = wall time between the ends of steps `--warmup` and `--steps` - 1,
+each step ending with its host sync (the last step also writes the final checkpoint, so it is left out); MFU as
+in bench_training.py (6 x parameters x rows / time / measured bf16 GEMM rate).
 
     python benchmarks/bench_trainer.py --json $OUT/trainer.json
-    python benchmarks/bench_trainer.py --cpu --rows-per-item 8 --items-per-step 4 --steps 6 --warmup 3  # smoke
+    python benchmarks/bench_trainer.py --cpu --rows-per-item 8 --items-per-step 4 --steps 7 --warmup 3  # smoke
 """
 from __future__ import annotations
 
