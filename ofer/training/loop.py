@@ -20,8 +20,8 @@ eager one (nor a resumed graphed run as an uninterrupted one: it runs 2 eager st
 must depend on the batch through its tensors alone (other values, such as names, are not part of the replay). A
 batch of other tensor shapes runs eagerly (event ``cuda_graph_batch_mismatch``, once); a loss that cannot be
 captured (it syncs with the host) is logged (event ``cuda_graph_failed``) and the run goes on eagerly.
-Measured on an H100 host: compiled ExpGen step at 65,536 rows 33.97 -> 17.70 ms, IdGen 35.19 -> 29.20 ms
-(BENCHMARKS.md).
+Measured on an H100 (`benchmarks/bench_trainer.py`, 65,536 rows, bf16, compiled): ExpGen 34.98 -> 19.49 ms per
+step, IdGen 34.92 -> 30.37 ms (BENCHMARKS.md).
 """
 
 from __future__ import annotations
