@@ -449,6 +449,19 @@ def test_cuda_graph_is_ignored_on_cpu(tmp_path: Path) -> None:
     torch.testing.assert_close(weights[0], weights[1], atol=0, rtol=0)
 
 
+def test_cuda_graph_with_ddp_is_a_config_error() -> None:
+    """trainer.cuda_graph=true under DDP fails before anything is built, naming the key and the world size."""
+    from types import SimpleNamespace
+
+    from ofer.training.loop import _Trainer
+
+    cfg = TrainerConfig.from_mapping(toy_trainer_cfg(cuda_graph=True))
+    ctx = SimpleNamespace(enabled=True, world_size=2, rank=0, is_main=True, device=torch.device("cpu"))
+    trainer = _Trainer(make_task(0), cfg, Path("unused"), ctx, {}, {}, None)
+    with pytest.raises(ValueError, match=r"trainer.cuda_graph=true .* this run has 2 \(DDP\)"):
+        trainer._build()
+
+
 def test_batch_signature_and_float_lrs() -> None:
     from ofer.training.loop import _float_lrs, _signature
 

@@ -311,6 +311,9 @@ class _Trainer:
 
     def _build(self) -> None:
         cfg, task = self.cfg, self.task
+        if cfg.cuda_graph and self.ctx.enabled:
+            raise ValueError(f"trainer.cuda_graph=true captures the step of one process; this run has "
+                             f"{self.ctx.world_size} (DDP). Set trainer.cuda_graph=false for multi-process runs")
         self.model: nn.Module = task.model.to(self.device)
         self.groups = self._check_param_groups(task.param_groups(), self.model)
         self.params = [p for g in self.groups for p in g["params"]]
@@ -330,9 +333,6 @@ class _Trainer:
             self.ddp = torch.compile(self.ddp, options=dict(COMPILE_OPTIONS) or None)
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.use_graphs = cfg.cuda_graph and self.device.type == "cuda"
-        if self.use_graphs and self.ctx.enabled:
-            raise ValueError(f"trainer.cuda_graph=true captures the step of one process; this run has "
-                             f"{self.ctx.world_size} (DDP). Set trainer.cuda_graph=false for multi-GPU runs")
         self.optimizer = torch.optim.AdamW(  # fused: one kernel for all parameters on CUDA (as bench_training)
             self.groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=self.device.type == "cuda",
             capturable=self.use_graphs,
