@@ -551,7 +551,7 @@ class _Trainer:
             )
 
     def _forward_backward(self, batch: Mapping[str, Any], stop: bool | Tensor,
-                          capturing: bool = False) -> tuple[dict[str, Tensor], Tensor]:
+                          capturing: bool = False) -> tuple[dict[str, Tensor], Tensor, Tensor]:
         """Loss, backward, gradient norm and the stats vector (summed over ranks): (terms, grad_norm, stats)
         as tensors, no host sync. With trainer.cuda_graph, autocast's weight cache is off in every step (a cached
         cast would not be refreshed on replay; the eager steps before the capture run the same way, so a compiled
