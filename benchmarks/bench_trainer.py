@@ -27,11 +27,10 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.bench_training import SHAPES, count, gemm_tflops  # noqa: E402
 from ofer.diffusion import GaussianDiffusion  # noqa: E402
 from ofer.models.unet1d import Denoiser  # noqa: E402
 from ofer.training import train  # noqa: E402
-
-SHAPES = {"idgen": (300, 512, (300, 50, 10)), "expgen": (53, 1024, (53, 25, 10))}
 
 
 class _Indices(torch.utils.data.Dataset):
@@ -75,7 +74,7 @@ class BlockTask:
 
 def run(kind: str, graph: bool, args: argparse.Namespace, device: str) -> dict:
     task = BlockTask(kind, args.items, args.rows_per_item, device)
-    params = sum(p.numel() for p in task.model.parameters())
+    params = count(task.model)
     cfg = {"max_steps": args.steps, "batch_size": args.items_per_step, "ckpt_every": None, "log_every": 10 ** 6,
            "lr_scheduler": "constant", "precision": "bf16", "compile": device == "cuda", "cuda_graph": graph,
            "progress": False, "seed": 0}
@@ -126,17 +125,7 @@ def main() -> None:
     if not 0 < args.warmup < args.steps - 1:
         ap.error(f"need 0 < --warmup < --steps - 1, got {args.warmup} and {args.steps}")
     device = "cpu" if args.cpu else "cuda"
-    peak = None
-    if device == "cuda":
-        a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-        for _ in range(3):
-            a @ a
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(20):
-            a @ a
-        torch.cuda.synchronize()
-        peak = 2 * 8192 ** 3 * 20 / (time.perf_counter() - t) / 1e12
+    peak = gemm_tflops() if device == "cuda" else None  # bf16 8192^3, as bench_training.py
     rows = []
     for kind in args.jobs.split(","):
         for graph in ((False,) if args.cpu else tuple(v == "true" for v in args.graph.split(","))):

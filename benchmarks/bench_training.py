@@ -33,6 +33,8 @@ from ofer.ranking import listnet_loss, ranking_targets  # noqa: E402
 
 
 DEVICE = "cuda"
+# Paper-sized denoisers per job: (data dim, condition dim, U-Net widths)
+SHAPES = {"idgen": (300, 512, (300, 50, 10)), "expgen": (53, 1024, (53, 25, 10))}
 
 
 def sync() -> None:
@@ -72,7 +74,7 @@ def time_steps(step, n: int = 20, warmup: int = 3) -> float:
 
 def generator_step(kind: str, rows: int, bf16: bool, ddp: bool, compile: bool = False, impl: str = "auto",
                    inductor: dict | None = None, ddp_kwargs: dict | None = None):
-    dim, cond, widths = (300, 512, (300, 50, 10)) if kind == "idgen" else (53, 1024, (53, 25, 10))
+    dim, cond, widths = SHAPES[kind]
     model = Denoiser(dim=dim, cond_dim=cond, widths=widths).set_attention_impl(impl).to(DEVICE)
     params = count(model)
     opt_params = list(model.parameters())
@@ -102,7 +104,7 @@ def graphed_generator_step(kind: str, rows: int, compile: bool = False, impl: st
     no Python or launch overhead per step. Timesteps and noise are drawn inside the graph (CUDA RNG), the
     batch is copied into static buffers before each replay, as a training loop would. With `compile`, the
     model is torch.compile'd first (compiled during the warm-up steps, then its kernels captured)."""
-    dim, cond, widths = (300, 512, (300, 50, 10)) if kind == "idgen" else (53, 1024, (53, 25, 10))
+    dim, cond, widths = SHAPES[kind]
     # Default: explicit attention math (cuDNN's fused attention backward fails inside graph capture, seen on an
     # H200); our Triton kernels ('auto' in training) can be captured.
     model = Denoiser(dim=dim, cond_dim=cond, widths=widths).set_attention_impl(impl).to(DEVICE)

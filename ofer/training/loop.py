@@ -126,14 +126,19 @@ def train(
         ctx.close()
 
 
-def _move(batch: Any, device: torch.device) -> Any:
+def _map_tensors(fn: Callable[[Tensor], Tensor], batch: Any) -> Any:
+    """The batch (tensors in dicts, lists, tuples) with `fn` applied to each tensor; other values as they are."""
     if isinstance(batch, Tensor):
-        return batch.to(device, non_blocking=True)
+        return fn(batch)
     if isinstance(batch, Mapping):
-        return {k: _move(v, device) for k, v in batch.items()}
+        return {k: _map_tensors(fn, v) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_move(v, device) for v in batch)
+        return type(batch)(_map_tensors(fn, v) for v in batch)
     return batch
+
+
+def _move(batch: Any, device: torch.device) -> Any:
+    return _map_tensors(lambda t: t.to(device, non_blocking=True), batch)
 
 
 def _signature(batch: Any) -> Any:
@@ -160,16 +165,6 @@ def _copy_into(static: Any, batch: Any) -> None:
     elif isinstance(static, (list, tuple)):
         for a, b in zip(static, batch):
             _copy_into(a, b)
-
-
-def _clone(batch: Any) -> Any:
-    if isinstance(batch, Tensor):
-        return batch.clone()
-    if isinstance(batch, Mapping):
-        return {k: _clone(v) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_clone(v) for v in batch)
-    return batch
 
 
 def _float_lrs(state: dict[str, Any]) -> dict[str, Any]:
@@ -203,7 +198,7 @@ class _StepGraphs:
     def __init__(self, trainer: _Trainer, batch: Mapping[str, Any]) -> None:
         self.trainer = trainer
         self.signature = _signature(batch)
-        self.batch = _clone(batch)
+        self.batch = _map_tensors(torch.clone, batch)
         self.stop = torch.zeros((), device=trainer.device)
         trainer.optimizer.zero_grad(set_to_none=True)  # the captured backward allocates them (graph outputs)
         torch.cuda.synchronize(trainer.device)
