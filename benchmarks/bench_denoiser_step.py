@@ -92,6 +92,9 @@ def main() -> None:
     ap.add_argument("--project-max-widths", default=None,
                     help="comma list of token_attention_kernel.PROJECT_MAX_WIDTH values to time the triton rows with "
                          "(0: the projection never inside the kernel); default: the module's")
+    ap.add_argument("--project-kernels", default=None,
+                    help="comma list of token_attention_kernel.PROJECT_KERNEL values ('gluon', 'triton') to time the "
+                         "triton rows (and --profile-compiled) with; default: the module's")
     ap.add_argument("--inductor", action="append", default=None,
                     help="inductor options of the compiled rows: 'default' (fast_sampling.COMPILE_OPTIONS), 'none' "
                          "(inductor's defaults) or 'key=value,...'; repeat to compare (--inductor none "
@@ -104,16 +107,19 @@ def main() -> None:
         for name in MODELS:
             print(f"--- {name}, eager, sdpa: one step's CUDA kernels\n{profile_step(name, 'sdpa', args.rows)}", flush=True)
     widths = [int(v) for v in args.project_max_widths.split(",")] if args.project_max_widths else [None]
+    kernels = args.project_kernels.split(",") if args.project_kernels else [tak.PROJECT_KERNEL]
     default_width = tak.PROJECT_MAX_WIDTH
     if args.profile_compiled:
         for name in MODELS:
-            for width in widths:
+            for width, kernel in ((wd, k) for wd in widths for k in kernels):
                 for opts in inductor:
                     tak.PROJECT_MAX_WIDTH = default_width if width is None else width
+                    tak.PROJECT_KERNEL = kernel
                     fast_sampling.COMPILE_OPTIONS = opts
                     table = profile_step(name, "auto", args.rows, compiled=True)
-                    print(f"--- {name}, compiled, auto attention, PROJECT_MAX_WIDTH {tak.PROJECT_MAX_WIDTH}, inductor "
-                          f"{opts or 'default'}: one step's CUDA kernels\n{table}", flush=True)
+                    print(f"--- {name}, compiled, auto attention, PROJECT_MAX_WIDTH {tak.PROJECT_MAX_WIDTH}, "
+                          f"projecting kernel {kernel}, inductor {opts or 'default'}: one step's CUDA kernels\n"
+                          f"{table}", flush=True)
     if args.only_profile:
         return
     impls = args.impls.split(",")
@@ -121,8 +127,11 @@ def main() -> None:
     if not args.no_compile:
         variants += [(impl, True, opts) for impl in impls for opts in inductor]
     for name in MODELS:
-        for (impl, comp, opts), width in ((v, wd) for v in variants for wd in (widths if v[0] == "triton" else [None])):
+        triton_runs = [(wd, k) for wd in widths for k in kernels]
+        runs = [(v, r) for v in variants for r in (triton_runs if v[0] == "triton" else [(None, kernels[0])])]
+        for (impl, comp, opts), (width, kernel) in runs:
             tak.PROJECT_MAX_WIDTH = default_width if width is None else width
+            tak.PROJECT_KERNEL = kernel
             fast_sampling.COMPILE_OPTIONS = opts
             try:
                 row = time_variant(name, impl, comp, args.rows, args.steps, args.repeats)
@@ -130,6 +139,7 @@ def main() -> None:
                 row = {"model": name, "attention": impl, "compile": comp, "error": f"{type(exc).__name__}: {exc}"[:400]}
             if impl == "triton":
                 row["project_max_width"] = tak.PROJECT_MAX_WIDTH
+                row["project_kernel"] = kernel
             if comp:
                 row["inductor"] = opts
             out["rows"].append(row)

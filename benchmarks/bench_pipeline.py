@@ -112,6 +112,9 @@ def main() -> None:
     ap.add_argument("--attention-launch", default=None,
                     help="launch shape of the Triton attention kernel, rows per tile x tiles per program x stages x "
                          "warps (default: the module's)")
+    ap.add_argument("--project-kernel", choices=("gluon", "triton"), default=None,
+                    help="token_attention_kernel.PROJECT_KERNEL: the projecting attention kernel for bf16 sampling "
+                         "(default: the module's, gluon)")
     ap.add_argument("--project-max-width", type=int, default=None,
                     help="widest attention input whose q/k/v projection runs inside the Triton kernel (0: never; "
                          "default: the module's token_attention_kernel.PROJECT_MAX_WIDTH)")
@@ -130,6 +133,8 @@ def main() -> None:
         tak.set_launch(args.attention_launch)
     if args.project_max_width is not None:
         tak.PROJECT_MAX_WIDTH = args.project_max_width
+    if args.project_kernel is not None:
+        tak.PROJECT_KERNEL = args.project_kernel
     fast_sampling.COMPILE_OPTIONS = fast_sampling.parse_compile_options(args.inductor)
     device = "cuda"
     assert torch.cuda.is_available(), "this benchmark needs a GPU"
@@ -140,7 +145,8 @@ def main() -> None:
     floor_ips = tflops * 1e12 / flop_per_image
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "bf16_gemm_tflops": tflops,
            "floor_images_per_s": floor_ips, "attention_launch": dict(tak.LAUNCH),
-           "project_max_width": tak.PROJECT_MAX_WIDTH, "project_launch": dict(tak.PROJECT_LAUNCH),
+           "project_max_width": tak.PROJECT_MAX_WIDTH, "project_kernel": tak.PROJECT_KERNEL,
+           "project_launch": dict(tak.PROJECT_LAUNCH), "project_gluon_launch": dict(tak.PROJECT_GLUON_LAUNCH),
            "inductor": fast_sampling.COMPILE_OPTIONS, "fold_ranker": not args.no_fold_ranker, "rows": []}
     print(f"device: {out['device']}  torch {torch.__version__}  bf16 GEMM {tflops:.0f} TFLOP/s  "
           f"floor (paper setting) {floor_ips:.0f} images/s", flush=True)

@@ -37,8 +37,11 @@ def main() -> None:
     ap.add_argument("--widths", default="",
                     help="comma list of attention input widths C: also time the cuBLAS projection + kernel against "
                          "the kernel with the projection inside (token_attention_project_pool)")
-    ap.add_argument("--project-launches", default="16x4",
-                    help="comma list of the projecting kernel's launches, rows per program x warps")
+    ap.add_argument("--project-launches", default="32x4",
+                    help="comma list of the projecting Triton kernel's launches, rows per program x warps")
+    ap.add_argument("--gluon-launches", default="32x4",
+                    help="comma list of the projecting Gluon kernel's launches (token_attention_kernel."
+                         "PROJECT_GLUON_LAUNCH), rows per program x warps; '' to leave it out")
     ap.add_argument("--project-backward-launches", default="",
                     help="with --widths: also time forward + backward (gradients of x, the projection weight and w) "
                          "of the cuBLAS projection + kernels against the projecting kernel with its backward, per "
@@ -107,17 +110,38 @@ def math_pool(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bhtd,t->bhd", a.to(v.dtype) @ v, w.to(v.dtype)).reshape(-1, H * DH)
 
 
-def timed_us(fn, x: torch.Tensor, iters: int) -> float:  # noqa: ANN001
+def timed_us(fn, x: torch.Tensor, iters: int, repeats: int = 3) -> float:  # noqa: ANN001
+    """GPU microseconds per call of fn(x): `iters` calls captured in one CUDA graph (as sampling runs them, so
+    the host's launch time does not count), the best of `repeats` replays; eager launches if the capture fails
+    (e.g. the compiled forms). A single eager window, as before 2026-11-26 (sixth), measured the host for the
+    projecting op too (its operand padding launches a few small kernels per call), which may be why one launch
+    took 230 us in one run and 535 us in another."""
     with torch.no_grad():
         for _ in range(3):
             fn(x)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn(x)
-        end.record()
         torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters * 1e3
+        graph = None
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(iters):
+                    fn(x)
+        except Exception:  # noqa: BLE001 -- not capturable: time eager launches
+            graph = None
+            torch.cuda.synchronize()
+        best = float("inf")
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            if graph is not None:
+                graph.replay()
+            else:
+                for _ in range(iters):
+                    fn(x)
+            end.record()
+            torch.cuda.synchronize()
+            best = min(best, start.elapsed_time(end) / iters * 1e3)
+    return best
 
 
 def backward_rows(args: argparse.Namespace, qkv: torch.Tensor, w: torch.Tensor) -> list[dict]:
@@ -161,9 +185,9 @@ def backward_rows(args: argparse.Namespace, qkv: torch.Tensor, w: torch.Tensor) 
 
 def project_rows(args: argparse.Namespace, w: torch.Tensor) -> list[dict]:
     """Per input width: normalised input (rows, C) bf16 -> pooled attention, (a) the bf16 cuBLAS projection to
-    (rows, 6,144) followed by the kernel, (b) the kernel with the projection inside, per launch."""
+    (rows, 6,144) followed by the kernel, (b) the kernels with the projection inside (Triton, Gluon), per launch."""
     rows = []
-    saved = dict(tak.PROJECT_LAUNCH)
+    saved, saved_gluon, saved_kernel = dict(tak.PROJECT_LAUNCH), dict(tak.PROJECT_GLUON_LAUNCH), tak.PROJECT_KERNEL
     for c in (int(v) for v in args.widths.split(",")):
         x = torch.nn.functional.normalize(torch.randn(args.rows, c, device="cuda"), dim=-1).mul(c**0.5)
         x = x.to(torch.bfloat16)
@@ -180,11 +204,14 @@ def project_rows(args: argparse.Namespace, w: torch.Tensor) -> list[dict]:
                                             w, T, H, DH)
 
         forms = {"projection + kernel": separate, "projection (K padded to 8) + kernel": separate_aligned}
-        for spec in args.project_launches.split(","):
-            def fused(xx: torch.Tensor, spec: str = spec) -> torch.Tensor:
-                tak.set_project_launch(spec)
+        specs = [("triton", s) for s in args.project_launches.split(",") if s]
+        specs += [("gluon", s) for s in args.gluon_launches.split(",") if s]
+        for kernel, spec in specs:
+            def fused(xx: torch.Tensor, spec: str = spec, kernel: str = kernel) -> torch.Tensor:
+                tak.set_project_launch(spec, kernel=kernel)
+                tak.PROJECT_KERNEL = kernel
                 return tak.token_attention_project_pool(xx, wqkv, w, T, H, DH)
-            forms[f"projecting kernel {spec}"] = fused
+            forms[f"projecting kernel {spec}" if kernel == "triton" else f"projecting Gluon kernel {spec}"] = fused
         for name, fn in forms.items():
             try:
                 with torch.no_grad():
@@ -197,6 +224,8 @@ def project_rows(args: argparse.Namespace, w: torch.Tensor) -> list[dict]:
         if args.project_backward_launches:
             rows += project_backward_rows(args, x, wqkv, w)
     tak.PROJECT_LAUNCH.update(saved)
+    tak.PROJECT_GLUON_LAUNCH.update(saved_gluon)
+    tak.PROJECT_KERNEL = saved_kernel
     return rows
 
 

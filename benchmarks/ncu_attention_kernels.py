@@ -5,7 +5,9 @@ and the kernel after a separate projection (`token_attention_pool`), bf16, `--ro
 under ncu; the report of 2026-11-26 (one H100) is `docs/bench/ncu_attention_kernels_h100.txt`:
 
     ncu --set full -k regex:"_project_pool_kernel|_token_attention_pool_kernel" --launch-count 8 \\
-        python benchmarks/ncu_attention_kernels.py > ncu.txt
+        python benchmarks/ncu_attention_kernels.py --project-kernel triton > ncu.txt
+
+With `--project-kernel gluon` (the default) the projecting calls run `_project_pool_gluon_kernel`.
 """
 from __future__ import annotations
 
@@ -26,7 +28,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=51_200)
     ap.add_argument("--widths", default="10,25,53", help="input channels of the projecting kernel's calls")
+    ap.add_argument("--project-kernel", choices=("gluon", "triton"), default=None,
+                    help="token_attention_kernel.PROJECT_KERNEL (default: the module's, gluon; its kernel is "
+                         "_project_pool_gluon_kernel)")
     args = ap.parse_args()
+    if args.project_kernel:
+        tak.PROJECT_KERNEL = args.project_kernel
     if not torch.cuda.is_available():
         raise SystemExit("ncu_attention_kernels.py needs a CUDA GPU")
     torch.manual_seed(0)

@@ -131,9 +131,53 @@ def test_set_project_launch_parses_and_rejects_bad_specs() -> None:
             with pytest.raises(ValueError, match="rows x warps"):
                 tak.set_project_launch(bad)
         assert tak.PROJECT_LAUNCH[64] == {"block_rows": 64, "num_warps": 8}
+        saved_gluon = dict(tak.PROJECT_GLUON_LAUNCH)
+        try:
+            assert tak.set_project_launch("16x8", kernel="gluon") == {"block_rows": 16, "num_warps": 8}
+            assert tak.PROJECT_LAUNCH[64] == {"block_rows": 64, "num_warps": 8}  # the Triton table untouched
+            with pytest.raises(ValueError, match="'triton' or 'gluon'"):
+                tak.set_project_launch("16x4", kernel="cuda")
+        finally:
+            tak.PROJECT_GLUON_LAUNCH.update(saved_gluon)
     finally:
         tak.PROJECT_LAUNCH.clear()
         tak.PROJECT_LAUNCH.update(saved)
+
+
+@pytest.mark.parametrize("block_rows", [8, 16, 32, 64])
+def test_gluon_staging_layout_is_a_bijection_without_bank_conflicts(block_rows: int) -> None:
+    """The Gluon kernel's shared-memory layout of its (rows, 16, 32) 2-byte q/k tiles, checked from the listed
+    bases alone: every (row, token, channel) gets exactly one offset, channels 0-7 of a chunk are contiguous, and
+    the two access patterns hit 8 different 16-byte bank groups (offset // 8 mod 8): the 8 tokens of one row
+    (ldmatrix of the score product) and the 8 rows of one token (stmatrix of the projection). A layout with
+    rows or tokens plain (no XOR), as Triton's own choice was, fails the second or third check."""
+    from ofer.models import token_attention_kernel as tak
+
+    bases = tak._staging_bases(block_rows)
+    assert len(bases) == (block_rows * 16 * 32).bit_length() - 1
+    coord_of = {}
+    for off in range(block_rows * 16 * 32):
+        c = [0, 0, 0]
+        for bit, b in enumerate(bases):
+            if off >> bit & 1:
+                c = [ci ^ bi for ci, bi in zip(c, b)]
+        coord_of[off] = tuple(c)
+    offset_of = {c: off for off, c in coord_of.items()}
+    assert len(offset_of) == block_rows * 16 * 32  # a bijection onto the index set
+    assert all(0 <= r < block_rows and 0 <= t < 16 and 0 <= d < 32 for r, t, d in offset_of)
+    for (r, t, d), off in offset_of.items():
+        if d % 8:
+            assert off == offset_of[(r, t, d - d % 8)] + d % 8  # 16-byte chunks stay contiguous
+    for r in range(block_rows):
+        for d in range(0, 32, 8):
+            for t0 in (0, 8):
+                assert len({offset_of[(r, t0 + t, d)] // 8 % 8 for t in range(8)}) == 8, (r, d, t0)
+    for t in range(16):
+        for d in range(0, 32, 8):
+            for r0 in range(0, block_rows, 8):
+                assert len({offset_of[(r0 + r, t, d)] // 8 % 8 for r in range(8)}) == 8, (t, d, r0)
+    with pytest.raises(ValueError, match="power of two >= 8"):
+        tak._staging_bases(12)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton not installed; covered by the GPU tests")
@@ -372,6 +416,28 @@ def test_projecting_kernel_on_cuda_matches_reference_and_the_separate_projection
         out16 = tak.token_attention_project_pool(x16, w16, w, 16, 4, 32)
         # bf16 q/k in both; the projecting kernel keeps v in float32, so it is no further from float64
         assert (out16.double() - ref16).norm() <= 1.05 * (sep.double() - ref16).norm() + 1e-6, c
+        # the Gluon kernel (the default for bf16 when Gluon is there) and the Triton one: the same roundings,
+        # so equal up to float32 summation order, for any row count (1000, 37: partial row blocks) and launch
+        saved = (tak.PROJECT_KERNEL, dict(tak.PROJECT_GLUON_LAUNCH))
+        try:
+            tak.PROJECT_KERNEL = "triton"
+            tri16 = tak.token_attention_project_pool(x16, w16, w, 16, 4, 32)
+            tri16_37 = tak.token_attention_project_pool(x16[:37], w16, w, 16, 4, 32)
+            tak.PROJECT_KERNEL = "gluon"
+            assert tak._gluon_projects(x16, 16, 32) == (tak.gluon is not None)
+            for launch in ("32x4", "16x4", "64x8"):
+                tak.set_project_launch(launch, kernel="gluon")
+                torch.testing.assert_close(tak.token_attention_project_pool(x16, w16, w, 16, 4, 32), tri16,
+                                           atol=2e-5, rtol=1e-5)
+                torch.testing.assert_close(tak.token_attention_project_pool(x16[:37], w16, w, 16, 4, 32),
+                                           tri16_37, atol=2e-5, rtol=1e-5)
+            fp16 = tak.token_attention_project_pool(x.half(), wqkv.half(), w, 16, 4, 32)
+            ref_h = tak.token_attention_pool_reference(x.half().double() @ wqkv.half().double().T, w, 16, 4, 32)
+            assert float((fp16.double() - ref_h).abs().max()) < 0.05, c  # fp16 q/k rounding only
+        finally:
+            tak.PROJECT_KERNEL = saved[0]
+            tak.PROJECT_GLUON_LAUNCH.update(saved[1])
+        assert (out16 - tri16).abs().max() < 1e-4
     net, x, t, c = paper_idgen(777, gen)
     net.eval()
     with torch.no_grad():

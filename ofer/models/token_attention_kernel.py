@@ -68,6 +68,14 @@ try:  # Triton is an optional dependency (shipped with CUDA builds of torch)
     import triton.language as tl
 except ImportError:  # pragma: no cover - depends on the installation
     triton = None
+try:  # Gluon, Triton's explicit-layout dialect (Triton >= 3.5): the projecting kernel's conflict-free form
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2 as _mma_v2
+
+    _cta_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier  # renamed in Triton 3.7
+except (ImportError, AttributeError):  # pragma: no cover - depends on the installation
+    gluon = None
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Launch shape: row blocks per program (a software-pipelined loop), pipeline stages, warps per program.
@@ -91,6 +99,14 @@ PROJECT_LAUNCH = {16: {"block_rows": 32, "num_warps": 4}, 32: {"block_rows": 32,
 PROJECT_BACKWARD_LAUNCH = {16: {"block_rows": 16, "num_warps": 4}, 32: {"block_rows": 16, "num_warps": 4},
                            64: {"block_rows": 16, "num_warps": 8}}
 PROJECT_MAX_WIDTH = 64  # may be lowered (0: never); the kernel takes at most max(PROJECT_LAUNCH) = 64 channels
+# Which kernel the projecting op runs for bf16/fp16 inputs on a CUDA GPU with 16 tokens of 32 channels: "gluon"
+# (q and k staged through shared memory in a layout without bank conflicts, see `_staging_bases`) or "triton"
+# (`_project_pool_kernel`, whose staging layout Triton chooses; float32 inputs, other shapes and the CPU
+# interpreter always take it). Benchmarks switch it (`--project-kernel`) to measure one against the other.
+PROJECT_KERNEL = "gluon"
+# The Gluon kernel's launch: rows per program (a power of two >= 16) and warps. Measured on an H100 at 51,200
+# rows (bf16): 32 x 4 fastest at every width (16 x 4, 32 x 8, 64 x 4, 64 x 8 no faster; BENCHMARKS.md).
+PROJECT_GLUON_LAUNCH = {"block_rows": 32, "num_warps": 4}
 
 
 def projects(width: int) -> bool:
@@ -115,14 +131,20 @@ def set_launch(spec: str, *, backward: bool = False) -> dict:
     return launch
 
 
-def set_project_launch(spec: str, widths: tuple[int, ...] = (16, 32, 64)) -> dict:
-    """Set `PROJECT_LAUNCH` of the padded `widths` from "ROWSxWARPS" (e.g. "16x4"): rows per program (a power of
-    two >= 16) and warps; returns the new `PROJECT_LAUNCH`."""
+def set_project_launch(spec: str, widths: tuple[int, ...] = (16, 32, 64), *, kernel: str = "triton") -> dict:
+    """Set `PROJECT_LAUNCH` of the padded `widths` (kernel "triton") or `PROJECT_GLUON_LAUNCH` (kernel "gluon", all
+    widths) from "ROWSxWARPS" (e.g. "16x4"): rows per program (a power of two >= 16) and warps; returns the new
+    launch table."""
+    if kernel not in ("triton", "gluon"):
+        raise ValueError(f"projecting attention kernel {kernel!r}: expected 'triton' or 'gluon'")
     parts = spec.split("x")
     ok = len(parts) == 2 and all(p.isdigit() and int(p) > 0 for p in parts)
     if not ok or int(parts[0]) < 16 or int(parts[0]) & (int(parts[0]) - 1):
         raise ValueError(f"projecting attention launch {spec!r}: expected rows x warps, rows a power of two >= 16 "
                          "and warps a positive integer, such as '16x4'")
+    if kernel == "gluon":
+        PROJECT_GLUON_LAUNCH.update(block_rows=int(parts[0]), num_warps=int(parts[1]))
+        return PROJECT_GLUON_LAUNCH
     for cp in widths:
         PROJECT_LAUNCH[cp] = {"block_rows": int(parts[0]), "num_warps": int(parts[1])}
     return PROJECT_LAUNCH
@@ -306,6 +328,87 @@ if triton is not None:
         tl.store(dw_ptr + (pid * H + h) * T + tl.arange(0, T), tl.sum(r, axis=0))
 
 
+def _staging_bases(block_rows: int) -> list[list[int]]:
+    """Shared-memory layout of the Gluon kernel's (rows, 16 tokens, 32 channels) 2-byte q and k tiles, as the
+    (row, token, channel) coordinate of the element at each power-of-two offset (Gluon's `SharedLinearLayout`).
+
+    Element offset bits a0-a13 (block_rows = 32) from the coordinates' bits r, t, d:
+        a0-a2 = d0-d2 (8 channels = one 16-byte chunk),  a3 = d3 ^ t1 ^ r0,  a4 = d4 ^ t2 ^ r1,  a5 = t0 ^ r2,
+        a6-a8 = t1-t3,  a9... = r0...
+    a3-a5 number the eight 16-byte chunks of a 128-byte line, i.e. the bank group. The score product reads 8
+    tokens of one row per ldmatrix (t0-t2 vary: a3-a5 take 8 different values); the projection writes 8 rows
+    of one token per stmatrix (r0-r2 vary: again 8 different values). So neither access has bank conflicts,
+    where Triton's own choice for the `tl.dot` form (rows fastest after the channels) made every ldmatrix an
+    8-way conflict (ncu on an H100, BENCHMARKS.md). The inverse map below lists, per offset bit, the
+    coordinate whose address is that bit alone (e.g. offset 2^9 is row 1 with d3 set, cancelling a3's r0)."""
+    if block_rows < 8 or block_rows & (block_rows - 1):
+        raise ValueError(f"staging layout: block_rows must be a power of two >= 8, got {block_rows}")
+    bases = [[0, 0, 1], [0, 0, 2], [0, 0, 4], [0, 0, 8], [0, 0, 16],  # a0-a4
+             [0, 1, 0],  # a5 (t0)
+             [0, 2, 8], [0, 4, 16], [0, 8, 0],  # a6 = t1 (with d3, cancelling it in a3), a7 = t2 (with d4), a8 = t3
+             [1, 0, 8], [2, 0, 16], [4, 1, 0]]  # a9 = r0 (with d3), a10 = r1 (with d4), a11 = r2 (with t0)
+    r = 8
+    while r < block_rows:
+        bases.append([r, 0, 0])
+        r *= 2
+    return bases
+
+
+if gluon is not None:
+
+    @gluon.jit
+    def _project_pool_gluon_kernel(
+        x_ptr, wp_ptr, w_ptr, out_ptr, R, scale,
+        T: gl.constexpr, H: gl.constexpr, DH: gl.constexpr, CP: gl.constexpr, BLOCK_R: gl.constexpr,
+        STAGING: gl.constexpr, NW: gl.constexpr,
+    ):
+        # `_project_pool_kernel`'s function (same operands, same rounding: q and k rounded to x's dtype, v and the
+        # softmax float32) with explicit layouts. Program (block of BLOCK_R rows, head h), NW warps:
+        #   q, k, v = x @ W_h (BLOCK_R, CP) @ (CP, T * DH) with mma.sync, warps side by side along the columns;
+        #   q and k -> x's dtype, reshaped (BLOCK_R, T, DH) and stored to shared memory in the STAGING layout
+        #   (`_staging_bases`: no bank conflicts on the stores or on the score product's loads);
+        #   scores: one batched (T, DH) @ (DH, T) mma per row, the rows spread over the warps;
+        #   c_u = sum_t w_t softmax_u(scores)_tu, pooled = sum_u c_u v_u.
+        TD: gl.constexpr = T * DH
+        dt: gl.constexpr = x_ptr.dtype.element_ty
+        XB: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (CP // 8), CP // 8], [NW, 1], [1, 0])
+        WB: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [NW, 1], [1, 0])
+        P: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, NW], instr_shape=[16, 8])
+        S3: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1, 1],
+                                                     instr_shape=[1, 16, 8])
+        blk = gl.program_id(0)
+        h = gl.program_id(1)
+        rows_x = blk * BLOCK_R + gl.arange(0, BLOCK_R, layout=gl.SliceLayout(1, XB))
+        cx = gl.arange(0, CP, layout=gl.SliceLayout(0, XB))
+        x = gl.load(x_ptr + rows_x[:, None].to(gl.int64) * CP + cx[None, :], mask=(rows_x < R)[:, None], other=0.0)
+        xd = gl.convert_layout(x, gl.DotOperandLayout(0, P, 2))
+        cw = gl.arange(0, CP, layout=gl.SliceLayout(1, WB))
+        woffs = (h * 3 * CP + cw[:, None]) * TD + gl.arange(0, TD, layout=gl.SliceLayout(0, WB))[None, :]
+        zero = gl.zeros((BLOCK_R, TD), gl.float32, P)
+        q = _mma_v2(xd, gl.convert_layout(gl.load(wp_ptr + woffs), gl.DotOperandLayout(1, P, 2)), zero)
+        q_s = gl.allocate_shared_memory(dt, [BLOCK_R, T, DH], STAGING)
+        q_s.store(gl.reshape(q.to(dt), (BLOCK_R, T, DH)))
+        k = _mma_v2(xd, gl.convert_layout(gl.load(wp_ptr + woffs + CP * TD), gl.DotOperandLayout(1, P, 2)), zero)
+        k_s = gl.allocate_shared_memory(dt, [BLOCK_R, T, DH], STAGING)
+        k_s.store(gl.reshape(k.to(dt), (BLOCK_R, T, DH)))
+        _cta_barrier()
+        s = _mma_v2(q_s.load(gl.DotOperandLayout(0, S3, 2)), k_s.permute((0, 2, 1)).load(gl.DotOperandLayout(1, S3, 2)),
+                    gl.zeros((BLOCK_R, T, T), gl.float32, S3)) * scale
+        s = s - gl.max(s, axis=2)[:, :, None]
+        e = gl.exp(s)
+        a = e / gl.sum(e, axis=2)[:, :, None]
+        wt = gl.load(w_ptr + gl.arange(0, T, layout=gl.SliceLayout(0, gl.SliceLayout(2, S3)))).to(gl.float32)
+        c = gl.sum(a * wt[None, :, None], axis=1)  # (BLOCK_R, U)
+        v = _mma_v2(xd, gl.convert_layout(gl.load(wp_ptr + woffs + 2 * CP * TD), gl.DotOperandLayout(1, P, 2)), zero)
+        v3 = gl.reshape(v, (BLOCK_R, T, DH))  # float32, as in `_project_pool_kernel`
+        L3: gl.constexpr = v3.type.layout
+        pooled = gl.sum(gl.convert_layout(c, gl.SliceLayout(2, L3))[:, :, None] * v3, axis=1)  # (BLOCK_R, DH)
+        PL: gl.constexpr = gl.SliceLayout(1, L3)
+        rows_o = blk * BLOCK_R + gl.arange(0, BLOCK_R, layout=gl.SliceLayout(1, PL))
+        out = rows_o[:, None].to(gl.int64) * (H * DH) + h * DH + gl.arange(0, DH, layout=gl.SliceLayout(0, PL))[None, :]
+        gl.store(out_ptr + out, pooled, mask=(rows_o < R)[:, None])
+
+
 @torch.library.custom_op("ofer::token_attention_pool", mutates_args=())
 def token_attention_pool(qkv: torch.Tensor, w: torch.Tensor, tokens: int, heads: int, head_dim: int) -> torch.Tensor:
     """Token-mixed attention output of every row and head.
@@ -431,11 +534,27 @@ def token_attention_project_pool(x: torch.Tensor, wqkv: torch.Tensor, w: torch.T
     if R == 0:
         return out
     xp, wp, cp = _padded_operands(x, wqkv, tokens, heads, head_dim)
+    if _gluon_projects(x, tokens, head_dim):
+        launch = PROJECT_GLUON_LAUNCH
+        grid = (triton.cdiv(R, launch["block_rows"]), heads)
+        _project_pool_gluon_kernel[grid](xp, wp, w.contiguous(), out, R, head_dim**-0.5, T=tokens, H=heads,
+                                         DH=head_dim, CP=cp, BLOCK_R=launch["block_rows"],
+                                         STAGING=gl.SharedLinearLayout(_staging_bases(launch["block_rows"])),
+                                         NW=launch["num_warps"], num_warps=launch["num_warps"])
+        return out
     launch = PROJECT_LAUNCH[cp]
     grid = (triton.cdiv(R, launch["block_rows"]), heads)
     _project_pool_kernel[grid](xp, wp, w.contiguous(), out, R, head_dim**-0.5, T=tokens, H=heads, DH=head_dim,
                                CP=cp, BLOCK_R=launch["block_rows"], num_warps=launch["num_warps"])
     return out
+
+
+def _gluon_projects(x: torch.Tensor, tokens: int, head_dim: int) -> bool:
+    """Whether `token_attention_project_pool` runs the Gluon kernel on x: PROJECT_KERNEL "gluon", Gluon importable,
+    a CUDA tensor (not the interpreter) in bf16 or fp16, 16 tokens of 32 channels (the shape `_staging_bases`
+    is written for)."""
+    return (PROJECT_KERNEL == "gluon" and gluon is not None and x.is_cuda and not _INTERPRET
+            and x.dtype in (torch.bfloat16, torch.float16) and tokens == 16 and head_dim == 32)
 
 
 def _padded_operands(x: torch.Tensor, wqkv: torch.Tensor, tokens: int, heads: int,
