@@ -146,7 +146,8 @@ def main() -> None:
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "bf16_gemm_tflops": tflops,
            "floor_images_per_s": floor_ips, "attention_launch": dict(tak.LAUNCH),
            "project_max_width": tak.PROJECT_MAX_WIDTH, "project_kernel": tak.PROJECT_KERNEL,
-           "project_launch": dict(tak.PROJECT_LAUNCH), "project_gluon_launch": dict(tak.PROJECT_GLUON_LAUNCH),
+           "project_launch": dict(tak.PROJECT_LAUNCH),
+           "project_gluon_launch": {k: dict(v) for k, v in tak.PROJECT_GLUON_LAUNCH.items()},
            "inductor": fast_sampling.COMPILE_OPTIONS, "fold_ranker": not args.no_fold_ranker, "rows": []}
     print(f"device: {out['device']}  torch {torch.__version__}  bf16 GEMM {tflops:.0f} TFLOP/s  "
           f"floor (paper setting) {floor_ips:.0f} images/s", flush=True)

@@ -41,7 +41,8 @@ def main() -> None:
                     help="comma list of the projecting Triton kernel's launches, rows per program x warps")
     ap.add_argument("--gluon-launches", default="32x4",
                     help="comma list of the projecting Gluon kernel's launches (token_attention_kernel."
-                         "PROJECT_GLUON_LAUNCH), rows per program x warps; '' to leave it out")
+                         "PROJECT_GLUON_LAUNCH), rows per program x warps [x column chunks [x register cap]]; '' "
+                         "to leave it out")
     ap.add_argument("--project-backward-launches", default="",
                     help="with --widths: also time forward + backward (gradients of x, the projection weight and w) "
                          "of the cuBLAS projection + kernels against the projecting kernel with its backward, per "
@@ -187,7 +188,8 @@ def project_rows(args: argparse.Namespace, w: torch.Tensor) -> list[dict]:
     """Per input width: normalised input (rows, C) bf16 -> pooled attention, (a) the bf16 cuBLAS projection to
     (rows, 6,144) followed by the kernel, (b) the kernels with the projection inside (Triton, Gluon), per launch."""
     rows = []
-    saved, saved_gluon, saved_kernel = dict(tak.PROJECT_LAUNCH), dict(tak.PROJECT_GLUON_LAUNCH), tak.PROJECT_KERNEL
+    saved, saved_kernel = dict(tak.PROJECT_LAUNCH), tak.PROJECT_KERNEL
+    saved_gluon = {k: dict(v) for k, v in tak.PROJECT_GLUON_LAUNCH.items()}
     for c in (int(v) for v in args.widths.split(",")):
         x = torch.nn.functional.normalize(torch.randn(args.rows, c, device="cuda"), dim=-1).mul(c**0.5)
         x = x.to(torch.bfloat16)

@@ -131,10 +131,21 @@ def test_set_project_launch_parses_and_rejects_bad_specs() -> None:
             with pytest.raises(ValueError, match="rows x warps"):
                 tak.set_project_launch(bad)
         assert tak.PROJECT_LAUNCH[64] == {"block_rows": 64, "num_warps": 8}
-        saved_gluon = dict(tak.PROJECT_GLUON_LAUNCH)
+        saved_gluon = {k: dict(v) for k, v in tak.PROJECT_GLUON_LAUNCH.items()}
         try:
-            assert tak.set_project_launch("16x8", kernel="gluon") == {"block_rows": 16, "num_warps": 8}
+            assert tak.set_project_launch("16x8", kernel="gluon")[32] == {"block_rows": 16, "num_warps": 8,
+                                                                           "chunks": 1, "maxnreg": 0}
+            assert tak.set_project_launch("32x4x2x168", widths=(64,), kernel="gluon")[64] == {
+                "block_rows": 32, "num_warps": 4, "chunks": 2, "maxnreg": 168}
+            assert tak.PROJECT_GLUON_LAUNCH[16]["block_rows"] == 16
+            assert tak.set_project_launch("32x4x2", widths=(32,), kernel="gluon")[32] == {
+                "block_rows": 32, "num_warps": 4, "chunks": 2, "maxnreg": 0}  # no register cap unless given
             assert tak.PROJECT_LAUNCH[64] == {"block_rows": 64, "num_warps": 8}  # the Triton table untouched
+            for bad in ("32x4x4", "32x4x0", "32x4x2x", "8x4x1"):
+                with pytest.raises(ValueError, match="rows x warps"):
+                    tak.set_project_launch(bad, kernel="gluon")
+            with pytest.raises(ValueError, match="rows x warps"):
+                tak.set_project_launch("32x4x2")  # chunks are the Gluon kernel's only
             with pytest.raises(ValueError, match="'triton' or 'gluon'"):
                 tak.set_project_launch("16x4", kernel="cuda")
         finally:
@@ -418,14 +429,14 @@ def test_projecting_kernel_on_cuda_matches_reference_and_the_separate_projection
         assert (out16.double() - ref16).norm() <= 1.05 * (sep.double() - ref16).norm() + 1e-6, c
         # the Gluon kernel (the default for bf16 when Gluon is there) and the Triton one: the same roundings,
         # so equal up to float32 summation order, for any row count (1000, 37: partial row blocks) and launch
-        saved = (tak.PROJECT_KERNEL, dict(tak.PROJECT_GLUON_LAUNCH))
+        saved = (tak.PROJECT_KERNEL, {k: dict(v) for k, v in tak.PROJECT_GLUON_LAUNCH.items()})
         try:
             tak.PROJECT_KERNEL = "triton"
             tri16 = tak.token_attention_project_pool(x16, w16, w, 16, 4, 32)
             tri16_37 = tak.token_attention_project_pool(x16[:37], w16, w, 16, 4, 32)
             tak.PROJECT_KERNEL = "gluon"
             assert tak._gluon_projects(x16, 16, 32) == (tak.gluon is not None)
-            for launch in ("32x4", "16x4", "64x8"):
+            for launch in ("32x4", "16x4", "64x8", "32x4x2", "32x4x2x168"):
                 tak.set_project_launch(launch, kernel="gluon")
                 torch.testing.assert_close(tak.token_attention_project_pool(x16, w16, w, 16, 4, 32), tri16,
                                            atol=2e-5, rtol=1e-5)

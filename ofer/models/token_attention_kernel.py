@@ -104,9 +104,14 @@ PROJECT_MAX_WIDTH = 64  # may be lowered (0: never); the kernel takes at most ma
 # (`_project_pool_kernel`, whose staging layout Triton chooses; float32 inputs, other shapes and the CPU
 # interpreter always take it). Benchmarks switch it (`--project-kernel`) to measure one against the other.
 PROJECT_KERNEL = "gluon"
-# The Gluon kernel's launch: rows per program (a power of two >= 16) and warps. Measured on an H100 at 51,200
-# rows (bf16): 32 x 4 fastest at every width (16 x 4, 32 x 8, 64 x 4, 64 x 8 no faster; BENCHMARKS.md).
-PROJECT_GLUON_LAUNCH = {"block_rows": 32, "num_warps": 4}
+# The Gluon kernel's launch per padded width: rows per program (a power of two >= 16), warps, column chunks of
+# the projection (1 or 2: fewer registers) and a register cap per thread (maxnreg, 0: none). Measured on an H100
+# at 51,200 rows (bf16; BENCHMARKS.md): 32 rows x 4 warps fastest at every width (16 x 4, 32 x 8, 64 x 4, 64 x 8
+# no faster); at 64 channels two chunks under a 168-register cap (3 programs per SM instead of 2) 274 vs 291 us,
+# elsewhere within 3% of one chunk.
+PROJECT_GLUON_LAUNCH = {16: {"block_rows": 32, "num_warps": 4, "chunks": 1, "maxnreg": 0},
+                        32: {"block_rows": 32, "num_warps": 4, "chunks": 1, "maxnreg": 0},
+                        64: {"block_rows": 32, "num_warps": 4, "chunks": 2, "maxnreg": 168}}
 
 
 def projects(width: int) -> bool:
@@ -132,22 +137,28 @@ def set_launch(spec: str, *, backward: bool = False) -> dict:
 
 
 def set_project_launch(spec: str, widths: tuple[int, ...] = (16, 32, 64), *, kernel: str = "triton") -> dict:
-    """Set `PROJECT_LAUNCH` of the padded `widths` (kernel "triton") or `PROJECT_GLUON_LAUNCH` (kernel "gluon", all
-    widths) from "ROWSxWARPS" (e.g. "16x4"): rows per program (a power of two >= 16) and warps; returns the new
-    launch table."""
+    """Set the launch of the padded `widths` in `PROJECT_LAUNCH` (kernel "triton") from "ROWSxWARPS" (e.g. "16x4"),
+    or in `PROJECT_GLUON_LAUNCH` (kernel "gluon") from "ROWSxWARPS[xCHUNKS[xMAXNREG]]" (e.g. "32x4x2x168"): rows
+    per program (a power of two >= 16), warps, column chunks of the projection (1 or 2) and a register cap per
+    thread (0: none); returns the new launch table."""
     if kernel not in ("triton", "gluon"):
         raise ValueError(f"projecting attention kernel {kernel!r}: expected 'triton' or 'gluon'")
     parts = spec.split("x")
-    ok = len(parts) == 2 and all(p.isdigit() and int(p) > 0 for p in parts)
-    if not ok or int(parts[0]) < 16 or int(parts[0]) & (int(parts[0]) - 1):
+    n_ok = len(parts) == 2 or (kernel == "gluon" and len(parts) in (3, 4))
+    ok = n_ok and all(p.isdigit() for p in parts) and all(int(p) > 0 for p in parts[:3])
+    chunks, maxnreg = (int(parts[2]) if len(parts) > 2 and ok else 1), (int(parts[3]) if len(parts) > 3 and ok else 0)
+    if not ok or int(parts[0]) < 16 or int(parts[0]) & (int(parts[0]) - 1) or chunks not in (1, 2):
         raise ValueError(f"projecting attention launch {spec!r}: expected rows x warps, rows a power of two >= 16 "
-                         "and warps a positive integer, such as '16x4'")
+                         "and warps a positive integer, such as '16x4' (Gluon: optionally x chunks (1 or 2) "
+                         "x register cap, such as '32x4x2x168')")
+    launch = {"block_rows": int(parts[0]), "num_warps": int(parts[1])}
+    table = PROJECT_LAUNCH
     if kernel == "gluon":
-        PROJECT_GLUON_LAUNCH.update(block_rows=int(parts[0]), num_warps=int(parts[1]))
-        return PROJECT_GLUON_LAUNCH
+        launch.update(chunks=chunks, maxnreg=maxnreg)
+        table = PROJECT_GLUON_LAUNCH
     for cp in widths:
-        PROJECT_LAUNCH[cp] = {"block_rows": int(parts[0]), "num_warps": int(parts[1])}
-    return PROJECT_LAUNCH
+        table[cp] = dict(launch)
+    return table
 
 
 def available(x: torch.Tensor, head_dim: int = 16) -> bool:
@@ -357,18 +368,31 @@ def _staging_bases(block_rows: int) -> list[list[int]]:
 if gluon is not None:
 
     @gluon.jit
+    def _gluon_value_chunk(xd, wv_ptrs, c_s, zero, ci: gl.constexpr, P: gl.constexpr, BLOCK_R: gl.constexpr,
+                           TC: gl.constexpr, DH: gl.constexpr):
+        # sum_u c_u v_u over the TC tokens of column chunk ci: v (float32, as in `_project_pool_kernel`) from one
+        # mma, c from shared memory in the layout of v's token axis. Returns (BLOCK_R, DH).
+        wv = gl.convert_layout(gl.load(wv_ptrs + ci * TC * DH), gl.DotOperandLayout(1, P, 2))
+        v3 = gl.reshape(_mma_v2(xd, wv, zero), (BLOCK_R, TC, DH))
+        c = c_s.slice(ci * TC, TC, dim=1).load(gl.SliceLayout(2, v3.type.layout))
+        return gl.sum(c[:, :, None] * v3, axis=1)
+
+    @gluon.jit
     def _project_pool_gluon_kernel(
         x_ptr, wp_ptr, w_ptr, out_ptr, R, scale,
         T: gl.constexpr, H: gl.constexpr, DH: gl.constexpr, CP: gl.constexpr, BLOCK_R: gl.constexpr,
-        STAGING: gl.constexpr, NW: gl.constexpr,
+        STAGING: gl.constexpr, NW: gl.constexpr, CHUNKS: gl.constexpr,
     ):
         # `_project_pool_kernel`'s function (same operands, same rounding: q and k rounded to x's dtype, v and the
         # softmax float32) with explicit layouts. Program (block of BLOCK_R rows, head h), NW warps:
-        #   q, k, v = x @ W_h (BLOCK_R, CP) @ (CP, T * DH) with mma.sync, warps side by side along the columns;
+        #   q, k, v = x @ W_h (BLOCK_R, CP) @ (CP, T * DH) with mma.sync, warps side by side along the columns,
+        #   in CHUNKS column chunks of T / CHUNKS tokens (fewer registers for the weight operand and accumulator);
         #   q and k -> x's dtype, reshaped (BLOCK_R, T, DH) and stored to shared memory in the STAGING layout
         #   (`_staging_bases`: no bank conflicts on the stores or on the score product's loads);
         #   scores: one batched (T, DH) @ (DH, T) mma per row, the rows spread over the warps;
-        #   c_u = sum_t w_t softmax_u(scores)_tu, pooled = sum_u c_u v_u.
+        #   c_u = sum_t w_t softmax_u(scores)_tu, pooled = sum_u c_u v_u (v chunk by chunk, c from shared memory).
+        TC: gl.constexpr = T // CHUNKS
+        CN: gl.constexpr = TC * DH
         TD: gl.constexpr = T * DH
         dt: gl.constexpr = x_ptr.dtype.element_ty
         XB: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (CP // 8), CP // 8], [NW, 1], [1, 0])
@@ -383,14 +407,15 @@ if gluon is not None:
         x = gl.load(x_ptr + rows_x[:, None].to(gl.int64) * CP + cx[None, :], mask=(rows_x < R)[:, None], other=0.0)
         xd = gl.convert_layout(x, gl.DotOperandLayout(0, P, 2))
         cw = gl.arange(0, CP, layout=gl.SliceLayout(1, WB))
-        woffs = (h * 3 * CP + cw[:, None]) * TD + gl.arange(0, TD, layout=gl.SliceLayout(0, WB))[None, :]
-        zero = gl.zeros((BLOCK_R, TD), gl.float32, P)
-        q = _mma_v2(xd, gl.convert_layout(gl.load(wp_ptr + woffs), gl.DotOperandLayout(1, P, 2)), zero)
+        woffs = (h * 3 * CP + cw[:, None]) * TD + gl.arange(0, CN, layout=gl.SliceLayout(0, WB))[None, :]
+        zero = gl.zeros((BLOCK_R, CN), gl.float32, P)
         q_s = gl.allocate_shared_memory(dt, [BLOCK_R, T, DH], STAGING)
-        q_s.store(gl.reshape(q.to(dt), (BLOCK_R, T, DH)))
-        k = _mma_v2(xd, gl.convert_layout(gl.load(wp_ptr + woffs + CP * TD), gl.DotOperandLayout(1, P, 2)), zero)
         k_s = gl.allocate_shared_memory(dt, [BLOCK_R, T, DH], STAGING)
-        k_s.store(gl.reshape(k.to(dt), (BLOCK_R, T, DH)))
+        for ci in gl.static_range(CHUNKS):
+            wq = gl.convert_layout(gl.load(wp_ptr + woffs + ci * CN), gl.DotOperandLayout(1, P, 2))
+            q_s.slice(ci * TC, TC, dim=1).store(gl.reshape(_mma_v2(xd, wq, zero).to(dt), (BLOCK_R, TC, DH)))
+            wk = gl.convert_layout(gl.load(wp_ptr + woffs + CP * TD + ci * CN), gl.DotOperandLayout(1, P, 2))
+            k_s.slice(ci * TC, TC, dim=1).store(gl.reshape(_mma_v2(xd, wk, zero).to(dt), (BLOCK_R, TC, DH)))
         _cta_barrier()
         s = _mma_v2(q_s.load(gl.DotOperandLayout(0, S3, 2)), k_s.permute((0, 2, 1)).load(gl.DotOperandLayout(1, S3, 2)),
                     gl.zeros((BLOCK_R, T, T), gl.float32, S3)) * scale
@@ -399,15 +424,15 @@ if gluon is not None:
         a = e / gl.sum(e, axis=2)[:, :, None]
         wt = gl.load(w_ptr + gl.arange(0, T, layout=gl.SliceLayout(0, gl.SliceLayout(2, S3)))).to(gl.float32)
         c = gl.sum(a * wt[None, :, None], axis=1)  # (BLOCK_R, U)
-        v = _mma_v2(xd, gl.convert_layout(gl.load(wp_ptr + woffs + 2 * CP * TD), gl.DotOperandLayout(1, P, 2)), zero)
-        v3 = gl.reshape(v, (BLOCK_R, T, DH))  # float32, as in `_project_pool_kernel`
-        L3: gl.constexpr = v3.type.layout
-        pooled = gl.sum(gl.convert_layout(c, gl.SliceLayout(2, L3))[:, :, None] * v3, axis=1)  # (BLOCK_R, DH)
-        PL: gl.constexpr = gl.SliceLayout(1, L3)
+        c_s = gl.allocate_shared_memory(gl.float32, [BLOCK_R, T], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]), c)
+        _cta_barrier()
+        pooled = _gluon_value_chunk(xd, wp_ptr + woffs + 2 * CP * TD, c_s, zero, 0, P, BLOCK_R, TC, DH)
+        for ci in gl.static_range(1, CHUNKS):
+            pooled += _gluon_value_chunk(xd, wp_ptr + woffs + 2 * CP * TD, c_s, zero, ci, P, BLOCK_R, TC, DH)
+        PL: gl.constexpr = pooled.type.layout
         rows_o = blk * BLOCK_R + gl.arange(0, BLOCK_R, layout=gl.SliceLayout(1, PL))
         out = rows_o[:, None].to(gl.int64) * (H * DH) + h * DH + gl.arange(0, DH, layout=gl.SliceLayout(0, PL))[None, :]
         gl.store(out_ptr + out, pooled, mask=(rows_o < R)[:, None])
-
 
 @torch.library.custom_op("ofer::token_attention_pool", mutates_args=())
 def token_attention_pool(qkv: torch.Tensor, w: torch.Tensor, tokens: int, heads: int, head_dim: int) -> torch.Tensor:
@@ -535,12 +560,14 @@ def token_attention_project_pool(x: torch.Tensor, wqkv: torch.Tensor, w: torch.T
         return out
     xp, wp, cp = _padded_operands(x, wqkv, tokens, heads, head_dim)
     if _gluon_projects(x, tokens, head_dim):
-        launch = PROJECT_GLUON_LAUNCH
+        launch = PROJECT_GLUON_LAUNCH[cp]
         grid = (triton.cdiv(R, launch["block_rows"]), heads)
+        extra = {"maxnreg": launch["maxnreg"]} if launch.get("maxnreg") else {}
         _project_pool_gluon_kernel[grid](xp, wp, w.contiguous(), out, R, head_dim**-0.5, T=tokens, H=heads,
                                          DH=head_dim, CP=cp, BLOCK_R=launch["block_rows"],
                                          STAGING=gl.SharedLinearLayout(_staging_bases(launch["block_rows"])),
-                                         NW=launch["num_warps"], num_warps=launch["num_warps"])
+                                         NW=launch["num_warps"], CHUNKS=launch["chunks"],
+                                         num_warps=launch["num_warps"], **extra)
         return out
     launch = PROJECT_LAUNCH[cp]
     grid = (triton.cdiv(R, launch["block_rows"]), heads)
