@@ -48,6 +48,17 @@ written, dx and dW as two cuBLAS matmuls of it), but measured slower than the se
 (forward + backward at 65,536 rows: 2.98 vs 2.95 ms at 53 channels, 1.59 vs 1.88 ms at 10; a compiled IdGen
 step 28.5 vs 27.1 ms), so `Denoiser` uses it for sampling only.
 
+For bf16/fp16 inputs with 16 tokens of 32 channels on a CUDA GPU the projecting op runs a Gluon kernel
+(`_project_pool_gluon_kernel`; Gluon is Triton's dialect with explicit layouts, Triton >= 3.5) instead: the same
+function and roundings, but q and k are staged for the score product in a shared-memory layout written out here
+(`_staging_bases`), whose XOR swizzle by token and row bits leaves neither the projection's stores nor the score
+product's loads with bank conflicts. Triton's own staging for the `tl.dot` form put the rows before the tokens,
+so every ldmatrix of the score product was an 8-way conflict (77% of the shared-memory wavefronts, ncu on an
+H100). Measured on an H100 at 51,200 rows: 128 vs 223 us at 10 channels, 181 vs 276 at 25, 274 vs 460 at 53;
+paper-setting pipeline 46.5 -> 51.9 images/s, DDIM-25 2,007 -> 2,282 (BENCHMARKS.md, "sixth" session).
+`PROJECT_KERNEL = "triton"` selects the Triton kernel again (float32 inputs, other shapes and the interpreter
+always take it).
+
 Both are `torch.library` custom ops, so `torch.compile` and CUDA graphs treat each as one call.
 Triton is optional: `available(x, head_dim)` says whether the op can run on `x` (Triton importable, a CUDA
 tensor or TRITON_INTERPRET=1 for the CPU interpreter used in our tests, head_dim >= 16 for `tl.dot`); the ops
