@@ -445,6 +445,7 @@ if gluon is not None:
         out = rows_o[:, None].to(gl.int64) * (H * DH) + h * DH + gl.arange(0, DH, layout=gl.SliceLayout(0, PL))[None, :]
         gl.store(out_ptr + out, pooled, mask=(rows_o < R)[:, None])
 
+
 @torch.library.custom_op("ofer::token_attention_pool", mutates_args=())
 def token_attention_pool(qkv: torch.Tensor, w: torch.Tensor, tokens: int, heads: int, head_dim: int) -> torch.Tensor:
     """Token-mixed attention output of every row and head.
