@@ -155,6 +155,37 @@ def test_set_project_launch_parses_and_rejects_bad_specs() -> None:
         tak.PROJECT_LAUNCH.update(saved)
 
 
+@pytest.mark.parametrize("arch, cp, launch", [(90, 16, "32x4"), (90, 64, "32x4x2x168"), (80, 32, "32x4")])
+def test_gluon_kernel_compiles_with_the_installed_triton(arch: int, cp: int, launch: str) -> None:
+    """The Gluon projecting kernel compiled ahead of time (no GPU needed) for sm_90 / sm_80 with the installed
+    Triton (the GPU tests run another Triton version): it builds, reads the staged q/k with ldmatrix, multiplies
+    with mma.sync and keeps no arrays in local memory. Catches a Gluon API change before a user's GPU does."""
+    from ofer.models import token_attention_kernel as tak
+
+    if tak.gluon is None:
+        pytest.skip("Gluon not available in this Triton")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    saved = {k: dict(v) for k, v in tak.PROJECT_GLUON_LAUNCH.items()}
+    try:
+        spec = tak.set_project_launch(launch, widths=(cp,), kernel="gluon")[cp]
+        sig = {"x_ptr": "*bf16", "wp_ptr": "*bf16", "w_ptr": "*fp32", "out_ptr": "*fp32", "R": "i32", "scale": "fp32"}
+        consts = {"T": 16, "H": 4, "DH": 32, "CP": cp, "BLOCK_R": spec["block_rows"], "NW": spec["num_warps"],
+                  "CHUNKS": spec["chunks"],
+                  "STAGING": tak.gl.SharedLinearLayout(tak._staging_bases(spec["block_rows"]))}
+        sig.update({k: "constexpr" for k in consts})
+        src = GluonASTSource(fn=tak._project_pool_gluon_kernel, signature=sig, constexprs=consts,
+                             attrs={(i,): [["tt.divisibility", 16]] for i in range(4)})
+        opts = {"num_warps": spec["num_warps"], **({"maxnreg": spec["maxnreg"]} if spec["maxnreg"] else {})}
+        ptx = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts).asm["ptx"]
+    finally:
+        tak.PROJECT_GLUON_LAUNCH.update(saved)
+    assert "ldmatrix" in ptx and "mma.sync" in ptx
+    assert "st.local" not in ptx and "ld.local" not in ptx
+
+
 @pytest.mark.parametrize("block_rows", [8, 16, 32, 64])
 def test_gluon_staging_layout_is_a_bijection_without_bank_conflicts(block_rows: int) -> None:
     """The Gluon kernel's shared-memory layout of its (rows, 16, 32) 2-byte q/k tiles, checked from the listed
