@@ -54,7 +54,7 @@ function and roundings, but q and k are staged for the score product in a shared
 (`_staging_bases`), whose XOR swizzle by token and row bits leaves neither the projection's stores nor the score
 product's loads with bank conflicts. Triton's own staging for the `tl.dot` form put the rows before the tokens,
 so every ldmatrix of the score product was an 8-way conflict (77% of the shared-memory wavefronts, ncu on an
-H100). Measured on an H100 at 51,200 rows: 128 vs 223 us at 10 channels, 181 vs 276 at 25, 274 vs 460 at 53;
+H100). Measured on an H100 at 51,200 rows: 130 vs 223 us at 10 channels, 184 vs 276 at 25, 274 vs 460 at 53;
 paper-setting pipeline 46.5 -> 51.9 images/s, DDIM-25 2,007 -> 2,282 (BENCHMARKS.md, "sixth" session).
 `PROJECT_KERNEL = "triton"` selects the Triton kernel again (float32 inputs, other shapes and the interpreter
 always take it).
