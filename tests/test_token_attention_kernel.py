@@ -170,15 +170,12 @@ def test_gluon_kernel_compiles_with_the_installed_triton(arch: int, cp: int, lau
 
     saved = {k: dict(v) for k, v in tak.PROJECT_GLUON_LAUNCH.items()}
     try:
-        spec = tak.set_project_launch(launch, widths=(cp,), kernel="gluon")[cp]
+        tak.set_project_launch(launch, widths=(cp,), kernel="gluon")
+        consts, opts = tak._gluon_launch_args(cp, 16, 4, 32)  # what token_attention_project_pool launches with
         sig = {"x_ptr": "*bf16", "wp_ptr": "*bf16", "w_ptr": "*fp32", "out_ptr": "*fp32", "R": "i32", "scale": "fp32"}
-        consts = {"T": 16, "H": 4, "DH": 32, "CP": cp, "BLOCK_R": spec["block_rows"], "NW": spec["num_warps"],
-                  "CHUNKS": spec["chunks"],
-                  "STAGING": tak.gl.SharedLinearLayout(tak._staging_bases(spec["block_rows"]))}
         sig.update({k: "constexpr" for k in consts})
         src = GluonASTSource(fn=tak._project_pool_gluon_kernel, signature=sig, constexprs=consts,
                              attrs={(i,): [["tt.divisibility", 16]] for i in range(4)})
-        opts = {"num_warps": spec["num_warps"], **({"maxnreg": spec["maxnreg"]} if spec["maxnreg"] else {})}
         ptx = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts).asm["ptx"]
     finally:
         tak.PROJECT_GLUON_LAUNCH.update(saved)

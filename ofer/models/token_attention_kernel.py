@@ -67,6 +67,7 @@ compute in PyTorch.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -572,14 +573,9 @@ def token_attention_project_pool(x: torch.Tensor, wqkv: torch.Tensor, w: torch.T
         return out
     xp, wp, cp = _padded_operands(x, wqkv, tokens, heads, head_dim)
     if _gluon_projects(x, tokens, head_dim):
-        launch = PROJECT_GLUON_LAUNCH[cp]
-        grid = (triton.cdiv(R, launch["block_rows"]), heads)
-        extra = {"maxnreg": launch["maxnreg"]} if launch.get("maxnreg") else {}
-        _project_pool_gluon_kernel[grid](xp, wp, w.contiguous(), out, R, head_dim**-0.5, T=tokens, H=heads,
-                                         DH=head_dim, CP=cp, BLOCK_R=launch["block_rows"],
-                                         STAGING=gl.SharedLinearLayout(_staging_bases(launch["block_rows"])),
-                                         NW=launch["num_warps"], CHUNKS=launch["chunks"],
-                                         num_warps=launch["num_warps"], **extra)
+        consts, options = _gluon_launch_args(cp, tokens, heads, head_dim)
+        grid = (triton.cdiv(R, consts["BLOCK_R"]), heads)
+        _project_pool_gluon_kernel[grid](xp, wp, w.contiguous(), out, R, head_dim**-0.5, **consts, **options)
         return out
     launch = PROJECT_LAUNCH[cp]
     grid = (triton.cdiv(R, launch["block_rows"]), heads)
@@ -594,6 +590,22 @@ def _gluon_projects(x: torch.Tensor, tokens: int, head_dim: int) -> bool:
     is written for)."""
     return (PROJECT_KERNEL == "gluon" and gluon is not None and x.is_cuda and not _INTERPRET
             and x.dtype in (torch.bfloat16, torch.float16) and tokens == 16 and head_dim == 32)
+
+
+def _gluon_launch_args(cp: int, tokens: int, heads: int, head_dim: int) -> tuple[dict, dict]:
+    """The Gluon kernel's compile-time arguments (constexprs) and launch options for inputs padded to cp channels,
+    from `PROJECT_GLUON_LAUNCH` (also used by the test that compiles it ahead of time)."""
+    launch = PROJECT_GLUON_LAUNCH[cp]
+    consts = {"T": tokens, "H": heads, "DH": head_dim, "CP": cp, "BLOCK_R": launch["block_rows"],
+              "STAGING": _staging_layout(launch["block_rows"]), "NW": launch["num_warps"], "CHUNKS": launch["chunks"]}
+    options = {"num_warps": launch["num_warps"], **({"maxnreg": launch["maxnreg"]} if launch["maxnreg"] else {})}
+    return consts, options
+
+
+@functools.lru_cache(maxsize=None)
+def _staging_layout(block_rows: int):  # noqa: ANN202 -- a Gluon layout (Gluon is optional)
+    """`_staging_bases` as Gluon's SharedLinearLayout, built once per row count (not on every call)."""
+    return gl.SharedLinearLayout(_staging_bases(block_rows))
 
 
 def _padded_operands(x: torch.Tensor, wqkv: torch.Tensor, tokens: int, heads: int,
