@@ -1,11 +1,12 @@
 """One sampling step of the paper-sized denoisers, variant by variant (issue 8, goal 1): where the time goes.
 
 Each variant samples DDIM-`--steps` with `GraphedSampler` (CUDA graphs, bf16 autocast, split FiLM) at
-`--rows` rows (256 images x 100 hypotheses by default) and reports the time per step, rows x steps per second,
-and the achieved rate in the paper's FLOP count (2 x parameters per row and step). Variants: the attention
-kernel (`--impls`: PyTorch SDPA, explicit math, the compiled reduction form, the Triton kernel that "auto" picks
-for sampling on CUDA) and `torch.compile` of the trunk (fuses the element-wise kernels).
-A kernel table from torch.profiler of one eager step is printed for the first variant (`--profile`).
+`--rows` rows (256 images x `--samples` 100 hypotheses by default, one FiLM row per image) and reports the
+time per step, rows x steps per second, and the achieved rate in the paper's FLOP count (2 x parameters per
+row and step). Variants: the attention kernel (`--impls`: PyTorch SDPA, explicit math, the compiled reduction
+form, the Triton kernel that "auto" picks for sampling on CUDA) and `torch.compile` of the step (trunk and
+sampler update; fuses the element-wise kernels). Kernel tables from torch.profiler of one whole step
+(`--profile`: eager with SDPA; `--profile-compiled`: compiled with the default kernels).
 
     python benchmarks/bench_denoiser_step.py --rows 25600 --json $OUT/denoiser_step.json --profile
 """
@@ -40,42 +41,43 @@ def build(name: str, impl: str) -> Denoiser:
     return m.set_attention_impl(impl).cuda().eval()
 
 
-def time_variant(name: str, impl: str, compile: bool, rows: int, steps: int, repeats: int) -> dict:
+def time_variant(name: str, impl: str, compile: bool, rows: int, steps: int, repeats: int, samples: int = 1) -> dict:
     model = build(name, impl)
     params = sum(p.numel() for p in model.parameters())
-    cond = torch.randn(rows, model.cond_dim, device="cuda")
+    cond = torch.randn(rows // samples, model.cond_dim, device="cuda")
     t0 = time.perf_counter()
     sampler = GraphedSampler(GaussianDiffusion().cuda(), model, rows=rows, dim=model.dim, cond_dim=model.cond_dim,
-                             sampler="ddim", steps=steps, compile=compile)
-    out = sampler(cond, num_samples=1)
+                             sampler="ddim", steps=steps, compile=compile, num_samples=samples)
+    out = sampler(cond, num_samples=samples)
     torch.cuda.synchronize()
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(repeats):
-        out = sampler(cond, num_samples=1)
+        out = sampler(cond, num_samples=samples)
     torch.cuda.synchronize()
     step_s = (time.perf_counter() - t0) / repeats / steps
     assert torch.isfinite(out).all()
-    return {"model": name, "attention": impl, "compile": compile, "rows": rows, "build_s": build_s,
-            "ms_per_step": step_s * 1e3, "row_steps_per_s": rows / step_s,
+    return {"model": name, "attention": impl, "compile": compile, "rows": rows, "samples": samples,
+            "build_s": build_s, "ms_per_step": step_s * 1e3, "row_steps_per_s": rows / step_s,
             "paper_tflops": 2 * params * rows / step_s / 1e12}
 
 
-def profile_step(name: str, impl: str, rows: int, compiled: bool = False) -> str:
+def profile_step(name: str, impl: str, rows: int, compiled: bool = False, samples: int = 1) -> str:
+    """Kernel table of one whole sampling step as the samplers run it (`GraphedSampler`'s step, run eagerly
+    under the profiler instead of from its graph): the trunk, the noise prediction and a stochastic update
+    (DDIM with eta = 1, the arithmetic of a DDPM step), with `samples` samples per condition."""
     model = build(name, impl)
-    opts = dict(fast_sampling.COMPILE_OPTIONS) or None
-    trunk = torch.compile(model.trunk, dynamic=False, options=opts) if compiled else model.trunk
-    x = torch.randn(rows, model.dim, device="cuda")
-    film = model.condition_film(torch.randn(rows, model.cond_dim, device="cuda")) + model.time_film(
-        torch.tensor([500], device="cuda"))
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+    sampler = GraphedSampler(GaussianDiffusion().cuda(), model, rows=rows, dim=model.dim, cond_dim=model.cond_dim,
+                             sampler="ddim", steps=2, eta=1.0, compile=compiled, num_samples=samples)
+    sampler(torch.randn(rows // samples, model.cond_dim, device="cuda"), num_samples=samples)  # sets the FiLM
+    with torch.no_grad():
         for _ in range(3):
-            trunk(x, film)
+            sampler._run(range(1))
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            trunk(x, film)
+            sampler._run(range(1))
             torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=18)
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=24)
 
 
 def main() -> None:
@@ -83,6 +85,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=25_600)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--samples", type=int, default=100,
+                    help="samples per condition (OFER: 100); the sampler keeps one FiLM row per condition")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--impls", default="math,reduce,triton",
                     help="attention kernels (Denoiser.set_attention_impl); sampling 'auto' = 'triton' on CUDA")
@@ -105,7 +109,8 @@ def main() -> None:
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
     if args.profile:
         for name in MODELS:
-            print(f"--- {name}, eager, sdpa: one step's CUDA kernels\n{profile_step(name, 'sdpa', args.rows)}", flush=True)
+            table = profile_step(name, "sdpa", args.rows, samples=args.samples)
+            print(f"--- {name}, eager, sdpa: one step's CUDA kernels\n{table}", flush=True)
     widths = [int(v) for v in args.project_max_widths.split(",")] if args.project_max_widths else [None]
     kernels = args.project_kernels.split(",") if args.project_kernels else [tak.PROJECT_KERNEL]
     default_width = tak.PROJECT_MAX_WIDTH
@@ -116,7 +121,7 @@ def main() -> None:
                     tak.PROJECT_MAX_WIDTH = default_width if width is None else width
                     tak.PROJECT_KERNEL = kernel
                     fast_sampling.COMPILE_OPTIONS = opts
-                    table = profile_step(name, "auto", args.rows, compiled=True)
+                    table = profile_step(name, "auto", args.rows, compiled=True, samples=args.samples)
                     print(f"--- {name}, compiled, auto attention, PROJECT_MAX_WIDTH {tak.PROJECT_MAX_WIDTH}, "
                           f"projecting kernel {kernel}, inductor {opts or 'default'}: one step's CUDA kernels\n"
                           f"{table}", flush=True)
@@ -134,7 +139,7 @@ def main() -> None:
             tak.PROJECT_KERNEL = kernel
             fast_sampling.COMPILE_OPTIONS = opts
             try:
-                row = time_variant(name, impl, comp, args.rows, args.steps, args.repeats)
+                row = time_variant(name, impl, comp, args.rows, args.steps, args.repeats, args.samples)
             except Exception as exc:  # noqa: BLE001 -- reported, the other variants go on
                 row = {"model": name, "attention": impl, "compile": comp, "error": f"{type(exc).__name__}: {exc}"[:400]}
             if impl == "triton":

@@ -8,8 +8,12 @@ the per-step noise comes from the default CUDA generator (seed it with `torch.ma
 
 For our `Denoiser` the FiLM parameters are split (`Denoiser.time_film` + `condition_film`): the time part of
 every step is computed once when the sampler is built (the plan's timesteps are fixed), the condition part
-once per call, and each step only runs `Denoiser.trunk`. The sampler therefore reads the model's weights when
-it is built: build a new one after changing them.
+once per call, and each step only runs `Denoiser.trunk`. Built with `num_samples=N`, the condition part has
+one row per condition instead of one per sample (`Denoiser.trunk` broadcasts it over each condition's N
+rows): at 51,200 rows of IdGen the per-row float32 FiLM tensor is 0.7 GB, and adding the time part to it was
+an extra 1.4 GB of memory traffic per step. With `compile=True` the whole step (trunk, noise prediction and
+the sampler update) is one compiled function, so the update's element-wise arithmetic is fused too. The
+sampler reads the model's weights when it is built: build a new one after changing them.
 """
 from __future__ import annotations
 
@@ -61,33 +65,43 @@ def parse_key_values(spec: str, option: str, example: str) -> dict:
 
 class GraphedSampler:
     """`GraphedSampler(diffusion, model, rows=M, dim=D, cond_dim=C, sampler=..., steps=...)(cond (B,C), num_samples=N)`
-    with B*N == M rows. Build once per (model, shape, sampler); CUDA only."""
+    with B*N == M rows. Build once per (model, shape, sampler); CUDA only. Pass `num_samples=N` when building
+    for one FiLM row per condition (then every call must use that N)."""
 
     def __init__(self, diffusion: GaussianDiffusion, model: nn.Module, *, rows: int, dim: int, cond_dim: int,
                  sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
                  timestep_spacing: str = "trailing", bf16: bool = True, chunk: int = 50,
-                 device: str | torch.device = "cuda", compile: bool = False) -> None:
+                 device: str | torch.device = "cuda", compile: bool = False, num_samples: int | None = None) -> None:
+        if num_samples is not None and (num_samples < 1 or rows % num_samples):
+            raise ValueError(f"GraphedSampler: num_samples={num_samples} must be >= 1 and divide rows={rows}")
         device = torch.device(device)
         if device.type != "cuda":
             raise ValueError("GraphedSampler needs a CUDA device; use GaussianDiffusion.sample on the CPU")
         self.model, self.diffusion, self.rows, self.dim, self.bf16 = model, diffusion, rows, dim, bf16
+        self.num_samples = num_samples
         self.plan = diffusion.plan(sampler, steps=steps, eta=eta, timestep_spacing=timestep_spacing, device=device)
         n = int(self.plan.timesteps.shape[0])
         self.x = torch.zeros(rows, dim, device=device)
-        self.cond = torch.zeros(rows, cond_dim, device=device)
-        self.x0_prev = torch.zeros(rows, dim, device=device)
-        self.t = [self.plan.timesteps[i].expand(rows).contiguous() for i in range(n)]
         self.split_film = all(hasattr(model, a) for a in ("time_film", "condition_film", "trunk"))
-        # torch.compile fuses the many small element-wise kernels (norms, FiLM, SiLU) of a step; the compiled
-        # kernels are then captured in our graphs like eager ones.
+        # the per-row condition, read only by a model without the split-FiLM methods
+        self.cond = torch.zeros(0 if self.split_film else rows, cond_dim, device=device)
+        self.x0_prev = torch.zeros(rows, dim, device=device)
+        # one tensor per step (no views into a shared buffer: a compiled step sees the same layout every time)
+        self.t = [self.plan.timesteps[i].expand(rows).contiguous() for i in range(n)]
+        self.coeffs = [self.plan.coeffs[i].clone() for i in range(n)]
         self.trunk = None  # a model without the split-FiLM methods runs whole (and uncompiled) in every step
+        self._step = self._step_eager
         if self.split_film:
             self.trunk = model.trunk
-            if compile:
-                self.trunk = torch.compile(self.trunk, dynamic=False, options=dict(COMPILE_OPTIONS) or None)
             with torch.no_grad():
-                self.tfilm = model.time_film(self.plan.timesteps.to(device)).float()  # (n, F), one row per step
-            self.cfilm = torch.zeros(rows, self.tfilm.shape[1], device=device)
+                tfilm = model.time_film(self.plan.timesteps.to(device)).float()  # (n, F), one row per step
+            self.tfilm = [tfilm[i].clone() for i in range(n)]
+            groups = rows // num_samples if num_samples else rows
+            self.cfilm = torch.zeros(groups, tfilm.shape[1], device=device)
+            if compile:
+                # torch.compile fuses the many small element-wise kernels (norms, FiLM, SiLU, the update) of a
+                # step; the compiled kernels are then captured in our graphs like eager ones.
+                self._step = torch.compile(self._step_eager, dynamic=False, options=dict(COMPILE_OPTIONS) or None)
         self.graphs: list[torch.cuda.CUDAGraph] = []
         pool = None
         stream = torch.cuda.Stream(device)
@@ -103,30 +117,40 @@ class GraphedSampler:
             self.graphs.append(g)
 
     def _run(self, steps: range) -> None:
-        x, x0_prev = self.x, self.x0_prev
         for i in steps:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
-                eps = self.diffusion.predict_noise(self._step_model(i), x, self.t[i], self.cond)
-            noise = torch.randn_like(x) if self.plan.stochastic else None
-            x_new, x0_new = denoise_step(x, eps.float(), x0_prev, self.plan.coeffs[i], noise)
-            x.copy_(x_new)
-            x0_prev.copy_(x0_new)
+            noise = torch.randn_like(self.x) if self.plan.stochastic else None
+            tfilm = self.tfilm[i] if self.split_film else None
+            self._step(self.x, self.x0_prev, tfilm, self.t[i], self.coeffs[i], noise)
 
-    def _step_model(self, i: int):
-        """The noise predictor of step i: `model(x, t, cond)`, or the trunk on precomputed FiLM parameters."""
-        if not self.split_film:
-            return self.model
-        film = self.cfilm + self.tfilm[i]
-        return lambda x, t, cond: self.trunk(x, film)
+    def _step_eager(self, x: torch.Tensor, x0_prev: torch.Tensor, tfilm: torch.Tensor | None, t: torch.Tensor,
+                    coeffs: torch.Tensor, noise: torch.Tensor | None) -> None:
+        """One step in place on x and x0_prev: the noise prediction (the trunk on this step's FiLM when the model
+        has the split-FiLM methods, else the whole model) and `denoise_step`."""
+        if tfilm is None:
+            model = self.model
+        else:
+            film = self.cfilm + tfilm  # (conditions or rows, F)
+            model = lambda x_, t_, cond_: self.trunk(x_, film)  # noqa: E731 -- the trunk ignores t and cond
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
+            eps = self.diffusion.predict_noise(model, x, t, self.cond)
+        x_new, x0_new = denoise_step(x, eps.float(), x0_prev, coeffs, noise)
+        x.copy_(x_new)
+        x0_prev.copy_(x0_new)
 
     @torch.no_grad()
     def __call__(self, cond: torch.Tensor, *, num_samples: int, x_T: torch.Tensor | None = None) -> torch.Tensor:
         b = cond.shape[0]
         if b * num_samples != self.rows:
             raise ValueError(f"GraphedSampler built for {self.rows} rows, got {b} x {num_samples}")
-        self.cond.copy_(cond.repeat_interleave(num_samples, dim=0))
+        if self.num_samples is not None and num_samples != self.num_samples:
+            raise ValueError(f"GraphedSampler built for num_samples={self.num_samples} per condition, got "
+                             f"num_samples={num_samples}")
         if self.split_film:
-            self.cfilm.copy_(self.model.condition_film(self.cond).float())
+            grouped = self.cfilm.shape[0] == b  # one FiLM row per condition (else one per sample)
+            self.cfilm.copy_(self.model.condition_film(cond if grouped else cond.repeat_interleave(num_samples, 0))
+                             .float())
+        else:
+            self.cond.copy_(cond.repeat_interleave(num_samples, dim=0))
         if x_T is None:
             self.x.normal_()
         else:

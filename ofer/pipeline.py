@@ -211,7 +211,7 @@ class OferPipeline(nn.Module):
         if key not in self._graphed:
             self._graphed[key] = GraphedSampler(diffusion, model, rows=cond.shape[0] * n, dim=dim,
                                                 cond_dim=cond.shape[1], device=cond.device,
-                                                compile=self.compile, **opts)
+                                                compile=self.compile, num_samples=n, **opts)
         return self._graphed[key](cond, num_samples=n)  # type: ignore[operator]
 
     @torch.no_grad()

@@ -15,11 +15,20 @@ def test_needs_cuda_device():
                        device="cpu")
 
 
+def test_num_samples_must_divide_the_rows():
+    model = Denoiser(dim=3, cond_dim=2, widths=(3, 2))
+    for bad in (0, 3):
+        with pytest.raises(ValueError, match=f"num_samples={bad} must be >= 1 and divide rows=8"):
+            GraphedSampler(GaussianDiffusion(), model, rows=8, dim=3, cond_dim=2, num_samples=bad)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("opts,compile", [({"sampler": "ddim", "steps": 30}, False),
-                                          ({"sampler": "dpmpp", "steps": 12}, False),
-                                          ({"sampler": "ddim", "steps": 30}, True)])
-def test_graphed_equals_eager(opts, compile):
+@pytest.mark.parametrize("opts,compile,grouped", [({"sampler": "ddim", "steps": 30}, False, False),
+                                                  ({"sampler": "dpmpp", "steps": 12}, False, False),
+                                                  ({"sampler": "ddim", "steps": 30}, True, False),
+                                                  ({"sampler": "ddpm", "steps": None}, False, True),
+                                                  ({"sampler": "ddim", "steps": 30}, True, True)])
+def test_graphed_equals_eager(opts, compile, grouped):
     torch.manual_seed(0)
     model = Denoiser(dim=53, cond_dim=16, widths=(53, 25, 10)).cuda().eval()
     for p in model.parameters():
@@ -28,11 +37,19 @@ def test_graphed_equals_eager(opts, compile):
     diff = GaussianDiffusion().cuda()
     cond = torch.randn(4, 16, device="cuda")
     x_T = torch.randn(4, 8, 53, device="cuda")
+    stochastic = opts["sampler"] == "ddpm"
+    torch.manual_seed(1)  # the same per-step noise for both when the sampler draws any
     eager = diff.sample(model, cond, dim=53, num_samples=8, x_T=x_T, **opts)
     graphed = GraphedSampler(diff, model, rows=32, dim=53, cond_dim=16, bf16=False, chunk=7, compile=compile,
-                             **opts)
+                             num_samples=8 if grouped else None, **opts)
+    assert graphed.cfilm.shape[0] == (4 if grouped else 32)  # one FiLM row per condition, or per sample
+    torch.manual_seed(1)
     out = graphed(cond, num_samples=8, x_T=x_T)
-    torch.testing.assert_close(out, eager, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(out, eager, atol=2e-4 * (5 if stochastic else 1), rtol=1e-4)
+    if grouped:
+        with pytest.raises(ValueError, match="built for num_samples=8 per condition, got num_samples=4"):
+            GraphedSampler.__call__(graphed, torch.randn(8, 16, device="cuda"), num_samples=4)
+    torch.manual_seed(1)
     out2 = graphed(cond, num_samples=8, x_T=x_T)  # replay is repeatable
     torch.testing.assert_close(out2, out, atol=0, rtol=0)
     # The test can fail: other starting noise gives other samples.

@@ -249,6 +249,27 @@ def test_split_film_equals_the_joint_film_matmul(idgen: Denoiser) -> None:
     assert not torch.allclose(net.time_film(t[:1]), net.time_film(t[1:2]))  # the time part does depend on t
 
 
+@pytest.mark.parametrize("name", ["idgen", "expgen"])
+def test_trunk_broadcasts_one_film_row_per_condition(name: str) -> None:
+    """A FiLM tensor with one row per condition (G rows for G x N samples) must give the trunk of the same FiLM
+    repeated for every sample (the definition, via repeat_interleave), in float32 and under bf16 autocast."""
+    net = randomize(build(name), seed=4).eval()
+    g, n = 3, 5
+    x = torch.randn(g * n, net.dim)
+    film = net.time_film(torch.tensor([400])) + net.condition_film(torch.randn(g, net.cond_dim))  # (G, F)
+    with torch.no_grad():
+        ref = net.trunk(x, film.repeat_interleave(n, dim=0))
+        torch.testing.assert_close(net.trunk(x, film), ref, atol=1e-6, rtol=1e-6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref16 = net.trunk(x, film.repeat_interleave(n, dim=0))
+            torch.testing.assert_close(net.trunk(x, film), ref16, atol=0, rtol=0)
+        # the test can fail: the conditions' FiLM rows differ, so the rows' order matters
+        assert not torch.allclose(net.trunk(x, film.flip(0)), ref, atol=1e-3)
+        for bad in (film[:2], film[:, :-1], film[0]):  # 2 does not divide 15 rows; a column short; 1-D
+            with pytest.raises(ValueError, match=r"film must have shape \(G, \d+\) with G dividing the 15 rows"):
+                net.trunk(x, bad)
+
+
 @pytest.mark.parametrize("impl", ["math", "reduce", "auto"])
 def test_attention_impls_equal_sdpa(expgen: Denoiser, impl: str) -> None:
     """Every attention kernel computes PyTorch's scaled_dot_product_attention (an independent implementation),
