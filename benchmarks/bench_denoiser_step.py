@@ -99,6 +99,10 @@ def main() -> None:
     ap.add_argument("--project-kernels", default=None,
                     help="comma list of token_attention_kernel.PROJECT_KERNEL values ('gluon', 'triton') to time the "
                          "triton rows (and --profile-compiled) with; default: the module's")
+    ap.add_argument("--pad-widths", default=None,
+                    help="comma list of fast_sampling.PAD_WIDTHS values ('true', 'false': sample through "
+                         "Denoiser.padded() or not) to time the compiled rows (and --profile-compiled) with; "
+                         "default: the module's")
     ap.add_argument("--inductor", action="append", default=None,
                     help="inductor options of the compiled rows: 'default' (fast_sampling.COMPILE_OPTIONS), 'none' "
                          "(inductor's defaults) or 'key=value,...'; repeat to compare (--inductor none "
@@ -106,6 +110,11 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     inductor = [fast_sampling.parse_compile_options(s) for s in (args.inductor or ["default"])]
+    pad_specs = args.pad_widths.split(",") if args.pad_widths else [str(fast_sampling.PAD_WIDTHS).lower()]
+    if set(pad_specs) - {"true", "false"}:
+        ap.error(f"--pad-widths {args.pad_widths!r}: expected a comma list of true, false")
+    pads = [v == "true" for v in pad_specs]
+    default_pad = fast_sampling.PAD_WIDTHS
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
     if args.profile:
         for name in MODELS:
@@ -117,27 +126,29 @@ def main() -> None:
     if args.profile_compiled:
         for name in MODELS:
             for width, kernel in ((wd, k) for wd in widths for k in kernels):
-                for opts in inductor:
+                for opts, pad in ((o, p) for o in inductor for p in pads):
                     tak.PROJECT_MAX_WIDTH = default_width if width is None else width
                     tak.PROJECT_KERNEL = kernel
                     fast_sampling.COMPILE_OPTIONS = opts
+                    fast_sampling.PAD_WIDTHS = pad
                     table = profile_step(name, "auto", args.rows, compiled=True, samples=args.samples)
                     print(f"--- {name}, compiled, auto attention, PROJECT_MAX_WIDTH {tak.PROJECT_MAX_WIDTH}, "
-                          f"projecting kernel {kernel}, inductor {opts or 'default'}: one step's CUDA kernels\n"
-                          f"{table}", flush=True)
+                          f"projecting kernel {kernel}, inductor {opts or 'default'}, padded widths {pad}: one "
+                          f"step's CUDA kernels\n{table}", flush=True)
     if args.only_profile:
         return
     impls = args.impls.split(",")
-    variants = [(impl, False, {}) for impl in impls if impl in ("math", "sdpa", "triton")]  # eager "reduce" is huge
-    if not args.no_compile:
-        variants += [(impl, True, opts) for impl in impls for opts in inductor]
+    variants = [(impl, False, {}, default_pad) for impl in impls if impl in ("math", "sdpa", "triton")]  # eager
+    if not args.no_compile:  # "reduce" is huge
+        variants += [(impl, True, opts, pad) for impl in impls for opts in inductor for pad in pads]
     for name in MODELS:
         triton_runs = [(wd, k) for wd in widths for k in kernels]
         runs = [(v, r) for v in variants for r in (triton_runs if v[0] == "triton" else [(None, kernels[0])])]
-        for (impl, comp, opts), (width, kernel) in runs:
+        for (impl, comp, opts, pad), (width, kernel) in runs:
             tak.PROJECT_MAX_WIDTH = default_width if width is None else width
             tak.PROJECT_KERNEL = kernel
             fast_sampling.COMPILE_OPTIONS = opts
+            fast_sampling.PAD_WIDTHS = pad
             try:
                 row = time_variant(name, impl, comp, args.rows, args.steps, args.repeats, args.samples)
             except Exception as exc:  # noqa: BLE001 -- reported, the other variants go on
@@ -145,6 +156,7 @@ def main() -> None:
             if impl == "triton":
                 row["project_max_width"] = tak.PROJECT_MAX_WIDTH
                 row["project_kernel"] = kernel
+            row["pad_widths"] = pad
             if comp:
                 row["inductor"] = opts
             out["rows"].append(row)

@@ -121,6 +121,9 @@ def main() -> None:
     ap.add_argument("--inductor", default="default",
                     help="inductor options of the compiled trunks: 'default' (fast_sampling.COMPILE_OPTIONS), 'none' "
                          "(inductor's defaults) or key=value,...")
+    ap.add_argument("--pad-widths", choices=("true", "false"), default=None,
+                    help="fast_sampling.PAD_WIDTHS: sample through Denoiser.padded() (widths rounded up to multiples "
+                         "of 8; default: the module's, true)")
     ap.add_argument("--settings", default="ddpm1000,ddim50,ddim25,dpmpp25",
                     help="comma list of the fast-path rows to run: ddpm1000, ddim50, ddim25, dpmpp25")
     ap.add_argument("--json", type=Path, default=None)
@@ -136,6 +139,8 @@ def main() -> None:
     if args.project_kernel is not None:
         tak.PROJECT_KERNEL = args.project_kernel
     fast_sampling.COMPILE_OPTIONS = fast_sampling.parse_compile_options(args.inductor)
+    if args.pad_widths is not None:
+        fast_sampling.PAD_WIDTHS = args.pad_widths == "true"
     device = "cuda"
     assert torch.cuda.is_available(), "this benchmark needs a GPU"
     assets = ensure_synthetic_flame(Path(tempfile.mkdtemp()))
@@ -148,7 +153,8 @@ def main() -> None:
            "project_max_width": tak.PROJECT_MAX_WIDTH, "project_kernel": tak.PROJECT_KERNEL,
            "project_launch": dict(tak.PROJECT_LAUNCH),
            "project_gluon_launch": {k: dict(v) for k, v in tak.PROJECT_GLUON_LAUNCH.items()},
-           "inductor": fast_sampling.COMPILE_OPTIONS, "fold_ranker": not args.no_fold_ranker, "rows": []}
+           "inductor": fast_sampling.COMPILE_OPTIONS, "pad_widths": fast_sampling.PAD_WIDTHS,
+           "fold_ranker": not args.no_fold_ranker, "rows": []}
     print(f"device: {out['device']}  torch {torch.__version__}  bf16 GEMM {tflops:.0f} TFLOP/s  "
           f"floor (paper setting) {floor_ips:.0f} images/s", flush=True)
     ddpm = {"sampler": "ddpm"}

@@ -13,7 +13,8 @@ one row per condition instead of one per sample (`Denoiser.trunk` broadcasts it 
 rows): at 51,200 rows of IdGen the per-row float32 FiLM tensor is 0.7 GB, and adding the time part to it was
 an extra 1.4 GB of memory traffic per step. With `compile=True` the whole step (trunk, noise prediction and
 the sampler update) is one compiled function, so the update's element-wise arithmetic is fused too. The
-sampler reads the model's weights when it is built: build a new one after changing them.
+sampler reads the model's weights when it is built (and samples a `Denoiser` through its `padded()` copy,
+whose widths are multiples of 8): build a new one after changing them.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from torch import nn
 
 from ofer.diffusion import GaussianDiffusion, denoise_step
 
-__all__ = ["COMPILE_OPTIONS", "GraphedSampler", "parse_compile_options", "parse_key_values"]
+__all__ = ["COMPILE_OPTIONS", "PAD_WIDTHS", "GraphedSampler", "parse_compile_options", "parse_key_values"]
 
 # Inductor options of the compiled trunk (`torch.compile(..., options=COMPILE_OPTIONS)`). force_shape_pad: pad
 # every matmul operand to aligned sizes (IdGen's 300 channels are not a multiple of 8, so cuBLAS ran them with
@@ -33,6 +34,10 @@ __all__ = ["COMPILE_OPTIONS", "GraphedSampler", "parse_compile_options", "parse_
 # training step 27.28 -> 26.51 ms, ExpGen 15.79 -> 15.80, sampling steps unchanged (7.155 / 7.157 ms IdGen).
 # Module-level so the benchmarks can compare.
 COMPILE_OPTIONS: dict = {"force_shape_pad": True, "comprehensive_padding": False}
+
+# GraphedSampler's default for `pad_widths`: sample with `Denoiser.padded()` (widths rounded up to multiples of 8,
+# the same function), so no 300-wide matmul needs a padding copy. Module-level so the benchmarks can compare.
+PAD_WIDTHS = True
 
 
 def parse_compile_options(spec: str) -> dict:
@@ -66,17 +71,22 @@ def parse_key_values(spec: str, option: str, example: str) -> dict:
 class GraphedSampler:
     """`GraphedSampler(diffusion, model, rows=M, dim=D, cond_dim=C, sampler=..., steps=...)(cond (B,C), num_samples=N)`
     with B*N == M rows. Build once per (model, shape, sampler); CUDA only. Pass `num_samples=N` when building
-    for one FiLM row per condition (then every call must use that N)."""
+    for one FiLM row per condition (then every call must use that N). With `pad_widths` (default `PAD_WIDTHS`)
+    a `Denoiser` with one GroupNorm group samples through its `padded()` copy."""
 
     def __init__(self, diffusion: GaussianDiffusion, model: nn.Module, *, rows: int, dim: int, cond_dim: int,
                  sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
                  timestep_spacing: str = "trailing", bf16: bool = True, chunk: int = 50,
-                 device: str | torch.device = "cuda", compile: bool = False, num_samples: int | None = None) -> None:
+                 device: str | torch.device = "cuda", compile: bool = False, num_samples: int | None = None,
+                 pad_widths: bool | None = None) -> None:
         if num_samples is not None and (num_samples < 1 or rows % num_samples):
             raise ValueError(f"GraphedSampler: num_samples={num_samples} must be >= 1 and divide rows={rows}")
         device = torch.device(device)
         if device.type != "cuda":
             raise ValueError("GraphedSampler needs a CUDA device; use GaussianDiffusion.sample on the CPU")
+        pad_widths = PAD_WIDTHS if pad_widths is None else pad_widths
+        if pad_widths and callable(getattr(model, "padded", None)) and getattr(model, "config", {}).get("groups") == 1:
+            model = model.padded()  # a copy computing the same function with aligned widths
         self.model, self.diffusion, self.rows, self.dim, self.bf16 = model, diffusion, rows, dim, bf16
         self.num_samples = num_samples
         self.plan = diffusion.plan(sampler, steps=steps, eta=eta, timestep_spacing=timestep_spacing, device=device)

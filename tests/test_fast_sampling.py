@@ -23,12 +23,12 @@ def test_num_samples_must_divide_the_rows():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("opts,compile,grouped", [({"sampler": "ddim", "steps": 30}, False, False),
-                                                  ({"sampler": "dpmpp", "steps": 12}, False, False),
-                                                  ({"sampler": "ddim", "steps": 30}, True, False),
-                                                  ({"sampler": "ddpm", "steps": None}, False, True),
-                                                  ({"sampler": "ddim", "steps": 30}, True, True)])
-def test_graphed_equals_eager(opts, compile, grouped):
+@pytest.mark.parametrize("opts,compile,grouped,pad", [({"sampler": "ddim", "steps": 30}, False, False, False),
+                                                      ({"sampler": "dpmpp", "steps": 12}, False, False, True),
+                                                      ({"sampler": "ddim", "steps": 30}, True, False, False),
+                                                      ({"sampler": "ddpm", "steps": None}, False, True, True),
+                                                      ({"sampler": "ddim", "steps": 30}, True, True, True)])
+def test_graphed_equals_eager(opts, compile, grouped, pad):
     torch.manual_seed(0)
     model = Denoiser(dim=53, cond_dim=16, widths=(53, 25, 10)).cuda().eval()
     for p in model.parameters():
@@ -41,8 +41,9 @@ def test_graphed_equals_eager(opts, compile, grouped):
     torch.manual_seed(1)  # the same per-step noise for both when the sampler draws any
     eager = diff.sample(model, cond, dim=53, num_samples=8, x_T=x_T, **opts)
     graphed = GraphedSampler(diff, model, rows=32, dim=53, cond_dim=16, bf16=False, chunk=7, compile=compile,
-                             num_samples=8 if grouped else None, **opts)
+                             num_samples=8 if grouped else None, pad_widths=pad, **opts)
     assert graphed.cfilm.shape[0] == (4 if grouped else 32)  # one FiLM row per condition, or per sample
+    assert graphed.model.widths == ((56, 32, 16) if pad else (53, 25, 10))  # sampled through Denoiser.padded()
     torch.manual_seed(1)
     out = graphed(cond, num_samples=8, x_T=x_T)
     torch.testing.assert_close(out, eager, atol=2e-4 * (5 if stochastic else 1), rtol=1e-4)

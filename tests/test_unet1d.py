@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ofer.models.unet1d import Denoiser, FiLMResBlock, RMSNorm
+from ofer.models.unet1d import Denoiser, FiLMResBlock, PaddedGroupNorm, RMSNorm, TokenSelfAttention
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
 
@@ -268,6 +268,55 @@ def test_trunk_broadcasts_one_film_row_per_condition(name: str) -> None:
         for bad in (film[:2], film[:, :-1], film[0]):  # 2 does not divide 15 rows; a column short; 1-D
             with pytest.raises(ValueError, match=r"film must have shape \(G, \d+\) with G dividing the 15 rows"):
                 net.trunk(x, bad)
+
+
+@pytest.mark.parametrize("name", ["idgen", "expgen"])
+def test_padded_copy_computes_the_same_function(name: str) -> None:
+    """Denoiser.padded rounds every width up to a multiple of 8 and must compute the same noise prediction as
+    the original (float32, every parameter random, norm gains included), with its padding channels exactly
+    zero after every block; GroupNorm statistics over the padding would break it (checked by a mutation)."""
+    net = randomize(build(name), seed=5).eval()
+    gen = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, (torch.nn.GroupNorm, RMSNorm)):
+                for q in m.parameters():
+                    q.copy_(1 + 0.3 * torch.randn(q.shape, generator=gen))
+            if isinstance(m, torch.nn.Linear) and m.bias is not None:  # token_mix.bias, to_out.bias non-zero too
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
+    pad = net.padded()
+    assert pad.widths == {"idgen": (304, 56, 16), "expgen": (56, 32, 16)}[name]
+    assert all(isinstance(m, PaddedGroupNorm) for b in pad.modules() if isinstance(b, FiLMResBlock)
+               for m in (b.norm1, b.norm2))
+    x, t, cond = inputs(net, 6)
+    outs: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, o: outs.append(o)) for m in pad.modules()
+             if isinstance(m, (FiLMResBlock, TokenSelfAttention))]
+    with torch.no_grad():
+        ref = net(x, t, cond)
+        torch.testing.assert_close(pad(x, t, cond), ref, atol=1e-5, rtol=1e-5)
+        true = {w: torch.arange(w) for w in net.widths}
+        for o in outs:  # the padding channels of every block's output are exactly zero
+            w = {pw: tw for pw, tw in zip(pad.widths, net.widths)}[o.shape[1]]
+            assert o[:, w:].abs().max() == 0 and o[:, true[w]].abs().max() > 0
+        for h in hooks:
+            h.remove()
+        # grouped FiLM rows work on the copy as on the original
+        film = pad.time_film(t[:2]) + pad.condition_film(cond[:2])
+        ref_film = net.time_film(t[:2]) + net.condition_film(cond[:2])
+        torch.testing.assert_close(pad.trunk(x, film), net.trunk(x, ref_film), atol=1e-5, rtol=1e-5)
+        # mutation: GroupNorm statistics over all padded channels give another function
+        norms = [m for m in pad.modules() if isinstance(m, PaddedGroupNorm)]
+        for m in norms:
+            m.channels, m.true = m.padded, m.channels
+        assert not torch.allclose(pad(x, t, cond), ref, atol=1e-3)
+        for m in norms:
+            m.channels = m.true
+        torch.testing.assert_close(pad(x, t, cond), ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="multiple must be >= 1"):
+        net.padded(0)
+    with pytest.raises(ValueError, match="needs groups=1"):
+        Denoiser(dim=8, cond_dim=4, widths=(8, 4), groups=2).padded()
 
 
 @pytest.mark.parametrize("impl", ["math", "reduce", "auto"])

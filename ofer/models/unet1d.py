@@ -28,7 +28,8 @@ from torch import nn
 
 from ofer.models import token_attention_kernel
 
-__all__ = ["ATTENTION_IMPLS", "Denoiser", "FiLMResBlock", "TokenSelfAttention", "RMSNorm", "sinusoidal_embedding"]
+__all__ = ["ATTENTION_IMPLS", "Denoiser", "FiLMResBlock", "PaddedGroupNorm", "TokenSelfAttention", "RMSNorm",
+           "sinusoidal_embedding"]
 
 ATTENTION_IMPLS = ("auto", "math", "reduce", "sdpa", "triton")
 
@@ -86,6 +87,7 @@ class TokenSelfAttention(nn.Module):
         self.to_qkv = nn.Linear(dim, tokens * 3 * hidden, bias=False)
         self.to_out = nn.Linear(hidden, dim)
         self.token_mix = nn.Linear(tokens, 1)
+        self.register_buffer("bias_mask", None, persistent=False)  # Denoiser.padded: 0 on the padding channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C) -> x + attention(norm(x)), (B, C)."""
@@ -129,6 +131,8 @@ class TokenSelfAttention(nn.Module):
                 o = w_att.to(v.dtype) @ v
             pooled = torch.einsum("bhtd,t->bhd", o, w.to(o.dtype))
         bias = self.to_out.bias * self.token_mix.weight.sum() + self.token_mix.bias
+        if self.bias_mask is not None:  # keep a padded copy's padding channels at exactly zero
+            bias = bias * self.bias_mask
         return x + F.linear(pooled.reshape(b, self.heads * self.head_dim), self.to_out.weight, bias)
 
     def _pooled_by_reductions(self, qkv: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -146,6 +150,26 @@ class TokenSelfAttention(nn.Module):
         att = scores.softmax(dim=2)
         c = (att * w.float()[None, :, None, None]).sum(1)  # (B, U, H)
         return (c[..., None] * v).sum(1)  # (B, H, Dh)
+
+
+class PaddedGroupNorm(nn.Module):
+    """GroupNorm with one group over the first `channels` of a (B, padded) tensor whose other channels are zero
+    (a `Denoiser.padded` copy): the statistics are those of the true channels, the padding stays zero
+    (zero weight and bias there). Computes in float32 and returns float32, as nn.GroupNorm under autocast."""
+
+    def __init__(self, channels: int, padded: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.channels, self.padded, self.eps = channels, padded, eps
+        self.weight = nn.Parameter(torch.zeros(padded))
+        self.bias = nn.Parameter(torch.zeros(padded))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        mean = xf.sum(-1, keepdim=True) / self.channels
+        d = xf - mean
+        # the padding's zeros contribute (padded - channels) * mean^2 to sum(d^2); take it out
+        var = ((d * d).sum(-1, keepdim=True) - (self.padded - self.channels) * mean * mean) / self.channels
+        return d * torch.rsqrt(var.clamp_min(0) + self.eps) * self.weight + self.bias
 
 
 class FiLMResBlock(nn.Module):
@@ -246,6 +270,9 @@ class Denoiser(nn.Module):
                 f"{attn_heads}, {attn_head_dim}, {attn_tokens}"
             )
         self.dim, self.cond_dim, self.widths, self.time_dim = dim, cond_dim, widths, time_dim
+        self.config = dict(dim=dim, cond_dim=cond_dim, widths=widths, time_dim=time_dim, attention=attention,
+                           attn_heads=attn_heads, attn_head_dim=attn_head_dim, attn_tokens=attn_tokens,
+                           groups=groups, blocks_per_level=blocks_per_level, cond_scale=cond_scale)
         self.cond_scale = float(cond_scale)
 
         def attn(w: int) -> nn.Module:
@@ -422,3 +449,103 @@ class Denoiser(nn.Module):
         h = run(self.final_block, torch.cat((h, r), dim=-1))
         h = self.final_attn(h)
         return self.out_proj(h)
+
+    @torch.no_grad()
+    def padded(self, multiple: int = 8) -> "Denoiser":
+        """An inference copy of this denoiser whose channel widths are rounded up to multiples of `multiple`,
+        computing the same function (`widths` (300, 50, 10) -> (304, 56, 16); x and the output keep `dim`).
+
+        The copy's extra channels are zero everywhere: their weight rows and columns, biases, FiLM rows, norm
+        gains are zero, its GroupNorms (`PaddedGroupNorm`) take the statistics of the true channels, the RMS norm
+        keeps the true sqrt(width) (zeros do not change an L2 norm), and the attention output bias is masked.
+        Why: a 300-channel bf16 row is 600 bytes, not a multiple of 16, so under torch.compile every matmul of
+        the 300-wide layers got a padding copy of its input and the element-wise kernels misaligned rows.
+        Sampling only (the copy is detached from this model's parameters); one GroupNorm group required."""
+        if multiple < 1:
+            raise ValueError(f"Denoiser.padded: multiple must be >= 1, got {multiple}")
+        if self.config["groups"] != 1:
+            raise ValueError(f"Denoiser.padded: needs groups=1 (OFER's setting), this model has "
+                             f"groups={self.config['groups']}")
+
+        def up(w: int) -> int:
+            return -(-w // multiple) * multiple
+
+        def idx(*parts: int) -> torch.Tensor:  # positions of the true channels of concatenated padded parts
+            out, off = [], 0
+            for w in parts:
+                out.append(torch.arange(w) + off)
+                off += up(w)
+            return torch.cat(out)
+
+        def lin(new: nn.Linear, old: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | None) -> None:
+            w = old.weight.detach().cpu()
+            new.weight.zero_()
+            r = slice(None) if rows is None else rows
+            c = slice(None) if cols is None else cols
+            if rows is not None and cols is not None:
+                new.weight[rows[:, None], cols[None, :]] = w
+            else:
+                new.weight[r, c] = w
+            if old.bias is not None:
+                new.bias.zero_()
+                new.bias[r] = old.bias.detach().cpu()
+
+        def norm(old: nn.GroupNorm, w: int) -> PaddedGroupNorm:
+            n = PaddedGroupNorm(w, up(w), eps=old.eps)
+            n.weight[idx(w)] = old.weight.detach().cpu()
+            n.bias[idx(w)] = old.bias.detach().cpu()
+            return n
+
+        def block(new: FiLMResBlock, old: FiLMResBlock, parts: tuple[int, ...], w: int) -> None:
+            lin(new.lin1, old.lin1, idx(w), idx(*parts))
+            lin(new.lin2, old.lin2, idx(w), idx(w))
+            if isinstance(old.skip, nn.Linear):
+                lin(new.skip, old.skip, idx(w), idx(*parts))
+            new.norm1, new.norm2 = norm(old.norm1, w), norm(old.norm2, w)
+
+        def attn(new: nn.Module, old: nn.Module, w: int) -> None:
+            if not isinstance(old, TokenSelfAttention):
+                return
+            new.norm.gain.zero_()
+            new.norm.gain[idx(w)] = old.norm.gain.detach().cpu()
+            new.norm.scale = old.norm.scale  # the true sqrt(width)
+            lin(new.to_qkv, old.to_qkv, None, idx(w))
+            lin(new.to_out, old.to_out, idx(w), None)
+            new.token_mix.load_state_dict(old.token_mix.state_dict())
+            mask = torch.zeros(up(w))
+            mask[idx(w)] = 1
+            new.bias_mask = mask
+            new.impl = old.impl
+
+        new = Denoiser(**{**self.config, "widths": tuple(up(w) for w in self.widths)})
+        new.time_mlp.load_state_dict(self.time_mlp.state_dict())
+        w0 = self.widths[0]
+        lin(new.in_proj, self.in_proj, idx(w0), None)
+        lin(new.out_proj, self.out_proj, None, idx(w0))
+        levels = list(zip(self.widths[:-1], self.widths[1:]))
+        for lvl, (wi, wo) in enumerate(levels):
+            for nb, ob in zip(new.down_blocks[lvl], self.down_blocks[lvl]):
+                block(nb, ob, (wi,), wi)
+            attn(new.down_attn[lvl], self.down_attn[lvl], wi)
+            lin(new.down_mlp[lvl][0], self.down_mlp[lvl][0], idx(wi), idx(wi))
+            lin(new.down_mlp[lvl][2], self.down_mlp[lvl][2], idx(wo), idx(wi))
+        wm = self.widths[-1]
+        block(new.mid_block1, self.mid_block1, (wm,), wm)
+        attn(new.mid_attn, self.mid_attn, wm)
+        block(new.mid_block2, self.mid_block2, (wm,), wm)
+        for j, (ws, wd) in enumerate(reversed(levels)):
+            lin(new.up_mlp[j][0], self.up_mlp[j][0], idx(wd), idx(wd))
+            lin(new.up_mlp[j][2], self.up_mlp[j][2], idx(ws), idx(wd))
+            for nb, ob in zip(new.up_blocks[j], self.up_blocks[j]):
+                block(nb, ob, (ws, ws), ws)
+            attn(new.up_attn[j], self.up_attn[j], ws)
+        block(new.final_block, self.final_block, (w0, w0), w0)
+        attn(new.final_attn, self.final_attn, w0)
+        rows, off = [], 0  # every block's (scale, shift) rows, each half padded
+        for size in self._film_sizes:
+            w = size // 2
+            rows += [torch.arange(w) + off, torch.arange(w) + off + up(w)]
+            off += 2 * up(w)
+        lin(new.film, self.film, torch.cat(rows), None)
+        p = self.film.weight
+        return new.to(device=p.device, dtype=p.dtype).train(self.training)
