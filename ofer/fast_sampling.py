@@ -85,7 +85,8 @@ class GraphedSampler:
         if device.type != "cuda":
             raise ValueError("GraphedSampler needs a CUDA device; use GaussianDiffusion.sample on the CPU")
         pad_widths = PAD_WIDTHS if pad_widths is None else pad_widths
-        if pad_widths and callable(getattr(model, "padded", None)) and getattr(model, "config", {}).get("groups") == 1:
+        if (pad_widths and callable(getattr(model, "padded", None)) and getattr(model, "config", {}).get("groups") == 1
+                and not getattr(model, "is_padded", False)):
             model = model.padded()  # a copy computing the same function with aligned widths
         self.model, self.diffusion, self.rows, self.dim, self.bf16 = model, diffusion, rows, dim, bf16
         self.num_samples = num_samples

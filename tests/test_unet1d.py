@@ -313,6 +313,9 @@ def test_padded_copy_computes_the_same_function(name: str) -> None:
         for m in norms:
             m.channels = m.true
         torch.testing.assert_close(pad(x, t, cond), ref, atol=1e-5, rtol=1e-5)
+    assert pad.is_padded and not net.is_padded
+    with pytest.raises(ValueError, match="already is a padded copy"):
+        pad.padded()  # its widths count padding channels: padding it again would normalise over them
     with pytest.raises(ValueError, match="multiple must be >= 1"):
         net.padded(0)
     with pytest.raises(ValueError, match="needs groups=1"):

@@ -416,8 +416,8 @@ class Denoiser(nn.Module):
 
         `film` may also have G rows with G dividing B: row g then applies to the B / G consecutive rows
         g * B / G, ..., (g + 1) * B / G - 1 of x, the layout of `num_samples` samples per condition. A sampler
-        passes one FiLM row per condition instead of one per sample: at 51,200 rows of IdGen the per-row FiLM
-        tensor (rows, 3,440) is 0.35 GB in bf16, read by every step.
+        passes one FiLM row per condition instead of one per sample: at 51,200 rows of IdGen a per-row float32
+        FiLM tensor (rows, 3,440) is 0.7 GB, read by every step.
         """
         if film.ndim != 2 or film.shape[1] != sum(self._film_sizes) or film.shape[0] < 1 or x.shape[0] % film.shape[0]:
             raise ValueError(f"Denoiser.trunk: film must have shape (G, {sum(self._film_sizes)}) with G dividing "
@@ -450,6 +450,11 @@ class Denoiser(nn.Module):
         h = self.final_attn(h)
         return self.out_proj(h)
 
+    @property
+    def is_padded(self) -> bool:
+        """Whether this is a `padded()` copy (its widths include zero padding channels)."""
+        return any(isinstance(m, PaddedGroupNorm) for m in self.modules())
+
     @torch.no_grad()
     def padded(self, multiple: int = 8) -> "Denoiser":
         """An inference copy of this denoiser whose channel widths are rounded up to multiples of `multiple`,
@@ -466,6 +471,9 @@ class Denoiser(nn.Module):
         if self.config["groups"] != 1:
             raise ValueError(f"Denoiser.padded: needs groups=1 (OFER's setting), this model has "
                              f"groups={self.config['groups']}")
+        if self.is_padded:
+            raise ValueError("Denoiser.padded: this model already is a padded copy (its widths count padding "
+                             "channels); pad the original model instead")
 
         def up(w: int) -> int:
             return -(-w // multiple) * multiple
