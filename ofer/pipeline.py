@@ -207,7 +207,7 @@ class OferPipeline(nn.Module):
             return diffusion.sample(model, cond, dim=dim, num_samples=n, generator=generator, **opts)
         from ofer.fast_sampling import GraphedSampler
 
-        key = (which, cond.shape[0] * n, str(cond.device))
+        key = (which, cond.shape[0], n, str(cond.device))  # a sampler keeps one FiLM row per image
         if key not in self._graphed:
             self._graphed[key] = GraphedSampler(diffusion, model, rows=cond.shape[0] * n, dim=dim,
                                                 cond_dim=cond.shape[1], device=cond.device,
