@@ -5,8 +5,9 @@ DDPM-1000, with the paper-sized denoisers (12.45 M / 3.16 M parameters) and IdRa
 cost does not depend on them). Rows:
   * baseline: our pipeline run like the public code's demo: eager, fp32, one image at a time, every candidate
     decoded to face vertices before IdRank (`fold_ranker=False`);
-  * ours: many images per call, bf16 autocast, CUDA-graph sampling (`pipeline.fast`), with `--compile` also
-    torch.compile'd denoiser trunks (`pipeline.compile`); IdRank scores the shape coefficients through its
+  * ours: many images per call, bf16 autocast, CUDA-graph sampling (`pipeline.fast`; one FiLM row per image,
+    aligned widths unless `--pad-widths false`), with `--compile` also torch.compile'd sampling steps
+    (`pipeline.compile`); IdRank scores the shape coefficients through its
     folded first layer (`pipeline.fold_ranker`, no decode) unless `--no-fold-ranker`;
   * fast samplers: DDIM-50, DDIM-25 and DPM-Solver++-25 on the same fast path.
 The floor is 100 x (1000 x 2 x 12.45 M + 1000 x 2 x 3.16 M) FLOP per image at the bf16 GEMM rate measured in
@@ -105,7 +106,7 @@ def main() -> None:
     ap.add_argument("--fast-batch", type=int, default=1024, help="images per call for DDIM/DPM++ rows")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--skip-baseline", action="store_true")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the denoiser trunks on the fast path")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the sampling steps on the fast path")
     ap.add_argument("--no-fold-ranker", action="store_true",
                     help="on the fast path, decode every candidate to face vertices and rank those (the baseline's "
                          "path) instead of ranking the shape coefficients through the folded first layer")
@@ -119,7 +120,7 @@ def main() -> None:
                     help="widest attention input whose q/k/v projection runs inside the Triton kernel (0: never; "
                          "default: the module's token_attention_kernel.PROJECT_MAX_WIDTH)")
     ap.add_argument("--inductor", default="default",
-                    help="inductor options of the compiled trunks: 'default' (fast_sampling.COMPILE_OPTIONS), 'none' "
+                    help="inductor options of the compiled steps: 'default' (fast_sampling.COMPILE_OPTIONS), 'none' "
                          "(inductor's defaults) or key=value,...")
     ap.add_argument("--pad-widths", choices=("true", "false"), default=None,
                     help="fast_sampling.PAD_WIDTHS: sample through Denoiser.padded() (widths rounded up to multiples "

@@ -105,8 +105,11 @@ class OferPipeline(nn.Module):
         jaw_scale: factor on the sampled jaw. The public OFER code multiplies it by 0.5 at test time
             [code]; our default 1.0 keeps the distribution the model was trained on (set 0.5 to mimic it).
         fast: on CUDA, sample with CUDA graphs (`ofer.fast_sampling`, one capture per batch size) and the
-            denoisers under bf16 autocast; noise then comes from the default CUDA generator.
-        compile: with `fast`, also `torch.compile` the denoisers' trunks (fuses their element-wise kernels;
+            denoisers under bf16 autocast, one FiLM row per image and through `Denoiser.padded()` copies (the
+            same function with widths rounded up to multiples of 8); noise then comes from the default CUDA
+            generator.
+        compile: with `fast`, also `torch.compile` the sampling steps (denoiser trunk and sampler update; fuses
+            their element-wise kernels;
             ~10-15 s of compilation per model and batch size, then ~1.7x faster steps on an H200) and, with
             `fold_ranker`, the folded IdRank.
         fold_ranker: score the candidates from their shape coefficients (`shape_ranker`, a `ShapeRanker` over
