@@ -110,11 +110,12 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     inductor = [fast_sampling.parse_compile_options(s) for s in (args.inductor or ["default"])]
-    pad_specs = args.pad_widths.split(",") if args.pad_widths else [str(fast_sampling.PAD_WIDTHS).lower()]
-    if set(pad_specs) - {"true", "false"}:
-        ap.error(f"--pad-widths {args.pad_widths!r}: expected a comma list of true, false")
-    pads = [v == "true" for v in pad_specs]
     default_pad = fast_sampling.PAD_WIDTHS
+    pads = [default_pad]
+    if args.pad_widths:
+        if set(args.pad_widths.split(",")) - {"true", "false"}:
+            ap.error(f"--pad-widths {args.pad_widths!r}: expected a comma list of true, false")
+        pads = [v == "true" for v in args.pad_widths.split(",")]
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
     if args.profile:
         for name in MODELS:

@@ -157,7 +157,7 @@ class GraphedSampler:
             raise ValueError(f"GraphedSampler built for num_samples={self.num_samples} per condition, got "
                              f"num_samples={num_samples}")
         if self.split_film:
-            grouped = self.cfilm.shape[0] == b  # one FiLM row per condition (else one per sample)
+            grouped = self.num_samples is not None  # one FiLM row per condition (else one per sample)
             self.cfilm.copy_(self.model.condition_film(cond if grouped else cond.repeat_interleave(num_samples, 0))
                              .float())
         else:

@@ -486,17 +486,13 @@ class Denoiser(nn.Module):
             return torch.cat(out)
 
         def lin(new: nn.Linear, old: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | None) -> None:
-            w = old.weight.detach().cpu()
+            rows = torch.arange(new.out_features) if rows is None else rows  # None: all, unpadded
+            cols = torch.arange(new.in_features) if cols is None else cols
             new.weight.zero_()
-            r = slice(None) if rows is None else rows
-            c = slice(None) if cols is None else cols
-            if rows is not None and cols is not None:
-                new.weight[rows[:, None], cols[None, :]] = w
-            else:
-                new.weight[r, c] = w
+            new.weight[rows[:, None], cols[None, :]] = old.weight.detach().cpu()
             if old.bias is not None:
                 new.bias.zero_()
-                new.bias[r] = old.bias.detach().cpu()
+                new.bias[rows] = old.bias.detach().cpu()
 
         def norm(old: nn.GroupNorm, w: int) -> PaddedGroupNorm:
             n = PaddedGroupNorm(w, up(w), eps=old.eps)
