@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ofer import fast_sampling  # noqa: E402
 from ofer.diffusion import GaussianDiffusion  # noqa: E402
 from ofer.fast_sampling import GraphedSampler  # noqa: E402
+from ofer.models import resblock_kernel  # noqa: E402
 from ofer.models import token_attention_kernel as tak  # noqa: E402
 from ofer.models.unet1d import Denoiser  # noqa: E402
 
@@ -62,7 +63,8 @@ def time_variant(name: str, impl: str, compile: bool, rows: int, steps: int, rep
             "paper_tflops": 2 * params * rows / step_s / 1e12}
 
 
-def profile_step(name: str, impl: str, rows: int, compiled: bool = False, samples: int = 1) -> str:
+def profile_step(name: str, impl: str, rows: int, compiled: bool = False, samples: int = 1,
+                 row_limit: int = 24) -> str:
     """Kernel table of one whole sampling step as the samplers run it (`GraphedSampler`'s step, run eagerly
     under the profiler instead of from its graph): the trunk, the noise prediction and a stochastic update
     (DDIM with eta = 1, the arithmetic of a DDPM step), with `samples` samples per condition."""
@@ -77,7 +79,7 @@ def profile_step(name: str, impl: str, rows: int, compiled: bool = False, sample
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             sampler._run(range(1))
             torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=24)
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=row_limit)
 
 
 def main() -> None:
@@ -93,6 +95,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-compiled", action="store_true", help="kernel table of one compiled step with the default ('auto') attention")
     ap.add_argument("--only-profile", action="store_true")
+    ap.add_argument("--profile-rows", type=int, default=24, help="kernels listed per profile table")
     ap.add_argument("--project-max-widths", default=None,
                     help="comma list of token_attention_kernel.PROJECT_MAX_WIDTH values to time the triton rows with "
                          "(0: the projection never inside the kernel); default: the module's")
@@ -103,6 +106,9 @@ def main() -> None:
                     help="comma list of fast_sampling.PAD_WIDTHS values ('true', 'false': sample through "
                          "Denoiser.padded() or not) to time the compiled rows (and --profile-compiled) with; "
                          "default: the module's")
+    ap.add_argument("--resblock-kernel", default=None,
+                    help="comma list of true,false: FiLM blocks through the Triton kernels (resblock_kernel.ENABLED; "
+                         "default: the module's)")
     ap.add_argument("--inductor", action="append", default=None,
                     help="inductor options of the compiled rows: 'default' (fast_sampling.COMPILE_OPTIONS), 'none' "
                          "(inductor's defaults) or 'key=value,...'; repeat to compare (--inductor none "
@@ -116,10 +122,15 @@ def main() -> None:
         if set(args.pad_widths.split(",")) - {"true", "false"}:
             ap.error(f"--pad-widths {args.pad_widths!r}: expected a comma list of true, false")
         pads = [v == "true" for v in args.pad_widths.split(",")]
+    rbs = [resblock_kernel.ENABLED]
+    if args.resblock_kernel:
+        if set(args.resblock_kernel.split(",")) - {"true", "false"}:
+            ap.error(f"--resblock-kernel {args.resblock_kernel!r}: expected a comma list of true, false")
+        rbs = [v == "true" for v in args.resblock_kernel.split(",")]
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
     if args.profile:
         for name in MODELS:
-            table = profile_step(name, "sdpa", args.rows, samples=args.samples)
+            table = profile_step(name, "sdpa", args.rows, samples=args.samples, row_limit=args.profile_rows)
             print(f"--- {name}, eager, sdpa: one step's CUDA kernels\n{table}", flush=True)
     widths = [int(v) for v in args.project_max_widths.split(",")] if args.project_max_widths else [None]
     kernels = args.project_kernels.split(",") if args.project_kernels else [tak.PROJECT_KERNEL]
@@ -127,14 +138,17 @@ def main() -> None:
     if args.profile_compiled:
         for name in MODELS:
             for width, kernel in ((wd, k) for wd in widths for k in kernels):
-                for opts, pad in ((o, p) for o in inductor for p in pads):
+                for opts, pad, rb in ((o, p, r) for o in inductor for p in pads for r in rbs):
+                    resblock_kernel.ENABLED = rb
                     tak.PROJECT_MAX_WIDTH = default_width if width is None else width
                     tak.PROJECT_KERNEL = kernel
                     fast_sampling.COMPILE_OPTIONS = opts
                     fast_sampling.PAD_WIDTHS = pad
-                    table = profile_step(name, "auto", args.rows, compiled=True, samples=args.samples)
+                    table = profile_step(name, "auto", args.rows, compiled=True, samples=args.samples,
+                                         row_limit=args.profile_rows)
                     print(f"--- {name}, compiled, auto attention, PROJECT_MAX_WIDTH {tak.PROJECT_MAX_WIDTH}, "
-                          f"projecting kernel {kernel}, inductor {opts or 'default'}, padded widths {pad}: one "
+                          f"projecting kernel {kernel}, inductor {opts or 'default'}, padded widths {pad}, resblock "
+                          f"kernel {rb}: one "
                           f"step's CUDA kernels\n{table}", flush=True)
     if args.only_profile:
         return
@@ -142,10 +156,12 @@ def main() -> None:
     variants = [(impl, False, {}, default_pad) for impl in impls if impl in ("math", "sdpa", "triton")]  # eager
     if not args.no_compile:  # "reduce" is huge
         variants += [(impl, True, opts, pad) for impl in impls for opts in inductor for pad in pads]
+    variants = [(*v, rb) for v in variants for rb in rbs]
     for name in MODELS:
         triton_runs = [(wd, k) for wd in widths for k in kernels]
         runs = [(v, r) for v in variants for r in (triton_runs if v[0] == "triton" else [(None, kernels[0])])]
-        for (impl, comp, opts, pad), (width, kernel) in runs:
+        for (impl, comp, opts, pad, rb), (width, kernel) in runs:
+            resblock_kernel.ENABLED = rb
             tak.PROJECT_MAX_WIDTH = default_width if width is None else width
             tak.PROJECT_KERNEL = kernel
             fast_sampling.COMPILE_OPTIONS = opts
@@ -158,6 +174,7 @@ def main() -> None:
                 row["project_max_width"] = tak.PROJECT_MAX_WIDTH
                 row["project_kernel"] = kernel
             row["pad_widths"] = pad
+            row["resblock_kernel"] = rb
             if comp:
                 row["inductor"] = opts
             out["rows"].append(row)

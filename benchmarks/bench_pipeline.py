@@ -32,6 +32,7 @@ import ofer  # noqa: E402,F401
 from ofer import fast_sampling  # noqa: E402
 from ofer.diffusion import GaussianDiffusion  # noqa: E402
 from ofer.flame import FLAME  # noqa: E402
+from ofer.models import resblock_kernel  # noqa: E402
 from ofer.models import token_attention_kernel as tak  # noqa: E402
 from ofer.models.ranker import IdRanker  # noqa: E402
 from ofer.models.unet1d import Denoiser  # noqa: E402
@@ -125,6 +126,9 @@ def main() -> None:
     ap.add_argument("--pad-widths", choices=("true", "false"), default=None,
                     help="fast_sampling.PAD_WIDTHS: sample through Denoiser.padded() (widths rounded up to multiples "
                          "of 8; default: the module's, true)")
+    ap.add_argument("--resblock-kernel", choices=("true", "false"), default=None,
+                    help="resblock_kernel.ENABLED: FiLM blocks through the Triton kernels in sampling (default: the "
+                         "module's, true)")
     ap.add_argument("--settings", default="ddpm1000,ddim50,ddim25,dpmpp25",
                     help="comma list of the fast-path rows to run: ddpm1000, ddim50, ddim25, dpmpp25")
     ap.add_argument("--json", type=Path, default=None)
@@ -142,6 +146,8 @@ def main() -> None:
     fast_sampling.COMPILE_OPTIONS = fast_sampling.parse_compile_options(args.inductor)
     if args.pad_widths is not None:
         fast_sampling.PAD_WIDTHS = args.pad_widths == "true"
+    if args.resblock_kernel is not None:
+        resblock_kernel.ENABLED = args.resblock_kernel == "true"
     device = "cuda"
     assert torch.cuda.is_available(), "this benchmark needs a GPU"
     assets = ensure_synthetic_flame(Path(tempfile.mkdtemp()))
@@ -155,6 +161,7 @@ def main() -> None:
            "project_launch": dict(tak.PROJECT_LAUNCH),
            "project_gluon_launch": {k: dict(v) for k, v in tak.PROJECT_GLUON_LAUNCH.items()},
            "inductor": fast_sampling.COMPILE_OPTIONS, "pad_widths": fast_sampling.PAD_WIDTHS,
+           "resblock_kernel": resblock_kernel.ENABLED,
            "fold_ranker": not args.no_fold_ranker, "rows": []}
     print(f"device: {out['device']}  torch {torch.__version__}  bf16 GEMM {tflops:.0f} TFLOP/s  "
           f"floor (paper setting) {floor_ips:.0f} images/s", flush=True)

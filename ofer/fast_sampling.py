@@ -88,6 +88,8 @@ class GraphedSampler:
         if (pad_widths and callable(getattr(model, "padded", None)) and getattr(model, "config", {}).get("groups") == 1
                 and not getattr(model, "is_padded", False)):
             model = model.padded()  # a copy computing the same function with aligned widths
+        if bf16 and callable(getattr(model, "autocast_copy", None)):
+            model = model.autocast_copy(torch.bfloat16)  # trunk weights cast once, not in every step
         self.model, self.diffusion, self.rows, self.dim, self.bf16 = model, diffusion, rows, dim, bf16
         self.num_samples = num_samples
         self.plan = diffusion.plan(sampler, steps=steps, eta=eta, timestep_spacing=timestep_spacing, device=device)

@@ -19,6 +19,7 @@ Conditioning (time and image feature) enters only through FiLM in the ResBlocks,
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ofer.models import token_attention_kernel
+from ofer.models import resblock_kernel, token_attention_kernel
 
 __all__ = ["ATTENTION_IMPLS", "Denoiser", "FiLMResBlock", "PaddedGroupNorm", "TokenSelfAttention", "RMSNorm",
            "sinusoidal_embedding"]
@@ -190,7 +191,13 @@ class FiLMResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         """x: (B, dim_in); scale, shift: (B, dim_out), or (G, dim_out) with G dividing B, where row g modulates
-        the B / G consecutive rows g * B / G, ..., (g + 1) * B / G - 1 (samples of one condition) -> (B, dim_out)."""
+        the B / G consecutive rows g * B / G, ..., (g + 1) * B / G - 1 (samples of one condition) -> (B, dim_out).
+
+        In sampling on CUDA under bf16/fp16 autocast with one norm group, each half of the block is one Triton
+        kernel (`ofer.models.resblock_kernel`, same function and roundings; switch: `resblock_kernel.ENABLED`)."""
+        dt = self._kernel_dtype(x, scale)
+        if dt is not None:
+            return self._kernel_forward(x.to(dt), scale, shift, dt)
         h = self.lin1(x)
         # Under autocast GroupNorm computes (and returns) float32; its output goes back to the Linear's dtype
         # (bf16), so FiLM, SiLU and every tensor of the backward stay bf16 like the rest of the trunk instead of
@@ -206,6 +213,45 @@ class FiLMResBlock(nn.Module):
         h = self.lin2(h)
         h = F.silu(self.norm2(h).to(h.dtype))
         return h + self.skip(x)
+
+    def _kernel_dtype(self, x: torch.Tensor, scale: torch.Tensor) -> torch.dtype | None:
+        """The compute dtype of the kernel path, or None where the block runs its PyTorch form: kernels switched
+        off or unavailable, a block wider than `resblock_kernel.COMPILED_MAX_WIDTH` inside torch.compile, a
+        gradient needed, a norm with several groups or no affine, or (on CUDA) no bf16/fp16 autocast. Static
+        properties only (torch.compile traces it without a graph break)."""
+        if not (resblock_kernel.ENABLED and resblock_kernel.available(x)):
+            return None
+        if torch.compiler.is_compiling() and self.lin1.out_features > resblock_kernel.COMPILED_MAX_WIDTH:
+            return None  # inductor's kernels around cuBLAS are faster there (measured, see COMPILED_MAX_WIDTH)
+        if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or self.lin1.weight.requires_grad):
+            return None
+        for norm in (self.norm1, self.norm2):
+            if not isinstance(norm, PaddedGroupNorm) and (norm.num_groups != 1 or norm.weight is None):
+                return None
+        dev = x.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        if x.is_cuda and dt not in (torch.bfloat16, torch.float16):
+            return None
+        return dt
+
+    def _kernel_forward(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                        dt: torch.dtype) -> torch.Tensor:
+        """forward() as two Triton kernels (`resblock_kernel.film_block_in` / `film_block_out`) computing in dt."""
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        if scale.stride(1) != 1 or shift.stride() != scale.stride():
+            scale, shift = scale.contiguous(), shift.contiguous()
+        n1, n2 = self.norm1, self.norm2
+        c1 = n1.channels if isinstance(n1, PaddedGroupNorm) else n1.num_channels
+        c2 = n2.channels if isinstance(n2, PaddedGroupNorm) else n2.num_channels
+        a = resblock_kernel.film_block_in(
+            x, self.lin1.weight.to(dt).contiguous(), self.lin1.bias.to(dt), n1.weight.float(), n1.bias.float(),
+            scale.float(), shift.float(), c1, n1.eps)
+        skip = self.skip if isinstance(self.skip, nn.Linear) else None
+        return resblock_kernel.film_block_out(
+            a, x, self.lin2.weight.to(dt).contiguous(), self.lin2.bias.to(dt), n2.weight.float(), n2.bias.float(),
+            None if skip is None else skip.weight.to(dt).contiguous(), None if skip is None else skip.bias.to(dt),
+            c2, n2.eps)
 
 
 def _width_mlp(dim_in: int, dim_out: int) -> nn.Sequential:
@@ -449,6 +495,24 @@ class Denoiser(nn.Module):
         h = run(self.final_block, torch.cat((h, r), dim=-1))
         h = self.final_attn(h)
         return self.out_proj(h)
+
+    @torch.no_grad()
+    def autocast_copy(self, dtype: torch.dtype = torch.bfloat16) -> "Denoiser":
+        """An inference copy whose trunk Linear layers hold their weights and biases in `dtype`, for sampling under
+        autocast to `dtype`: there it computes exactly this model's function (autocast casts these tensors to
+        `dtype` anyway), without a cast of every weight in every step (~80 small kernels per compiled IdGen step).
+
+        Left as they are: the FiLM and time MLP (`time_film` / `condition_film` run outside autocast), the token
+        mix, the attention output bias (computed in float32 from the token mix before autocast casts it) and every
+        norm parameter (norms compute in float32). Outside autocast the copy's trunk raises a dtype error."""
+        new = copy.deepcopy(self)
+        for name, m in new.named_modules():
+            if not isinstance(m, nn.Linear) or name.split(".")[0] in ("film", "time_mlp") or name.endswith("token_mix"):
+                continue
+            m.weight.data = m.weight.data.to(dtype)
+            if m.bias is not None and not name.endswith("to_out"):
+                m.bias.data = m.bias.data.to(dtype)
+        return new
 
     @property
     def is_padded(self) -> bool:

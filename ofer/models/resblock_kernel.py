@@ -1,0 +1,347 @@
+"""Triton kernels for OFER's FiLM residual block in sampling: each half of the block is one kernel.
+
+`FiLMResBlock` computes, for one GroupNorm group (OFER's setting),
+
+    a   = SiLU(norm1(x W1^T + b1) * (1 + scale) + shift)          (`film_block_in`)
+    out = SiLU(norm2(a W2^T + b2)) + skip(x)                      (`film_block_out`; skip: x, or x Ws^T + bs)
+
+Under torch.compile each Linear is a cuBLAS call and each norm (with the FiLM, SiLU and residual add around it) an
+inductor kernel that reads the matmul's output back and writes its own: at 51,200 rows of a 304-wide IdGen block
+that is five launches and ~10 passes over (rows, 304) bf16 tensors per block, where the data needs two. Here one
+program takes a block of rows with all of their channels, so the row statistics of the norm are computed on the
+matmul's accumulator in registers: the first kernel reads x and writes a, the second reads a (and x) and writes
+the block's output.
+
+Roundings follow the eager block under autocast (`FiLMResBlock.forward`): the matmuls multiply in x's dtype and
+accumulate in float32; each Linear's output (bias added) is rounded to x's dtype, as cuBLAS writes it; the norm
+statistics are float32 and the normalised, affine output is rounded to x's dtype (the block's `.to(h.dtype)`); the
+FiLM product and the first SiLU are float32 (scale and shift are float32); the second SiLU is rounded, then the
+skip is added and the sum rounded. The statistics are those of the first `channels` columns, the other columns
+being zero (a `Denoiser.padded` copy: zero weight rows, biases and norm gains there), so they equal nn.GroupNorm(1)
+on an unpadded block and `PaddedGroupNorm` on a padded one.
+
+Columns: a program holds its rows' full width in one or two tensor-core accumulators whose widths are powers of
+two (`_column_chunks`: 304 -> 256 + 64, 56 -> 64), masked beyond the width. Weights are re-read from L2 by every
+program (a 304 x 608 bf16 weight is 370 KB; 800 programs at 51,200 rows).
+
+Sampling only (no autograd); `FiLMResBlock` takes these kernels when `ENABLED`, the block has one norm group,
+no gradient is needed, and the input is a CUDA tensor under bf16/fp16 autocast (or the CPU interpreter, for
+tests). Triton is optional: without it the block runs its PyTorch form.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = ["COMPILED_MAX_WIDTH", "ENABLED", "LAUNCH", "available", "film_block_in", "film_block_out", "reference_block"]
+
+try:  # Triton is an optional dependency (shipped with CUDA builds of torch)
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the installation
+    triton = None
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# FiLMResBlock uses the kernels when this is True (benchmarks switch it off to compare).
+ENABLED = True
+# Launch per accumulated width (the sum of the column chunks): rows per program, K chunk, warps, pipeline stages.
+# Measured on an H100 at 51,200 rows (`benchmarks/bench_resblock_kernel.py --launches`, BENCHMARKS.md): 64 x 32 x 4
+# x 3 fastest or within 15% at widths 16-64; the 304-wide blocks (two chunks, 320) 64 x 64 x 8 x 3 (4 warps
+# spill registers: the 608 -> 304 block with its skip Linear took 0.8 ms instead of 0.26).
+LAUNCH = {16: {"block_rows": 64, "block_k": 32, "num_warps": 4, "stages": 3},
+          32: {"block_rows": 64, "block_k": 32, "num_warps": 4, "stages": 3},
+          64: {"block_rows": 64, "block_k": 32, "num_warps": 4, "stages": 3},
+          128: {"block_rows": 64, "block_k": 64, "num_warps": 4, "stages": 2},
+          "wide": {"block_rows": 64, "block_k": 64, "num_warps": 8, "stages": 3}}
+
+
+# Inside torch.compile, FiLMResBlock takes the kernels only for blocks at most this wide (padded width): there
+# inductor's fused norm kernels around cuBLAS matmuls were faster for the 304-wide IdGen blocks (at 51,200 rows on
+# an H100: 160 vs 177 us per 304 -> 304 block, 231 vs 257 us per 608 -> 304 block) and slower for the narrow ones
+# (16: 17 vs 9 us, 32: 21 vs 12 us, 64 -> 32: 25 vs 15 us, 112 -> 56: 37-39 vs 33-34 us; 56 -> 56: 28-29 vs
+# 32 us). Without torch.compile the kernels replace ~8 eager launches per block and win at every width.
+COMPILED_MAX_WIDTH = 64
+# The compiled kernels of the last launches (their register and spill counts, for benchmarks/bench_resblock_kernel).
+LAST_KERNELS: dict = {}
+
+
+def available(x: torch.Tensor) -> bool:
+    """Whether the ops run on tensors like `x` (Triton installed; a CUDA tensor, or TRITON_INTERPRET=1). Static
+    properties only, so torch.compile traces it without a graph break."""
+    return triton is not None and (x.is_cuda or _INTERPRET)
+
+
+def _column_chunks(n: int) -> tuple[int, int]:
+    """Widths (NA, NB) of the accumulators covering n columns: powers of two >= 16, NB = 0 for one chunk. Two
+    chunks where they cover n with less than the next power of two (304 -> 256 + 64 instead of 512)."""
+    full = max(16, 1 << (n - 1).bit_length())
+    na = max(16, 1 << (n.bit_length() - 1))
+    if na >= n:
+        return full, 0
+    nb = max(16, 1 << (n - na - 1).bit_length())
+    return (na, nb) if na + nb < full else (full, 0)
+
+
+def _launch(n: int) -> dict:
+    na, nb = _column_chunks(n)
+    return LAUNCH.get(na + nb, LAUNCH["wide"])
+
+
+if triton is not None:
+
+    @triton.jit
+    def _mm(acc_a, acc_b, x_ptr, sx, w_ptr, rows, M, K, N, ca, cb, BK: tl.constexpr, HAS_B: tl.constexpr,
+            STAGES: tl.constexpr, PRECISION: tl.constexpr):
+        """acc_a += x[rows] @ w[ca].T and acc_b += x[rows] @ w[cb].T over the K columns of x (row stride sx; w:
+        (N, K) row-major; rows >= M, weight rows >= N and columns >= K read as zero)."""
+        rmask = rows < M
+        for k0 in tl.range(0, K, BK, num_stages=STAGES):
+            kk = k0 + tl.arange(0, BK)
+            kmask = kk < K
+            xt = tl.load(x_ptr + rows[:, None].to(tl.int64) * sx + kk[None, :], mask=rmask[:, None] & kmask[None, :],
+                         other=0.0)
+            wa = tl.load(w_ptr + ca[:, None] * K + kk[None, :], mask=(ca < N)[:, None] & kmask[None, :], other=0.0)
+            acc_a = tl.dot(xt, tl.trans(wa), acc_a, input_precision=PRECISION)
+            if HAS_B:
+                wb = tl.load(w_ptr + cb[:, None] * K + kk[None, :], mask=(cb < N)[:, None] & kmask[None, :],
+                             other=0.0)
+                acc_b = tl.dot(xt, tl.trans(wb), acc_b, input_precision=PRECISION)
+        return acc_a, acc_b
+
+    @triton.jit
+    def _rounded(v, DT: tl.constexpr):
+        """v rounded to DT and back to float32 (what a DT tensor between two ops holds)."""
+        return v.to(DT).to(tl.float32)
+
+    @triton.jit
+    def _linear_norm(acc_a, acc_b, b_ptr, g_ptr, be_ptr, ca, cb, N, C, eps, DT: tl.constexpr, HAS_B: tl.constexpr,
+                     NTOT: tl.constexpr):
+        """norm(acc + b) with one group over the first C columns (the others are zero), its affine applied and
+        rounded to DT, per chunk; the Linear's output rounded to DT first."""
+        ha = _rounded(acc_a + tl.load(b_ptr + ca, mask=ca < N, other=0.0).to(tl.float32)[None, :], DT)
+        s = tl.sum(ha, 1)
+        if HAS_B:
+            hb = _rounded(acc_b + tl.load(b_ptr + cb, mask=cb < N, other=0.0).to(tl.float32)[None, :], DT)
+            s += tl.sum(hb, 1)
+        mean = s / C
+        da = ha - mean[:, None]
+        ss = tl.sum(da * da, 1)
+        if HAS_B:
+            db = hb - mean[:, None]
+            ss += tl.sum(db * db, 1)
+        # the NTOT - C zero columns contribute mean^2 each to the sum of squared deviations; take it out
+        var = tl.maximum((ss - (NTOT - C) * mean * mean) / C, 0.0)
+        rstd = 1.0 / tl.sqrt(var + eps)
+        ga = tl.load(g_ptr + ca, mask=ca < N, other=0.0).to(tl.float32)
+        ba = tl.load(be_ptr + ca, mask=ca < N, other=0.0).to(tl.float32)
+        na = _rounded(da * rstd[:, None] * ga[None, :] + ba[None, :], DT)
+        nb = na
+        if HAS_B:
+            gb = tl.load(g_ptr + cb, mask=cb < N, other=0.0).to(tl.float32)
+            bb = tl.load(be_ptr + cb, mask=cb < N, other=0.0).to(tl.float32)
+            nb = _rounded(db * rstd[:, None] * gb[None, :] + bb[None, :], DT)
+        return na, nb
+
+    @triton.jit
+    def _film_silu(n, rows, M, cols, N, sc_ptr, sh_ptr, sf, rows_per_group):
+        """SiLU(n * (1 + scale) + shift), float32, with the FiLM row of each row's group."""
+        grp = (rows // rows_per_group).to(tl.int64)
+        m = (rows < M)[:, None] & (cols < N)[None, :]
+        sc = tl.load(sc_ptr + grp[:, None] * sf + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        sh = tl.load(sh_ptr + grp[:, None] * sf + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        y = n * (1.0 + sc) + sh
+        return y / (1.0 + tl.exp(-y))
+
+    @triton.jit
+    def _film_block_in_kernel(x_ptr, w_ptr, b_ptr, g_ptr, be_ptr, sc_ptr, sh_ptr, out_ptr, M, K, N, C, sx, sf,
+                              rows_per_group, eps, BM: tl.constexpr, BK: tl.constexpr, NA: tl.constexpr,
+                              NB: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr):
+        HAS_B: tl.constexpr = NB > 0
+        NBB: tl.constexpr = NB if NB > 0 else 16
+        DT: tl.constexpr = x_ptr.dtype.element_ty
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        ca = tl.arange(0, NA)
+        cb = NA + tl.arange(0, NBB)
+        acc_a, acc_b = _mm(tl.zeros((BM, NA), tl.float32), tl.zeros((BM, NBB), tl.float32), x_ptr, sx, w_ptr, rows,
+                           M, K, N, ca, cb, BK, HAS_B, STAGES, PRECISION)
+        na, nb = _linear_norm(acc_a, acc_b, b_ptr, g_ptr, be_ptr, ca, cb, N, C, eps, DT, HAS_B, NA + NB)
+        rmask = (rows < M)[:, None]
+        out = out_ptr + rows[:, None].to(tl.int64) * N
+        ya = _film_silu(na, rows, M, ca, N, sc_ptr, sh_ptr, sf, rows_per_group)
+        tl.store(out + ca[None, :], ya.to(DT), mask=rmask & (ca < N)[None, :])
+        if HAS_B:
+            yb = _film_silu(nb, rows, M, cb, N, sc_ptr, sh_ptr, sf, rows_per_group)
+            tl.store(out + cb[None, :], yb.to(DT), mask=rmask & (cb < N)[None, :])
+
+    @triton.jit
+    def _film_block_out_kernel(a_ptr, x_ptr, w_ptr, b_ptr, g_ptr, be_ptr, ws_ptr, bs_ptr, out_ptr, M, K, N, C, sx,
+                               eps, BM: tl.constexpr, BK: tl.constexpr, NA: tl.constexpr, NB: tl.constexpr,
+                               SKIP_LINEAR: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr):
+        HAS_B: tl.constexpr = NB > 0
+        NBB: tl.constexpr = NB if NB > 0 else 16
+        DT: tl.constexpr = a_ptr.dtype.element_ty
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        ca = tl.arange(0, NA)
+        cb = NA + tl.arange(0, NBB)
+        acc_a, acc_b = _mm(tl.zeros((BM, NA), tl.float32), tl.zeros((BM, NBB), tl.float32), a_ptr, N, w_ptr, rows,
+                           M, N, N, ca, cb, BK, HAS_B, STAGES, PRECISION)
+        na, nb = _linear_norm(acc_a, acc_b, b_ptr, g_ptr, be_ptr, ca, cb, N, C, eps, DT, HAS_B, NA + NB)
+        ya = _rounded(na / (1.0 + tl.exp(-na)), DT)
+        yb = ya
+        if HAS_B:
+            yb = _rounded(nb / (1.0 + tl.exp(-nb)), DT)
+        rmask = (rows < M)[:, None]
+        xrow = x_ptr + rows[:, None].to(tl.int64) * sx
+        if SKIP_LINEAR:  # skip = x Ws^T + bs, rounded like the Linear's output
+            sa, sb = _mm(tl.zeros((BM, NA), tl.float32), tl.zeros((BM, NBB), tl.float32), x_ptr, sx, ws_ptr, rows,
+                         M, K, N, ca, cb, BK, HAS_B, STAGES, PRECISION)
+            sa = _rounded(sa + tl.load(bs_ptr + ca, mask=ca < N, other=0.0).to(tl.float32)[None, :], DT)
+            if HAS_B:
+                sb = _rounded(sb + tl.load(bs_ptr + cb, mask=cb < N, other=0.0).to(tl.float32)[None, :], DT)
+        else:  # identity skip (K == N)
+            sa = tl.load(xrow + ca[None, :], mask=rmask & (ca < N)[None, :], other=0.0).to(tl.float32)
+            sb = sa
+            if HAS_B:
+                sb = tl.load(xrow + cb[None, :], mask=rmask & (cb < N)[None, :], other=0.0).to(tl.float32)
+        out = out_ptr + rows[:, None].to(tl.int64) * N
+        tl.store(out + ca[None, :], (ya + sa).to(DT), mask=rmask & (ca < N)[None, :])
+        if HAS_B:
+            tl.store(out + cb[None, :], (yb + sb).to(DT), mask=rmask & (cb < N)[None, :])
+
+
+def _check(name: str, x: torch.Tensor, w: torch.Tensor, vectors: dict[str, torch.Tensor], channels: int) -> None:
+    if not available(x):
+        raise RuntimeError(f"{name} needs Triton (shipped with CUDA builds of torch) and a CUDA tensor (or "
+                           f"TRITON_INTERPRET=1); got a {x.device.type} tensor, Triton "
+                           f"{'installed' if triton is not None else 'not installed'}")
+    if x.ndim != 2 or x.stride(1) != 1:
+        raise ValueError(f"{name}: x must be a row-contiguous (rows, K) tensor, got shape {tuple(x.shape)} strides "
+                         f"{x.stride()}")
+    n = w.shape[0]
+    if w.ndim != 2 or w.shape[1] != x.shape[1] or not w.is_contiguous() or w.dtype != x.dtype:
+        raise ValueError(f"{name}: the weight must be a contiguous (N, {x.shape[1]}) tensor of x's dtype {x.dtype}, "
+                         f"got {tuple(w.shape)} {w.dtype}")
+    for key, v in vectors.items():
+        if v.shape != (n,) or not v.is_contiguous():
+            raise ValueError(f"{name}: {key} must be a contiguous ({n},) vector, got {tuple(v.shape)}")
+    if not 1 <= channels <= n:
+        raise ValueError(f"{name}: channels={channels} must be in [1, {n}] (the true width of the norm)")
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # float32: exact products (the eager block's)
+
+
+@torch.library.custom_op("ofer::film_block_in", mutates_args=())
+def film_block_in(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, g1: torch.Tensor, be1: torch.Tensor,
+                  scale: torch.Tensor, shift: torch.Tensor, channels: int, eps: float) -> torch.Tensor:
+    """First half of a FiLM block: SiLU(norm1(x @ w1.T + b1) * (1 + scale) + shift).
+
+    Args:
+        x: (M, K) input, rows contiguous; its dtype is the block's compute dtype (bf16 under autocast).
+        w1, b1: the Linear, (N, K) and (N,), in x's dtype.
+        g1, be1: the norm's affine weight and bias (N,) (float32).
+        scale, shift: (G, N) FiLM rows with G dividing M (row g modulates rows g * M / G ... (g + 1) * M / G - 1),
+            columns contiguous, any row stride (the same for both), float32.
+        channels: the norm's true width C <= N (columns C..N-1 of x @ w1.T + b1 must be zero: a padded copy).
+        eps: the norm's epsilon.
+
+    Returns:
+        (M, N) in x's dtype.
+    """
+    _check("film_block_in", x, w1, {"b1": b1, "g1": g1, "be1": be1}, channels)
+    M, N = x.shape[0], w1.shape[0]
+    g = scale.shape[0]
+    if (scale.ndim != 2 or scale.shape != shift.shape or scale.shape[1] != N or g < 1 or M % g
+            or scale.stride(1) != 1 or shift.stride() != scale.stride()):
+        raise ValueError(f"film_block_in: scale and shift must be (G, {N}) with G dividing the {M} rows, contiguous "
+                         f"columns and one row stride, got {tuple(scale.shape)} strides {scale.stride()} and "
+                         f"{tuple(shift.shape)} strides {shift.stride()}")
+    out = x.new_empty(M, N)
+    if M == 0:
+        return out
+    na, nb = _column_chunks(N)
+    launch = _launch(N)
+    grid = (triton.cdiv(M, launch["block_rows"]),)
+    LAST_KERNELS["in"] = _film_block_in_kernel[grid](
+        x, w1, b1, g1, be1, scale, shift, out, M, x.shape[1], N, channels, x.stride(0), scale.stride(0), M // g, eps,
+        BM=launch["block_rows"], BK=launch["block_k"], NA=na, NB=nb, STAGES=launch["stages"],
+        PRECISION=_precision(x.dtype), num_warps=launch["num_warps"])
+    return out
+
+
+@film_block_in.register_fake
+def _(x, w1, b1, g1, be1, scale, shift, channels, eps):  # noqa: ANN001, ANN202
+    return x.new_empty(x.shape[0], w1.shape[0])
+
+
+@torch.library.custom_op("ofer::film_block_out", mutates_args=())
+def film_block_out(a: torch.Tensor, x: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, g2: torch.Tensor,
+                   be2: torch.Tensor, ws: torch.Tensor | None, bs: torch.Tensor | None, channels: int,
+                   eps: float) -> torch.Tensor:
+    """Second half of a FiLM block: SiLU(norm2(a @ w2.T + b2)) + skip, skip = x @ ws.T + bs (ws given) or x.
+
+    Args:
+        a: (M, N) output of `film_block_in`, contiguous.
+        x: (M, K) the block's input, rows contiguous, a's dtype (K == N without ws).
+        w2, b2: (N, N), (N,) in a's dtype; g2, be2: the norm's affine (N,) (float32).
+        ws, bs: the skip Linear (N, K), (N,) in a's dtype, or None for the identity.
+        channels, eps: as `film_block_in`.
+
+    Returns:
+        (M, N) in a's dtype.
+    """
+    _check("film_block_out", a, w2, {"b2": b2, "g2": g2, "be2": be2}, channels)
+    M, N = a.shape
+    if not a.is_contiguous() or x.ndim != 2 or x.shape[0] != M or x.stride(1) != 1 or x.dtype != a.dtype:
+        raise ValueError(f"film_block_out: a must be contiguous and x a row-contiguous ({M}, K) tensor of a's dtype, "
+                         f"got a {tuple(a.shape)} strides {a.stride()}, x {tuple(x.shape)} {x.dtype} strides "
+                         f"{x.stride()}")
+    if ws is None:
+        if x.shape[1] != N or bs is not None:
+            raise ValueError(f"film_block_out: without a skip Linear x must have the block's {N} columns (and bs "
+                             f"must be None), got x {tuple(x.shape)}")
+    else:
+        _check("film_block_out (skip)", x, ws, {"bs": bs if bs is not None else torch.empty(0)}, channels)
+        if ws.shape[0] != N:
+            raise ValueError(f"film_block_out: the skip weight must have {N} rows, got {tuple(ws.shape)}")
+    out = a.new_empty(M, N)
+    if M == 0:
+        return out
+    na, nb = _column_chunks(N)
+    launch = _launch(N)
+    grid = (triton.cdiv(M, launch["block_rows"]),)
+    LAST_KERNELS["out"] = _film_block_out_kernel[grid](
+        a, x, w2, b2, g2, be2, ws if ws is not None else w2, bs if bs is not None else b2, out, M, x.shape[1], N,
+        channels, x.stride(0), eps, BM=launch["block_rows"], BK=launch["block_k"], NA=na, NB=nb,
+        SKIP_LINEAR=ws is not None, STAGES=launch["stages"], PRECISION=_precision(a.dtype),
+        num_warps=launch["num_warps"])
+    return out
+
+
+@film_block_out.register_fake
+def _(a, x, w2, b2, g2, be2, ws, bs, channels, eps):  # noqa: ANN001, ANN202
+    return a.new_empty(a.shape)
+
+
+def reference_block(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, g1: torch.Tensor, be1: torch.Tensor,
+                    scale: torch.Tensor, shift: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, g2: torch.Tensor,
+                    be2: torch.Tensor, ws: torch.Tensor | None, bs: torch.Tensor | None, channels: int,
+                    eps: float) -> torch.Tensor:
+    """The whole block in float64 PyTorch, without roundings (for tests): statistics over the first `channels`
+    columns, FiLM rows broadcast over their groups."""
+    d = torch.float64
+    x, g = x.to(d), scale.shape[0]
+
+    def norm(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        t = h[:, :channels]
+        mean = t.mean(-1, keepdim=True)
+        var = t.var(-1, unbiased=False, keepdim=True)
+        return (h - mean) / torch.sqrt(var + eps) * w.to(d) + b.to(d)
+
+    h = norm(x @ w1.to(d).T + b1.to(d), g1, be1)
+    h = h.view(g, -1, h.shape[1]) * (1 + scale.to(d)[:, None]) + shift.to(d)[:, None]
+    h = torch.nn.functional.silu(h.view(x.shape[0], -1))
+    h = torch.nn.functional.silu(norm(h @ w2.to(d).T + b2.to(d), g2, be2))
+    return h + (x if ws is None else x @ ws.to(d).T + bs.to(d))

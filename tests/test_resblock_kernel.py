@@ -1,0 +1,194 @@
+"""The FiLM-block kernels (`ofer.models.resblock_kernel`): against a float64 formula and the PyTorch block, in
+Triton's CPU interpreter (here and in CI) and on a GPU in bf16 (marked gpu)."""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+
+from ofer.models import resblock_kernel as rk
+from ofer.models.unet1d import Denoiser, FiLMResBlock
+from tests._triton_interpreter import run_interpreted
+
+HAS_TRITON = rk.triton is not None
+
+
+@pytest.mark.parametrize("n,chunks", [(16, (16, 0)), (10, (16, 0)), (32, (32, 0)), (56, (64, 0)), (64, (64, 0)),
+                                      (300, (256, 64)), (304, (256, 64)), (600, (512, 128)), (1000, (1024, 0))])
+def test_column_chunks_cover_the_width_with_powers_of_two(n, chunks) -> None:
+    assert rk._column_chunks(n) == chunks
+    na, nb = chunks
+    assert na + nb >= n and na >= 16 and (nb == 0 or nb >= 16)
+
+
+def test_blocks_on_the_cpu_run_their_pytorch_form(monkeypatch) -> None:
+    """Without a CUDA tensor (and outside the interpreter) the kernels are never called."""
+    monkeypatch.setattr(rk, "film_block_in", lambda *a: pytest.fail("kernel called on the CPU"))
+    blk = FiLMResBlock(8, 8, groups=1).eval()
+    with torch.no_grad():
+        blk(torch.randn(4, 8), torch.zeros(4, 8), torch.zeros(4, 8))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton not installed; covered by the GPU tests")
+def test_kernels_match_the_float64_block_in_the_interpreter() -> None:
+    """Both kernels (float32, exact products in the interpreter) against `reference_block` in float64: widths of
+    one and two column chunks, padded widths (zero columns past the true channels, statistics over the true
+    ones), identity and Linear skips, grouped and per-row FiLM, row counts that leave the last program partly
+    empty, FiLM groups spanning several programs. Then FiLMResBlock and a whole padded Denoiser trunk through the
+    kernels against their PyTorch forms (`ENABLED = False`), counting the kernel calls, and the errors for bad
+    inputs."""
+    script = textwrap.dedent("""
+        import pytest, torch
+        from ofer.models import resblock_kernel as rk
+        from ofer.models.unet1d import Denoiser, FiLMResBlock
+        torch.manual_seed(0)
+        for M, K, N, C, G, skip in [(37, 304, 304, 300, 37, False), (70, 608, 304, 300, 7, True),
+                                    (33, 56, 56, 50, 3, False), (20, 32, 16, 10, 4, True), (5, 16, 16, 16, 1, False),
+                                    (129, 24, 24, 24, 3, False),
+                                    # FiLM groups of more rows than a program's
+                                    (300, 56, 56, 50, 3, False), (256, 32, 16, 10, 2, True),
+                                    (200, 304, 304, 300, 2, False)]:
+            x = torch.randn(M, K)
+            lin = lambda n, k: (torch.randn(n, k) * k**-0.5, torch.randn(n) * 0.1)
+            (w1, b1), (w2, b2) = lin(N, K), lin(N, N)
+            ws, bs = lin(N, K) if skip else (None, None)
+            g1, be1, g2, be2 = torch.randn(N), torch.randn(N) * 0.1, torch.randn(N), torch.randn(N) * 0.1
+            for v in (w1, b1, w2, b2, g1, be1, g2, be2) + ((ws, bs) if skip else ()):
+                v[C:] = 0  # a padded copy: zero rows past the true channels
+            w2[:, C:] = 0
+            if not skip:
+                x[:, C:] = 0  # the block's input is a padded activation too
+            film = torch.randn(G, 3 * N) * 0.3  # a wider tensor: scale and shift are strided views
+            scale, shift = film[:, :N], film[:, N:2 * N]
+            a = rk.film_block_in(x, w1, b1, g1, be1, scale, shift, C, 1e-5)
+            out = rk.film_block_out(a, x, w2, b2, g2, be2, ws, bs, C, 1e-5)
+            ref = rk.reference_block(x, w1, b1, g1, be1, scale, shift, w2, b2, g2, be2, ws, bs, C, 1e-5)
+            assert out.dtype == torch.float32 and out.shape == (M, N)
+            err = float((out.double() - ref).abs().max())
+            assert err < 2e-5, (M, K, N, C, G, skip, err)
+            assert C == N or float(out[:, C:].abs().max()) == 0.0  # the padding stays exactly zero
+
+        # FiLMResBlock through the kernels against its PyTorch form, padded (one) and plain (the other)
+        torch.manual_seed(1)
+        net = Denoiser(dim=30, cond_dim=6, widths=(30, 20, 10), time_dim=16)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.normal_(0.0, 0.2) if p.dim() > 1 else p.normal_(0.5, 0.3)
+        net.eval()
+        calls = []
+        orig = rk.film_block_in
+        rk.film_block_in = lambda *a: calls.append(a[0].shape) or orig(*a)
+        for model in (net, net.padded()):  # plain, then padded (30/20/10 -> 32/24/16)
+            x = torch.randn(12, 30)
+            with torch.no_grad():  # one FiLM row per 4 rows
+                f = model.time_film(torch.arange(3) * 300) + model.condition_film(torch.randn(3, 6))
+                n0 = len(calls)
+                out = model.trunk(x, f)
+                assert len(calls) - n0 == 11, len(calls) - n0  # every FiLM block of the trunk
+                rk.ENABLED = False
+                ref = model.trunk(x, f)
+                rk.ENABLED = True
+                assert len(calls) - n0 == 11
+            torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+            assert (out - model.trunk(x + 0.1, f)).abs().max() > 1e-3  # the comparison can fail
+        with torch.no_grad(), torch.enable_grad():
+            blk = FiLMResBlock(8, 8, groups=1)
+            x = torch.randn(4, 8, requires_grad=True)
+            n0 = len(calls)
+            blk(x, torch.zeros(4, 8), torch.zeros(4, 8)).sum().backward()  # autograd: the PyTorch form
+            assert len(calls) == n0 and x.grad is not None
+            blk = FiLMResBlock(8, 8, groups=2).eval()
+            with torch.no_grad():
+                blk(torch.randn(4, 8), torch.zeros(4, 8), torch.zeros(4, 8))  # two groups: the PyTorch form
+            assert len(calls) == n0
+
+        x, w, v = torch.zeros(4, 8), torch.zeros(8, 8), torch.zeros(8)
+        with pytest.raises(ValueError, match="G dividing the 4 rows"):
+            orig(x, w, v, v, v, torch.zeros(3, 8), torch.zeros(3, 8), 8, 1e-5)
+        with pytest.raises(ValueError, match="weight must be a contiguous \\\\(N, 8\\\\) tensor of x's dtype"):
+            orig(x, w.double(), v, v, v, torch.zeros(4, 8), torch.zeros(4, 8), 8, 1e-5)
+        with pytest.raises(ValueError, match="channels=9 must be in \\\\[1, 8\\\\]"):
+            orig(x, w, v, v, v, torch.zeros(4, 8), torch.zeros(4, 8), 9, 1e-5)
+        with pytest.raises(ValueError, match="b1 must be a contiguous \\\\(8,\\\\) vector"):
+            orig(x, w, torch.zeros(7), v, v, torch.zeros(4, 8), torch.zeros(4, 8), 8, 1e-5)
+        with pytest.raises(ValueError, match="without a skip Linear x must have the block's 8 columns"):
+            rk.film_block_out(x, torch.zeros(4, 16), w, v, v, v, None, None, 8, 1e-5)
+        print("ok")
+    """)
+    run_interpreted(script)
+
+
+def _idgen_block(rows: int, groups: int, device: str) -> tuple[FiLMResBlock, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A 300-wide IdGen up block (600 -> 300, skip Linear) of a padded copy, random weights, and its inputs."""
+    torch.manual_seed(0)
+    net = Denoiser(dim=300, cond_dim=512, widths=(300, 50, 10))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0.0, 0.05) if p.dim() > 1 else p.normal_(1.0, 0.2)
+    blk = net.padded().up_blocks[-1][0].to(device).eval()
+    x = torch.zeros(rows, 608, device=device)
+    x[:, :300], x[:, 304:604] = torch.randn(rows, 300, device=device), torch.randn(rows, 300, device=device)
+    film = torch.zeros(groups, 608, device=device)
+    film[:, :300], film[:, 304:604] = torch.randn(groups, 300) * 0.3, torch.randn(groups, 300) * 0.3
+    return blk, x, film[:, :304], film[:, 304:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_kernels_on_cuda_in_bf16_are_as_close_to_float64_as_the_pytorch_block() -> None:
+    """bf16 autocast on a GPU: the kernel path's error against the float64 block is at most the PyTorch block's
+    (plus a bf16 unit), on a padded 300-wide block with a skip Linear, 100 samples per FiLM row; the padding
+    channels stay zero."""
+    blk, x, scale, shift = _idgen_block(4100, 41, "cuda")
+    with torch.no_grad():
+        ref = rk.reference_block(x, blk.lin1.weight, blk.lin1.bias, blk.norm1.weight, blk.norm1.bias, scale, shift,
+                                 blk.lin2.weight, blk.lin2.bias, blk.norm2.weight, blk.norm2.bias, blk.skip.weight,
+                                 blk.skip.bias, 300, blk.norm1.eps)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = blk(x, scale, shift)
+            rk.ENABLED = False
+            try:
+                eager = blk(x, scale, shift)
+            finally:
+                rk.ENABLED = True
+    assert out.dtype == eager.dtype == torch.bfloat16
+    err_k = float((out.double() - ref).abs().max())
+    err_e = float((eager.double() - ref).abs().max())
+    scale_ref = float(ref.abs().max())
+    assert err_k <= 1.5 * err_e + 2 ** -8 * scale_ref, (err_k, err_e, scale_ref)
+    assert float(out[:, 300:].abs().max()) == 0.0
+    assert float((out.double() - ref).abs().mean()) < 2 * float((eager.double() - ref).abs().mean()) + 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compile", [False, True])
+def test_graphed_bf16_sampling_with_the_kernels_tracks_float32(compile) -> None:
+    """DDIM-25 of a padded IdGen-sized denoiser in bf16 from CUDA graphs: with the kernels its distance to the
+    float32 samples is at most 1.5x that of the PyTorch blocks (same noise), and the kernels are called."""
+    from ofer.diffusion import GaussianDiffusion
+    from ofer.fast_sampling import GraphedSampler
+
+    torch.manual_seed(0)
+    model = Denoiser(dim=300, cond_dim=512, widths=(300, 50, 10)).cuda().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.03)
+    diff = GaussianDiffusion().cuda()
+    cond = torch.randn(8, 512, device="cuda")
+    x_T = torch.randn(8, 100, 300, device="cuda")
+    outs = {}
+    for name, bf16, enabled in (("fp32", False, True), ("kernel", True, True), ("torch", True, False)):
+        rk.ENABLED = enabled
+        try:
+            s = GraphedSampler(diff, model, rows=800, dim=300, cond_dim=512, sampler="ddim", steps=25, bf16=bf16,
+                               compile=compile, num_samples=100)
+            outs[name] = s(cond, num_samples=100, x_T=x_T).float()
+        finally:
+            rk.ENABLED = True
+    d_kernel = float((outs["kernel"] - outs["fp32"]).norm() / outs["fp32"].norm())
+    d_torch = float((outs["torch"] - outs["fp32"]).norm() / outs["fp32"].norm())
+    assert d_kernel <= 1.5 * d_torch + 1e-3, (d_kernel, d_torch)
+    assert float((outs["kernel"] - outs["torch"]).abs().max()) > 0  # the kernel path really ran
