@@ -14,7 +14,8 @@ rows): at 51,200 rows of IdGen the per-row float32 FiLM tensor is 0.7 GB, and ad
 an extra 1.4 GB of memory traffic per step. With `compile=True` the whole step (trunk, noise prediction and
 the sampler update) is one compiled function, so the update's element-wise arithmetic is fused too. The
 sampler reads the model's weights when it is built (and samples a `Denoiser` through its `padded()` copy,
-whose widths are multiples of 8): build a new one after changing them.
+whose widths are multiples of 8, and in bf16 through its `autocast_copy()`, whose trunk weights are stored in
+bf16 instead of being cast in every step): build a new one after changing them.
 """
 from __future__ import annotations
 

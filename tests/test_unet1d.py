@@ -339,3 +339,34 @@ def test_attention_impls_equal_sdpa(expgen: Denoiser, impl: str) -> None:
         torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="'auto', 'math', 'reduce', 'sdpa'"):
         net.set_attention_impl("flash")
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_autocast_copy_computes_exactly_the_same_function(pad) -> None:
+    """Denoiser.autocast_copy (the samplers' bf16 trunk weights): under bf16 autocast bit-equal to the model, whole
+    and through the trunk with one FiLM row per condition; the FiLM, time MLP, token mix, attention output bias and
+    norms stay float32 and the original is untouched. Casting the attention output bias as well changes the
+    output (the comparison can fail)."""
+    torch.manual_seed(0)
+    model = Denoiser(dim=300, cond_dim=512, widths=(300, 50, 10)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.05) if p.dim() > 1 else p.normal_(0.5, 0.2)
+    if pad:
+        model = model.padded()
+    copy = model.autocast_copy(torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert copy.down_blocks[0][0].lin1.weight.dtype == copy.out_proj.bias.dtype == torch.bfloat16
+    for p in (copy.film.weight, copy.time_mlp[0].weight, copy.down_attn[0].token_mix.weight,
+              copy.down_attn[0].to_out.bias, copy.down_attn[0].norm.gain, copy.down_blocks[0][0].norm1.weight):
+        assert p.dtype == torch.float32
+    x, t, cond = torch.randn(6, 300), torch.randint(0, 1000, (6,)), torch.randn(3, 512)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(x, t, cond.repeat_interleave(2, 0))
+        assert torch.equal(copy(x, t, cond.repeat_interleave(2, 0)), ref)
+        film = model.time_film(t[:3]) + model.condition_film(cond)  # one row per condition
+        assert torch.equal(copy.trunk(x, film), model.trunk(x, film))
+        for m in copy.modules():
+            if hasattr(m, "to_out"):
+                m.to_out.bias.data = m.to_out.bias.data.to(torch.bfloat16)
+        assert not torch.equal(copy(x, t, cond.repeat_interleave(2, 0)), ref)

@@ -194,7 +194,8 @@ class FiLMResBlock(nn.Module):
         the B / G consecutive rows g * B / G, ..., (g + 1) * B / G - 1 (samples of one condition) -> (B, dim_out).
 
         In sampling on CUDA under bf16/fp16 autocast with one norm group, each half of the block is one Triton
-        kernel (`ofer.models.resblock_kernel`, same function and roundings; switch: `resblock_kernel.ENABLED`)."""
+        kernel (`ofer.models.resblock_kernel`, same function and roundings; switch: `resblock_kernel.ENABLED`;
+        inside torch.compile only for blocks of at most `resblock_kernel.COMPILED_MAX_WIDTH` channels)."""
         dt = self._kernel_dtype(x, scale)
         if dt is not None:
             return self._kernel_forward(x.to(dt), scale, shift, dt)
