@@ -106,8 +106,8 @@ class OferPipeline(nn.Module):
             [code]; our default 1.0 keeps the distribution the model was trained on (set 0.5 to mimic it).
         fast: on CUDA, sample with CUDA graphs (`ofer.fast_sampling`, one capture per batch size) and the
             denoisers under bf16 autocast, one FiLM row per image and through `Denoiser.padded()` copies (the
-            same function with widths rounded up to multiples of 8) with bf16 trunk weights; noise then comes from the default CUDA
-            generator.
+            same function with widths rounded up to multiples of 8) with bf16 trunk weights; noise then comes from
+            the default CUDA generator.
         compile: with `fast`, also `torch.compile` the sampling steps (denoiser trunk and sampler update; fuses
             their element-wise kernels;
             ~10-15 s of compilation per model and batch size, then 1.3x faster end to end on an H100, 74.8 vs
