@@ -15,10 +15,12 @@ the block's output.
 Roundings follow the eager block under autocast (`FiLMResBlock.forward`): the matmuls multiply in x's dtype and
 accumulate in float32; each Linear's output (bias added) is rounded to x's dtype, as cuBLAS writes it; the norm
 statistics are float32 and the normalised, affine output is rounded to x's dtype (the block's `.to(h.dtype)`); the
-FiLM product and the first SiLU are float32 (scale and shift are float32); the second SiLU is rounded, then the
-skip is added and the sum rounded. The statistics are those of the first `channels` columns, the other columns
-being zero (a `Denoiser.padded` copy: zero weight rows, biases and norm gains there), so they equal nn.GroupNorm(1)
-on an unpadded block and `PaddedGroupNorm` on a padded one.
+FiLM product and the first SiLU are float32 (as in the block when scale and shift are float32, the samplers' FiLM;
+a bf16 FiLM, as `Denoiser.forward` makes under autocast, is applied here in float32 where the block rounds
+(1 + scale) and the product to bf16); the second SiLU is rounded, then the skip is added and the sum rounded.
+The statistics are those of the first `channels` columns, the other columns being zero (a `Denoiser.padded` copy:
+zero weight rows, biases and norm gains there), so they equal nn.GroupNorm(1) on an unpadded block and
+`PaddedGroupNorm` on a padded one.
 
 Columns: a program holds its rows' full width in one or two tensor-core accumulators whose widths are powers of
 two (`_column_chunks`: 304 -> 256 + 64, 56 -> 64), masked beyond the width. Weights are re-read from L2 by every
