@@ -33,8 +33,10 @@ without it the block runs its PyTorch form.
 
 Measured on an H100 at 51,200 rows (BENCHMARKS.md, "Session of 2026-11-27, second"): graphed sampling steps
 without torch.compile 12.41 -> 6.31 ms (IdGen) and 4.25 -> 2.23 ms (ExpGen); compiled, the narrow blocks only,
-4.86 -> 4.87 and 1.92 -> 1.90 ms. The 304-wide kernels run at 3-4x their memory floor (85 us for `film_block_in`)
-for reasons not yet known, which is why compiled steps keep cuBLAS + inductor there.
+4.86 -> 4.87 and 1.92 -> 1.90 ms. The 304-wide kernels run at 3-4x their memory floor (85 us for `film_block_in`):
+ncu shows one program per SM (its 64 x 320 float32 accumulator and three pipeline stages fill the registers and
+shared memory), so one program's loads, matmuls and epilogue never overlap with another's; compiled steps keep
+cuBLAS + inductor there.
 """
 from __future__ import annotations
 
