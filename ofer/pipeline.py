@@ -91,6 +91,21 @@ def load_ranker(path: str | Path, *, device: str | torch.device = "cpu", use_ema
     return model.to(device).eval(), info
 
 
+_SHARED = "shape_ranker."  # OferPipeline's submodule whose tensors are all the ranker's and FLAME's
+
+
+def _drop_shared_entries(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """State-dict post hook of OferPipeline: each tensor once (not again under shape_ranker.*)."""
+    for key in [k for k in state_dict if k.startswith(prefix + _SHARED)]:
+        del state_dict[key]
+
+
+def _ignore_shared_missing(module: nn.Module, incompatible_keys) -> None:  # noqa: ANN001 -- torch's named tuple
+    """Load post hook of OferPipeline: shape_ranker.* is loaded through ranker.* and flame.* (the same tensors)."""
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not k.startswith(_SHARED)
+                                         and f".{_SHARED}" not in k]
+
+
 class OferPipeline(nn.Module):
     """`pipeline(arcface (B,512), farl (B,512)) -> Hypotheses`.
 
@@ -141,8 +156,11 @@ class OferPipeline(nn.Module):
         self.meta = dict(meta or {})
         self.register_buffer("face_idx", flame.face_mask("face"), persistent=False)
         self.fold_ranker = bool(fold_ranker)
-        # Cheap to build (the fold waits for the first call); a submodule, so `.to`/`.eval` reach it.
+        # Cheap to build (the fold waits for the first call); a submodule, so `.to`/`.eval` reach it. Its tensors
+        # are the ranker's and FLAME's, already saved under ranker.* and flame.*: the state dict leaves them out.
         self.shape_ranker = ShapeRanker(ranker, flame, self.face_idx)
+        self.register_state_dict_post_hook(_drop_shared_entries)
+        self.register_load_state_dict_post_hook(_ignore_shared_missing)
 
     @torch.no_grad()
     def forward(self, arcface: Tensor, farl: Tensor, *, generator: torch.Generator | None = None,

@@ -89,3 +89,26 @@ def test_compiled_folded_ranker_on_cuda(flame) -> None:
     assert pipe._compiled_ranker is not None and got.shape == (4, 100)
     for g, r in zip(got, ref):
         assert torch.corrcoef(torch.stack([g, r]))[0, 1] > 0.99
+
+
+def test_state_dict_holds_each_tensor_once_and_loads_strictly(flame) -> None:
+    """The shape ranker's tensors are the ranker's and FLAME's: the state dict lists them once (under ranker.*),
+    and a strict load into another pipeline restores them, the shape ranker's included (same tensors)."""
+    pipe = _pipeline(flame)
+    sd = pipe.state_dict()
+    assert not [k for k in sd if k.startswith("shape_ranker.")]
+    assert any(k.startswith("ranker.") for k in sd)  # (FLAME's tensors are not persistent: its model file is)
+    ptrs = [v.data_ptr() for v in sd.values() if v.numel()]
+    assert len(ptrs) == len(set(ptrs))  # no tensor twice
+    other = _pipeline(flame, ranker=IdRanker(num_face_vertices=len(flame.face_mask("face")), widths=(32, 16)))
+    with torch.no_grad():
+        for p in other.ranker.parameters():
+            p.add_(1.0)  # differ from pipe's
+    other.load_state_dict(sd, strict=True)
+    for (name, a), b in zip(pipe.ranker.state_dict().items(), other.shape_ranker.ranker.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(RuntimeError, match="Missing key"):
+        other.load_state_dict({k: v for k, v in sd.items() if not k.startswith("ranker.")}, strict=True)
+    nested = torch.nn.ModuleDict({"pipe": pipe}).state_dict()  # as a submodule too
+    assert not [k for k in nested if "shape_ranker." in k] and any(k.startswith("pipe.ranker.") for k in nested)
+    torch.nn.ModuleDict({"pipe": other}).load_state_dict(nested, strict=True)
