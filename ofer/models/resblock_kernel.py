@@ -125,14 +125,28 @@ if triton is not None:
         return v.to(DT).to(tl.float32)
 
     @triton.jit
-    def _linear_norm(acc_a, acc_b, b_ptr, g_ptr, be_ptr, ca, cb, N, C, eps, DT: tl.constexpr, HAS_B: tl.constexpr,
-                     NTOT: tl.constexpr):
-        """norm(acc + b) with one group over the first C columns (the others are zero), its affine applied and
-        rounded to DT, per chunk; the Linear's output rounded to DT first."""
-        ha = _rounded(acc_a + tl.load(b_ptr + ca, mask=ca < N, other=0.0).to(tl.float32)[None, :], DT)
+    def _biased(acc, b_ptr, cols, N, DT: tl.constexpr):
+        """A Linear's output: acc + b[cols], rounded to DT as the matmul writes it."""
+        return _rounded(acc + tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :], DT)
+
+    @triton.jit
+    def _linear_norm(x_ptr, sx, w_ptr, b_ptr, g_ptr, be_ptr, M, K, N, C, eps, BM: tl.constexpr, BK: tl.constexpr,
+                     NA: tl.constexpr, NB: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr,
+                     DT: tl.constexpr):
+        """The program's rows, its column chunks (ca, cb) and norm(x[rows] @ w.T + b) per chunk (na, nb): one group
+        over the first C columns (the others are zero), the affine applied and rounded to DT; the Linear's output
+        rounded to DT first. NB = 0: one chunk (nb is then na)."""
+        HAS_B: tl.constexpr = NB > 0
+        NBB: tl.constexpr = NB if NB > 0 else 16
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        ca = tl.arange(0, NA)
+        cb = NA + tl.arange(0, NBB)
+        acc_a, acc_b = _mm(tl.zeros((BM, NA), tl.float32), tl.zeros((BM, NBB), tl.float32), x_ptr, sx, w_ptr, rows,
+                           M, K, N, ca, cb, BK, HAS_B, STAGES, PRECISION)
+        ha = _biased(acc_a, b_ptr, ca, N, DT)
         s = tl.sum(ha, 1)
         if HAS_B:
-            hb = _rounded(acc_b + tl.load(b_ptr + cb, mask=cb < N, other=0.0).to(tl.float32)[None, :], DT)
+            hb = _biased(acc_b, b_ptr, cb, N, DT)
             s += tl.sum(hb, 1)
         mean = s / C
         da = ha - mean[:, None]
@@ -140,8 +154,8 @@ if triton is not None:
         if HAS_B:
             db = hb - mean[:, None]
             ss += tl.sum(db * db, 1)
-        # the NTOT - C zero columns contribute mean^2 each to the sum of squared deviations; take it out
-        var = tl.maximum((ss - (NTOT - C) * mean * mean) / C, 0.0)
+        # the NA + NB - C zero columns contribute mean^2 each to the sum of squared deviations; take it out
+        var = tl.maximum((ss - (NA + NB - C) * mean * mean) / C, 0.0)
         rstd = 1.0 / tl.sqrt(var + eps)
         ga = tl.load(g_ptr + ca, mask=ca < N, other=0.0).to(tl.float32)
         ba = tl.load(be_ptr + ca, mask=ca < N, other=0.0).to(tl.float32)
@@ -151,7 +165,7 @@ if triton is not None:
             gb = tl.load(g_ptr + cb, mask=cb < N, other=0.0).to(tl.float32)
             bb = tl.load(be_ptr + cb, mask=cb < N, other=0.0).to(tl.float32)
             nb = _rounded(db * rstd[:, None] * gb[None, :] + bb[None, :], DT)
-        return na, nb
+        return rows, ca, cb, na, nb
 
     @triton.jit
     def _film_silu(n, rows, M, cols, N, sc_ptr, sh_ptr, sf, rows_per_group):
@@ -167,20 +181,14 @@ if triton is not None:
     def _film_block_in_kernel(x_ptr, w_ptr, b_ptr, g_ptr, be_ptr, sc_ptr, sh_ptr, out_ptr, M, K, N, C, sx, sf,
                               rows_per_group, eps, BM: tl.constexpr, BK: tl.constexpr, NA: tl.constexpr,
                               NB: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr):
-        HAS_B: tl.constexpr = NB > 0
-        NBB: tl.constexpr = NB if NB > 0 else 16
         DT: tl.constexpr = x_ptr.dtype.element_ty
-        rows = tl.program_id(0) * BM + tl.arange(0, BM)
-        ca = tl.arange(0, NA)
-        cb = NA + tl.arange(0, NBB)
-        acc_a, acc_b = _mm(tl.zeros((BM, NA), tl.float32), tl.zeros((BM, NBB), tl.float32), x_ptr, sx, w_ptr, rows,
-                           M, K, N, ca, cb, BK, HAS_B, STAGES, PRECISION)
-        na, nb = _linear_norm(acc_a, acc_b, b_ptr, g_ptr, be_ptr, ca, cb, N, C, eps, DT, HAS_B, NA + NB)
+        rows, ca, cb, na, nb = _linear_norm(x_ptr, sx, w_ptr, b_ptr, g_ptr, be_ptr, M, K, N, C, eps, BM, BK, NA, NB,
+                                            STAGES, PRECISION, DT)
         rmask = (rows < M)[:, None]
         out = out_ptr + rows[:, None].to(tl.int64) * N
         ya = _film_silu(na, rows, M, ca, N, sc_ptr, sh_ptr, sf, rows_per_group)
         tl.store(out + ca[None, :], ya.to(DT), mask=rmask & (ca < N)[None, :])
-        if HAS_B:
+        if NB > 0:
             yb = _film_silu(nb, rows, M, cb, N, sc_ptr, sh_ptr, sf, rows_per_group)
             tl.store(out + cb[None, :], yb.to(DT), mask=rmask & (cb < N)[None, :])
 
@@ -191,12 +199,8 @@ if triton is not None:
         HAS_B: tl.constexpr = NB > 0
         NBB: tl.constexpr = NB if NB > 0 else 16
         DT: tl.constexpr = a_ptr.dtype.element_ty
-        rows = tl.program_id(0) * BM + tl.arange(0, BM)
-        ca = tl.arange(0, NA)
-        cb = NA + tl.arange(0, NBB)
-        acc_a, acc_b = _mm(tl.zeros((BM, NA), tl.float32), tl.zeros((BM, NBB), tl.float32), a_ptr, N, w_ptr, rows,
-                           M, N, N, ca, cb, BK, HAS_B, STAGES, PRECISION)
-        na, nb = _linear_norm(acc_a, acc_b, b_ptr, g_ptr, be_ptr, ca, cb, N, C, eps, DT, HAS_B, NA + NB)
+        rows, ca, cb, na, nb = _linear_norm(a_ptr, N, w_ptr, b_ptr, g_ptr, be_ptr, M, N, N, C, eps, BM, BK, NA, NB,
+                                            STAGES, PRECISION, DT)
         ya = _rounded(na / (1.0 + tl.exp(-na)), DT)
         yb = ya
         if HAS_B:
@@ -206,9 +210,9 @@ if triton is not None:
         if SKIP_LINEAR:  # skip = x Ws^T + bs, rounded like the Linear's output
             sa, sb = _mm(tl.zeros((BM, NA), tl.float32), tl.zeros((BM, NBB), tl.float32), x_ptr, sx, ws_ptr, rows,
                          M, K, N, ca, cb, BK, HAS_B, STAGES, PRECISION)
-            sa = _rounded(sa + tl.load(bs_ptr + ca, mask=ca < N, other=0.0).to(tl.float32)[None, :], DT)
+            sa = _biased(sa, bs_ptr, ca, N, DT)
             if HAS_B:
-                sb = _rounded(sb + tl.load(bs_ptr + cb, mask=cb < N, other=0.0).to(tl.float32)[None, :], DT)
+                sb = _biased(sb, bs_ptr, cb, N, DT)
         else:  # identity skip (K == N)
             sa = tl.load(xrow + ca[None, :], mask=rmask & (ca < N)[None, :], other=0.0).to(tl.float32)
             sb = sa
