@@ -192,3 +192,33 @@ def test_graphed_bf16_sampling_with_the_kernels_tracks_float32(compile) -> None:
     d_torch = float((outs["torch"] - outs["fp32"]).norm() / outs["fp32"].norm())
     assert d_kernel <= 1.5 * d_torch + 1e-3, (d_kernel, d_torch)
     assert float((outs["kernel"] - outs["torch"]).abs().max()) > 0  # the kernel path really ran
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton not installed; covered by the GPU tests")
+@pytest.mark.parametrize("n,skip", [(304, False), (304, True), (56, True), (16, False)])  # IdGen block shapes
+def test_kernels_compile_for_sm90_with_the_installed_triton(n, skip) -> None:
+    """Both kernels compiled ahead of time (no GPU needed) for sm_90 with their launch from `LAUNCH`: they build,
+    multiply with Hopper's wgmma (a launch of fewer than 64 rows per warp group falls back to mma.sync) and keep
+    no arrays in local memory. Catches a Triton API change before a user's GPU does (the GPU tests run another
+    Triton version). Register spills happen later, in ptxas: bench_resblock_kernel.py reports them."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    na, nb = rk._column_chunks(n)
+    launch = rk._launch(n)
+    consts = {"BM": launch["block_rows"], "BK": launch["block_k"], "NA": na, "NB": nb, "STAGES": launch["stages"],
+              "PRECISION": "tf32"}
+    ints = {name: "i32" for name in ("M", "K", "N", "C", "sx")}
+    sig_in = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "g_ptr": "*fp32", "be_ptr": "*fp32",
+              "sc_ptr": "*fp32", "sh_ptr": "*fp32", "out_ptr": "*bf16", **ints, "sf": "i32", "rows_per_group": "i32",
+              "eps": "fp32", **{c: "constexpr" for c in consts}}
+    sig_out = {"a_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "g_ptr": "*fp32",
+               "be_ptr": "*fp32", "ws_ptr": "*bf16", "bs_ptr": "*bf16", "out_ptr": "*bf16", **ints, "eps": "fp32",
+               **{c: "constexpr" for c in consts}, "SKIP_LINEAR": "constexpr"}
+    for fn, sig, cs in ((rk._film_block_in_kernel, sig_in, consts),
+                        (rk._film_block_out_kernel, sig_out, {**consts, "SKIP_LINEAR": skip})):
+        ptx = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cs), target=GPUTarget("cuda", 90, 32),
+                             options={"num_warps": launch["num_warps"]}).asm["ptx"]
+        assert "wgmma" in ptx, fn
+        assert "st.local" not in ptx and "ld.local" not in ptx, fn
