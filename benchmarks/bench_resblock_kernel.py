@@ -94,8 +94,7 @@ def main() -> None:
             row["kernels"] = []
             default = dict(rk._launch(n))
             for launch in sweeps:
-                key = rk._column_chunks(n)
-                slot = sum(key) if sum(key) in rk.LAUNCH else "wide"
+                slot = rk._launch_key(n)
                 saved = dict(rk.LAUNCH[slot])
                 if launch is not None:
                     rk.LAUNCH[slot] = launch

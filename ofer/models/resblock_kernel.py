@@ -93,9 +93,14 @@ def _column_chunks(n: int) -> tuple[int, int]:
     return (na, nb) if na + nb < full else (full, 0)
 
 
+def _launch_key(n: int) -> int | str:
+    """The `LAUNCH` entry of an n-wide block: its accumulated width, or "wide"."""
+    width = sum(_column_chunks(n))
+    return width if width in LAUNCH else "wide"
+
+
 def _launch(n: int) -> dict:
-    na, nb = _column_chunks(n)
-    return LAUNCH.get(na + nb, LAUNCH["wide"])
+    return LAUNCH[_launch_key(n)]
 
 
 if triton is not None:
