@@ -28,6 +28,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bench_training import SHAPES, count, gemm_tflops  # noqa: E402
+from ofer.jobs import training_copy  # noqa: E402
 from ofer.diffusion import GaussianDiffusion  # noqa: E402
 from ofer.models.unet1d import Denoiser  # noqa: E402
 from ofer.training import train  # noqa: E402
@@ -49,11 +50,13 @@ class BlockTask:
 
     num_timesteps = 1000
 
-    def __init__(self, kind: str, items: int, rows_per_item: int, device: str) -> None:
+    def __init__(self, kind: str, items: int, rows_per_item: int, device: str, pad: bool = False) -> None:
         dim, cond, widths = SHAPES[kind]
         torch.manual_seed(0)
         self.name = kind
-        self.model = Denoiser(dim=dim, cond_dim=cond, widths=widths)
+        model = Denoiser(dim=dim, cond_dim=cond, widths=widths)
+        self.params = count(model)  # the paper network's parameters (the padding's zeros do no model work)
+        self.model = training_copy(model, pad, device)  # as train_generator's pad_widths
         self.diffusion = GaussianDiffusion().to(device)
         self.x0 = torch.randn(items, rows_per_item, dim, device=device)
         self.cond = torch.randn(items, rows_per_item, cond, device=device)
@@ -72,9 +75,9 @@ class BlockTask:
         return self.diffusion.training_losses(model, x0, cond)
 
 
-def run(kind: str, graph: bool, args: argparse.Namespace, device: str) -> dict:
-    task = BlockTask(kind, args.items, args.rows_per_item, device)
-    params = count(task.model)
+def run(kind: str, graph: bool, args: argparse.Namespace, device: str, pad: bool = False) -> dict:
+    task = BlockTask(kind, args.items, args.rows_per_item, device, pad)
+    params = task.params
     cfg = {"max_steps": args.steps, "batch_size": args.items_per_step, "ckpt_every": None, "log_every": 10 ** 6,
            "lr_scheduler": "constant", "precision": "bf16", "compile": device == "cuda", "cuda_graph": graph,
            "progress": False, "seed": 0}
@@ -103,8 +106,9 @@ def run(kind: str, graph: bool, args: argparse.Namespace, device: str) -> dict:
     # up to the second-last step: the last one ends with the final checkpoint (on_step_end runs after it)
     s = (ends[args.steps - 1] - ends[args.warmup]) / (args.steps - 1 - args.warmup)
     rows = args.items_per_step * args.rows_per_item
-    return {"job": kind, "cuda_graph": graph, "rows_per_step": rows, "s_per_step": s, "samples_per_s": rows / s,
-            "params": params, "events": sorted({e for e in events if e and e.startswith("cuda_graph")})}
+    return {"job": kind, "cuda_graph": graph, "pad_widths": pad, "rows_per_step": rows, "s_per_step": s,
+            "samples_per_s": rows / s, "params": params,
+            "events": sorted({e for e in events if e and e.startswith("cuda_graph")})}
 
 
 def main() -> None:
@@ -117,6 +121,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10, help="steps not timed (compilation, graph capture at step 3)")
     ap.add_argument("--cpu", action="store_true", help="smoke run on the CPU (fp32, no compile, no graphs)")
     ap.add_argument("--graph", default="false,true", help="trainer.cuda_graph values to run (comma list)")
+    ap.add_argument("--pad-widths", default="true", help="pad_widths values of the generator jobs to run (comma list "
+                    "of true/false; true: the padded copy, the default of train_generator on CUDA)")
     ap.add_argument("--profile", action="store_true",
                     help="print the profiler tables (CPU and CUDA) of 3 steps after --warmup (those steps are timed "
                          "too: use the timings of a run without it)")
@@ -126,26 +132,30 @@ def main() -> None:
         ap.error(f"need 0 < --warmup < --steps - 1, got {args.warmup} and {args.steps}")
     device = "cpu" if args.cpu else "cuda"
     peak = gemm_tflops() if device == "cuda" else None  # bf16 8192^3, as bench_training.py
+    pads = [v == "true" for v in args.pad_widths.split(",")]
+    if set(args.pad_widths.split(",")) - {"true", "false"}:
+        ap.error(f"--pad-widths {args.pad_widths!r}: expected a comma list of true/false")
     rows = []
     for kind in args.jobs.split(","):
-        for graph in ((False,) if args.cpu else tuple(v == "true" for v in args.graph.split(","))):
+        for graph, pad in ((g, p) for g in ((False,) if args.cpu else tuple(v == "true" for v in args.graph.split(",")))
+                           for p in pads):
             try:
-                row = run(kind, graph, args, device)
+                row = run(kind, graph, args, device, pad)
                 if peak:
                     row["mfu"] = 6 * row["params"] * row["rows_per_step"] / row["s_per_step"] / (peak * 1e12)
             except Exception as exc:  # noqa: BLE001 -- reported, the other rows go on
-                row = {"job": kind, "cuda_graph": graph, "error": f"{type(exc).__name__}: {exc}"}
+                row = {"job": kind, "cuda_graph": graph, "pad_widths": pad, "error": f"{type(exc).__name__}: {exc}"}
             rows.append(row)
             print(json.dumps(row), flush=True)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"device: {name}  bf16 GEMM {peak or 0:.0f} TFLOP/s")
-    print(f"{'job':8} {'cuda_graph':>10} {'ms/step':>9} {'samples/s':>12} {'MFU':>6}")
+    print(f"{'job':8} {'cuda_graph':>10} {'pad':>5} {'ms/step':>9} {'samples/s':>12} {'MFU':>6}")
     for r in rows:
         if "error" in r:
-            print(f"{r['job']:8} {str(r['cuda_graph']):>10} error: {r['error'][:200]}")
+            print(f"{r['job']:8} {str(r['cuda_graph']):>10} {str(r['pad_widths']):>5} error: {r['error'][:200]}")
         else:
-            print(f"{r['job']:8} {str(r['cuda_graph']):>10} {r['s_per_step'] * 1e3:9.2f} {r['samples_per_s']:12,.0f} "
-                  f"{100 * r.get('mfu', 0):5.1f}%")
+            print(f"{r['job']:8} {str(r['cuda_graph']):>10} {str(r['pad_widths']):>5} {r['s_per_step'] * 1e3:9.2f} "
+                  f"{r['samples_per_s']:12,.0f} {100 * r.get('mfu', 0):5.1f}%")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"device": name, "bf16_gemm_tflops": peak, "args": vars(args) | {

@@ -72,11 +72,19 @@ def time_steps(step, n: int = 20, warmup: int = 3) -> float:
     return (time.perf_counter() - t) / n
 
 
-def generator_step(kind: str, rows: int, bf16: bool, ddp: bool, compile: bool = False, impl: str = "auto",
-                   inductor: dict | None = None, ddp_kwargs: dict | None = None):
+def build_model(kind: str, impl: str, pad: bool) -> tuple[torch.nn.Module, int]:
+    """The paper-sized denoiser (its `padded()` copy with `pad`, which trains the same function) and the parameter
+    count of the paper's network, which the MFU counts (the padding's zero parameters do no model work)."""
     dim, cond, widths = SHAPES[kind]
-    model = Denoiser(dim=dim, cond_dim=cond, widths=widths).set_attention_impl(impl).to(DEVICE)
+    model = Denoiser(dim=dim, cond_dim=cond, widths=widths).set_attention_impl(impl)
     params = count(model)
+    return (model.padded() if pad else model).to(DEVICE), params
+
+
+def generator_step(kind: str, rows: int, bf16: bool, ddp: bool, compile: bool = False, impl: str = "auto",
+                   inductor: dict | None = None, ddp_kwargs: dict | None = None, pad: bool = False):
+    dim, cond, widths = SHAPES[kind]
+    model, params = build_model(kind, impl, pad)
     opt_params = list(model.parameters())
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()],
@@ -99,7 +107,7 @@ def generator_step(kind: str, rows: int, bf16: bool, ddp: bool, compile: bool = 
 
 
 def graphed_generator_step(kind: str, rows: int, compile: bool = False, impl: str = "math",
-                           inductor: dict | None = None):
+                           inductor: dict | None = None, pad: bool = False):
     """The same bf16 step captured whole (forward, backward, fused AdamW) into one CUDA graph and replayed:
     no Python or launch overhead per step. Timesteps and noise are drawn inside the graph (CUDA RNG), the
     batch is copied into static buffers before each replay, as a training loop would. With `compile`, the
@@ -107,8 +115,7 @@ def graphed_generator_step(kind: str, rows: int, compile: bool = False, impl: st
     dim, cond, widths = SHAPES[kind]
     # Default: explicit attention math (cuDNN's fused attention backward fails inside graph capture, seen on an
     # H200); our Triton kernels ('auto' in training) can be captured.
-    model = Denoiser(dim=dim, cond_dim=cond, widths=widths).set_attention_impl(impl).to(DEVICE)
-    params = count(model)
+    model, params = build_model(kind, impl, pad)
     if compile:
         model = torch.compile(model, options=inductor or None)
     diff = GaussianDiffusion().to(DEVICE)
@@ -182,12 +189,20 @@ def main() -> None:
                          "default: gradient_as_bucket_view=true, as the trainer runs (trainer."
                          "ddp_gradient_as_bucket_view); '' for torch's defaults")
     ap.add_argument("--jobs", default="idgen,expgen", help="comma list of the generator jobs to time")
+    ap.add_argument("--pad-widths", default="false", metavar="false|true|false,true",
+                    help="train the denoisers' padded() copies (widths rounded up to multiples of 8; the same "
+                         "function, zero gradients on the padding): every generator row for each value given")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     try:
         ddp_kwargs = parse_key_values(args.ddp_kwargs, "--ddp-kwargs", "bucket_cap_mb=100") if args.ddp_kwargs else {}
     except ValueError as exc:
         ap.error(str(exc))
+    pads = []
+    for v in args.pad_widths.split(","):
+        if v not in ("true", "false"):
+            ap.error(f"--pad-widths {args.pad_widths!r}: expected true, false or false,true")
+        pads.append(v == "true")
     jobs = args.jobs.split(",")
     if set(jobs) - {"idgen", "expgen"}:
         ap.error(f"--jobs: expected idgen and/or expgen, got {args.jobs!r}")
@@ -235,12 +250,13 @@ def main() -> None:
         configs += [(k, r, True, True, impl, opts) for impl in args.compile_impls.split(",")
                     for opts in (parse_compile_options(s) for s in args.inductor or ["default"])
                     for k in jobs for r in args.rows]
-    for kind, rows, bf16, comp, impl, opts in configs:
+    configs = [(*c, pad) for c in configs for pad in pads]
+    for kind, rows, bf16, comp, impl, opts, pad in configs:
         step, params = generator_step(kind, rows, bf16, ddp, compile=comp, impl=impl, inductor=opts,
-                                      ddp_kwargs=ddp_kwargs)
+                                      ddp_kwargs=ddp_kwargs, pad=pad)
         s = time_steps(step, warmup=5 if comp else 3)
         mfu = 6 * params * rows / s / (peak * 1e12)
-        rows_out.append({"job": kind, "rows_per_gpu": rows, "attention": impl,
+        rows_out.append({"job": kind, "rows_per_gpu": rows, "attention": impl, "pad_widths": pad,
                          "precision": ("bf16" if bf16 else "fp32") + (" + compile" if comp else ""),
                          "world_size": world, "s_per_step": s, "samples_per_s": rows * world / s, "mfu": mfu,
                          **({"inductor": opts} if comp else {}),
@@ -257,18 +273,18 @@ def main() -> None:
             graphs.append((True, "auto", parse_compile_options((args.inductor or ["default"])[0])))
         for comp, impl, opts in graphs:
             label = "bf16 + compile + CUDA graph" if comp else "bf16 + CUDA graph"
-            for kind in jobs:
-                for rows in args.rows:
+            for kind, rows, pad in ((k, r, p) for k in jobs for r in args.rows for p in pads):
                     try:
-                        step, params = graphed_generator_step(kind, rows, compile=comp, impl=impl, inductor=opts)
+                        step, params = graphed_generator_step(kind, rows, compile=comp, impl=impl, inductor=opts,
+                                                              pad=pad)
                         s = time_steps(step)
                     except Exception as exc:  # noqa: BLE001 -- reported, the other rows go on
                         rows_out.append({"job": kind, "rows_per_gpu": rows, "precision": label, "attention": impl,
-                                         "error": f"{type(exc).__name__}: {exc}"})
+                                         "pad_widths": pad, "error": f"{type(exc).__name__}: {exc}"})
                         print(json.dumps(rows_out[-1]), flush=True)
                         continue
                     rows_out.append({"job": kind, "rows_per_gpu": rows, "precision": label, "attention": impl,
-                                     "world_size": 1, "s_per_step": s, "samples_per_s": rows / s,
+                                     "pad_widths": pad, "world_size": 1, "s_per_step": s, "samples_per_s": rows / s,
                                      "mfu": 6 * params * rows / s / (peak * 1e12),
                                      **({"inductor": opts} if comp else {})})
                     print(json.dumps(rows_out[-1]), flush=True)

@@ -85,6 +85,58 @@ def test_idgen_trains_and_resumes(idgen_run, tiny_root):
                              "model.widths=[300,40,10]", *SMALL_GEN), run_dir=run)
 
 
+def test_padded_training_matches_and_saves_the_original_layout(tiny_root, tmp_path):
+    """pad_widths=true trains the denoiser's padded copy: the same run as pad_widths=false (same seed: the same
+    weights after 3 AdamW steps, up to float32 rounding, against the unpadded model trained as such), checkpoints
+    (weights and EMA) in the original layout that load strictly into the unpadded model, a resume with the same
+    setting, and a clear error for a resume with the other one (its AdamW moments have the padded shapes)."""
+    from ofer.jobs import train_generator
+    from ofer.models.unet1d import Denoiser
+    from ofer.training import load_checkpoint
+    from ofer.training.checkpoint import ConfigMismatchError
+
+    args = ["trainer.max_steps=3", "trainer.batch_size=2", "trainer.ckpt_every=3", *SMALL_GEN]
+    runs = {}
+    for pad in ("true", "false"):
+        run = tmp_path / pad
+        train_generator(_cfg("train_idgen", tiny_root, run, f"pad_widths={pad}", *args), run_dir=run)
+        runs[pad] = load_checkpoint(run / "checkpoints" / "last.pt")
+    padded, plain = runs["true"], runs["false"]
+    assert padded["model"]["in_proj.weight"].shape == (300, 300)  # the original layout
+    for key in ("model", "ema"):
+        net = Denoiser(**{k: v for k, v in padded["config"]["model"].items() if k != "_target_"})
+        net.load_state_dict(padded[key])  # strict
+    # The same training: the two runs differ by much less than 3 steps moved the weights (AdamW divides each
+    # gradient by its own scale, so a rounding difference in a near-zero gradient can move one weight by up to a
+    # step; the float64 gradient test in test_unet1d.py checks equality itself).
+    def dist(a: dict, b: dict) -> float:
+        return sum(float((a[n].double() - b[n].double()).square().sum()) for n in a) ** 0.5
+
+    moved = dist(plain["model"], plain["ema"])  # the EMA (decay 0.995) is still ~ the initial weights
+    print(f"padded vs plain {dist(padded['model'], plain['model']):.3g}, moved {moved:.3g}")
+    assert moved > 0.1 and dist(padded["model"], plain["model"]) < 5e-3 * moved
+    # The padding got exactly zero gradients in the real loop: its AdamW moments (saved in the padded shapes, in
+    # the order of the padded copy's parameters) are exactly zero there.
+    pad = net.padded()
+    state = padded["optimizer"]["state"]
+    for i, (name, p) in enumerate(pad.named_parameters()):
+        numbers = torch.arange(p.numel(), dtype=torch.float64).view(p.shape)
+        keep = torch.zeros(p.numel(), dtype=torch.bool)
+        keep[pad.unpad({name: numbers})[name].flatten().long()] = True
+        for moment in ("exp_avg", "exp_avg_sq"):
+            m = state[i][moment]
+            assert m.shape == p.shape and m.flatten()[~keep].abs().sum() == 0, (name, moment)
+    res = train_generator(_cfg("train_idgen", tiny_root, tmp_path / "true", "pad_widths=true", *args[1:],
+                               "trainer.max_steps=4"), run_dir=tmp_path / "true")
+    assert res.step == 4
+    with pytest.raises(ConfigMismatchError, match=r"pad_widths \(there: True\)"):
+        train_generator(_cfg("train_idgen", tiny_root, tmp_path / "true", "pad_widths=false", *args[1:],
+                             "trainer.max_steps=5"), run_dir=tmp_path / "true")
+    with pytest.raises(ValueError, match="pad_widths must be auto, true or false"):
+        train_generator(_cfg("train_idgen", tiny_root, tmp_path / "bad", "pad_widths=sometimes", *args),
+                        run_dir=tmp_path / "bad")
+
+
 def test_expgen_trains(expgen_run):
     run, res = expgen_run
     assert res.step == 3 and np.isfinite(res.metrics["eval/err_mean_sample"])

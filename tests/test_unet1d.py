@@ -322,6 +322,69 @@ def test_padded_copy_computes_the_same_function(name: str) -> None:
         Denoiser(dim=8, cond_dim=4, widths=(8, 4), groups=2).padded()
 
 
+def _random_gains(net: Denoiser, seed: int) -> Denoiser:
+    """Norm gains and biases away from 1 and 0, Linear biases non-zero, so every parameter carries signal."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, (torch.nn.GroupNorm, RMSNorm)):
+                for q in m.parameters():
+                    q.copy_(1 + 0.3 * torch.randn(q.shape, generator=gen))
+            if isinstance(m, torch.nn.Linear) and m.bias is not None:
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
+    return net
+
+
+def _padding_mask(pad: Denoiser, name: str, p: torch.Tensor) -> torch.Tensor:
+    """1 on the positions of `p` that `pad.unpad` keeps (its true channels), 0 on its padding."""
+    numbers = torch.arange(p.numel(), dtype=torch.float64).view(p.shape)
+    mask = torch.zeros(p.numel(), dtype=torch.bool)
+    mask[pad.unpad({name: numbers})[name].flatten().long()] = True
+    return mask.view(p.shape)
+
+
+@pytest.mark.parametrize("name", ["idgen", "expgen"])
+def test_padded_copy_trains_like_the_original(name: str) -> None:
+    """Training through `Denoiser.padded()` is training the original model (float64, against the original model
+    trained side by side, an independent network without padding): the copy's gradients on the true channels
+    equal the original's, every padding parameter gets an exactly zero gradient and stays exactly zero under
+    AdamW with weight decay, and `unpad` of the trained copy's state dict loads strictly into a fresh unpadded
+    model that equals the trained original. Fails if the GroupNorm statistics' gradient reaches the padding
+    (tried: the statistics summed over all padded channels, with the padding's share taken out)."""
+    from ofer.diffusion import GaussianDiffusion
+
+    net = _random_gains(randomize(build(name), seed=5), seed=6).double().train()
+    pad = net.padded()
+    assert pad.training and pad.original_config == net.config and net.original_config == net.config
+    diff = GaussianDiffusion()
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=1e-2) for m in (net, pad)]
+    gen = torch.Generator().manual_seed(7)
+    for step in range(3):
+        x0 = torch.randn(12, net.dim, generator=gen, dtype=torch.float64)
+        cond = torch.randn(12, net.cond_dim, generator=gen, dtype=torch.float64)
+        t = torch.randint(0, 1000, (12,), generator=gen)
+        noise = torch.randn(12, net.dim, generator=gen, dtype=torch.float64)
+        for model, opt in zip((net, pad), opts):
+            opt.zero_grad()
+            diff.training_losses(model, x0, cond, t=t, noise=noise)["loss"].mean().backward()
+        grads = {n: p.grad for n, p in pad.named_parameters()}
+        true_grads = pad.unpad(grads)
+        for n, p in net.named_parameters():
+            torch.testing.assert_close(true_grads[n], p.grad, atol=1e-10, rtol=1e-8, msg=lambda m: f"{n}: {m}")
+        for n, g in grads.items():  # the padding's gradient is exactly zero
+            assert g[~_padding_mask(pad, n, g)].abs().sum() == 0, f"step {step}: {n}"
+        for opt in opts:
+            opt.step()
+    for n, p in pad.named_parameters():  # and the padding itself stays exactly zero
+        assert p.detach()[~_padding_mask(pad, n, p)].abs().sum() == 0, n
+    fresh = Denoiser(**pad.original_config).double()
+    fresh.load_state_dict(pad.unpad(pad.state_dict()))  # strict
+    for (n, a), b in zip(fresh.state_dict().items(), net.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8, msg=lambda m: f"{n}: {m}")
+    with pytest.raises(ValueError, match="not a padded"):
+        net.unpad(net.state_dict())
+
+
 @pytest.mark.parametrize("impl", ["math", "reduce", "auto"])
 def test_attention_impls_equal_sdpa(expgen: Denoiser, impl: str) -> None:
     """Every attention kernel computes PyTorch's scaled_dot_product_attention (an independent implementation),

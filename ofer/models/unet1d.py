@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -156,7 +157,11 @@ class TokenSelfAttention(nn.Module):
 class PaddedGroupNorm(nn.Module):
     """GroupNorm with one group over the first `channels` of a (B, padded) tensor whose other channels are zero
     (a `Denoiser.padded` copy): the statistics are those of the true channels, the padding stays zero
-    (zero weight and bias there). Computes in float32 and returns float32, as nn.GroupNorm under autocast."""
+    (zero weight and bias there). Computes in float32 and returns float32, as nn.GroupNorm under autocast.
+
+    The statistics read only the slice of true channels, so no gradient reaches the padding channels through
+    them: trained through a padded copy, every padding weight, bias, gain and FiLM row gets an exactly zero
+    gradient and stays zero under AdamW (see `Denoiser.padded`)."""
 
     def __init__(self, channels: int, padded: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -165,12 +170,11 @@ class PaddedGroupNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(padded))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        mean = xf.sum(-1, keepdim=True) / self.channels
-        d = xf - mean
-        # the padding's zeros contribute (padded - channels) * mean^2 to sum(d^2); take it out
-        var = ((d * d).sum(-1, keepdim=True) - (self.padded - self.channels) * mean * mean) / self.channels
-        return d * torch.rsqrt(var.clamp_min(0) + self.eps) * self.weight + self.bias
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        true = xf[..., :self.channels]  # a view: statistics (and their gradient) over the true channels only
+        mean = true.mean(-1, keepdim=True)
+        var = (true - mean).square().mean(-1, keepdim=True)
+        return (xf - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
 
 
 class FiLMResBlock(nn.Module):
@@ -253,6 +257,33 @@ class FiLMResBlock(nn.Module):
             a, x, self.lin2.weight.to(dt).contiguous(), self.lin2.bias.to(dt), n2.weight.float(), n2.bias.float(),
             None if skip is None else skip.weight.to(dt).contiguous(), None if skip is None else skip.bias.to(dt),
             c2, n2.eps)
+
+
+def _state_dict_to_original(module: "Denoiser", state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """State-dict post-hook of `Denoiser.padded(original_state_dict=True)`: the original model's layout."""
+    for name in module._true_index:
+        key = prefix + name
+        if key in state_dict:
+            state_dict[key] = module.unpad({name: state_dict[key]})[name]
+
+
+def _state_dict_from_original(module: "Denoiser", state_dict: dict, prefix: str, *args: Any) -> None:
+    """Load pre-hook of `Denoiser.padded(original_state_dict=True)`: entries in the original model's shapes get
+    their zero padding back; entries of the padded shapes (or of neither shape: load_state_dict then reports a
+    size mismatch naming the key) pass unchanged."""
+    own = dict(module.named_parameters())
+    for name, ix in module._true_index.items():
+        key, p = prefix + name, own.get(name)
+        v = state_dict.get(key)
+        if p is None or not isinstance(v, torch.Tensor) or v.shape != tuple(len(i) for i in ix):
+            continue
+        full = torch.zeros(p.shape, dtype=v.dtype, device=v.device)
+        ix = tuple(i.to(v.device) for i in ix)
+        if len(ix) == 1:
+            full[ix[0]] = v
+        else:
+            full[ix[0][:, None], ix[1][None, :]] = v
+        state_dict[key] = full
 
 
 def _width_mlp(dim_in: int, dim_out: int) -> nn.Sequential:
@@ -446,7 +477,7 @@ class Denoiser(nn.Module):
 
     def time_film(self, t: torch.Tensor) -> torch.Tensor:
         """Time part of every block's (scale, shift): (B,) timesteps -> (B, F)."""
-        t_emb = self.time_mlp(sinusoidal_embedding(t, self.time_dim))  # (B, time_dim)
+        t_emb = self.time_mlp(sinusoidal_embedding(t, self.time_dim).to(self.film.weight.dtype))  # (B, time_dim)
         return F.linear(F.silu(t_emb), self.film.weight[:, : self.time_dim])
 
     def condition_film(self, cond: torch.Tensor) -> torch.Tensor:
@@ -521,7 +552,7 @@ class Denoiser(nn.Module):
         return any(isinstance(m, PaddedGroupNorm) for m in self.modules())
 
     @torch.no_grad()
-    def padded(self, multiple: int = 8) -> "Denoiser":
+    def padded(self, multiple: int = 8, *, original_state_dict: bool = False) -> "Denoiser":
         """An inference copy of this denoiser whose channel widths are rounded up to multiples of `multiple`,
         computing the same function (`widths` (300, 50, 10) -> (304, 56, 16); x and the output keep `dim`).
 
@@ -530,7 +561,13 @@ class Denoiser(nn.Module):
         keeps the true sqrt(width) (zeros do not change an L2 norm), and the attention output bias is masked.
         Why: a 300-channel bf16 row is 600 bytes, not a multiple of 16, so under torch.compile every matmul of
         the 300-wide layers got a padding copy of its input and the element-wise kernels misaligned rows.
-        Sampling only (the copy is detached from this model's parameters); one GroupNorm group required."""
+        The copy is detached from this model's parameters; one GroupNorm group required. It can also be trained:
+        every padding parameter then gets an exactly zero gradient (the norms' statistics read the true channels
+        only), so under AdamW (decoupled weight decay) it stays zero and the copy keeps computing the function
+        of an unpadded model; `unpad` cuts its state dict (or gradients, optimizer moments) back to the original
+        shapes. With `original_state_dict` (for training) the copy's `state_dict()` is already in the original
+        layout, so checkpoints and EMA weights load into the unpadded model, and its `load_state_dict` takes the
+        original layout (zero padding added) as well as its own."""
         if multiple < 1:
             raise ValueError(f"Denoiser.padded: multiple must be >= 1, got {multiple}")
         if self.config["groups"] != 1:
@@ -550,9 +587,12 @@ class Denoiser(nn.Module):
                 off += up(w)
             return torch.cat(out)
 
+        true: dict[nn.Module, dict[str, tuple[torch.Tensor, ...]]] = {}  # module -> parameter -> true positions
+
         def lin(new: nn.Linear, old: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | None) -> None:
             rows = torch.arange(new.out_features) if rows is None else rows  # None: all, unpadded
             cols = torch.arange(new.in_features) if cols is None else cols
+            true[new] = {"weight": (rows, cols), "bias": (rows,)}
             new.weight.zero_()
             new.weight[rows[:, None], cols[None, :]] = old.weight.detach().cpu()
             if old.bias is not None:
@@ -560,7 +600,8 @@ class Denoiser(nn.Module):
                 new.bias[rows] = old.bias.detach().cpu()
 
         def norm(old: nn.GroupNorm, w: int) -> PaddedGroupNorm:
-            n = PaddedGroupNorm(w, up(w), eps=old.eps)
+            n = PaddedGroupNorm(w, up(w), eps=old.eps).to(dtype)
+            true[n] = {"weight": (idx(w),), "bias": (idx(w),)}
             n.weight[idx(w)] = old.weight.detach().cpu()
             n.bias[idx(w)] = old.bias.detach().cpu()
             return n
@@ -577,6 +618,7 @@ class Denoiser(nn.Module):
                 return
             new.norm.gain.zero_()
             new.norm.gain[idx(w)] = old.norm.gain.detach().cpu()
+            true[new.norm] = {"gain": (idx(w),)}
             new.norm.scale = old.norm.scale  # the true sqrt(width)
             lin(new.to_qkv, old.to_qkv, None, idx(w))
             lin(new.to_out, old.to_out, idx(w), None)
@@ -586,7 +628,9 @@ class Denoiser(nn.Module):
             new.bias_mask = mask
             new.impl = old.impl
 
-        new = Denoiser(**{**self.config, "widths": tuple(up(w) for w in self.widths)})
+        dtype = self.film.weight.dtype
+        new = Denoiser(**{**self.config, "widths": tuple(up(w) for w in self.widths)}).to(dtype)
+        new._original_config = dict(self.config)
         new.time_mlp.load_state_dict(self.time_mlp.state_dict())
         w0 = self.widths[0]
         lin(new.in_proj, self.in_proj, idx(w0), None)
@@ -616,5 +660,32 @@ class Denoiser(nn.Module):
             rows += [torch.arange(w) + off, torch.arange(w) + off + up(w)]
             off += 2 * up(w)
         lin(new.film, self.film, torch.cat(rows), None)
+        new._true_index = {f"{name}.{p}" if name else p: ix for name, m in new.named_modules()
+                           for p, ix in true.get(m, {}).items() if getattr(m, p, None) is not None}
+        if original_state_dict:
+            new.register_state_dict_post_hook(_state_dict_to_original)
+            new.register_load_state_dict_pre_hook(_state_dict_from_original)
         p = self.film.weight
         return new.to(device=p.device, dtype=p.dtype).train(self.training)
+
+    def unpad(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """From a `padded()` copy: its state dict, or any dict of tensors shaped like its parameters (gradients,
+        optimizer moments), cut back to the original model's shapes (the true channels; copies). Entries of
+        unpadded parameters (time MLP, token mix, ...) are copied unchanged. `Denoiser(**config).load_state_dict(
+        pad.unpad(pad.state_dict()))` restores the original model exactly."""
+        index = getattr(self, "_true_index", None)
+        if index is None:
+            raise ValueError("Denoiser.unpad: this model is not a padded() copy")
+        out = {}
+        for name, v in tensors.items():
+            ix = index.get(name)
+            if ix is not None:
+                ix = tuple(i.to(v.device) for i in ix)
+                v = v[ix[0]] if len(ix) == 1 else v[ix[0][:, None], ix[1][None, :]]
+            out[name] = v.detach().clone()
+        return out
+
+    @property
+    def original_config(self) -> dict:
+        """The constructor arguments of the model this one was padded from (its own config if not padded)."""
+        return dict(getattr(self, "_original_config", self.config))

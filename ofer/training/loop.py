@@ -372,6 +372,7 @@ class _Trainer:
                 self.ema = EMA(self.model, self.cfg.ema_decay)
                 self._event("ema_started_on_resume", path=found_path)
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        self._check_optimizer_shapes(Path(found_path), ckpt)
         loop = ckpt["loop"]
         if loop["lr_scheduler"] == self.cfg.lr_scheduler:
             self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -391,6 +392,21 @@ class _Trainer:
             self._event("rng_reseeded_on_resume", old_world_size=int(ckpt["world_size"]))
         self.last_ckpt, self.last_ckpt_step = Path(found_path), self.step
         self._event("resume", path=found_path, epoch=self.position[0], batch_in_epoch=self.position[1])
+
+    def _check_optimizer_shapes(self, path: Path, ckpt: Mapping[str, Any]) -> None:
+        """The optimizer state must have the parameters' shapes. It has not when the model's weights load (the
+        model keys match) but its parameters changed shape: a generator run resumed with another `pad_widths`
+        (the padded copy saves its weights in the original layout, its AdamW moments in its own)."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                for key, v in self.optimizer.state.get(p, {}).items():
+                    if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != p.shape:
+                        raise ConfigMismatchError(
+                            f"cannot resume from {path}: its optimizer state {key!r} of parameter "
+                            f"{names.get(id(p), '?')!r} has shape {tuple(v.shape)}, the parameter has shape "
+                            f"{tuple(p.shape)}; was it written with another pad_widths (there: "
+                            f"{ckpt.get('config', {}).get('pad_widths', 'not set')})? Resume with the same setting")
 
     def _check_compatible(self, path: Path, ckpt: Mapping[str, Any]) -> None:
         if ckpt["task_name"] != self.task.name:
