@@ -553,8 +553,9 @@ class Denoiser(nn.Module):
 
     @torch.no_grad()
     def padded(self, multiple: int = 8, *, original_state_dict: bool = False) -> "Denoiser":
-        """An inference copy of this denoiser whose channel widths are rounded up to multiples of `multiple`,
-        computing the same function (`widths` (300, 50, 10) -> (304, 56, 16); x and the output keep `dim`).
+        """A copy of this denoiser (for sampling and training) whose channel widths are rounded up to multiples of
+        `multiple`, computing the same function (`widths` (300, 50, 10) -> (304, 56, 16); x and the output keep
+        `dim`).
 
         The copy's extra channels are zero everywhere: their weight rows and columns, biases, FiLM rows, norm
         gains are zero, its GroupNorms (`PaddedGroupNorm`) take the statistics of the true channels, the RMS norm
