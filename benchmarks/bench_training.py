@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ofer.diffusion import GaussianDiffusion  # noqa: E402
 from ofer.fast_sampling import parse_compile_options, parse_key_values  # noqa: E402
+from ofer.jobs import training_copy  # noqa: E402
 from ofer.models import token_attention_kernel as tak  # noqa: E402
 from ofer.models.ranker import IdRanker  # noqa: E402
 from ofer.models.unet1d import Denoiser  # noqa: E402
@@ -73,12 +74,12 @@ def time_steps(step, n: int = 20, warmup: int = 3) -> float:
 
 
 def build_model(kind: str, impl: str, pad: bool) -> tuple[torch.nn.Module, int]:
-    """The paper-sized denoiser (its `padded()` copy with `pad`, which trains the same function) and the parameter
+    """The paper-sized denoiser (with `pad` its padded copy, as train_generator's pad_widths=true) and the parameter
     count of the paper's network, which the MFU counts (the padding's zero parameters do no model work)."""
     dim, cond, widths = SHAPES[kind]
     model = Denoiser(dim=dim, cond_dim=cond, widths=widths).set_attention_impl(impl)
     params = count(model)
-    return (model.padded() if pad else model).to(DEVICE), params
+    return training_copy(model, pad, DEVICE).to(DEVICE), params
 
 
 def generator_step(kind: str, rows: int, bf16: bool, ddp: bool, compile: bool = False, impl: str = "auto",

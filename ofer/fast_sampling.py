@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ofer.diffusion import GaussianDiffusion, denoise_step
+from ofer.models.unet1d import paddable
 
 __all__ = ["COMPILE_OPTIONS", "PAD_WIDTHS", "GraphedSampler", "parse_compile_options", "parse_key_values"]
 
@@ -86,8 +87,7 @@ class GraphedSampler:
         if device.type != "cuda":
             raise ValueError("GraphedSampler needs a CUDA device; use GaussianDiffusion.sample on the CPU")
         pad_widths = PAD_WIDTHS if pad_widths is None else pad_widths
-        if (pad_widths and callable(getattr(model, "padded", None)) and getattr(model, "config", {}).get("groups") == 1
-                and not getattr(model, "is_padded", False)):
+        if pad_widths and paddable(model):
             model = model.padded()  # a copy computing the same function with aligned widths
         if bf16 and callable(getattr(model, "autocast_copy", None)):
             model = model.autocast_copy(torch.bfloat16)  # trunk weights cast once, not in every step

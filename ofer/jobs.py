@@ -17,6 +17,7 @@ from ofer.config import build_flame
 from ofer.data.datasets import build_dataset_from_config
 from ofer.data.features import StaleCacheError, load_features, precompute_features, resolve_device
 from ofer.encoders import build_encoder
+from ofer.models.unet1d import paddable
 from ofer.tasks.generator import GeneratorTask
 from ofer.training import seed_everything, train
 
@@ -106,15 +107,15 @@ def training_copy(model: torch.nn.Module, pad_widths: Any, device: str) -> torch
     setting = str(pad_widths).lower()
     if setting not in ("auto", "true", "false"):
         raise ValueError(f"pad_widths must be auto, true or false, got {pad_widths!r}")
-    can = callable(getattr(model, "padded", None)) and getattr(model, "config", {}).get("groups") == 1
+    can = paddable(model)
     if setting == "true" and not can:
         raise ValueError(f"pad_widths=true: only a Denoiser with groups=1 can be padded, got "
                          f"{type(model).__name__} with groups={getattr(model, 'config', {}).get('groups')}; "
                          f"set pad_widths=false (or auto)")
     if setting == "true" or (setting == "auto" and can and str(device).startswith("cuda")):
-        log.info("training the padded copy of the denoiser (widths %s -> %s)", model.widths,
-                 tuple(-(-w // 8) * 8 for w in model.widths))
-        return model.padded(original_state_dict=True)
+        pad = model.padded(original_state_dict=True)
+        log.info("training the padded copy of the denoiser (widths %s -> %s)", model.widths, pad.widths)
+        return pad
     return model
 
 

@@ -259,12 +259,25 @@ class FiLMResBlock(nn.Module):
             c2, n2.eps)
 
 
+def paddable(model: nn.Module) -> bool:
+    """Whether `model.padded()` applies: a model with the method and one norm group (`config["groups"] == 1`) that
+    is not itself a padded copy. GraphedSampler and the generator jobs' `pad_widths` pad exactly these."""
+    return (callable(getattr(model, "padded", None)) and getattr(model, "config", {}).get("groups") == 1
+            and not getattr(model, "is_padded", False))
+
+
+def _true_positions(ix: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """An index of a padded parameter's true entries (rows, or rows x columns) from `Denoiser._true_index`, for
+    reading them (`p[pos]`, the original shape) or writing them (`p[pos] = original`)."""
+    ix = tuple(i.to(device) for i in ix)
+    return ix if len(ix) == 1 else (ix[0][:, None], ix[1][None, :])
+
+
 def _state_dict_to_original(module: "Denoiser", state_dict: dict, prefix: str, local_metadata: dict) -> None:
     """State-dict post-hook of `Denoiser.padded(original_state_dict=True)`: the original model's layout."""
-    for name in module._true_index:
-        key = prefix + name
-        if key in state_dict:
-            state_dict[key] = module.unpad({name: state_dict[key]})[name]
+    ours = {name: state_dict[prefix + name] for name in module._true_index if prefix + name in state_dict}
+    for name, v in module.unpad(ours).items():
+        state_dict[prefix + name] = v
 
 
 def _state_dict_from_original(module: "Denoiser", state_dict: dict, prefix: str, *args: Any) -> None:
@@ -278,11 +291,7 @@ def _state_dict_from_original(module: "Denoiser", state_dict: dict, prefix: str,
         if p is None or not isinstance(v, torch.Tensor) or v.shape != tuple(len(i) for i in ix):
             continue
         full = torch.zeros(p.shape, dtype=v.dtype, device=v.device)
-        ix = tuple(i.to(v.device) for i in ix)
-        if len(ix) == 1:
-            full[ix[0]] = v
-        else:
-            full[ix[0][:, None], ix[1][None, :]] = v
+        full[_true_positions(ix, v.device)] = v
         state_dict[key] = full
 
 
@@ -681,8 +690,7 @@ class Denoiser(nn.Module):
         for name, v in tensors.items():
             ix = index.get(name)
             if ix is not None:
-                ix = tuple(i.to(v.device) for i in ix)
-                v = v[ix[0]] if len(ix) == 1 else v[ix[0][:, None], ix[1][None, :]]
+                v = v[_true_positions(ix, v.device)]
             out[name] = v.detach().clone()
         return out
 
