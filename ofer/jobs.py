@@ -109,9 +109,10 @@ def training_copy(model: torch.nn.Module, pad_widths: Any, device: str) -> torch
         raise ValueError(f"pad_widths must be auto, true or false, got {pad_widths!r}")
     can = paddable(model)
     if setting == "true" and not can:
-        raise ValueError(f"pad_widths=true: only a Denoiser with groups=1 can be padded, got "
-                         f"{type(model).__name__} with groups={getattr(model, 'config', {}).get('groups')}; "
-                         f"set pad_widths=false (or auto)")
+        raise ValueError(f"pad_widths=true: only a Denoiser with groups=1 that is not already a padded copy can be "
+                         f"padded, got {type(model).__name__} with groups={getattr(model, 'config', {}).get('groups')}"
+                         f"{' (already padded)' if getattr(model, 'is_padded', False) else ''}; set pad_widths=false "
+                         f"(or auto)")
     if setting == "true" or (setting == "auto" and can and str(device).startswith("cuda")):
         pad = model.padded(original_state_dict=True)
         log.info("training the padded copy of the denoiser (widths %s -> %s)", model.widths, pad.widths)

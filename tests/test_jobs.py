@@ -137,6 +137,20 @@ def test_padded_training_matches_and_saves_the_original_layout(tiny_root, tmp_pa
                         run_dir=tmp_path / "bad")
 
 
+def test_training_copy_pads_what_it_can_and_names_what_it_cannot():
+    """pad_widths: auto pads only on CUDA and only a paddable model; true refuses the others with their reason."""
+    from ofer.jobs import training_copy
+    from ofer.models.unet1d import Denoiser
+
+    plain, grouped = Denoiser(dim=8, cond_dim=4, widths=(12, 4)), Denoiser(dim=8, cond_dim=4, widths=(8, 4), groups=2)
+    assert training_copy(plain, "auto", "cpu") is plain and training_copy(grouped, "auto", "cuda") is grouped
+    assert training_copy(plain, True, "cpu").widths == (16, 8) and training_copy(plain, False, "cuda") is plain
+    with pytest.raises(ValueError, match="groups=1 .* got Denoiser with groups=2; set pad_widths=false"):
+        training_copy(grouped, "true", "cpu")
+    with pytest.raises(ValueError, match=r"groups=1 \(already padded\)"):
+        training_copy(plain.padded(), "true", "cpu")
+
+
 def test_expgen_trains(expgen_run):
     run, res = expgen_run
     assert res.step == 3 and np.isfinite(res.metrics["eval/err_mean_sample"])
