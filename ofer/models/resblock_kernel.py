@@ -252,6 +252,13 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # float32: exact products (the eager block's)
 
 
+def _plan(M: int, N: int) -> tuple[int, int, dict, tuple[int]]:
+    """Both kernels' launch for M rows of N columns: the column chunks (NA, NB), the LAUNCH entry, the grid."""
+    na, nb = _column_chunks(N)
+    launch = _launch(N)
+    return na, nb, launch, (triton.cdiv(M, launch["block_rows"]),)
+
+
 @torch.library.custom_op("ofer::film_block_in", mutates_args=())
 def film_block_in(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, g1: torch.Tensor, be1: torch.Tensor,
                   scale: torch.Tensor, shift: torch.Tensor, channels: int, eps: float) -> torch.Tensor:
@@ -280,9 +287,7 @@ def film_block_in(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, g1: torch
     out = x.new_empty(M, N)
     if M == 0:
         return out
-    na, nb = _column_chunks(N)
-    launch = _launch(N)
-    grid = (triton.cdiv(M, launch["block_rows"]),)
+    na, nb, launch, grid = _plan(M, N)
     LAST_KERNELS["in"] = _film_block_in_kernel[grid](
         x, w1, b1, g1, be1, scale, shift, out, M, x.shape[1], N, channels, x.stride(0), scale.stride(0), M // g, eps,
         BM=launch["block_rows"], BK=launch["block_k"], NA=na, NB=nb, STAGES=launch["stages"],
@@ -328,9 +333,7 @@ def film_block_out(a: torch.Tensor, x: torch.Tensor, w2: torch.Tensor, b2: torch
     out = a.new_empty(M, N)
     if M == 0:
         return out
-    na, nb = _column_chunks(N)
-    launch = _launch(N)
-    grid = (triton.cdiv(M, launch["block_rows"]),)
+    na, nb, launch, grid = _plan(M, N)
     LAST_KERNELS["out"] = _film_block_out_kernel[grid](
         a, x, w2, b2, g2, be2, ws if ws is not None else w2, bs if bs is not None else b2, out, M, x.shape[1], N,
         channels, x.stride(0), eps, BM=launch["block_rows"], BK=launch["block_k"], NA=na, NB=nb,
