@@ -54,7 +54,10 @@ def test_projecting_kernel_matches_reference_in_the_interpreter() -> None:
         torch.manual_seed(0)
         for launch in ("16x4", "32x2"):
             tak.set_project_launch(launch)
-            for R, C, H, D in [(37, 10, 4, 32), (5, 53, 4, 32), (16, 25, 2, 16), (3, 64, 1, 32), (1, 1, 1, 16)]:
+            # widths padded on the host (10, 53, 25, 1) and read in place, masked from C to the padded width
+            # (56, 24, 8: multiples of 8) or not (64, 16)
+            for R, C, H, D in [(37, 10, 4, 32), (5, 53, 4, 32), (16, 25, 2, 16), (3, 64, 1, 32), (1, 1, 1, 16),
+                               (9, 56, 4, 32), (7, 24, 2, 16), (4, 8, 1, 16), (33, 16, 4, 32)]:
                 x = torch.randn(R, C)
                 wqkv = torch.randn(16 * 3 * H * D, C) * C**-0.5
                 w = torch.randn(16)
@@ -63,6 +66,18 @@ def test_projecting_kernel_matches_reference_in_the_interpreter() -> None:
                 assert out.dtype == torch.float32 and out.shape == (R, H * D)
                 err = float((out.double() - ref).abs().max())
                 assert err < 5e-5, (launch, R, C, H, D, err)
+                # a bf16 output is the float32 one rounded once (what autocast's cast before to_out does); the
+                # interpreter rounds toward zero where the GPU rounds to nearest (the GPU test asserts equality),
+                # so here: within one bf16 step
+                lo = tak.token_attention_project_pool(x, wqkv, w, 16, H, D, torch.bfloat16)
+                assert lo.dtype == torch.bfloat16 and lo.shape == out.shape
+                assert bool(((lo.float() - out).abs() <= out.abs() * 2**-7).all()), (launch, R, C)
+            # a row-strided view of a multiple-of-8 width is read through a contiguous copy
+            wide = torch.randn(6, 40)
+            wqkv = torch.randn(16 * 3 * 4 * 32, 24) * 24**-0.5
+            out = tak.token_attention_project_pool(wide[:, 8:32], wqkv, w, 16, 4, 32)
+            ref = tak.token_attention_pool_reference(wide[:, 8:32].double() @ wqkv.double().T, w, 16, 4, 32)
+            assert float((out.double() - ref).abs().max()) < 5e-5
         net = small_net()
         x, t, c = torch.randn(3, 12), torch.tensor([0, 500, 999]), torch.randn(3, 6)
         with torch.no_grad():
@@ -93,6 +108,9 @@ def test_projecting_kernel_matches_reference_in_the_interpreter() -> None:
             tak.token_attention_project_pool(torch.zeros(2, 8), torch.zeros(6144, 9), torch.zeros(16), 16, 4, 32)
         with pytest.raises(ValueError, match="powers of two, tokens >= 16"):
             tak.token_attention_project_pool(torch.zeros(2, 8), torch.zeros(8 * 3 * 32, 8), torch.zeros(8), 8, 1, 32)
+        with pytest.raises(ValueError, match="out_dtype must be None, torch.float32, torch.bfloat16 or torch.float16"):
+            tak.token_attention_project_pool(torch.zeros(2, 8), torch.zeros(6144, 8), torch.zeros(16), 16, 4, 32,
+                                             torch.int32)
         print("ok")
     """)
     run_interpreted(script)
@@ -171,7 +189,8 @@ def test_gluon_kernel_compiles_with_the_installed_triton(arch: int, cp: int, lau
     saved = {k: dict(v) for k, v in tak.PROJECT_GLUON_LAUNCH.items()}
     try:
         tak.set_project_launch(launch, widths=(cp,), kernel="gluon")
-        consts, opts = tak._gluon_launch_args(cp, 16, 4, 32)  # what token_attention_project_pool launches with
+        # what token_attention_project_pool launches with, for an input read in place (56 of 64 channels) or not
+        consts, opts = tak._gluon_launch_args(56 if cp == 64 else cp, cp, 16, 4, 32)
         sig = {"x_ptr": "*bf16", "wp_ptr": "*bf16", "w_ptr": "*fp32", "out_ptr": "*fp32", "R": "i32", "scale": "fp32"}
         sig.update({k: "constexpr" for k in consts})
         src = GluonASTSource(fn=tak._project_pool_gluon_kernel, signature=sig, constexprs=consts,
@@ -247,6 +266,9 @@ def test_kernel_matches_reference_in_the_interpreter() -> None:
                 assert out.dtype == torch.float32 and out.shape == (R, H * D)
                 err = float((out.double() - ref).abs().max())
                 assert err < 5e-5, (launch, R, T, H, D, err)  # float32 scores and softmax
+                # bf16 output: the float32 one rounded (toward zero in the interpreter, to nearest on the GPU)
+                lo = token_attention_pool(qkv, w, T, H, D, torch.bfloat16)
+                assert lo.dtype == torch.bfloat16 and bool(((lo.float() - out).abs() <= out.abs() * 2**-7).all())
         tak.LAUNCH.update(default)
         import pytest
         with pytest.raises(ValueError, match="tokens >= 16"):  # tl.dot needs 16 x 16 score tiles
@@ -443,7 +465,7 @@ def test_projecting_kernel_on_cuda_matches_reference_and_the_separate_projection
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
     w = torch.randn(16, device=dev, generator=gen)
-    for c in (10, 25, 53, 64):
+    for c in (10, 25, 53, 64, 56, 16):  # 56 and 16: read in place (56 masked to 64)
         x = torch.randn(1000, c, device=dev, generator=gen)
         wqkv = torch.randn(6144, c, device=dev, generator=gen) * c**-0.5
         ref = tak.token_attention_pool_reference(x.double() @ wqkv.double().T, w, 16, 4, 32)
@@ -452,6 +474,8 @@ def test_projecting_kernel_on_cuda_matches_reference_and_the_separate_projection
         x16, w16 = x.bfloat16(), wqkv.bfloat16()
         ref16 = tak.token_attention_pool_reference(x16.double() @ w16.double().T, w, 16, 4, 32)
         sep = tak.token_attention_pool(torch.nn.functional.linear(x16, w16), w, 16, 4, 32)
+        sep_lo = tak.token_attention_pool(torch.nn.functional.linear(x16, w16), w, 16, 4, 32, torch.bfloat16)
+        assert int((sep_lo != sep.bfloat16()).sum()) <= sep.numel() // 1000, c  # rounded once, to nearest
         out16 = tak.token_attention_project_pool(x16, w16, w, 16, 4, 32)
         # bf16 q/k in both; the projecting kernel keeps v in float32, so it is no further from float64
         assert (out16.double() - ref16).norm() <= 1.05 * (sep.double() - ref16).norm() + 1e-6, c
@@ -470,6 +494,13 @@ def test_projecting_kernel_on_cuda_matches_reference_and_the_separate_projection
                                            atol=2e-5, rtol=1e-5)
                 torch.testing.assert_close(tak.token_attention_project_pool(x16[:37], w16, w, 16, 4, 32),
                                            tri16_37, atol=2e-5, rtol=1e-5)
+            # a bf16 output is the float32 one rounded once to nearest: the kernel compiled for a bf16 output may
+            # sum in another order, so a value at a rounding boundary may land one bf16 step away (1 in 128,000
+            # on an H100), where rounding toward zero would move about half of them
+            lo = tak.token_attention_project_pool(x16, w16, w, 16, 4, 32, torch.bfloat16)
+            hi = tak.token_attention_project_pool(x16, w16, w, 16, 4, 32)
+            assert lo.dtype == torch.bfloat16 and bool(((lo.float() - hi).abs() <= hi.abs() * 2**-7).all())
+            assert int((lo != hi.bfloat16()).sum()) <= hi.numel() // 1000, c
             fp16 = tak.token_attention_project_pool(x.half(), wqkv.half(), w, 16, 4, 32)
             ref_h = tak.token_attention_pool_reference(x.half().double() @ wqkv.half().double().T, w, 16, 4, 32)
             assert float((fp16.double() - ref_h).abs().max()) < 0.05, c  # fp16 q/k rounding only

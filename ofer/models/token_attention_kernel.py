@@ -232,7 +232,7 @@ if triton is not None:
             c = tl.sum(a * w[None, :, None], axis=1)  # (BLOCK_R, U)
             pooled = tl.sum(c[:, :, None] * v.to(tl.float32), axis=1)  # (BLOCK_R, DH)
             out = rows[:, None].to(tl.int64) * (H * DH) + h * DH + tl.arange(0, DH)[None, :]
-            tl.store(out_ptr + out, pooled, mask=row_ok[:, None])
+            tl.store(out_ptr + out, pooled.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.jit
     def _token_attention_pool_bwd_kernel(
@@ -272,19 +272,21 @@ if triton is not None:
 
     @triton.jit
     def _projected_attention(x_ptr, wp_ptr, w_ptr, R, scale, h, T: tl.constexpr, DH: tl.constexpr,
-                             CP: tl.constexpr, BLOCK_R: tl.constexpr):
+                             C: tl.constexpr, CP: tl.constexpr, BLOCK_R: tl.constexpr):
         # Shared by the projecting kernel's forward and backward: rows block program_id(0) of head h, q and k of
         # all T tokens as (BLOCK_R, CP) @ (CP, T * DH) tensor-core products rounded to x's dtype and reshaped to
         # (BLOCK_R, T, DH), and the softmax a (BLOCK_R, T, U) of one batched score product per row. Returns the
         # rows, the row mask, x, the offsets of head h's q weights (v's: + 2 * CP * T * DH; the callers compute v
         # where they need it, the forward after the token mix: 7% faster at 16 channels on an H100), q, k, a
-        # and the token-mix weights (T,) in float32.
+        # and the token-mix weights (T,) in float32. x is (R, C) with rows C apart, read as CP channels (the
+        # channels from C on as zeros: see `_operands`).
         TD: tl.constexpr = T * DH
         cc = tl.arange(0, CP)
         woffs = (h * 3 * CP + cc[:, None]) * TD + tl.arange(0, TD)[None, :]  # (CP, TD) block of head h's q
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < R
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * CP + cc[None, :], mask=row_ok[:, None], other=0.0)
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * C + cc[None, :], mask=row_ok[:, None] & (cc < C)[None, :],
+                    other=0.0)
         q = tl.dot(x, tl.load(wp_ptr + woffs), input_precision="ieee", out_dtype=tl.float32).to(x.dtype)
         k = tl.dot(x, tl.load(wp_ptr + woffs + CP * TD), input_precision="ieee", out_dtype=tl.float32).to(x.dtype)
         q3 = tl.reshape(q, (BLOCK_R, T, DH))
@@ -299,27 +301,28 @@ if triton is not None:
     @triton.jit
     def _project_pool_kernel(
         x_ptr, wp_ptr, w_ptr, out_ptr, R, scale,
-        T: tl.constexpr, H: tl.constexpr, DH: tl.constexpr, CP: tl.constexpr, BLOCK_R: tl.constexpr,
+        T: tl.constexpr, H: tl.constexpr, DH: tl.constexpr, C: tl.constexpr, CP: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
         # Program (block of BLOCK_R rows, head h). The projection is done here: q/k/v of all T tokens of head h
         # are (BLOCK_R, CP) @ (CP, T * DH) tensor-core products from the normalised input, reshaped to
         # (BLOCK_R, T, DH); the scores of each row are one batched (T, DH) @ (DH, T) product (no masked cross-row
-        # entries); q/k/v never reach memory. x is (R, CP) and the weights (H, 3, CP, T * DH), both zero-padded
-        # to CP channels, so every load is aligned and unmasked along the channels (masked loads of odd widths
-        # such as 53 ran 60x slower on an H200).
+        # entries); q/k/v never reach memory. x is (R, C) with C a multiple of 8 (16-byte aligned rows, masked in
+        # whole 8-channel vectors) or zero-padded to C = CP on the host, the weights (H, 3, CP, T * DH), so every
+        # load is aligned (masked loads of odd widths such as 53 ran 60x slower on an H200). The output is stored
+        # in out's dtype (float32, or the autocast dtype the next matmul would cast it to).
         h = tl.program_id(1)
-        rows, row_ok, x, woffs, q3, k3, a, wt = _projected_attention(x_ptr, wp_ptr, w_ptr, R, scale, h, T, DH, CP,
+        rows, row_ok, x, woffs, q3, k3, a, wt = _projected_attention(x_ptr, wp_ptr, w_ptr, R, scale, h, T, DH, C, CP,
                                                                      BLOCK_R)
         c = tl.sum(a * wt[None, :, None], axis=1)  # (BLOCK_R, T): c_u = sum_t w_t a_tu
         v = tl.dot(x, tl.load(wp_ptr + woffs + 2 * CP * T * DH), input_precision="ieee", out_dtype=tl.float32)
         pooled = tl.sum(c[:, :, None] * tl.reshape(v, (BLOCK_R, T, DH)), axis=1)  # (BLOCK_R, DH); v not rounded
         out = rows[:, None].to(tl.int64) * (H * DH) + h * DH + tl.arange(0, DH)[None, :]
-        tl.store(out_ptr + out, pooled, mask=row_ok[:, None])
+        tl.store(out_ptr + out, pooled.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.jit
     def _project_pool_bwd_kernel(
         x_ptr, wp_ptr, w_ptr, g_ptr, dqkv_ptr, dw_ptr, R, scale,
-        T: tl.constexpr, H: tl.constexpr, DH: tl.constexpr, CP: tl.constexpr, BLOCK_R: tl.constexpr,
+        T: tl.constexpr, H: tl.constexpr, DH: tl.constexpr, C: tl.constexpr, CP: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
         # Gradients of `_project_pool_kernel`'s output w.r.t. q/k/v (written to dqkv, (R, T * 3 * H * DH) in the
         # to_qkv output layout) and the token-mix weights (per-program partial sums, summed on the host), given
@@ -330,7 +333,7 @@ if triton is not None:
         # dx and dW of the projection are then two cuBLAS matmuls of dqkv on the host.
         pid = tl.program_id(0)
         h = tl.program_id(1)
-        rows, row_ok, x, woffs, q3, k3, a, wt = _projected_attention(x_ptr, wp_ptr, w_ptr, R, scale, h, T, DH, CP,
+        rows, row_ok, x, woffs, q3, k3, a, wt = _projected_attention(x_ptr, wp_ptr, w_ptr, R, scale, h, T, DH, C, CP,
                                                                      BLOCK_R)
         g = tl.load(g_ptr + rows[:, None].to(tl.int64) * (H * DH) + h * DH + tl.arange(0, DH)[None, :],
                     mask=row_ok[:, None], other=0.0).to(tl.float32)  # (BLOCK_R, DH); 0 on rows past R
@@ -392,7 +395,7 @@ if gluon is not None:
     @gluon.jit
     def _project_pool_gluon_kernel(
         x_ptr, wp_ptr, w_ptr, out_ptr, R, scale,
-        T: gl.constexpr, H: gl.constexpr, DH: gl.constexpr, CP: gl.constexpr, BLOCK_R: gl.constexpr,
+        T: gl.constexpr, H: gl.constexpr, DH: gl.constexpr, C: gl.constexpr, CP: gl.constexpr, BLOCK_R: gl.constexpr,
         STAGING: gl.constexpr, NW: gl.constexpr, CHUNKS: gl.constexpr,
     ):
         # `_project_pool_kernel`'s function (same operands, same rounding: q and k rounded to x's dtype, v and the
@@ -402,7 +405,9 @@ if gluon is not None:
         #   q and k -> x's dtype, reshaped (BLOCK_R, T, DH) and stored to shared memory in the STAGING layout
         #   (`_staging_bases`: no bank conflicts on the stores or on the score product's loads);
         #   scores: one batched (T, DH) @ (DH, T) mma per row, the rows spread over the warps;
-        #   c_u = sum_t w_t softmax_u(scores)_tu, pooled = sum_u c_u v_u (v chunk by chunk, c from shared memory).
+        #   c_u = sum_t w_t softmax_u(scores)_tu, pooled = sum_u c_u v_u (v chunk by chunk, c from shared memory),
+        #   stored in out's dtype.
+        # x as in `_project_pool_kernel`: rows C apart, the channels from C to CP read as zeros.
         TC: gl.constexpr = T // CHUNKS
         CN: gl.constexpr = TC * DH
         TD: gl.constexpr = T * DH
@@ -416,7 +421,8 @@ if gluon is not None:
         h = gl.program_id(1)
         rows_x = blk * BLOCK_R + gl.arange(0, BLOCK_R, layout=gl.SliceLayout(1, XB))
         cx = gl.arange(0, CP, layout=gl.SliceLayout(0, XB))
-        x = gl.load(x_ptr + rows_x[:, None].to(gl.int64) * CP + cx[None, :], mask=(rows_x < R)[:, None], other=0.0)
+        x_ok = (rows_x < R)[:, None] & (cx < C)[None, :]
+        x = gl.load(x_ptr + rows_x[:, None].to(gl.int64) * C + cx[None, :], mask=x_ok, other=0.0)
         xd = gl.convert_layout(x, gl.DotOperandLayout(0, P, 2))
         cw = gl.arange(0, CP, layout=gl.SliceLayout(1, WB))
         woffs = (h * 3 * CP + cw[:, None]) * TD + gl.arange(0, CN, layout=gl.SliceLayout(0, WB))[None, :]
@@ -444,20 +450,25 @@ if gluon is not None:
         PL: gl.constexpr = pooled.type.layout
         rows_o = blk * BLOCK_R + gl.arange(0, BLOCK_R, layout=gl.SliceLayout(1, PL))
         out = rows_o[:, None].to(gl.int64) * (H * DH) + h * DH + gl.arange(0, DH, layout=gl.SliceLayout(0, PL))[None, :]
-        gl.store(out_ptr + out, pooled, mask=(rows_o < R)[:, None])
+        gl.store(out_ptr + out, pooled.to(out_ptr.dtype.element_ty), mask=(rows_o < R)[:, None])
 
 
 @torch.library.custom_op("ofer::token_attention_pool", mutates_args=())
-def token_attention_pool(qkv: torch.Tensor, w: torch.Tensor, tokens: int, heads: int, head_dim: int) -> torch.Tensor:
+def token_attention_pool(qkv: torch.Tensor, w: torch.Tensor, tokens: int, heads: int, head_dim: int,
+                         out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Token-mixed attention output of every row and head.
 
     Args:
         qkv: (R, tokens * 3 * heads * head_dim), rows contiguous, laid out (token, q/k/v, head, channel).
         w: (tokens,) token-mix weights.
         tokens, heads, head_dim: the attention shape; tokens and head_dim powers of two, tokens >= 16.
+        out_dtype: the output's dtype (None: float32). Computed in float32 and rounded to nearest once on the
+            store, as `.to(torch.bfloat16)` of the float32 output would (up to float32 summation order, which
+            the compiler may choose differently for the two outputs): under autocast the next matmul casts it
+            anyway, and the separate cast kernel (reading 4 and writing 2 bytes per value) is gone.
 
     Returns:
-        (R, heads * head_dim) float32: sum_t w_t attention(q, k, v)_t per head, channels head-major.
+        (R, heads * head_dim) in out_dtype: sum_t w_t attention(q, k, v)_t per head, channels head-major.
     """
     if not available(qkv, head_dim):
         raise RuntimeError("token_attention_pool needs Triton (shipped with CUDA builds of torch), a CUDA tensor "
@@ -470,9 +481,10 @@ def token_attention_pool(qkv: torch.Tensor, w: torch.Tensor, tokens: int, heads:
     if tokens & (tokens - 1) or head_dim & (head_dim - 1) or tokens < 16:
         raise ValueError(f"token_attention_pool: tokens ({tokens}) and head_dim ({head_dim}) must be powers of two, "
                          "tokens >= 16")
+    out_dtype = _out_dtype(out_dtype, "token_attention_pool")
     if qkv.is_cuda and torch.cuda.get_device_capability(qkv.device) < (8, 0):
-        return _pooled_torch(qkv, w, tokens, heads, head_dim)
-    out = torch.empty(R, heads * head_dim, device=qkv.device, dtype=torch.float32)
+        return _pooled_torch(qkv, w, tokens, heads, head_dim).to(out_dtype)
+    out = torch.empty(R, heads * head_dim, device=qkv.device, dtype=out_dtype)
     if R == 0:
         return out
     n_prog_r, meta = _launch_meta(LAUNCH, R)
@@ -489,9 +501,20 @@ def _launch_meta(launch: dict, R: int) -> tuple[int, dict]:
                       "HEAD_FASTEST": launch["order"] == "head", "num_warps": launch["num_warps"]}
 
 
+def _out_dtype(out_dtype: torch.dtype | None, op: str) -> torch.dtype:
+    """The ops' output dtype: float32 by default, else float32, bfloat16 or float16 (a clear error otherwise)."""
+    if out_dtype is None:
+        return torch.float32
+    if out_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"{op}: out_dtype must be None, torch.float32, torch.bfloat16 or torch.float16, "
+                         f"got {out_dtype}")
+    return out_dtype
+
+
 @token_attention_pool.register_fake
-def _(qkv: torch.Tensor, w: torch.Tensor, tokens: int, heads: int, head_dim: int) -> torch.Tensor:
-    return qkv.new_empty(qkv.shape[0], heads * head_dim, dtype=torch.float32)
+def _(qkv: torch.Tensor, w: torch.Tensor, tokens: int, heads: int, head_dim: int,
+      out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    return qkv.new_empty(qkv.shape[0], heads * head_dim, dtype=_out_dtype(out_dtype, "token_attention_pool"))
 
 
 @torch.library.custom_op("ofer::token_attention_pool_backward", mutates_args=())
@@ -522,7 +545,7 @@ def _(qkv: torch.Tensor, w: torch.Tensor, grad: torch.Tensor, tokens: int, heads
 
 
 def _pool_setup_context(ctx, inputs, output) -> None:
-    qkv, w, tokens, heads, head_dim = inputs
+    qkv, w, tokens, heads, head_dim, _ = inputs
     ctx.save_for_backward(qkv, w)
     ctx.shape = (tokens, heads, head_dim)
 
@@ -530,7 +553,7 @@ def _pool_setup_context(ctx, inputs, output) -> None:
 def _pool_backward(ctx, grad: torch.Tensor):
     qkv, w = ctx.saved_tensors
     dqkv, dw = token_attention_pool_backward(qkv, w, grad, *ctx.shape)
-    return dqkv, dw, None, None, None
+    return dqkv, dw, None, None, None, None
 
 
 token_attention_pool.register_autograd(_pool_backward, setup_context=_pool_setup_context)
@@ -538,7 +561,7 @@ token_attention_pool.register_autograd(_pool_backward, setup_context=_pool_setup
 
 @torch.library.custom_op("ofer::token_attention_project_pool", mutates_args=())
 def token_attention_project_pool(x: torch.Tensor, wqkv: torch.Tensor, w: torch.Tensor, tokens: int, heads: int,
-                                 head_dim: int) -> torch.Tensor:
+                                 head_dim: int, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """`token_attention_pool(x @ wqkv.T, w, ...)` with the q/k/v projection inside the kernel (narrow inputs).
 
     Args:
@@ -548,9 +571,10 @@ def token_attention_project_pool(x: torch.Tensor, wqkv: torch.Tensor, w: torch.T
             to it before the score product, v is kept in float32).
         w: (tokens,) token-mix weights.
         tokens, heads, head_dim: the attention shape; tokens and head_dim powers of two, tokens >= 16.
+        out_dtype: the output's dtype (None: float32), as in `token_attention_pool`.
 
     Returns:
-        (R, heads * head_dim) float32, as `token_attention_pool`.
+        (R, heads * head_dim) in out_dtype, as `token_attention_pool`.
     """
     if not available(x, head_dim):
         raise RuntimeError("token_attention_project_pool needs Triton (shipped with CUDA builds of torch), a CUDA "
@@ -566,21 +590,22 @@ def token_attention_project_pool(x: torch.Tensor, wqkv: torch.Tensor, w: torch.T
     if tokens & (tokens - 1) or head_dim & (head_dim - 1) or tokens < 16:
         raise ValueError(f"token_attention_project_pool: tokens ({tokens}) and head_dim ({head_dim}) must be powers "
                          "of two, tokens >= 16")
+    out_dtype = _out_dtype(out_dtype, "token_attention_project_pool")
     if x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 0):
-        return _pooled_torch(x @ wqkv.T, w, tokens, heads, head_dim)
-    out = torch.empty(R, heads * head_dim, device=x.device, dtype=torch.float32)
+        return _pooled_torch(x @ wqkv.T, w, tokens, heads, head_dim).to(out_dtype)
+    out = torch.empty(R, heads * head_dim, device=x.device, dtype=out_dtype)
     if R == 0:
         return out
-    xp, wp, cp = _padded_operands(x, wqkv, tokens, heads, head_dim)
+    xp, wp, c, cp = _operands(x, wqkv, tokens, heads, head_dim)
     if _gluon_projects(x, tokens, head_dim):
-        consts, options = _gluon_launch_args(cp, tokens, heads, head_dim)
+        consts, options = _gluon_launch_args(c, cp, tokens, heads, head_dim)
         grid = (triton.cdiv(R, consts["BLOCK_R"]), heads)
         _project_pool_gluon_kernel[grid](xp, wp, w.contiguous(), out, R, head_dim**-0.5, **consts, **options)
         return out
     launch = PROJECT_LAUNCH[cp]
     grid = (triton.cdiv(R, launch["block_rows"]), heads)
     _project_pool_kernel[grid](xp, wp, w.contiguous(), out, R, head_dim**-0.5, T=tokens, H=heads, DH=head_dim,
-                               CP=cp, BLOCK_R=launch["block_rows"], num_warps=launch["num_warps"])
+                               C=c, CP=cp, BLOCK_R=launch["block_rows"], num_warps=launch["num_warps"])
     return out
 
 
@@ -592,11 +617,11 @@ def _gluon_projects(x: torch.Tensor, tokens: int, head_dim: int) -> bool:
             and x.dtype in (torch.bfloat16, torch.float16) and tokens == 16 and head_dim == 32)
 
 
-def _gluon_launch_args(cp: int, tokens: int, heads: int, head_dim: int) -> tuple[dict, dict]:
-    """The Gluon kernel's compile-time arguments (constexprs) and launch options for inputs padded to cp channels,
-    from `PROJECT_GLUON_LAUNCH` (also used by the test that compiles it ahead of time)."""
+def _gluon_launch_args(c: int, cp: int, tokens: int, heads: int, head_dim: int) -> tuple[dict, dict]:
+    """The Gluon kernel's compile-time arguments (constexprs) and launch options for inputs of c channels read as
+    cp (`_operands`), from `PROJECT_GLUON_LAUNCH` (also used by the test that compiles it ahead of time)."""
     launch = PROJECT_GLUON_LAUNCH[cp]
-    consts = {"T": tokens, "H": heads, "DH": head_dim, "CP": cp, "BLOCK_R": launch["block_rows"],
+    consts = {"T": tokens, "H": heads, "DH": head_dim, "C": c, "CP": cp, "BLOCK_R": launch["block_rows"],
               "STAGING": _staging_layout(launch["block_rows"]), "NW": launch["num_warps"], "CHUNKS": launch["chunks"]}
     options = {"num_warps": launch["num_warps"], **({"maxnreg": launch["maxnreg"]} if launch["maxnreg"] else {})}
     return consts, options
@@ -608,22 +633,27 @@ def _staging_layout(block_rows: int):  # noqa: ANN202 -- a Gluon layout (Gluon i
     return gl.SharedLinearLayout(_staging_bases(block_rows))
 
 
-def _padded_operands(x: torch.Tensor, wqkv: torch.Tensor, tokens: int, heads: int,
-                     head_dim: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """x zero-padded to cp channels (16, 32 or 64) and the weights laid out (head, q/k/v, channel, token * head_dim):
-    a (cp, T * Dh) row-major block per head and q/k/v, the tensor-core operand as it is loaded. Small copies (at
-    most 786 KB of weights and R * 64 input values) against the R * 6,144-wide q/k/v tensor they replace."""
+def _operands(x: torch.Tensor, wqkv: torch.Tensor, tokens: int, heads: int,
+              head_dim: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """The projecting kernels' operands: x as (R, c) rows, the weights laid out (head, q/k/v, channel, token *
+    head_dim) and zero-padded to cp channels (16, 32 or 64; a (cp, T * Dh) row-major block per head and q/k/v, the
+    tensor-core operand as it is loaded), c and cp. The kernels read x's channels c..cp-1 as zeros. x is passed
+    as it is (c = its width) when its width is a multiple of 8, so its rows are 16-byte aligned and the masked
+    channels come in whole 8-channel vectors (every width of a `Denoiser.padded` copy), else zero-padded here to
+    c = cp. Small copies (at most 786 KB of weights, and R * 64 input values for other widths) against the
+    R * 6,144-wide q/k/v tensor they replace."""
     C = x.shape[1]
     cp = max(16, 1 << (C - 1).bit_length())
-    xp = torch.nn.functional.pad(x, (0, cp - C))
+    xp, c = (x.contiguous(), C) if C % 8 == 0 else (torch.nn.functional.pad(x, (0, cp - C)), cp)
     wp = x.new_zeros(heads, 3, cp, tokens, head_dim)
     wp[:, :, :C] = wqkv.view(tokens, 3, heads, head_dim, C).permute(2, 1, 4, 0, 3)
-    return xp, wp, cp
+    return xp, wp, c, cp
 
 
 @token_attention_project_pool.register_fake
-def _(x: torch.Tensor, wqkv: torch.Tensor, w: torch.Tensor, tokens: int, heads: int, head_dim: int) -> torch.Tensor:
-    return x.new_empty(x.shape[0], heads * head_dim, dtype=torch.float32)
+def _(x: torch.Tensor, wqkv: torch.Tensor, w: torch.Tensor, tokens: int, heads: int, head_dim: int,
+      out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    return x.new_empty(x.shape[0], heads * head_dim, dtype=_out_dtype(out_dtype, "token_attention_project_pool"))
 
 
 @torch.library.custom_op("ofer::token_attention_project_pool_backward", mutates_args=())
@@ -637,14 +667,14 @@ def token_attention_project_pool_backward(x: torch.Tensor, wqkv: torch.Tensor, w
     grad = grad.contiguous().float()
     if x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 0):
         return _grads_torch(x @ wqkv.T, w, grad, tokens, heads, head_dim)
-    xp, wp, cp = _padded_operands(x, wqkv, tokens, heads, head_dim)
+    xp, wp, c, cp = _operands(x, wqkv, tokens, heads, head_dim)
     launch = PROJECT_BACKWARD_LAUNCH[cp]
     grid = (triton.cdiv(R, launch["block_rows"]), heads)
     dqkv = x.new_empty(R, tokens * 3 * heads * head_dim)
     dw_part = torch.empty(grid[0], heads, tokens, device=x.device, dtype=torch.float32)
     if R > 0:
         _project_pool_bwd_kernel[grid](xp, wp, w.contiguous(), grad, dqkv, dw_part, R, head_dim**-0.5, T=tokens,
-                                       H=heads, DH=head_dim, CP=cp, BLOCK_R=launch["block_rows"],
+                                       H=heads, DH=head_dim, C=c, CP=cp, BLOCK_R=launch["block_rows"],
                                        num_warps=launch["num_warps"])
     return dqkv, dw_part.sum((0, 1)).to(w.dtype)
 
@@ -656,7 +686,7 @@ def _(x: torch.Tensor, wqkv: torch.Tensor, w: torch.Tensor, grad: torch.Tensor, 
 
 
 def _project_setup_context(ctx, inputs, output) -> None:
-    x, wqkv, w, tokens, heads, head_dim = inputs
+    x, wqkv, w, tokens, heads, head_dim, _ = inputs
     ctx.save_for_backward(x, wqkv, w)
     ctx.shape = (tokens, heads, head_dim)
 
@@ -666,7 +696,7 @@ def _project_backward(ctx, grad: torch.Tensor):
     dqkv, dw = token_attention_project_pool_backward(x, wqkv, w, grad, *ctx.shape)
     dx = dqkv @ wqkv if ctx.needs_input_grad[0] else None
     dwqkv = dqkv.T @ x if ctx.needs_input_grad[1] else None
-    return dx, dwqkv, dw, None, None, None
+    return dx, dwqkv, dw, None, None, None, None
 
 
 token_attention_project_pool.register_autograd(_project_backward, setup_context=_project_setup_context)

@@ -107,19 +107,22 @@ class TokenSelfAttention(nn.Module):
                 impl = "math"
         # to_out per token followed by the token mix is linear in the attention output o, so mix the T tokens
         # first (a T-times smaller matmul): sum_t w_t (W o_t + b) + c = W (sum_t w_t o_t) + b sum_t w_t + c.
+        # The kernels return the pooled output in the autocast dtype when autocast is on: the float32 value
+        # rounded to nearest once, as the cast in front of to_out would, without that cast's extra kernel.
+        dev = xn.device.type
+        low = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
         if impl == "triton" and not grad and token_attention_kernel.projects(xn.shape[1]) and self.tokens >= 16:
             # Narrow input: the projection runs inside the kernel, so the (B, T * 3 * H * Dh) q/k/v tensor (384x
             # wider than a 16-channel input) is never written and read back. Same dtype as the Linear would use.
             # Sampling only: the op is differentiable, but its backward (q/k/v recomputed per 16-32 rows) made a
             # compiled IdGen training step slower, 27.1 -> 28.5 ms at 65,536 rows on an H200 (BENCHMARKS.md).
-            dev = xn.device.type
-            dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else xn.dtype
+            dt = low or xn.dtype
             pooled = token_attention_kernel.token_attention_project_pool(
                 xn.to(dt).contiguous(), self.to_qkv.weight.to(dt).contiguous(), w, self.tokens, self.heads,
-                self.head_dim)
+                self.head_dim, low)
         elif impl == "triton":
             pooled = token_attention_kernel.token_attention_pool(self.to_qkv(xn), w, self.tokens, self.heads,
-                                                                 self.head_dim)
+                                                                 self.head_dim, low)
         elif impl == "reduce":
             qkv = self.to_qkv(xn)
             pooled = self._pooled_by_reductions(qkv.view(b, self.tokens, 3, self.heads, self.head_dim), w)
@@ -159,21 +162,25 @@ class PaddedGroupNorm(nn.Module):
     (a `Denoiser.padded` copy): the statistics are those of the true channels, the padding stays zero
     (zero weight and bias there). Computes in float32 and returns float32, as nn.GroupNorm under autocast.
 
-    The statistics read only the slice of true channels, so no gradient reaches the padding channels through
-    them: trained through a padded copy, every padding weight, bias, gain and FiLM row gets an exactly zero
-    gradient and stays zero under AdamW (see `Denoiser.padded`)."""
+    The statistics are sums over all padded channels of values multiplied by a 0/1 mask of the true ones, so no
+    gradient reaches the padding channels through them: trained through a padded copy, every padding weight,
+    bias, gain and FiLM row gets an exactly zero gradient and stays zero under AdamW (see `Denoiser.padded`).
+    Masked full-width sums rather than a slice of the true channels: the reductions then run over the same
+    padded rows as the normalisation, and torch.compile fuses statistics and normalisation into one kernel that
+    reads its input once (with the slice it made a separate statistics kernel per norm, BENCHMARKS.md)."""
 
     def __init__(self, channels: int, padded: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.channels, self.padded, self.eps = channels, padded, eps
         self.weight = nn.Parameter(torch.zeros(padded))
         self.bias = nn.Parameter(torch.zeros(padded))
+        self.register_buffer("mask", (torch.arange(padded) < channels).float(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        true = xf[..., :self.channels]  # a view: statistics (and their gradient) over the true channels only
-        mean = true.mean(-1, keepdim=True)
-        var = (true - mean).square().mean(-1, keepdim=True)
+        mask = self.mask.to(xf.dtype)
+        mean = (xf * mask).sum(-1, keepdim=True) / self.channels
+        var = ((xf - mean) * mask).square().sum(-1, keepdim=True) / self.channels
         return (xf - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
 
 
