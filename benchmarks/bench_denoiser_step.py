@@ -109,6 +109,10 @@ def main() -> None:
     ap.add_argument("--resblock-kernel", default=None,
                     help="comma list of true,false: FiLM blocks through the Triton kernels (resblock_kernel.ENABLED; "
                          "default: the module's)")
+    ap.add_argument("--norm-kernels", default=None,
+                    help="comma list of true,false: inside torch.compile, the norms of blocks wider than "
+                         "resblock_kernel.COMPILED_MAX_WIDTH as Triton kernels around cuBLAS (resblock_kernel."
+                         "NORM_KERNELS) or inductor's; default: the module's")
     ap.add_argument("--inductor", action="append", default=None,
                     help="inductor options of the compiled rows: 'default' (fast_sampling.COMPILE_OPTIONS), 'none' "
                          "(inductor's defaults) or 'key=value,...'; repeat to compare (--inductor none "
@@ -127,6 +131,11 @@ def main() -> None:
         if set(args.resblock_kernel.split(",")) - {"true", "false"}:
             ap.error(f"--resblock-kernel {args.resblock_kernel!r}: expected a comma list of true, false")
         rbs = [v == "true" for v in args.resblock_kernel.split(",")]
+    nks = [resblock_kernel.NORM_KERNELS]
+    if args.norm_kernels:
+        if set(args.norm_kernels.split(",")) - {"true", "false"}:
+            ap.error(f"--norm-kernels {args.norm_kernels!r}: expected a comma list of true, false")
+        nks = [v == "true" for v in args.norm_kernels.split(",")]
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
     if args.profile:
         for name in MODELS:
@@ -138,8 +147,8 @@ def main() -> None:
     if args.profile_compiled:
         for name in MODELS:
             for width, kernel in ((wd, k) for wd in widths for k in kernels):
-                for opts, pad, rb in ((o, p, r) for o in inductor for p in pads for r in rbs):
-                    resblock_kernel.ENABLED = rb
+                for opts, pad, rb, nk in ((o, p, r, n) for o in inductor for p in pads for r in rbs for n in nks):
+                    resblock_kernel.ENABLED, resblock_kernel.NORM_KERNELS = rb, nk
                     tak.PROJECT_MAX_WIDTH = default_width if width is None else width
                     tak.PROJECT_KERNEL = kernel
                     fast_sampling.COMPILE_OPTIONS = opts
@@ -148,20 +157,19 @@ def main() -> None:
                                          row_limit=args.profile_rows)
                     print(f"--- {name}, compiled, auto attention, PROJECT_MAX_WIDTH {tak.PROJECT_MAX_WIDTH}, "
                           f"projecting kernel {kernel}, inductor {opts or 'default'}, padded widths {pad}, resblock "
-                          f"kernel {rb}: one "
-                          f"step's CUDA kernels\n{table}", flush=True)
+                          f"kernel {rb}, norm kernels {nk}: one step's CUDA kernels\n{table}", flush=True)
     if args.only_profile:
         return
     impls = args.impls.split(",")
     variants = [(impl, False, {}, default_pad) for impl in impls if impl in ("math", "sdpa", "triton")]  # eager
     if not args.no_compile:  # "reduce" is huge
         variants += [(impl, True, opts, pad) for impl in impls for opts in inductor for pad in pads]
-    variants = [(*v, rb) for v in variants for rb in rbs]
+    variants = [(*v, rb, nk) for v in variants for rb in rbs for nk in (nks if v[1] else nks[:1])]
     for name in MODELS:
         triton_runs = [(wd, k) for wd in widths for k in kernels]
         runs = [(v, r) for v in variants for r in (triton_runs if v[0] == "triton" else [(None, kernels[0])])]
-        for (impl, comp, opts, pad, rb), (width, kernel) in runs:
-            resblock_kernel.ENABLED = rb
+        for (impl, comp, opts, pad, rb, nk), (width, kernel) in runs:
+            resblock_kernel.ENABLED, resblock_kernel.NORM_KERNELS = rb, nk
             tak.PROJECT_MAX_WIDTH = default_width if width is None else width
             tak.PROJECT_KERNEL = kernel
             fast_sampling.COMPILE_OPTIONS = opts
@@ -177,6 +185,7 @@ def main() -> None:
             row["resblock_kernel"] = rb
             if comp:
                 row["inductor"] = opts
+                row["norm_kernels"] = nk
             out["rows"].append(row)
             print(json.dumps(row), flush=True)
             if args.json:

@@ -119,6 +119,108 @@ def test_kernels_match_the_float64_block_in_the_interpreter() -> None:
     run_interpreted(script)
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton not installed; covered by the GPU tests")
+def test_norm_kernels_match_the_float64_block_in_the_interpreter() -> None:
+    """The norm-only kernels (`film_norm_in` / `film_norm_out`: the block's kernels reading each Linear's output
+    instead of computing it, for wide blocks inside torch.compile) with the Linears as PyTorch matmuls, against
+    `reference_block` in float64 (float32 in the interpreter: the roundings are no-ops), the cases of the fused
+    kernels' test; then `FiLMResBlock._norm_kernel_forward` against the block's PyTorch form, padded and plain,
+    and inside torch.compile on a 80-wide block (wider than COMPILED_MAX_WIDTH: the norm kernels are called, and
+    with NORM_KERNELS off they are not); the errors for bad inputs."""
+    script = textwrap.dedent("""
+        import pytest, torch
+        from ofer.models import resblock_kernel as rk
+        from ofer.models.unet1d import Denoiser, FiLMResBlock
+        torch.manual_seed(0)
+        for M, K, N, C, G, skip in [(37, 304, 304, 300, 37, False), (70, 608, 304, 300, 7, True),
+                                    (33, 56, 56, 50, 3, False), (20, 32, 16, 10, 4, True), (5, 16, 16, 16, 1, False),
+                                    (129, 24, 24, 24, 3, False), (300, 56, 56, 50, 3, False),
+                                    (200, 304, 304, 300, 2, False)]:
+            x = torch.randn(M, K)
+            lin = lambda n, k: (torch.randn(n, k) * k**-0.5, torch.randn(n) * 0.1)
+            (w1, b1), (w2, b2) = lin(N, K), lin(N, N)
+            ws, bs = lin(N, K) if skip else (None, None)
+            g1, be1, g2, be2 = torch.randn(N), torch.randn(N) * 0.1, torch.randn(N), torch.randn(N) * 0.1
+            for v in (w1, b1, w2, b2, g1, be1, g2, be2) + ((ws, bs) if skip else ()):
+                v[C:] = 0
+            w2[:, C:] = 0
+            if not skip:
+                x[:, C:] = 0
+            film = torch.randn(G, 3 * N) * 0.3
+            scale, shift = film[:, :N], film[:, N:2 * N]
+            a = rk.film_norm_in(x @ w1.T + b1, g1, be1, scale, shift, C, 1e-5)
+            sk = x if not skip else x @ ws.T + bs
+            out = rk.film_norm_out(a @ w2.T + b2, sk, g2, be2, C, 1e-5)
+            ref = rk.reference_block(x, w1, b1, g1, be1, scale, shift, w2, b2, g2, be2, ws, bs, C, 1e-5)
+            assert out.dtype == torch.float32 and out.shape == (M, N)
+            err = float((out.double() - ref).abs().max())
+            assert err < 2e-5, (M, K, N, C, G, skip, err)
+            assert C == N or float(out[:, C:].abs().max()) == 0.0  # the padding stays exactly zero
+
+        torch.manual_seed(1)
+        net = Denoiser(dim=30, cond_dim=6, widths=(30, 20, 10), time_dim=16)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.normal_(0.0, 0.2) if p.dim() > 1 else p.normal_(0.5, 0.3)
+        net.eval()
+        for model in (net, net.padded()):
+            blocks = [m for m in model.modules() if isinstance(m, FiLMResBlock)]
+            x = torch.randn(12, 30)
+            with torch.no_grad():
+                f = model.time_film(torch.arange(3) * 300) + model.condition_film(torch.randn(3, 6))
+                for blk in blocks:
+                    n = blk.lin1.out_features
+                    xin = torch.randn(12, blk.lin1.in_features)
+                    sc, sh = torch.randn(3, n) * 0.3, torch.randn(3, n) * 0.3
+                    if hasattr(blk.norm1, "channels") and isinstance(blk.skip, torch.nn.Identity):
+                        xin[:, blk.norm1.channels:] = 0  # padded: the residual stream's padding is zero
+                    got = blk._norm_kernel_forward(xin, sc, sh, torch.float32)
+                    rk.ENABLED = False
+                    ref = blk(xin, sc, sh)
+                    rk.ENABLED = True
+                    torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
+                    assert (got - blk._norm_kernel_forward(xin + 0.1, sc, sh, torch.float32)).abs().max() > 1e-3
+
+        # inside torch.compile: an 80-wide block takes the norm kernels, or inductor's with NORM_KERNELS off
+        torch.manual_seed(2)
+        blk = FiLMResBlock(80, 80, groups=1).eval()
+        with torch.no_grad():
+            for p in blk.parameters():
+                p.normal_(0.0, 0.2) if p.dim() > 1 else p.normal_(0.5, 0.3)
+        x, sc, sh = torch.randn(6, 80), torch.randn(2, 80) * 0.3, torch.randn(2, 80) * 0.3
+        calls = []
+        for name in ("film_norm_in", "film_norm_out", "film_block_in"):
+            orig = getattr(rk, name)
+            setattr(rk, name, lambda *a, orig=orig, name=name: calls.append(name) or orig(*a))
+        with torch.no_grad():
+            rk.ENABLED = False
+            ref = blk(x, sc, sh)
+            rk.ENABLED = True
+            for on in (True, False):
+                rk.NORM_KERNELS = on
+                torch._dynamo.reset()
+                calls.clear()
+                out = torch.compile(blk, backend="eager", fullgraph=True)(x, sc, sh)
+                torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+                assert calls == (["film_norm_in", "film_norm_out"] if on else []), (on, calls)
+        rk.NORM_KERNELS = True
+
+        h, v = torch.zeros(4, 8), torch.zeros(8)
+        with pytest.raises(ValueError, match="G dividing the 4 rows"):
+            rk.film_norm_in(h, v, v, torch.zeros(3, 8), torch.zeros(3, 8), 8, 1e-5)
+        with pytest.raises(ValueError, match="h must be a contiguous \\(rows, N\\) tensor"):
+            rk.film_norm_in(torch.zeros(8, 4).T, v, v, torch.zeros(4, 8), torch.zeros(4, 8), 8, 1e-5)
+        with pytest.raises(ValueError, match="channels=9 must be in \\[1, 8\\]"):
+            rk.film_norm_out(h, h, v, v, 9, 1e-5)
+        with pytest.raises(ValueError, match="skip must be a contiguous \\(4, 8\\) tensor of h's dtype"):
+            rk.film_norm_out(h, torch.zeros(4, 8, dtype=torch.float64), v, v, 8, 1e-5)
+        with pytest.raises(ValueError, match="g2 must be a contiguous \\(8,\\) vector"):
+            rk.film_norm_out(h, h, torch.zeros(7), v, 8, 1e-5)
+        print("ok")
+    """)
+    run_interpreted(script)
+
+
 def _idgen_block(rows: int, groups: int, device: str) -> tuple[FiLMResBlock, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A 300-wide IdGen up block (600 -> 300, skip Linear) of a padded copy, random weights, and its inputs."""
     torch.manual_seed(0)
@@ -208,7 +310,7 @@ def test_kernels_compile_for_sm90_with_the_installed_triton(n, skip) -> None:
     na, nb = rk._column_chunks(n)
     launch = rk._launch(n)
     consts = {"BM": launch["block_rows"], "BK": launch["block_k"], "NA": na, "NB": nb, "STAGES": launch["stages"],
-              "PRECISION": "tf32"}
+              "PRECISION": "tf32", "GEMM": True}
     ints = {name: "i32" for name in ("M", "K", "N", "C", "sx")}
     sig_in = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "g_ptr": "*fp32", "be_ptr": "*fp32",
               "sc_ptr": "*fp32", "sh_ptr": "*fp32", "out_ptr": "*bf16", **ints, "sf": "i32", "rows_per_group": "i32",
@@ -221,4 +323,12 @@ def test_kernels_compile_for_sm90_with_the_installed_triton(n, skip) -> None:
         ptx = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cs), target=GPUTarget("cuda", 90, 32),
                              options={"num_warps": launch["num_warps"]}).asm["ptx"]
         assert "wgmma" in ptx, fn
+        assert "st.local" not in ptx and "ld.local" not in ptx, fn
+    # the norm-only forms (film_norm_in / film_norm_out) with their launch: no matmul, no local memory
+    consts.update(BM=rk.NORM_LAUNCH["block_rows"], GEMM=False)
+    for fn, sig, cs in ((rk._film_block_in_kernel, sig_in, consts),
+                        (rk._film_block_out_kernel, sig_out, {**consts, "SKIP_LINEAR": False})):
+        ptx = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cs), target=GPUTarget("cuda", 90, 32),
+                             options={"num_warps": rk.NORM_LAUNCH["num_warps"]}).asm["ptx"]
+        assert "wgmma" not in ptx and "mma.sync" not in ptx, fn
         assert "st.local" not in ptx and "ld.local" not in ptx, fn

@@ -44,7 +44,8 @@ import os
 
 import torch
 
-__all__ = ["COMPILED_MAX_WIDTH", "ENABLED", "LAUNCH", "available", "film_block_in", "film_block_out", "reference_block"]
+__all__ = ["COMPILED_MAX_WIDTH", "ENABLED", "LAUNCH", "NORM_KERNELS", "NORM_LAUNCH", "available", "film_block_in",
+           "film_block_out", "film_norm_in", "film_norm_out", "reference_block"]
 
 try:  # Triton is an optional dependency (shipped with CUDA builds of torch)
     import triton
@@ -72,6 +73,12 @@ LAUNCH = {16: {"block_rows": 64, "block_k": 32, "num_warps": 4, "stages": 3},
 # (16: 17 vs 9 us, 32: 21 vs 12 us, 64 -> 32: 25 vs 15 us, 112 -> 56: 37-39 vs 33-34 us; 56 -> 56: 28-29 vs
 # 32 us). Without torch.compile the kernels replace ~8 eager launches per block and win at every width.
 COMPILED_MAX_WIDTH = 64
+# Wider blocks inside torch.compile: each Linear stays a cuBLAS call and each norm with the FiLM, SiLU and
+# residual add around it is one kernel (`film_norm_in` / `film_norm_out`: the kernels above reading the matmul's
+# output instead of computing it) when NORM_KERNELS is True, else inductor's kernels. Launch of those kernels: rows
+# per program and warps.
+NORM_KERNELS = True
+NORM_LAUNCH = {"block_rows": 16, "num_warps": 4}
 # The compiled kernels of the last launches (their register and spill counts, for benchmarks/bench_resblock_kernel).
 LAST_KERNELS: dict = {}
 
@@ -135,23 +142,36 @@ if triton is not None:
         return _rounded(acc + tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :], DT)
 
     @triton.jit
+    def _loaded(h_ptr, sh, rows, M, cols, N):
+        """h[rows, cols] in float32 (row stride sh), zero outside the (M, N) tensor."""
+        m = (rows < M)[:, None] & (cols < N)[None, :]
+        return tl.load(h_ptr + rows[:, None].to(tl.int64) * sh + cols[None, :], mask=m, other=0.0).to(tl.float32)
+
+    @triton.jit
     def _linear_norm(x_ptr, sx, w_ptr, b_ptr, g_ptr, be_ptr, M, K, N, C, eps, BM: tl.constexpr, BK: tl.constexpr,
                      NA: tl.constexpr, NB: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr,
-                     DT: tl.constexpr):
+                     DT: tl.constexpr, GEMM: tl.constexpr):
         """The program's rows, its column chunks (ca, cb) and norm(x[rows] @ w.T + b) per chunk (na, nb): one group
         over the first C columns (the others are zero), the affine applied and rounded to DT; the Linear's output
-        rounded to DT first. NB = 0: one chunk (nb is then na)."""
+        rounded to DT first. NB = 0: one chunk (nb is then na). GEMM false: x is the Linear's output itself, (M, N)
+        in DT (row stride sx), read instead of computed (w, b and K unused)."""
         HAS_B: tl.constexpr = NB > 0
         NBB: tl.constexpr = NB if NB > 0 else 16
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         ca = tl.arange(0, NA)
         cb = NA + tl.arange(0, NBB)
-        acc_a, acc_b = _mm(tl.zeros((BM, NA), tl.float32), tl.zeros((BM, NBB), tl.float32), x_ptr, sx, w_ptr, rows,
-                           M, K, N, ca, cb, BK, HAS_B, STAGES, PRECISION)
-        ha = _biased(acc_a, b_ptr, ca, N, DT)
+        if GEMM:
+            acc_a, acc_b = _mm(tl.zeros((BM, NA), tl.float32), tl.zeros((BM, NBB), tl.float32), x_ptr, sx, w_ptr,
+                               rows, M, K, N, ca, cb, BK, HAS_B, STAGES, PRECISION)
+            ha = _biased(acc_a, b_ptr, ca, N, DT)
+        else:
+            ha = _loaded(x_ptr, sx, rows, M, ca, N)
         s = tl.sum(ha, 1)
         if HAS_B:
-            hb = _biased(acc_b, b_ptr, cb, N, DT)
+            if GEMM:
+                hb = _biased(acc_b, b_ptr, cb, N, DT)
+            else:
+                hb = _loaded(x_ptr, sx, rows, M, cb, N)
             s += tl.sum(hb, 1)
         mean = s / C
         da = ha - mean[:, None]
@@ -185,10 +205,11 @@ if triton is not None:
     @triton.jit
     def _film_block_in_kernel(x_ptr, w_ptr, b_ptr, g_ptr, be_ptr, sc_ptr, sh_ptr, out_ptr, M, K, N, C, sx, sf,
                               rows_per_group, eps, BM: tl.constexpr, BK: tl.constexpr, NA: tl.constexpr,
-                              NB: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr):
+                              NB: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr,
+                              GEMM: tl.constexpr = True):
         DT: tl.constexpr = x_ptr.dtype.element_ty
         rows, ca, cb, na, nb = _linear_norm(x_ptr, sx, w_ptr, b_ptr, g_ptr, be_ptr, M, K, N, C, eps, BM, BK, NA, NB,
-                                            STAGES, PRECISION, DT)
+                                            STAGES, PRECISION, DT, GEMM)
         rmask = (rows < M)[:, None]
         out = out_ptr + rows[:, None].to(tl.int64) * N
         ya = _film_silu(na, rows, M, ca, N, sc_ptr, sh_ptr, sf, rows_per_group)
@@ -200,12 +221,13 @@ if triton is not None:
     @triton.jit
     def _film_block_out_kernel(a_ptr, x_ptr, w_ptr, b_ptr, g_ptr, be_ptr, ws_ptr, bs_ptr, out_ptr, M, K, N, C, sx,
                                eps, BM: tl.constexpr, BK: tl.constexpr, NA: tl.constexpr, NB: tl.constexpr,
-                               SKIP_LINEAR: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr):
+                               SKIP_LINEAR: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr,
+                               GEMM: tl.constexpr = True):
         HAS_B: tl.constexpr = NB > 0
         NBB: tl.constexpr = NB if NB > 0 else 16
         DT: tl.constexpr = a_ptr.dtype.element_ty
         rows, ca, cb, na, nb = _linear_norm(a_ptr, N, w_ptr, b_ptr, g_ptr, be_ptr, M, N, N, C, eps, BM, BK, NA, NB,
-                                            STAGES, PRECISION, DT)
+                                            STAGES, PRECISION, DT, GEMM)
         ya = _rounded(na / (1.0 + tl.exp(-na)), DT)
         yb = ya
         if HAS_B:
@@ -345,6 +367,86 @@ def film_block_out(a: torch.Tensor, x: torch.Tensor, w2: torch.Tensor, b2: torch
 @film_block_out.register_fake
 def _(a, x, w2, b2, g2, be2, ws, bs, channels, eps):  # noqa: ANN001, ANN202
     return a.new_empty(a.shape)
+
+
+def _check_norm(name: str, h: torch.Tensor, vectors: dict[str, torch.Tensor], channels: int) -> None:
+    if not available(h):
+        raise RuntimeError(f"{name} needs Triton (shipped with CUDA builds of torch) and a CUDA tensor (or "
+                           f"TRITON_INTERPRET=1); got a {h.device.type} tensor, Triton "
+                           f"{'installed' if triton is not None else 'not installed'}")
+    if h.ndim != 2 or not h.is_contiguous():
+        raise ValueError(f"{name}: h must be a contiguous (rows, N) tensor, got shape {tuple(h.shape)} strides "
+                         f"{h.stride()}")
+    n = h.shape[1]
+    for key, v in vectors.items():
+        if v.shape != (n,) or not v.is_contiguous():
+            raise ValueError(f"{name}: {key} must be a contiguous ({n},) vector, got {tuple(v.shape)}")
+    if not 1 <= channels <= n:
+        raise ValueError(f"{name}: channels={channels} must be in [1, {n}] (the true width of the norm)")
+
+
+def _norm_plan(M: int, N: int) -> tuple[int, int, dict, tuple[int]]:
+    """The norm-only kernels' launch (`NORM_LAUNCH`, no matmul: block_k and stages unused) for M rows of N columns."""
+    na, nb = _column_chunks(N)
+    launch = {"block_k": 16, "stages": 1, **NORM_LAUNCH}
+    return na, nb, launch, (triton.cdiv(M, launch["block_rows"]),)
+
+
+@torch.library.custom_op("ofer::film_norm_in", mutates_args=())
+def film_norm_in(h: torch.Tensor, g1: torch.Tensor, be1: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                 channels: int, eps: float) -> torch.Tensor:
+    """`film_block_in` after its matmul: SiLU(norm1(h) * (1 + scale) + shift) for h = the Linear's output (M, N),
+    contiguous, in the block's compute dtype (the kernel's roundings from there on). g1, be1, scale, shift,
+    channels, eps as in `film_block_in`. Returns (M, N) in h's dtype."""
+    _check_norm("film_norm_in", h, {"g1": g1, "be1": be1}, channels)
+    M, N = h.shape
+    g = scale.shape[0]
+    if (scale.ndim != 2 or scale.shape != shift.shape or scale.shape[1] != N or g < 1 or M % g
+            or scale.stride(1) != 1 or shift.stride() != scale.stride()):
+        raise ValueError(f"film_norm_in: scale and shift must be (G, {N}) with G dividing the {M} rows, contiguous "
+                         f"columns and one row stride, got {tuple(scale.shape)} strides {scale.stride()} and "
+                         f"{tuple(shift.shape)} strides {shift.stride()}")
+    out = h.new_empty(M, N)
+    if M == 0:
+        return out
+    na, nb, launch, grid = _norm_plan(M, N)
+    _film_block_in_kernel[grid](
+        h, h, h, g1, be1, scale, shift, out, M, N, N, channels, N, scale.stride(0), M // g, eps,
+        BM=launch["block_rows"], BK=launch["block_k"], NA=na, NB=nb, STAGES=launch["stages"],
+        PRECISION=_precision(h.dtype), GEMM=False, num_warps=launch["num_warps"])
+    return out
+
+
+@film_norm_in.register_fake
+def _(h, g1, be1, scale, shift, channels, eps):  # noqa: ANN001, ANN202
+    return h.new_empty(h.shape)
+
+
+@torch.library.custom_op("ofer::film_norm_out", mutates_args=())
+def film_norm_out(h: torch.Tensor, skip: torch.Tensor, g2: torch.Tensor, be2: torch.Tensor, channels: int,
+                  eps: float) -> torch.Tensor:
+    """`film_block_out` after its matmuls: SiLU(norm2(h)) + skip for h = the second Linear's output and skip = the
+    block's input or its skip Linear's output, both (M, N), contiguous, in the block's compute dtype. g2, be2,
+    channels, eps as in `film_block_out`. Returns (M, N) in h's dtype."""
+    _check_norm("film_norm_out", h, {"g2": g2, "be2": be2}, channels)
+    if skip.shape != h.shape or skip.dtype != h.dtype or not skip.is_contiguous():
+        raise ValueError(f"film_norm_out: skip must be a contiguous {tuple(h.shape)} tensor of h's dtype {h.dtype}, "
+                         f"got {tuple(skip.shape)} {skip.dtype} strides {skip.stride()}")
+    M, N = h.shape
+    out = h.new_empty(M, N)
+    if M == 0:
+        return out
+    na, nb, launch, grid = _norm_plan(M, N)
+    _film_block_out_kernel[grid](
+        h, skip, h, h, g2, be2, h, h, out, M, N, N, channels, N, eps, BM=launch["block_rows"],
+        BK=launch["block_k"], NA=na, NB=nb, SKIP_LINEAR=False, STAGES=launch["stages"],
+        PRECISION=_precision(h.dtype), GEMM=False, num_warps=launch["num_warps"])
+    return out
+
+
+@film_norm_out.register_fake
+def _(h, skip, g2, be2, channels, eps):  # noqa: ANN001, ANN202
+    return h.new_empty(h.shape)
 
 
 def reference_block(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, g1: torch.Tensor, be1: torch.Tensor,

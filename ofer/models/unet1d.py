@@ -205,10 +205,14 @@ class FiLMResBlock(nn.Module):
         the B / G consecutive rows g * B / G, ..., (g + 1) * B / G - 1 (samples of one condition) -> (B, dim_out).
 
         In sampling on CUDA under bf16/fp16 autocast with one norm group, each half of the block is one Triton
-        kernel (`ofer.models.resblock_kernel`, same function and roundings; switch: `resblock_kernel.ENABLED`;
-        inside torch.compile only for blocks of at most `resblock_kernel.COMPILED_MAX_WIDTH` channels)."""
+        kernel (`ofer.models.resblock_kernel`, same function and roundings; switch: `resblock_kernel.ENABLED`).
+        Inside torch.compile that holds for blocks of at most `resblock_kernel.COMPILED_MAX_WIDTH` channels; wider
+        ones keep cuBLAS for the Linears and run each norm with what surrounds it as one kernel
+        (`resblock_kernel.film_norm_in` / `film_norm_out`; switch: `resblock_kernel.NORM_KERNELS`)."""
         dt = self._kernel_dtype(x, scale)
         if dt is not None:
+            if torch.compiler.is_compiling() and self.lin1.out_features > resblock_kernel.COMPILED_MAX_WIDTH:
+                return self._norm_kernel_forward(x.to(dt), scale, shift, dt)
             return self._kernel_forward(x.to(dt), scale, shift, dt)
         h = self.lin1(x)
         # Under autocast GroupNorm computes (and returns) float32; its output goes back to the Linear's dtype
@@ -233,8 +237,9 @@ class FiLMResBlock(nn.Module):
         properties only (torch.compile traces it without a graph break)."""
         if not (resblock_kernel.ENABLED and resblock_kernel.available(x)):
             return None
-        if torch.compiler.is_compiling() and self.lin1.out_features > resblock_kernel.COMPILED_MAX_WIDTH:
-            return None  # inductor's kernels around cuBLAS are faster there (measured, see COMPILED_MAX_WIDTH)
+        if (torch.compiler.is_compiling() and self.lin1.out_features > resblock_kernel.COMPILED_MAX_WIDTH
+                and not resblock_kernel.NORM_KERNELS):
+            return None  # inductor's kernels around cuBLAS (measured, see COMPILED_MAX_WIDTH and NORM_KERNELS)
         if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or self.lin1.weight.requires_grad):
             return None
         for norm in (self.norm1, self.norm2):
@@ -264,6 +269,23 @@ class FiLMResBlock(nn.Module):
             a, x, self.lin2.weight.to(dt).contiguous(), self.lin2.bias.to(dt), n2.weight.float(), n2.bias.float(),
             None if skip is None else skip.weight.to(dt).contiguous(), None if skip is None else skip.bias.to(dt),
             c2, n2.eps)
+
+    def _norm_kernel_forward(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                             dt: torch.dtype) -> torch.Tensor:
+        """forward() with the Linears as matmuls in dt (cuBLAS) and each norm, with the FiLM and SiLU or the SiLU
+        and the residual add around it, as one Triton kernel (`resblock_kernel.film_norm_in` / `film_norm_out`):
+        the same function and roundings as `_kernel_forward`."""
+        if scale.stride(1) != 1 or shift.stride() != scale.stride():
+            scale, shift = scale.contiguous(), shift.contiguous()
+        n1, n2 = self.norm1, self.norm2
+        c1 = n1.channels if isinstance(n1, PaddedGroupNorm) else n1.num_channels
+        c2 = n2.channels if isinstance(n2, PaddedGroupNorm) else n2.num_channels
+        h = F.linear(x, self.lin1.weight.to(dt), self.lin1.bias.to(dt))
+        a = resblock_kernel.film_norm_in(h, n1.weight.float(), n1.bias.float(), scale.float(), shift.float(), c1,
+                                         n1.eps)
+        h = F.linear(a, self.lin2.weight.to(dt), self.lin2.bias.to(dt))
+        skip = F.linear(x, self.skip.weight.to(dt), self.skip.bias.to(dt)) if isinstance(self.skip, nn.Linear) else x
+        return resblock_kernel.film_norm_out(h, skip.contiguous(), n2.weight.float(), n2.bias.float(), c2, n2.eps)
 
 
 def paddable(model: nn.Module) -> bool:
