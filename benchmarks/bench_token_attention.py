@@ -43,6 +43,10 @@ def main() -> None:
                     help="comma list of the projecting Gluon kernel's launches (token_attention_kernel."
                          "PROJECT_GLUON_LAUNCH), rows per program x warps [x column chunks [x register cap]]; '' "
                          "to leave it out")
+    ap.add_argument("--weight-fragments", default=None,
+                    help="comma list of true,false: time each Gluon launch with its weights loaded as register-order "
+                         "fragments or through shared memory (token_attention_kernel.PROJECT_WEIGHT_FRAGMENTS); "
+                         "default: the module's")
     ap.add_argument("--project-backward-launches", default="",
                     help="with --widths: also time forward + backward (gradients of x, the projection weight and w) "
                          "of the cuBLAS projection + kernels against the projecting kernel with its backward, per "
@@ -188,7 +192,8 @@ def project_rows(args: argparse.Namespace, w: torch.Tensor) -> list[dict]:
     """Per input width: normalised input (rows, C) bf16 -> pooled attention, (a) the bf16 cuBLAS projection to
     (rows, 6,144) followed by the kernel, (b) the kernels with the projection inside (Triton, Gluon), per launch."""
     rows = []
-    saved, saved_kernel = dict(tak.PROJECT_LAUNCH), tak.PROJECT_KERNEL
+    saved, saved_kernel, saved_frag = dict(tak.PROJECT_LAUNCH), tak.PROJECT_KERNEL, tak.PROJECT_WEIGHT_FRAGMENTS
+    frags = [v == "true" for v in args.weight_fragments.split(",")] if args.weight_fragments else [saved_frag]
     saved_gluon = {k: dict(v) for k, v in tak.PROJECT_GLUON_LAUNCH.items()}
     for c in (int(v) for v in args.widths.split(",")):
         x = torch.nn.functional.normalize(torch.randn(args.rows, c, device="cuda"), dim=-1).mul(c**0.5)
@@ -206,14 +211,16 @@ def project_rows(args: argparse.Namespace, w: torch.Tensor) -> list[dict]:
                                             w, T, H, DH)
 
         forms = {"projection + kernel": separate, "projection (K padded to 8) + kernel": separate_aligned}
-        specs = [("triton", s) for s in args.project_launches.split(",") if s]
-        specs += [("gluon", s) for s in args.gluon_launches.split(",") if s]
-        for kernel, spec in specs:
-            def fused(xx: torch.Tensor, spec: str = spec, kernel: str = kernel) -> torch.Tensor:
+        specs = [("triton", s, saved_frag) for s in args.project_launches.split(",") if s]
+        specs += [("gluon", s, f) for s in args.gluon_launches.split(",") if s for f in frags]
+        for kernel, spec, frag in specs:
+            def fused(xx: torch.Tensor, spec: str = spec, kernel: str = kernel, frag: bool = frag) -> torch.Tensor:
                 tak.set_project_launch(spec, kernel=kernel)
                 tak.PROJECT_KERNEL = kernel
+                tak.PROJECT_WEIGHT_FRAGMENTS = frag
                 return tak.token_attention_project_pool(xx, wqkv, w, T, H, DH)
-            forms[f"projecting kernel {spec}" if kernel == "triton" else f"projecting Gluon kernel {spec}"] = fused
+            name = f"projecting kernel {spec}" if kernel == "triton" else f"projecting Gluon kernel {spec}"
+            forms[name + (f", weight fragments {frag}" if kernel == "gluon" and len(frags) > 1 else "")] = fused
         for name, fn in forms.items():
             try:
                 with torch.no_grad():
@@ -228,6 +235,7 @@ def project_rows(args: argparse.Namespace, w: torch.Tensor) -> list[dict]:
     tak.PROJECT_LAUNCH.update(saved)
     tak.PROJECT_GLUON_LAUNCH.update(saved_gluon)
     tak.PROJECT_KERNEL = saved_kernel
+    tak.PROJECT_WEIGHT_FRAGMENTS = saved_frag
     return rows
 
 

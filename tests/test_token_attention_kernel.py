@@ -5,6 +5,7 @@ wheels, so this runs in CI too), and on CUDA in the GPU tests."""
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 import textwrap
 
@@ -173,11 +174,37 @@ def test_set_project_launch_parses_and_rejects_bad_specs() -> None:
         tak.PROJECT_LAUNCH.update(saved)
 
 
+@pytest.mark.parametrize("cp, chunks, warps", [(16, 1, 4), (32, 1, 4), (64, 2, 4), (16, 1, 8), (64, 1, 8), (32, 2, 2)])
+def test_weight_fragments_invert_the_kernels_permutation(cp: int, chunks: int, warps: int) -> None:
+    """`_weight_fragments` stores each (cp, cn) weight block so that the Gluon kernel's reshape / permute / reshape
+    of the flat fragment (done here in torch, the same index operations) gives the block back, for every head,
+    q/k/v and column chunk; a block of a width that is not a power of two is refused."""
+    from ofer.models import token_attention_kernel as tak
+
+    cn = 512 // chunks
+    perm = tak._fragment_perm(cp, cn, warps)
+    assert sorted(perm) == list(range(len(perm))) and (1 << len(perm)) == cp * cn
+    wp = torch.randn(4, 3, cp, 16, 32)  # as `_operands` lays them out: (head, q/k/v, channel, token, head_dim)
+    frags = tak._weight_fragments(wp, chunks, perm)
+    wp = wp.reshape(4, 3, cp, 512)
+    assert frags.shape == (4, 3, chunks, cp * cn) and frags.is_contiguous()
+    for h in range(4):
+        for j in range(3):
+            for ci in range(chunks):
+                block = frags[h, j, ci].reshape([2] * len(perm)).permute(perm).reshape(cp, cn)
+                assert torch.equal(block, wp[h, j, :, ci * cn:(ci + 1) * cn]), (h, j, ci)
+    assert not torch.equal(frags[0, 0, 0], wp[0, 0, :, :cn].reshape(-1))  # a real permutation
+    with pytest.raises(ValueError, match="is not a B operand"):
+        tak._fragment_perm(24, 512, 4)
+
+
 @pytest.mark.parametrize("arch, cp, launch", [(90, 16, "32x4"), (90, 64, "32x4x2x168"), (80, 32, "32x4")])
 def test_gluon_kernel_compiles_with_the_installed_triton(arch: int, cp: int, launch: str) -> None:
     """The Gluon projecting kernel compiled ahead of time (no GPU needed) for sm_90 / sm_80 with the installed
     Triton (the GPU tests run another Triton version): it builds, reads the staged q/k with ldmatrix, multiplies
-    with mma.sync and keeps no arrays in local memory. Catches a Gluon API change before a user's GPU does."""
+    with mma.sync and keeps no arrays in local memory; with weight fragments (the default) fewer shared-memory
+    stores and ldmatrix loads than with the weights converted through shared memory (the fragments' conversion to
+    the operand layout stays in registers). Catches a Gluon API change before a user's GPU does."""
     from ofer.models import token_attention_kernel as tak
 
     if tak.gluon is None:
@@ -186,20 +213,28 @@ def test_gluon_kernel_compiles_with_the_installed_triton(arch: int, cp: int, lau
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    saved = {k: dict(v) for k, v in tak.PROJECT_GLUON_LAUNCH.items()}
+    saved = ({k: dict(v) for k, v in tak.PROJECT_GLUON_LAUNCH.items()}, tak.PROJECT_WEIGHT_FRAGMENTS)
+    ptx = {}
     try:
         tak.set_project_launch(launch, widths=(cp,), kernel="gluon")
-        # what token_attention_project_pool launches with, for an input read in place (56 of 64 channels) or not
-        consts, opts = tak._gluon_launch_args(56 if cp == 64 else cp, cp, 16, 4, 32)
-        sig = {"x_ptr": "*bf16", "wp_ptr": "*bf16", "w_ptr": "*fp32", "out_ptr": "*fp32", "R": "i32", "scale": "fp32"}
-        sig.update({k: "constexpr" for k in consts})
-        src = GluonASTSource(fn=tak._project_pool_gluon_kernel, signature=sig, constexprs=consts,
-                             attrs={(i,): [["tt.divisibility", 16]] for i in range(4)})
-        ptx = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts).asm["ptx"]
+        for frag in (True, False):
+            tak.PROJECT_WEIGHT_FRAGMENTS = frag
+            # what token_attention_project_pool launches with, for an input read in place (56 of 64 channels) or not
+            consts, opts = tak._gluon_launch_args(56 if cp == 64 else cp, cp, 16, 4, 32)
+            sig = {"x_ptr": "*bf16", "wp_ptr": "*bf16", "w_ptr": "*fp32", "out_ptr": "*fp32", "R": "i32",
+                   "scale": "fp32"}
+            sig.update({k: "constexpr" for k in consts})
+            src = GluonASTSource(fn=tak._project_pool_gluon_kernel, signature=sig, constexprs=consts,
+                                 attrs={(i,): [["tt.divisibility", 16]] for i in range(4)})
+            ptx[frag] = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts).asm["ptx"]
     finally:
-        tak.PROJECT_GLUON_LAUNCH.update(saved)
-    assert "ldmatrix" in ptx and "mma.sync" in ptx
-    assert "st.local" not in ptx and "ld.local" not in ptx
+        tak.PROJECT_GLUON_LAUNCH.update(saved[0])
+        tak.PROJECT_WEIGHT_FRAGMENTS = saved[1]
+    for code in ptx.values():
+        assert "ldmatrix" in code and "mma.sync" in code
+        assert "st.local" not in code and "ld.local" not in code
+    for op in ("st.shared", "ldmatrix"):
+        assert ptx[True].count(op) < ptx[False].count(op), op
 
 
 @pytest.mark.parametrize("block_rows", [8, 16, 32, 64])
@@ -481,15 +516,17 @@ def test_projecting_kernel_on_cuda_matches_reference_and_the_separate_projection
         assert (out16.double() - ref16).norm() <= 1.05 * (sep.double() - ref16).norm() + 1e-6, c
         # the Gluon kernel (the default for bf16 when Gluon is there) and the Triton one: the same roundings,
         # so equal up to float32 summation order, for any row count (1000, 37: partial row blocks) and launch
-        saved = (tak.PROJECT_KERNEL, {k: dict(v) for k, v in tak.PROJECT_GLUON_LAUNCH.items()})
+        saved = (tak.PROJECT_KERNEL, {k: dict(v) for k, v in tak.PROJECT_GLUON_LAUNCH.items()},
+                 tak.PROJECT_WEIGHT_FRAGMENTS)
         try:
             tak.PROJECT_KERNEL = "triton"
             tri16 = tak.token_attention_project_pool(x16, w16, w, 16, 4, 32)
             tri16_37 = tak.token_attention_project_pool(x16[:37], w16, w, 16, 4, 32)
             tak.PROJECT_KERNEL = "gluon"
             assert tak._gluon_projects(x16, 16, 32) == (tak.gluon is not None)
-            for launch in ("32x4", "16x4", "64x8", "32x4x2", "32x4x2x168"):
+            for launch, frag in itertools.product(("32x4", "16x4", "64x8", "32x4x2", "32x4x2x168"), (True, False)):
                 tak.set_project_launch(launch, kernel="gluon")
+                tak.PROJECT_WEIGHT_FRAGMENTS = frag  # weights as register-order fragments, or through shared memory
                 torch.testing.assert_close(tak.token_attention_project_pool(x16, w16, w, 16, 4, 32), tri16,
                                            atol=2e-5, rtol=1e-5)
                 torch.testing.assert_close(tak.token_attention_project_pool(x16[:37], w16, w, 16, 4, 32),
@@ -507,6 +544,7 @@ def test_projecting_kernel_on_cuda_matches_reference_and_the_separate_projection
         finally:
             tak.PROJECT_KERNEL = saved[0]
             tak.PROJECT_GLUON_LAUNCH.update(saved[1])
+            tak.PROJECT_WEIGHT_FRAGMENTS = saved[2]
         assert (out16 - tri16).abs().max() < 1e-4
     net, x, t, c = paper_idgen(777, gen)
     net.eval()

@@ -124,6 +124,10 @@ PROJECT_KERNEL = "gluon"
 PROJECT_GLUON_LAUNCH = {16: {"block_rows": 32, "num_warps": 4, "chunks": 1, "maxnreg": 0},
                         32: {"block_rows": 32, "num_warps": 4, "chunks": 1, "maxnreg": 0},
                         64: {"block_rows": 32, "num_warps": 4, "chunks": 2, "maxnreg": 168}}
+# Whether the Gluon kernel loads its weights as fragments stored in the mma operand's register order
+# (`_weight_fragments`, `_gluon_weight`: no shared-memory round trip per weight block) rather than as row-major
+# blocks converted through shared memory. Benchmarks switch it (`bench_token_attention.py --weight-fragments`).
+PROJECT_WEIGHT_FRAGMENTS = True
 
 
 def projects(width: int) -> bool:
@@ -383,11 +387,47 @@ def _staging_bases(block_rows: int) -> list[list[int]]:
 if gluon is not None:
 
     @gluon.jit
-    def _gluon_value_chunk(xd, wv_ptrs, c_s, zero, ci: gl.constexpr, P: gl.constexpr, BLOCK_R: gl.constexpr,
-                           TC: gl.constexpr, DH: gl.constexpr):
+    def _gluon_permuted(t, P: gl.constexpr):
+        # gl.permute(t, P) for the 12 to 15 dimensions of `_fragment_perm`'s blocks (16 to 64 rows, 256 or 512
+        # columns), with the dimensions written out: Triton 3.6's permute takes no constexpr tuple (later versions
+        # do).
+        if len(t.shape) == 12:
+            r = gl.permute(t, (P[0], P[1], P[2], P[3], P[4], P[5], P[6], P[7], P[8], P[9], P[10], P[11]))
+        elif len(t.shape) == 13:
+            r = gl.permute(t, (P[0], P[1], P[2], P[3], P[4], P[5], P[6], P[7], P[8], P[9], P[10], P[11], P[12]))
+        elif len(t.shape) == 14:
+            r = gl.permute(t, (P[0], P[1], P[2], P[3], P[4], P[5], P[6], P[7], P[8], P[9], P[10], P[11], P[12],
+                               P[13]))
+        else:
+            r = gl.permute(t, (P[0], P[1], P[2], P[3], P[4], P[5], P[6], P[7], P[8], P[9], P[10], P[11], P[12],
+                               P[13], P[14]))
+        return r
+
+    @gluon.jit
+    def _gluon_weight(wp_ptr, woffs, h, j: gl.constexpr, ci: gl.constexpr, P: gl.constexpr, CP: gl.constexpr,
+                      CN: gl.constexpr, TD: gl.constexpr, NW: gl.constexpr, PERM: gl.constexpr,
+                      BITS: gl.constexpr):
+        # The (CP, CN) weight block of head h, q/k/v j, column chunk ci as the mma's B operand. PERM (a tuple)
+        # set: wp holds `_weight_fragments`, each block stored in the order of the operand's registers, lanes and
+        # warps; a flat, vectorised (16-byte) load is then permuted into place bit by bit (reshape to the shape
+        # BITS, dimensions of 2, permute, reshape), and the layout conversion moves nothing between threads (no
+        # shared memory). PERM empty: wp is (H, 3, CP, TD) and the block, loaded at woffs, goes to the operand
+        # layout through shared memory.
+        if PERM != ():
+            TOTAL: gl.constexpr = CP * CN
+            L1: gl.constexpr = gl.BlockedLayout([8], [32], [NW], [0])  # 16-byte runs, a warp's 512 B contiguous
+            base = ((h * 3 + j) * (TD // CN) + ci) * TOTAL
+            flat = gl.load(wp_ptr + base + gl.arange(0, TOTAL, layout=L1))
+            w = gl.reshape(_gluon_permuted(gl.reshape(flat, BITS), PERM), [CP, CN])
+        else:
+            w = gl.load(wp_ptr + woffs + j * CP * TD + ci * CN)
+        return gl.convert_layout(w, gl.DotOperandLayout(1, P, 2))
+
+    @gluon.jit
+    def _gluon_value_chunk(xd, wv, c_s, zero, ci: gl.constexpr, BLOCK_R: gl.constexpr, TC: gl.constexpr,
+                           DH: gl.constexpr):
         # sum_u c_u v_u over the TC tokens of column chunk ci: v (float32, as in `_project_pool_kernel`) from one
-        # mma, c from shared memory in the layout of v's token axis. Returns (BLOCK_R, DH).
-        wv = gl.convert_layout(gl.load(wv_ptrs + ci * TC * DH), gl.DotOperandLayout(1, P, 2))
+        # mma with the B operand wv, c from shared memory in the layout of v's token axis. Returns (BLOCK_R, DH).
         v3 = gl.reshape(_mma_v2(xd, wv, zero), (BLOCK_R, TC, DH))
         c = c_s.slice(ci * TC, TC, dim=1).load(gl.SliceLayout(2, v3.type.layout))
         return gl.sum(c[:, :, None] * v3, axis=1)
@@ -396,7 +436,8 @@ if gluon is not None:
     def _project_pool_gluon_kernel(
         x_ptr, wp_ptr, w_ptr, out_ptr, R, scale,
         T: gl.constexpr, H: gl.constexpr, DH: gl.constexpr, C: gl.constexpr, CP: gl.constexpr, BLOCK_R: gl.constexpr,
-        STAGING: gl.constexpr, NW: gl.constexpr, CHUNKS: gl.constexpr,
+        STAGING: gl.constexpr, NW: gl.constexpr, CHUNKS: gl.constexpr, PERM: gl.constexpr = (),
+        BITS: gl.constexpr = (),
     ):
         # `_project_pool_kernel`'s function (same operands, same rounding: q and k rounded to x's dtype, v and the
         # softmax float32) with explicit layouts. Program (block of BLOCK_R rows, head h), NW warps:
@@ -407,7 +448,8 @@ if gluon is not None:
         #   scores: one batched (T, DH) @ (DH, T) mma per row, the rows spread over the warps;
         #   c_u = sum_t w_t softmax_u(scores)_tu, pooled = sum_u c_u v_u (v chunk by chunk, c from shared memory),
         #   stored in out's dtype.
-        # x as in `_project_pool_kernel`: rows C apart, the channels from C to CP read as zeros.
+        # x as in `_project_pool_kernel`: rows C apart, the channels from C to CP read as zeros. The weights:
+        # `_gluon_weight` (PERM given: wp from `_weight_fragments`, loaded straight into the operand layout).
         TC: gl.constexpr = T // CHUNKS
         CN: gl.constexpr = TC * DH
         TD: gl.constexpr = T * DH
@@ -430,9 +472,9 @@ if gluon is not None:
         q_s = gl.allocate_shared_memory(dt, [BLOCK_R, T, DH], STAGING)
         k_s = gl.allocate_shared_memory(dt, [BLOCK_R, T, DH], STAGING)
         for ci in gl.static_range(CHUNKS):
-            wq = gl.convert_layout(gl.load(wp_ptr + woffs + ci * CN), gl.DotOperandLayout(1, P, 2))
+            wq = _gluon_weight(wp_ptr, woffs, h, 0, ci, P, CP, CN, TD, NW, PERM, BITS)
             q_s.slice(ci * TC, TC, dim=1).store(gl.reshape(_mma_v2(xd, wq, zero).to(dt), (BLOCK_R, TC, DH)))
-            wk = gl.convert_layout(gl.load(wp_ptr + woffs + CP * TD + ci * CN), gl.DotOperandLayout(1, P, 2))
+            wk = _gluon_weight(wp_ptr, woffs, h, 1, ci, P, CP, CN, TD, NW, PERM, BITS)
             k_s.slice(ci * TC, TC, dim=1).store(gl.reshape(_mma_v2(xd, wk, zero).to(dt), (BLOCK_R, TC, DH)))
         _cta_barrier()
         s = _mma_v2(q_s.load(gl.DotOperandLayout(0, S3, 2)), k_s.permute((0, 2, 1)).load(gl.DotOperandLayout(1, S3, 2)),
@@ -444,9 +486,11 @@ if gluon is not None:
         c = gl.sum(a * wt[None, :, None], axis=1)  # (BLOCK_R, U)
         c_s = gl.allocate_shared_memory(gl.float32, [BLOCK_R, T], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]), c)
         _cta_barrier()
-        pooled = _gluon_value_chunk(xd, wp_ptr + woffs + 2 * CP * TD, c_s, zero, 0, P, BLOCK_R, TC, DH)
+        pooled = _gluon_value_chunk(xd, _gluon_weight(wp_ptr, woffs, h, 2, 0, P, CP, CN, TD, NW, PERM, BITS), c_s,
+                                    zero, 0, BLOCK_R, TC, DH)
         for ci in gl.static_range(1, CHUNKS):
-            pooled += _gluon_value_chunk(xd, wp_ptr + woffs + 2 * CP * TD, c_s, zero, ci, P, BLOCK_R, TC, DH)
+            wv = _gluon_weight(wp_ptr, woffs, h, 2, ci, P, CP, CN, TD, NW, PERM, BITS)
+            pooled += _gluon_value_chunk(xd, wv, c_s, zero, ci, BLOCK_R, TC, DH)
         PL: gl.constexpr = pooled.type.layout
         rows_o = blk * BLOCK_R + gl.arange(0, BLOCK_R, layout=gl.SliceLayout(1, PL))
         out = rows_o[:, None].to(gl.int64) * (H * DH) + h * DH + gl.arange(0, DH, layout=gl.SliceLayout(0, PL))[None, :]
@@ -599,6 +643,8 @@ def token_attention_project_pool(x: torch.Tensor, wqkv: torch.Tensor, w: torch.T
     xp, wp, c, cp = _operands(x, wqkv, tokens, heads, head_dim)
     if _gluon_projects(x, tokens, head_dim):
         consts, options = _gluon_launch_args(c, cp, tokens, heads, head_dim)
+        if consts["PERM"]:
+            wp = _weight_fragments(wp, consts["CHUNKS"], consts["PERM"])
         grid = (triton.cdiv(R, consts["BLOCK_R"]), heads)
         _project_pool_gluon_kernel[grid](xp, wp, w.contiguous(), out, R, head_dim**-0.5, **consts, **options)
         return out
@@ -621,10 +667,54 @@ def _gluon_launch_args(c: int, cp: int, tokens: int, heads: int, head_dim: int) 
     """The Gluon kernel's compile-time arguments (constexprs) and launch options for inputs of c channels read as
     cp (`_operands`), from `PROJECT_GLUON_LAUNCH` (also used by the test that compiles it ahead of time)."""
     launch = PROJECT_GLUON_LAUNCH[cp]
+    cn = tokens * head_dim // launch["chunks"]
+    perm = _fragment_perm(cp, cn, launch["num_warps"]) if PROJECT_WEIGHT_FRAGMENTS else ()
     consts = {"T": tokens, "H": heads, "DH": head_dim, "C": c, "CP": cp, "BLOCK_R": launch["block_rows"],
-              "STAGING": _staging_layout(launch["block_rows"]), "NW": launch["num_warps"], "CHUNKS": launch["chunks"]}
+              "STAGING": _staging_layout(launch["block_rows"]), "NW": launch["num_warps"], "CHUNKS": launch["chunks"],
+              "PERM": perm, "BITS": (2,) * len(perm)}
     options = {"num_warps": launch["num_warps"], **({"maxnreg": launch["maxnreg"]} if launch["maxnreg"] else {})}
     return consts, options
+
+
+@functools.lru_cache(maxsize=None)
+def _fragment_perm(cp: int, cn: int, num_warps: int) -> tuple[int, ...]:
+    """How `_gluon_weight` permutes a flat weight fragment into its (cp, cn) block: the permutation of the NBITS
+    dimensions of 2 (dimension 0 the most significant bit of the flat offset), listed in the order of the block's
+    row bits then column bits, most significant first.
+
+    The flat offset's bits, least significant first, are those of the mma.sync B operand (bf16/fp16, k_width 2,
+    warps side by side along the columns) as Triton lays it out: its first three register bits (k0, k3, then k4
+    or n5), lanes k1, k2, n0, n1, n2, warps n3, n4, ..., then its other register bits (the remaining k bits, then
+    the column bits above the warps') (k: row of the (cp, cn) block, n: column;
+    `triton.experimental.gluon.language.to_linear_layout` of `DotOperandLayout(1, P, 2)` printed these for 16 x
+    512 and 64 x 256 blocks with 4 warps). Each thread's registers are then 16-byte runs, each warp load 512
+    contiguous bytes, and the conversion to the operand layout needs no shared memory. The function does not
+    depend on this order being Triton's (`_weight_fragments` and `_gluon_weight` invert each other for any
+    permutation); only the speed does."""
+    kb, nb, wb = cp.bit_length() - 1, cn.bit_length() - 1, num_warps.bit_length() - 1
+    if 1 << kb != cp or 1 << nb != cn or 1 << wb != num_warps or kb < 4 or nb < 3 + wb or not 12 <= kb + nb <= 15:
+        raise ValueError(f"weight fragments: a {cp} x {cn} block over {num_warps} warps is not a B operand of "
+                         "power-of-two sides >= 16 rows and 8 columns per lane group and warp, of 2^12 to 2^15 "
+                         "values")
+    reg = [("k", 0), ("k", 3)] + [("k", b) for b in range(4, kb)] + [("n", b) for b in range(3 + wb, nb)]
+    # a flat load of 8 values per thread and instruction: offset bits = 3 register bits (one 16-byte run), the 5
+    # lane bits, the warp bits, then the other register bits (so each warp reads 512 contiguous bytes at a time)
+    addr = reg[:3] + [("k", 1), ("k", 2), ("n", 0), ("n", 1), ("n", 2)] + [("n", 3 + i) for i in range(wb)] + reg[3:]
+    target = [("k", b) for b in reversed(range(kb))] + [("n", b) for b in reversed(range(nb))]
+    return tuple(kb + nb - 1 - addr.index(t) for t in target)
+
+
+def _weight_fragments(wp: torch.Tensor, chunks: int, perm: tuple[int, ...]) -> torch.Tensor:
+    """`_operands`' (H, 3, cp, T, Dh) weights as (H, 3, chunks, cp * cn) flat fragments: each (cp, cn) column
+    chunk (cn = T * Dh / chunks) stored so that `_gluon_weight`'s reshape / permute / reshape of it gives the block
+    back."""
+    wp = wp.reshape(*wp.shape[:3], -1)
+    H, three, cp, td = wp.shape
+    cn = td // chunks
+    blocks = wp.view(H, three, cp, chunks, cn).permute(0, 1, 3, 2, 4)  # (H, 3, chunks, cp, cn)
+    inv = sorted(range(len(perm)), key=perm.__getitem__)  # bits[perm[i]] is the block's i-th bit: invert
+    bits = blocks.reshape(H, three, chunks, *[2] * len(perm)).permute(0, 1, 2, *[3 + i for i in inv])
+    return bits.reshape(H, three, chunks, cp * cn).contiguous()
 
 
 @functools.lru_cache(maxsize=None)
