@@ -36,7 +36,9 @@ without torch.compile 12.41 -> 6.31 ms (IdGen) and 4.25 -> 2.23 ms (ExpGen); com
 4.86 -> 4.87 and 1.92 -> 1.90 ms. The 304-wide kernels run at 3-4x their memory floor (85 us for `film_block_in`):
 ncu shows one program per SM (its 64 x 320 float32 accumulator and three pipeline stages fill the registers and
 shared memory), so one program's loads, matmuls and epilogue never overlap with another's; compiled steps keep
-cuBLAS + inductor there.
+cuBLAS for the wide blocks' matmuls and run each norm, with the FiLM and SiLU or the SiLU and residual add around
+it, as the same kernels reading the matmul's output (`film_norm_in` / `film_norm_out`, `GEMM=False`; one pass
+instead of inductor's statistics and normalisation kernels: compiled IdGen step 4.77 -> 4.58 ms on an H100).
 """
 from __future__ import annotations
 

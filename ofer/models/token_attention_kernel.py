@@ -55,7 +55,12 @@ function and roundings, but q and k are staged for the score product in a shared
 product's loads with bank conflicts. Triton's own staging for the `tl.dot` form put the rows before the tokens,
 so every ldmatrix of the score product was an 8-way conflict (77% of the shared-memory wavefronts, ncu on an
 H100). Measured on an H100 at 51,200 rows: 130 vs 223 us at 10 channels, 184 vs 276 at 25, 274 vs 460 at 53;
-paper-setting pipeline 46.5 -> 51.9 images/s, DDIM-25 2,007 -> 2,282 (BENCHMARKS.md, "sixth" session).
+paper-setting pipeline 46.5 -> 51.9 images/s, DDIM-25 2,007 -> 2,282 (BENCHMARKS.md, "sixth" session). Its
+weights come as fragments stored in the order of the mma operand's registers (`PROJECT_WEIGHT_FRAGMENTS`,
+`_weight_fragments`): coalesced 16-byte loads permuted into the operand layout without shared memory, where the
+row-major blocks went through shared memory in every program (ncu: L1/shared memory 82% busy); at 51,200 rows
+on an H100 10, 25 and 56 channels 129 -> 107, 181 -> 133, 264 -> 193 us (BENCHMARKS.md, "Session of 2026-11-27,
+fourth").
 `PROJECT_KERNEL = "triton"` selects the Triton kernel again (float32 inputs, other shapes and the interpreter
 always take it).
 

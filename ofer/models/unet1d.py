@@ -232,7 +232,8 @@ class FiLMResBlock(nn.Module):
 
     def _kernel_dtype(self, x: torch.Tensor, scale: torch.Tensor) -> torch.dtype | None:
         """The compute dtype of the kernel path, or None where the block runs its PyTorch form: kernels switched
-        off or unavailable, a block wider than `resblock_kernel.COMPILED_MAX_WIDTH` inside torch.compile, a
+        off or unavailable, a block wider than `resblock_kernel.COMPILED_MAX_WIDTH` inside torch.compile with
+        `resblock_kernel.NORM_KERNELS` off (on: the caller runs `_norm_kernel_forward` there), a
         gradient needed, a norm with several groups or no affine, or (on CUDA) no bf16/fp16 autocast. Static
         properties only (torch.compile traces it without a graph break)."""
         if not (resblock_kernel.ENABLED and resblock_kernel.available(x)):
