@@ -42,6 +42,7 @@ def test_kernels_match_the_float64_block_in_the_interpreter() -> None:
         import pytest, torch
         from ofer.models import resblock_kernel as rk
         from ofer.models.unet1d import Denoiser, FiLMResBlock
+        from tests.test_resblock_kernel import trunk_net
         torch.manual_seed(0)
         for M, K, N, C, G, skip in [(37, 304, 304, 300, 37, False), (70, 608, 304, 300, 7, True),
                                     (33, 56, 56, 50, 3, False), (20, 32, 16, 10, 4, True), (5, 16, 16, 16, 1, False),
@@ -64,18 +65,17 @@ def test_kernels_match_the_float64_block_in_the_interpreter() -> None:
             a = rk.film_block_in(x, w1, b1, g1, be1, scale, shift, C, 1e-5)
             out = rk.film_block_out(a, x, w2, b2, g2, be2, ws, bs, C, 1e-5)
             ref = rk.reference_block(x, w1, b1, g1, be1, scale, shift, w2, b2, g2, be2, ws, bs, C, 1e-5)
-            assert out.dtype == torch.float32 and out.shape == (M, N)
-            err = float((out.double() - ref).abs().max())
-            assert err < 2e-5, (M, K, N, C, G, skip, err)
-            assert C == N or float(out[:, C:].abs().max()) == 0.0  # the padding stays exactly zero
+            # the norm-only kernels (wide blocks inside torch.compile) after the Linears as PyTorch matmuls
+            a2 = rk.film_norm_in(x @ w1.T + b1, g1, be1, scale, shift, C, 1e-5)
+            out2 = rk.film_norm_out(a2 @ w2.T + b2, x if not skip else x @ ws.T + bs, g2, be2, C, 1e-5)
+            for o in (out, out2):
+                assert o.dtype == torch.float32 and o.shape == (M, N)
+                err = float((o.double() - ref).abs().max())
+                assert err < 2e-5, (M, K, N, C, G, skip, err)
+                assert C == N or float(o[:, C:].abs().max()) == 0.0  # the padding stays exactly zero
 
         # FiLMResBlock through the kernels against its PyTorch form, padded (one) and plain (the other)
-        torch.manual_seed(1)
-        net = Denoiser(dim=30, cond_dim=6, widths=(30, 20, 10), time_dim=16)
-        with torch.no_grad():
-            for p in net.parameters():
-                p.normal_(0.0, 0.2) if p.dim() > 1 else p.normal_(0.5, 0.3)
-        net.eval()
+        net = trunk_net()
         calls = []
         orig = rk.film_block_in
         rk.film_block_in = lambda *a: calls.append(a[0].shape) or orig(*a)
@@ -122,52 +122,19 @@ def test_kernels_match_the_float64_block_in_the_interpreter() -> None:
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton not installed; covered by the GPU tests")
 def test_norm_kernels_match_the_float64_block_in_the_interpreter() -> None:
     """The norm-only kernels (`film_norm_in` / `film_norm_out`: the block's kernels reading each Linear's output
-    instead of computing it, for wide blocks inside torch.compile) with the Linears as PyTorch matmuls, against
-    `reference_block` in float64 (float32 in the interpreter: the roundings are no-ops), the cases of the fused
-    kernels' test; then `FiLMResBlock._norm_kernel_forward` against the block's PyTorch form, padded and plain,
-    and inside torch.compile on a 80-wide block (wider than COMPILED_MAX_WIDTH: the norm kernels are called, and
-    with NORM_KERNELS off they are not); the errors for bad inputs."""
+    instead of computing it, for wide blocks inside torch.compile; against the float64 block in the test above):
+    `FiLMResBlock._norm_kernel_forward` against the block's PyTorch form for every block of a plain and a padded
+    Denoiser, and inside torch.compile on a 80-wide block (wider than COMPILED_MAX_WIDTH: the norm kernels are
+    called, and with NORM_KERNELS off they are not); the errors for bad inputs."""
     script = textwrap.dedent("""
         import pytest, torch
         from ofer.models import resblock_kernel as rk
-        from ofer.models.unet1d import Denoiser, FiLMResBlock
-        torch.manual_seed(0)
-        for M, K, N, C, G, skip in [(37, 304, 304, 300, 37, False), (70, 608, 304, 300, 7, True),
-                                    (33, 56, 56, 50, 3, False), (20, 32, 16, 10, 4, True), (5, 16, 16, 16, 1, False),
-                                    (129, 24, 24, 24, 3, False), (300, 56, 56, 50, 3, False),
-                                    (200, 304, 304, 300, 2, False)]:
-            x = torch.randn(M, K)
-            lin = lambda n, k: (torch.randn(n, k) * k**-0.5, torch.randn(n) * 0.1)
-            (w1, b1), (w2, b2) = lin(N, K), lin(N, N)
-            ws, bs = lin(N, K) if skip else (None, None)
-            g1, be1, g2, be2 = torch.randn(N), torch.randn(N) * 0.1, torch.randn(N), torch.randn(N) * 0.1
-            for v in (w1, b1, w2, b2, g1, be1, g2, be2) + ((ws, bs) if skip else ()):
-                v[C:] = 0
-            w2[:, C:] = 0
-            if not skip:
-                x[:, C:] = 0
-            film = torch.randn(G, 3 * N) * 0.3
-            scale, shift = film[:, :N], film[:, N:2 * N]
-            a = rk.film_norm_in(x @ w1.T + b1, g1, be1, scale, shift, C, 1e-5)
-            sk = x if not skip else x @ ws.T + bs
-            out = rk.film_norm_out(a @ w2.T + b2, sk, g2, be2, C, 1e-5)
-            ref = rk.reference_block(x, w1, b1, g1, be1, scale, shift, w2, b2, g2, be2, ws, bs, C, 1e-5)
-            assert out.dtype == torch.float32 and out.shape == (M, N)
-            err = float((out.double() - ref).abs().max())
-            assert err < 2e-5, (M, K, N, C, G, skip, err)
-            assert C == N or float(out[:, C:].abs().max()) == 0.0  # the padding stays exactly zero
-
-        torch.manual_seed(1)
-        net = Denoiser(dim=30, cond_dim=6, widths=(30, 20, 10), time_dim=16)
-        with torch.no_grad():
-            for p in net.parameters():
-                p.normal_(0.0, 0.2) if p.dim() > 1 else p.normal_(0.5, 0.3)
-        net.eval()
+        from ofer.models.unet1d import FiLMResBlock
+        from tests.test_resblock_kernel import trunk_net
+        net = trunk_net()
         for model in (net, net.padded()):
             blocks = [m for m in model.modules() if isinstance(m, FiLMResBlock)]
-            x = torch.randn(12, 30)
             with torch.no_grad():
-                f = model.time_film(torch.arange(3) * 300) + model.condition_film(torch.randn(3, 6))
                 for blk in blocks:
                     n = blk.lin1.out_features
                     xin = torch.randn(12, blk.lin1.in_features)
@@ -219,6 +186,17 @@ def test_norm_kernels_match_the_float64_block_in_the_interpreter() -> None:
         print("ok")
     """)
     run_interpreted(script)
+
+
+def trunk_net() -> Denoiser:
+    """A small Denoiser (widths 30/20/10) in eval mode with every parameter random (seed 1): the interpreter
+    tests' trunk."""
+    torch.manual_seed(1)
+    net = Denoiser(dim=30, cond_dim=6, widths=(30, 20, 10), time_dim=16)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0.0, 0.2) if p.dim() > 1 else p.normal_(0.5, 0.3)
+    return net.eval()
 
 
 def _idgen_block(rows: int, groups: int, device: str) -> tuple[FiLMResBlock, torch.Tensor, torch.Tensor, torch.Tensor]:

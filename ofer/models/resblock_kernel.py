@@ -272,6 +272,18 @@ def _check(name: str, x: torch.Tensor, w: torch.Tensor, vectors: dict[str, torch
         raise ValueError(f"{name}: channels={channels} must be in [1, {n}] (the true width of the norm)")
 
 
+def _film_groups(name: str, scale: torch.Tensor, shift: torch.Tensor, M: int, N: int) -> int:
+    """The number G of FiLM rows for M rows of N channels, after checking scale and shift: (G, N), G dividing M,
+    contiguous columns and one row stride."""
+    g = scale.shape[0] if scale.ndim == 2 else 0
+    if (scale.ndim != 2 or scale.shape != shift.shape or scale.shape[1] != N or g < 1 or M % g
+            or scale.stride(1) != 1 or shift.stride() != scale.stride()):
+        raise ValueError(f"{name}: scale and shift must be (G, {N}) with G dividing the {M} rows, contiguous "
+                         f"columns and one row stride, got {tuple(scale.shape)} strides {scale.stride()} and "
+                         f"{tuple(shift.shape)} strides {shift.stride()}")
+    return g
+
+
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # float32: exact products (the eager block's)
 
@@ -302,12 +314,7 @@ def film_block_in(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, g1: torch
     """
     _check("film_block_in", x, w1, {"b1": b1, "g1": g1, "be1": be1}, channels)
     M, N = x.shape[0], w1.shape[0]
-    g = scale.shape[0]
-    if (scale.ndim != 2 or scale.shape != shift.shape or scale.shape[1] != N or g < 1 or M % g
-            or scale.stride(1) != 1 or shift.stride() != scale.stride()):
-        raise ValueError(f"film_block_in: scale and shift must be (G, {N}) with G dividing the {M} rows, contiguous "
-                         f"columns and one row stride, got {tuple(scale.shape)} strides {scale.stride()} and "
-                         f"{tuple(shift.shape)} strides {shift.stride()}")
+    g = _film_groups("film_block_in", scale, shift, M, N)
     out = x.new_empty(M, N)
     if M == 0:
         return out
@@ -402,12 +409,7 @@ def film_norm_in(h: torch.Tensor, g1: torch.Tensor, be1: torch.Tensor, scale: to
     channels, eps as in `film_block_in`. Returns (M, N) in h's dtype."""
     _check_norm("film_norm_in", h, {"g1": g1, "be1": be1}, channels)
     M, N = h.shape
-    g = scale.shape[0]
-    if (scale.ndim != 2 or scale.shape != shift.shape or scale.shape[1] != N or g < 1 or M % g
-            or scale.stride(1) != 1 or shift.stride() != scale.stride()):
-        raise ValueError(f"film_norm_in: scale and shift must be (G, {N}) with G dividing the {M} rows, contiguous "
-                         f"columns and one row stride, got {tuple(scale.shape)} strides {scale.stride()} and "
-                         f"{tuple(shift.shape)} strides {shift.stride()}")
+    g = _film_groups("film_norm_in", scale, shift, M, N)
     out = h.new_empty(M, N)
     if M == 0:
         return out
