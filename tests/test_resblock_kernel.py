@@ -35,9 +35,10 @@ def test_kernels_match_the_float64_block_in_the_interpreter() -> None:
     """Both kernels (float32, exact products in the interpreter) against `reference_block` in float64: widths of
     one and two column chunks, padded widths (zero columns past the true channels, statistics over the true
     ones), identity and Linear skips, grouped and per-row FiLM, row counts that leave the last program partly
-    empty, FiLM groups spanning several programs. Then FiLMResBlock and a whole padded Denoiser trunk through the
-    kernels against their PyTorch forms (`ENABLED = False`), counting the kernel calls, and the errors for bad
-    inputs."""
+    empty, FiLM groups spanning several programs; the same for the norm-only kernels (`film_norm_in` /
+    `film_norm_out`) after the Linears as PyTorch matmuls. Then FiLMResBlock and a whole padded Denoiser trunk
+    through the kernels against their PyTorch forms (`ENABLED = False`), counting the kernel calls, and the errors
+    for bad inputs."""
     script = textwrap.dedent("""
         import pytest, torch
         from ofer.models import resblock_kernel as rk
@@ -120,7 +121,7 @@ def test_kernels_match_the_float64_block_in_the_interpreter() -> None:
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton not installed; covered by the GPU tests")
-def test_norm_kernels_match_the_float64_block_in_the_interpreter() -> None:
+def test_norm_kernel_blocks_match_their_pytorch_form_in_the_interpreter() -> None:
     """The norm-only kernels (`film_norm_in` / `film_norm_out`: the block's kernels reading each Linear's output
     instead of computing it, for wide blocks inside torch.compile; against the float64 block in the test above):
     `FiLMResBlock._norm_kernel_forward` against the block's PyTorch form for every block of a plain and a padded
