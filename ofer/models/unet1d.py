@@ -252,19 +252,25 @@ class FiLMResBlock(nn.Module):
             return None
         return dt
 
+    def _kernel_operands(self, scale: torch.Tensor,
+                         shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """What both kernel paths pass the kernels: scale and shift in float32 with contiguous columns and one
+        row stride, and the true widths of norm1 and norm2."""
+        if scale.stride(1) != 1 or shift.stride() != scale.stride():
+            scale, shift = scale.contiguous(), shift.contiguous()
+        c1, c2 = (n.channels if isinstance(n, PaddedGroupNorm) else n.num_channels for n in (self.norm1, self.norm2))
+        return scale.float(), shift.float(), c1, c2
+
     def _kernel_forward(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                         dt: torch.dtype) -> torch.Tensor:
         """forward() as two Triton kernels (`resblock_kernel.film_block_in` / `film_block_out`) computing in dt."""
         if x.stride(1) != 1:
             x = x.contiguous()
-        if scale.stride(1) != 1 or shift.stride() != scale.stride():
-            scale, shift = scale.contiguous(), shift.contiguous()
+        scale, shift, c1, c2 = self._kernel_operands(scale, shift)
         n1, n2 = self.norm1, self.norm2
-        c1 = n1.channels if isinstance(n1, PaddedGroupNorm) else n1.num_channels
-        c2 = n2.channels if isinstance(n2, PaddedGroupNorm) else n2.num_channels
         a = resblock_kernel.film_block_in(
             x, self.lin1.weight.to(dt).contiguous(), self.lin1.bias.to(dt), n1.weight.float(), n1.bias.float(),
-            scale.float(), shift.float(), c1, n1.eps)
+            scale, shift, c1, n1.eps)
         skip = self.skip if isinstance(self.skip, nn.Linear) else None
         return resblock_kernel.film_block_out(
             a, x, self.lin2.weight.to(dt).contiguous(), self.lin2.bias.to(dt), n2.weight.float(), n2.bias.float(),
@@ -276,14 +282,10 @@ class FiLMResBlock(nn.Module):
         """forward() with the Linears as matmuls in dt (cuBLAS) and each norm, with the FiLM and SiLU or the SiLU
         and the residual add around it, as one Triton kernel (`resblock_kernel.film_norm_in` / `film_norm_out`):
         the same function and roundings as `_kernel_forward`."""
-        if scale.stride(1) != 1 or shift.stride() != scale.stride():
-            scale, shift = scale.contiguous(), shift.contiguous()
+        scale, shift, c1, c2 = self._kernel_operands(scale, shift)
         n1, n2 = self.norm1, self.norm2
-        c1 = n1.channels if isinstance(n1, PaddedGroupNorm) else n1.num_channels
-        c2 = n2.channels if isinstance(n2, PaddedGroupNorm) else n2.num_channels
         h = F.linear(x, self.lin1.weight.to(dt), self.lin1.bias.to(dt))
-        a = resblock_kernel.film_norm_in(h, n1.weight.float(), n1.bias.float(), scale.float(), shift.float(), c1,
-                                         n1.eps)
+        a = resblock_kernel.film_norm_in(h, n1.weight.float(), n1.bias.float(), scale, shift, c1, n1.eps)
         h = F.linear(a, self.lin2.weight.to(dt), self.lin2.bias.to(dt))
         skip = F.linear(x, self.skip.weight.to(dt), self.skip.bias.to(dt)) if isinstance(self.skip, nn.Linear) else x
         return resblock_kernel.film_norm_out(h, skip.contiguous(), n2.weight.float(), n2.bias.float(), c2, n2.eps)
