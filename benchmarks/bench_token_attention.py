@@ -31,7 +31,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=25_600)
     ap.add_argument("--iters", type=int, default=50)
-    ap.add_argument("--launches", default="2x4x2x2",
+    ap.add_argument("--launches", default="2x2x3x2",
                     help="comma list of the Triton kernel's launch shapes, rows per tile x tiles per program x "
                          "stages x warps (token_attention_kernel.LAUNCH)")
     ap.add_argument("--widths", default="",

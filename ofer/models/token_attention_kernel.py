@@ -102,8 +102,10 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # 128-byte line of q/k/v, two heads' 32 channels of one token, is used from L2 by both) or "row" (all row
 # blocks of head 0 first, then head 1, ...).
 # Measured on an H200 at 65,536 rows (`bench_token_attention.py`): forward 249 us (2x4x2x2), backward 445 us
-# (4x2x2x4); see the module docstring.
-LAUNCH = {"block_rows": 2, "tiles": 4, "stages": 2, "num_warps": 2, "order": "head"}
+# (4x2x2x4); see the module docstring. Forward re-measured on an H100 at 51,200 rows (BENCHMARKS.md, "Session of
+# 2026-11-27, fifth"): 2x2x3x2 240 us, 2x4x2x2 280 us (2x2x2x2 248, 2x1x3x2 242; one program doing all 4 heads
+# of its rows, 2x2x2x2, 240 us: not kept).
+LAUNCH = {"block_rows": 2, "tiles": 2, "stages": 3, "num_warps": 2, "order": "head"}
 # The backward kernel's launch, same fields.
 BACKWARD_LAUNCH = {"block_rows": 4, "tiles": 2, "stages": 2, "num_warps": 4, "order": "head"}
 # The kernel with the projection inside (`token_attention_project_pool`): rows per program and warps, and the
