@@ -45,12 +45,12 @@ def test_kernels_match_the_float64_block_in_the_interpreter() -> None:
         from ofer.models.unet1d import Denoiser, FiLMResBlock
         from tests.test_resblock_kernel import trunk_net
         torch.manual_seed(0)
-        for M, K, N, C, G, skip in [(37, 304, 304, 300, 37, False), (70, 608, 304, 300, 7, True),
+        for i, (M, K, N, C, G, skip) in enumerate([(37, 304, 304, 300, 37, False), (70, 608, 304, 300, 7, True),
                                     (33, 56, 56, 50, 3, False), (20, 32, 16, 10, 4, True), (5, 16, 16, 16, 1, False),
                                     (129, 24, 24, 24, 3, False),
                                     # FiLM groups of more rows than a program's
                                     (300, 56, 56, 50, 3, False), (256, 32, 16, 10, 2, True),
-                                    (200, 304, 304, 300, 2, False)]:
+                                    (200, 304, 304, 300, 2, False)]):
             x = torch.randn(M, K)
             lin = lambda n, k: (torch.randn(n, k) * k**-0.5, torch.randn(n) * 0.1)
             (w1, b1), (w2, b2) = lin(N, K), lin(N, N)
@@ -66,9 +66,15 @@ def test_kernels_match_the_float64_block_in_the_interpreter() -> None:
             a = rk.film_block_in(x, w1, b1, g1, be1, scale, shift, C, 1e-5)
             out = rk.film_block_out(a, x, w2, b2, g2, be2, ws, bs, C, 1e-5)
             ref = rk.reference_block(x, w1, b1, g1, be1, scale, shift, w2, b2, g2, be2, ws, bs, C, 1e-5)
-            # the norm-only kernels (wide blocks inside torch.compile) after the Linears as PyTorch matmuls
-            a2 = rk.film_norm_in(x @ w1.T + b1, g1, be1, scale, shift, C, 1e-5)
-            out2 = rk.film_norm_out(a2 @ w2.T + b2, x if not skip else x @ ws.T + bs, g2, be2, C, 1e-5)
+            # the norm-only kernels (wide blocks inside torch.compile) after the Linears as PyTorch matmuls; every
+            # other case reads h and the skip as the halves of one (M, 2N) tensor (row stride 2N), as a block
+            # with a skip Linear passes them
+            h1, sk = x @ w1.T + b1, (x if not skip else x @ ws.T + bs)
+            if i % 2:
+                hs = torch.cat((h1, sk), 1)
+                h1, sk = hs[:, :N], hs[:, N:]
+            a2 = rk.film_norm_in(h1, g1, be1, scale, shift, C, 1e-5)
+            out2 = rk.film_norm_out(a2 @ w2.T + b2, sk, g2, be2, C, 1e-5)
             for o in (out, out2):
                 assert o.dtype == torch.float32 and o.shape == (M, N)
                 err = float((o.double() - ref).abs().max())
@@ -125,8 +131,9 @@ def test_norm_kernel_blocks_match_their_pytorch_form_in_the_interpreter() -> Non
     """The norm-only kernels (`film_norm_in` / `film_norm_out`: the block's kernels reading each Linear's output
     instead of computing it, for wide blocks inside torch.compile; against the float64 block in the test above):
     `FiLMResBlock._norm_kernel_forward` against the block's PyTorch form for every block of a plain and a padded
-    Denoiser, and inside torch.compile on a 80-wide block (wider than COMPILED_MAX_WIDTH: the norm kernels are
-    called, and with NORM_KERNELS off they are not); the errors for bad inputs."""
+    Denoiser, and inside torch.compile on 80-wide blocks with and without a skip Linear (wider than
+    COMPILED_MAX_WIDTH: the norm kernels are called, and with NORM_KERNELS off they are not); the errors for bad
+    inputs."""
     script = textwrap.dedent("""
         import pytest, torch
         from ofer.models import resblock_kernel as rk
@@ -149,39 +156,45 @@ def test_norm_kernel_blocks_match_their_pytorch_form_in_the_interpreter() -> Non
                     torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
                     assert (got - blk._norm_kernel_forward(xin + 0.1, sc, sh, torch.float32)).abs().max() > 1e-3
 
-        # inside torch.compile: an 80-wide block takes the norm kernels, or inductor's with NORM_KERNELS off
-        torch.manual_seed(2)
-        blk = FiLMResBlock(80, 80, groups=1).eval()
-        with torch.no_grad():
-            for p in blk.parameters():
-                p.normal_(0.0, 0.2) if p.dim() > 1 else p.normal_(0.5, 0.3)
-        x, sc, sh = torch.randn(6, 80), torch.randn(2, 80) * 0.3, torch.randn(2, 80) * 0.3
+        # inside torch.compile: 80-wide blocks (identity skip, and a skip Linear from 160 channels: one matmul for
+        # lin1 and the skip) take the norm kernels, or inductor's with NORM_KERNELS off
         calls = []
         for name in ("film_norm_in", "film_norm_out", "film_block_in"):
             orig = getattr(rk, name)
             setattr(rk, name, lambda *a, orig=orig, name=name: calls.append(name) or orig(*a))
-        with torch.no_grad():
-            rk.ENABLED = False
-            ref = blk(x, sc, sh)
-            rk.ENABLED = True
-            for on in (True, False):
-                rk.NORM_KERNELS = on
-                torch._dynamo.reset()
-                calls.clear()
-                out = torch.compile(blk, backend="eager", fullgraph=True)(x, sc, sh)
-                torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
-                assert calls == (["film_norm_in", "film_norm_out"] if on else []), (on, calls)
+        for k in (80, 160):
+            torch.manual_seed(2)
+            blk = FiLMResBlock(k, 80, groups=1).eval()
+            with torch.no_grad():
+                for p in blk.parameters():
+                    p.normal_(0.0, 0.2) if p.dim() > 1 else p.normal_(0.5, 0.3)
+            x, sc, sh = torch.randn(6, k), torch.randn(2, 80) * 0.3, torch.randn(2, 80) * 0.3
+            with torch.no_grad():
+                rk.ENABLED = False
+                ref = blk(x, sc, sh)
+                rk.ENABLED = True
+                for on in (True, False):
+                    rk.NORM_KERNELS = on
+                    torch._dynamo.reset()
+                    calls.clear()
+                    out = torch.compile(blk, backend="eager", fullgraph=True)(x, sc, sh)
+                    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+                    assert calls == (["film_norm_in", "film_norm_out"] if on else []), (k, on, calls)
         rk.NORM_KERNELS = True
 
         h, v = torch.zeros(4, 8), torch.zeros(8)
         with pytest.raises(ValueError, match="G dividing the 4 rows"):
             rk.film_norm_in(h, v, v, torch.zeros(3, 8), torch.zeros(3, 8), 8, 1e-5)
-        with pytest.raises(ValueError, match="h must be a contiguous \\(rows, N\\) tensor"):
+        with pytest.raises(ValueError, match="h must be a \\(rows, N\\) tensor with contiguous columns"):
             rk.film_norm_in(torch.zeros(8, 4).T, v, v, torch.zeros(4, 8), torch.zeros(4, 8), 8, 1e-5)
+        with pytest.raises(ValueError, match="h must be a \\(rows, N\\) tensor contiguous"):
+            rk.film_norm_out(torch.zeros(4, 16)[:, :8], h, v, v, 8, 1e-5)
         with pytest.raises(ValueError, match="channels=9 must be in \\[1, 8\\]"):
             rk.film_norm_out(h, h, v, v, 9, 1e-5)
-        with pytest.raises(ValueError, match="skip must be a contiguous \\(4, 8\\) tensor of h's dtype"):
+        with pytest.raises(ValueError, match="skip must be a \\(4, 8\\) tensor of h's dtype .* contiguous columns"):
             rk.film_norm_out(h, torch.zeros(4, 8, dtype=torch.float64), v, v, 8, 1e-5)
+        with pytest.raises(ValueError, match="skip must be a \\(4, 8\\) tensor of h's dtype .* contiguous columns"):
+            rk.film_norm_out(h, torch.zeros(8, 4).T, v, v, 8, 1e-5)
         with pytest.raises(ValueError, match="g2 must be a contiguous \\(8,\\) vector"):
             rk.film_norm_out(h, h, torch.zeros(7), v, 8, 1e-5)
         print("ok")

@@ -378,13 +378,15 @@ def _(a, x, w2, b2, g2, be2, ws, bs, channels, eps):  # noqa: ANN001, ANN202
     return a.new_empty(a.shape)
 
 
-def _check_norm(name: str, h: torch.Tensor, vectors: dict[str, torch.Tensor], channels: int) -> None:
+def _check_norm(name: str, h: torch.Tensor, vectors: dict[str, torch.Tensor], channels: int, *,
+                strided: bool = False) -> None:
     if not available(h):
         raise RuntimeError(f"{name} needs Triton (shipped with CUDA builds of torch) and a CUDA tensor (or "
                            f"TRITON_INTERPRET=1); got a {h.device.type} tensor, Triton "
                            f"{'installed' if triton is not None else 'not installed'}")
-    if h.ndim != 2 or not h.is_contiguous():
-        raise ValueError(f"{name}: h must be a contiguous (rows, N) tensor, got shape {tuple(h.shape)} strides "
+    if h.ndim != 2 or (h.stride(1) != 1 if strided else not h.is_contiguous()):
+        what = "with contiguous columns" if strided else "contiguous"
+        raise ValueError(f"{name}: h must be a (rows, N) tensor {what}, got shape {tuple(h.shape)} strides "
                          f"{h.stride()}")
     n = h.shape[1]
     for key, v in vectors.items():
@@ -405,9 +407,10 @@ def _norm_plan(M: int, N: int) -> tuple[int, int, dict, tuple[int]]:
 def film_norm_in(h: torch.Tensor, g1: torch.Tensor, be1: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                  channels: int, eps: float) -> torch.Tensor:
     """`film_block_in` after its matmul: SiLU(norm1(h) * (1 + scale) + shift) for h = the Linear's output (M, N),
-    contiguous, in the block's compute dtype (the kernel's roundings from there on). g1, be1, scale, shift,
-    channels, eps as in `film_block_in`. Returns (M, N) in h's dtype."""
-    _check_norm("film_norm_in", h, {"g1": g1, "be1": be1}, channels)
+    columns contiguous, any row stride (e.g. the first half of one matmul's output for the Linear and the skip),
+    in the block's compute dtype (the kernel's roundings from there on). g1, be1, scale, shift, channels, eps as
+    in `film_block_in`. Returns (M, N) in h's dtype, contiguous."""
+    _check_norm("film_norm_in", h, {"g1": g1, "be1": be1}, channels, strided=True)
     M, N = h.shape
     g = _film_groups("film_norm_in", scale, shift, M, N)
     out = h.new_empty(M, N)
@@ -415,7 +418,7 @@ def film_norm_in(h: torch.Tensor, g1: torch.Tensor, be1: torch.Tensor, scale: to
         return out
     na, nb, launch, grid = _norm_plan(M, N)
     _film_block_in_kernel[grid](
-        h, h, h, g1, be1, scale, shift, out, M, N, N, channels, N, scale.stride(0), M // g, eps,
+        h, h, h, g1, be1, scale, shift, out, M, N, N, channels, h.stride(0), scale.stride(0), M // g, eps,
         BM=launch["block_rows"], BK=launch["block_k"], NA=na, NB=nb, STAGES=launch["stages"],
         PRECISION=_precision(h.dtype), GEMM=False, num_warps=launch["num_warps"])
     return out
@@ -429,20 +432,21 @@ def _(h, g1, be1, scale, shift, channels, eps):  # noqa: ANN001, ANN202
 @torch.library.custom_op("ofer::film_norm_out", mutates_args=())
 def film_norm_out(h: torch.Tensor, skip: torch.Tensor, g2: torch.Tensor, be2: torch.Tensor, channels: int,
                   eps: float) -> torch.Tensor:
-    """`film_block_out` after its matmuls: SiLU(norm2(h)) + skip for h = the second Linear's output and skip = the
-    block's input or its skip Linear's output, both (M, N), contiguous, in the block's compute dtype. g2, be2,
-    channels, eps as in `film_block_out`. Returns (M, N) in h's dtype."""
+    """`film_block_out` after its matmuls: SiLU(norm2(h)) + skip for h = the second Linear's output, (M, N) and
+    contiguous, and skip = the block's input or its skip Linear's output, (M, N) with contiguous columns and any
+    row stride, both in the block's compute dtype. g2, be2, channels, eps as in `film_block_out`. Returns (M, N)
+    in h's dtype."""
     _check_norm("film_norm_out", h, {"g2": g2, "be2": be2}, channels)
-    if skip.shape != h.shape or skip.dtype != h.dtype or not skip.is_contiguous():
-        raise ValueError(f"film_norm_out: skip must be a contiguous {tuple(h.shape)} tensor of h's dtype {h.dtype}, "
-                         f"got {tuple(skip.shape)} {skip.dtype} strides {skip.stride()}")
+    if skip.shape != h.shape or skip.dtype != h.dtype or skip.stride(1) != 1:
+        raise ValueError(f"film_norm_out: skip must be a {tuple(h.shape)} tensor of h's dtype {h.dtype} with "
+                         f"contiguous columns, got {tuple(skip.shape)} {skip.dtype} strides {skip.stride()}")
     M, N = h.shape
     out = h.new_empty(M, N)
     if M == 0:
         return out
     na, nb, launch, grid = _norm_plan(M, N)
     _film_block_out_kernel[grid](
-        h, skip, h, h, g2, be2, h, h, out, M, N, N, channels, N, eps, BM=launch["block_rows"],
+        h, skip, h, h, g2, be2, h, h, out, M, N, N, channels, skip.stride(0), eps, BM=launch["block_rows"],
         BK=launch["block_k"], NA=na, NB=nb, SKIP_LINEAR=False, STAGES=launch["stages"],
         PRECISION=_precision(h.dtype), GEMM=False, num_warps=launch["num_warps"])
     return out

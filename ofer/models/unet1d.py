@@ -281,14 +281,23 @@ class FiLMResBlock(nn.Module):
                              dt: torch.dtype) -> torch.Tensor:
         """forward() with the Linears as matmuls in dt (cuBLAS) and each norm, with the FiLM and SiLU or the SiLU
         and the residual add around it, as one Triton kernel (`resblock_kernel.film_norm_in` / `film_norm_out`):
-        the same function and roundings as `_kernel_forward`."""
+        the same function and roundings as `_kernel_forward`. A skip Linear reads the same input as lin1, so the
+        two are one matmul with both weights stacked (the input, twice as wide as the output in these blocks,
+        read once; the kernels take the two halves of its output as row-strided views)."""
         scale, shift, c1, c2 = self._kernel_operands(scale, shift)
         n1, n2 = self.norm1, self.norm2
-        h = F.linear(x, self.lin1.weight.to(dt), self.lin1.bias.to(dt))
+        if isinstance(self.skip, nn.Linear):
+            n = self.lin1.out_features
+            w = torch.cat((self.lin1.weight, self.skip.weight)).to(dt)
+            hs = F.linear(x, w, torch.cat((self.lin1.bias, self.skip.bias)).to(dt))
+            h, skip = hs[:, :n], hs[:, n:]
+        else:
+            h, skip = F.linear(x, self.lin1.weight.to(dt), self.lin1.bias.to(dt)), x
         a = resblock_kernel.film_norm_in(h, n1.weight.float(), n1.bias.float(), scale, shift, c1, n1.eps)
         h = F.linear(a, self.lin2.weight.to(dt), self.lin2.bias.to(dt))
-        skip = F.linear(x, self.skip.weight.to(dt), self.skip.bias.to(dt)) if isinstance(self.skip, nn.Linear) else x
-        return resblock_kernel.film_norm_out(h, skip.contiguous(), n2.weight.float(), n2.bias.float(), c2, n2.eps)
+        if skip.stride(1) != 1:
+            skip = skip.contiguous()
+        return resblock_kernel.film_norm_out(h, skip, n2.weight.float(), n2.bias.float(), c2, n2.eps)
 
 
 def paddable(model: nn.Module) -> bool:
