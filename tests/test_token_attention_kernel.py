@@ -174,26 +174,35 @@ def test_set_project_launch_parses_and_rejects_bad_specs() -> None:
         tak.PROJECT_LAUNCH.update(saved)
 
 
-@pytest.mark.parametrize("cp, chunks, warps", [(16, 1, 4), (32, 1, 4), (64, 2, 4), (16, 1, 8), (64, 1, 8), (32, 2, 2)])
-def test_weight_fragments_invert_the_kernels_permutation(cp: int, chunks: int, warps: int) -> None:
-    """`_weight_fragments` stores each (cp, cn) weight block so that the Gluon kernel's reshape / permute / reshape
-    of the flat fragment (done here in torch, the same index operations) gives the block back, for every head,
-    q/k/v and column chunk; a block of a width that is not a power of two is refused."""
+@pytest.mark.parametrize("c, cp, chunks, warps", [(16, 16, 1, 4), (24, 32, 1, 4), (56, 64, 2, 4), (10, 16, 1, 8),
+                                                   (64, 64, 1, 8), (32, 32, 2, 2)])
+def test_weight_fragments_invert_the_kernels_permutation(c: int, cp: int, chunks: int, warps: int) -> None:
+    """`_weight_fragments` stores each (cp, cn) block of the to_qkv weight so that the Gluon kernel's reshape /
+    permute / reshape of the flat fragment (done here in torch, the same index operations) gives the block back,
+    for every head, q/k/v and column chunk: block (h, j, ci)[k, n] is the weight of input channel k (zero for
+    k >= c) and output token * head_dim + channel = ci * cn + n, indexed here entry by entry from the to_qkv
+    layout (token, q/k/v, head, channel); the same blocks as `_weight_blocks`. A block of a width that is not a
+    power of two is refused."""
     from ofer.models import token_attention_kernel as tak
 
-    cn = 512 // chunks
+    T, H, DH = 16, 4, 32
+    cn = T * DH // chunks
     perm = tak._fragment_perm(cp, cn, warps)
     assert sorted(perm) == list(range(len(perm))) and (1 << len(perm)) == cp * cn
-    wp = torch.randn(4, 3, cp, 16, 32)  # as `_operands` lays them out: (head, q/k/v, channel, token, head_dim)
-    frags = tak._weight_fragments(wp, chunks, perm)
-    wp = wp.reshape(4, 3, cp, 512)
-    assert frags.shape == (4, 3, chunks, cp * cn) and frags.is_contiguous()
-    for h in range(4):
+    wqkv = torch.randn(T * 3 * H * DH, c)
+    frags = tak._weight_fragments(wqkv, T, H, DH, cp, chunks, perm)
+    assert frags.shape == (H, 3, chunks, cp * cn) and frags.is_contiguous()
+    blocks = tak._weight_blocks(wqkv, T, H, DH, cp).reshape(H, 3, cp, T * DH)
+    t, d = torch.arange(T * DH) // DH, torch.arange(T * DH) % DH
+    for h in range(H):
         for j in range(3):
+            expect = torch.zeros(cp, T * DH)
+            expect[:c] = wqkv[((t * 3 + j) * H + h) * DH + d].T
+            assert torch.equal(blocks[h, j], expect), (h, j)
             for ci in range(chunks):
                 block = frags[h, j, ci].reshape([2] * len(perm)).permute(perm).reshape(cp, cn)
-                assert torch.equal(block, wp[h, j, :, ci * cn:(ci + 1) * cn]), (h, j, ci)
-    assert not torch.equal(frags[0, 0, 0], wp[0, 0, :, :cn].reshape(-1))  # a real permutation
+                assert torch.equal(block, expect[:, ci * cn:(ci + 1) * cn]), (h, j, ci)
+    assert not torch.equal(frags[0, 0, 0], blocks[0, 0, :, :cn].reshape(-1))  # a real permutation
     with pytest.raises(ValueError, match="is not a B operand"):
         tak._fragment_perm(24, 512, 4)
 

@@ -290,7 +290,7 @@ if triton is not None:
         # rows, the row mask, x, the offsets of head h's q weights (v's: + 2 * CP * T * DH; the callers compute v
         # where they need it, the forward after the token mix: 7% faster at 16 channels on an H100), q, k, a
         # and the token-mix weights (T,) in float32. x is (R, C) with rows C apart, read as CP channels (the
-        # channels from C on as zeros: see `_operands`).
+        # channels from C on as zeros: see `_x_operand`).
         TD: tl.constexpr = T * DH
         cc = tl.arange(0, CP)
         woffs = (h * 3 * CP + cc[:, None]) * TD + tl.arange(0, TD)[None, :]  # (CP, TD) block of head h's q
@@ -647,14 +647,17 @@ def token_attention_project_pool(x: torch.Tensor, wqkv: torch.Tensor, w: torch.T
     out = torch.empty(R, heads * head_dim, device=x.device, dtype=out_dtype)
     if R == 0:
         return out
-    xp, wp, c, cp = _operands(x, wqkv, tokens, heads, head_dim)
+    xp, c, cp = _x_operand(x)
     if _gluon_projects(x, tokens, head_dim):
         consts, options = _gluon_launch_args(c, cp, tokens, heads, head_dim)
         if consts["PERM"]:
-            wp = _weight_fragments(wp, consts["CHUNKS"], consts["PERM"])
+            wp = _weight_fragments(wqkv, tokens, heads, head_dim, cp, consts["CHUNKS"], consts["PERM"])
+        else:
+            wp = _weight_blocks(wqkv, tokens, heads, head_dim, cp)
         grid = (triton.cdiv(R, consts["BLOCK_R"]), heads)
         _project_pool_gluon_kernel[grid](xp, wp, w.contiguous(), out, R, head_dim**-0.5, **consts, **options)
         return out
+    wp = _weight_blocks(wqkv, tokens, heads, head_dim, cp)
     launch = PROJECT_LAUNCH[cp]
     grid = (triton.cdiv(R, launch["block_rows"]), heads)
     _project_pool_kernel[grid](xp, wp, w.contiguous(), out, R, head_dim**-0.5, T=tokens, H=heads, DH=head_dim,
@@ -672,7 +675,7 @@ def _gluon_projects(x: torch.Tensor, tokens: int, head_dim: int) -> bool:
 
 def _gluon_launch_args(c: int, cp: int, tokens: int, heads: int, head_dim: int) -> tuple[dict, dict]:
     """The Gluon kernel's compile-time arguments (constexprs) and launch options for inputs of c channels read as
-    cp (`_operands`), from `PROJECT_GLUON_LAUNCH` (also used by the test that compiles it ahead of time)."""
+    cp (`_x_operand`), from `PROJECT_GLUON_LAUNCH` (also used by the test that compiles it ahead of time)."""
     launch = PROJECT_GLUON_LAUNCH[cp]
     cn = tokens * head_dim // launch["chunks"]
     perm = _fragment_perm(cp, cn, launch["num_warps"]) if PROJECT_WEIGHT_FRAGMENTS else ()
@@ -711,17 +714,26 @@ def _fragment_perm(cp: int, cn: int, num_warps: int) -> tuple[int, ...]:
     return tuple(kb + nb - 1 - addr.index(t) for t in target)
 
 
-def _weight_fragments(wp: torch.Tensor, chunks: int, perm: tuple[int, ...]) -> torch.Tensor:
-    """`_operands`' (H, 3, cp, T, Dh) weights as (H, 3, chunks, cp * cn) flat fragments: each (cp, cn) column
-    chunk (cn = T * Dh / chunks) stored so that `_gluon_weight`'s reshape / permute / reshape of it gives the block
-    back."""
-    wp = wp.reshape(*wp.shape[:3], -1)
-    H, three, cp, td = wp.shape
-    cn = td // chunks
-    blocks = wp.view(H, three, cp, chunks, cn).permute(0, 1, 3, 2, 4)  # (H, 3, chunks, cp, cn)
+def _weight_fragments(wqkv: torch.Tensor, tokens: int, heads: int, head_dim: int, cp: int, chunks: int,
+                      perm: tuple[int, ...]) -> torch.Tensor:
+    """The to_qkv weight (T * 3 * H * Dh, C), laid out (token, q/k/v, head, channel) x input channel, as the Gluon
+    kernel's (H, 3, chunks, cp * cn) flat fragments: each (cp, cn) block of `_weight_blocks`' (cp, T * Dh) rows
+    (column chunk ci, cn = T * Dh / chunks; zero rows from C to cp) stored so that `_gluon_weight`'s reshape /
+    permute / reshape of it gives the block back. One permuted copy (after a zero pad of the input channels when
+    C < cp): every index is split into its bits, so the whole relayout is a single permute of a view."""
+    C = wqkv.shape[1]
+    if C < cp:
+        wqkv = torch.nn.functional.pad(wqkv, (0, cp - C))
+    tb, db, kb = (v.bit_length() - 1 for v in (tokens, head_dim, cp))
+    cb = chunks.bit_length() - 1
+    # the view's dimensions: token bits (most significant first), q/k/v, head, head_dim bits, channel bits
+    v = wqkv.view(*[2] * tb, 3, heads, *[2] * db, *[2] * kb)
+    k_dims = [tb + 2 + db + i for i in range(kb)]
+    n_dims = list(range(tb)) + [tb + 2 + i for i in range(db)]  # the column t * Dh + d, most significant first
+    block = k_dims + n_dims[cb:]  # a (cp, cn) block's row bits then column bits
     inv = sorted(range(len(perm)), key=perm.__getitem__)  # bits[perm[i]] is the block's i-th bit: invert
-    bits = blocks.reshape(H, three, chunks, *[2] * len(perm)).permute(0, 1, 2, *[3 + i for i in inv])
-    return bits.reshape(H, three, chunks, cp * cn).contiguous()
+    order = [tb + 1, tb] + n_dims[:cb] + [block[i] for i in inv]
+    return v.permute(order).reshape(heads, 3, chunks, cp << (tb + db - cb))
 
 
 @functools.lru_cache(maxsize=None)
@@ -730,21 +742,24 @@ def _staging_layout(block_rows: int):  # noqa: ANN202 -- a Gluon layout (Gluon i
     return gl.SharedLinearLayout(_staging_bases(block_rows))
 
 
-def _operands(x: torch.Tensor, wqkv: torch.Tensor, tokens: int, heads: int,
-              head_dim: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """The projecting kernels' operands: x as (R, c) rows, the weights laid out (head, q/k/v, channel, token *
-    head_dim) and zero-padded to cp channels (16, 32 or 64; a (cp, T * Dh) row-major block per head and q/k/v, the
-    tensor-core operand as it is loaded), c and cp. The kernels read x's channels c..cp-1 as zeros. x is passed
-    as it is (c = its width) when its width is a multiple of 8, so its rows are 16-byte aligned and the masked
-    channels come in whole 8-channel vectors (every width of a `Denoiser.padded` copy), else zero-padded here to
-    c = cp. Small copies (at most 786 KB of weights, and R * 64 input values for other widths) against the
-    R * 6,144-wide q/k/v tensor they replace."""
+def _x_operand(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """The projecting kernels' input: x as (R, c) rows, c and the padded width cp (16, 32 or 64) that the kernels
+    compute with, reading channels c..cp-1 as zeros. x is passed as it is (c = its width) when its width is a
+    multiple of 8, so its rows are 16-byte aligned and the masked channels come in whole 8-channel vectors (every
+    width of a `Denoiser.padded` copy), else zero-padded here to c = cp (R * 64 values at most)."""
     C = x.shape[1]
     cp = max(16, 1 << (C - 1).bit_length())
     xp, c = (x.contiguous(), C) if C % 8 == 0 else (torch.nn.functional.pad(x, (0, cp - C)), cp)
-    wp = x.new_zeros(heads, 3, cp, tokens, head_dim)
-    wp[:, :, :C] = wqkv.view(tokens, 3, heads, head_dim, C).permute(2, 1, 4, 0, 3)
-    return xp, wp, c, cp
+    return xp, c, cp
+
+
+def _weight_blocks(wqkv: torch.Tensor, tokens: int, heads: int, head_dim: int, cp: int) -> torch.Tensor:
+    """The to_qkv weight laid out (head, q/k/v, channel, token, head_dim), zero-padded to cp channels: a
+    (cp, T * Dh) row-major block per head and q/k/v, the tensor-core operand as the Triton kernels (and the Gluon
+    kernel without fragments) load it. At most 786 KB, against the R * 6,144-wide q/k/v tensor it replaces."""
+    wp = wqkv.new_zeros(heads, 3, cp, tokens, head_dim)
+    wp[:, :, :wqkv.shape[1]] = wqkv.view(tokens, 3, heads, head_dim, -1).permute(2, 1, 4, 0, 3)
+    return wp
 
 
 @token_attention_project_pool.register_fake
@@ -764,7 +779,8 @@ def token_attention_project_pool_backward(x: torch.Tensor, wqkv: torch.Tensor, w
     grad = grad.contiguous().float()
     if x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 0):
         return _grads_torch(x @ wqkv.T, w, grad, tokens, heads, head_dim)
-    xp, wp, c, cp = _operands(x, wqkv, tokens, heads, head_dim)
+    xp, c, cp = _x_operand(x)
+    wp = _weight_blocks(wqkv, tokens, heads, head_dim, cp)
     launch = PROJECT_BACKWARD_LAUNCH[cp]
     grid = (triton.cdiv(R, launch["block_rows"]), heads)
     dqkv = x.new_empty(R, tokens * 3 * heads * head_dim)
