@@ -2,9 +2,13 @@
 (issue 8, goal 1): microseconds per block at `--rows` rows, bf16 autocast, one FiLM row per `--samples` rows, each
 timed as 20 calls replayed from one CUDA graph. The blocks are those of the padded IdGen and ExpGen copies that the
 samplers run (widths 304/56/16 and 56/32/16; the up blocks with their concatenated input and skip Linear).
-`--launches` sweeps the kernels' launch (rows x K chunk x warps x stages) for every width.
+`--launches` sweeps the kernels' launch (rows x K chunk x warps x stages) for every width. `--norm-launches`
+times the norm-only kernels (`film_norm_in` / `film_norm_out`, the 304-wide IdGen blocks inside torch.compile)
+alone per `NORM_LAUNCH` (rows x warps), h read as the first half of a (rows, 608) matmul output as the up blocks
+pass it, and skips the per-block table with `--models ''`.
 
     python benchmarks/bench_resblock_kernel.py --rows 51200 --launches 64x64x8x2,128x64x8x2 --json $OUT/rb.json
+    python benchmarks/bench_resblock_kernel.py --rows 51200 --models '' --norm-launches 16x4,32x4,8x2
 """
 from __future__ import annotations
 
@@ -62,12 +66,18 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=100)
     ap.add_argument("--launches", default="", help="comma list of launches to sweep (default: the module's LAUNCH)")
     ap.add_argument("--models", default="idgen,expgen")
+    ap.add_argument("--norm-launches", default="", help="comma list of NORM_LAUNCH rows x warps to time the "
+                    "norm-only kernels with (304 wide)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": args.rows, "blocks": []}
     sweeps = [parse_launch(s) for s in args.launches.split(",") if s] or [None]
-    for name in args.models.split(","):
+    if args.norm_launches:
+        out["norm_kernels"] = norm_rows(args)
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=1))
+    for name in (m for m in args.models.split(",") if m):
         net = Denoiser(**MODELS[name])
         with torch.no_grad():
             for p in net.parameters():
@@ -118,6 +128,34 @@ def main() -> None:
             if args.json:
                 args.json.parent.mkdir(parents=True, exist_ok=True)
                 args.json.write_text(json.dumps(out, indent=1))
+
+
+def norm_rows(args: argparse.Namespace, n: int = 304, c: int = 300) -> list[dict]:
+    """us per call of film_norm_in (h a row-strided half of a (rows, 2n) tensor) and film_norm_out (h contiguous,
+    the skip the other half) per NORM_LAUNCH, bf16, one FiLM row per `--samples` rows."""
+    hs = torch.randn(args.rows, 2 * n, device="cuda").to(torch.bfloat16)
+    h2 = torch.randn(args.rows, n, device="cuda").to(torch.bfloat16)
+    g, b = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
+    g[c:] = 0
+    b[c:] = 0
+    film = torch.randn(args.rows // args.samples, 2 * n, device="cuda") * 0.3
+    scale, shift = film[:, :n], film[:, n:]
+    saved, rows = dict(rk.NORM_LAUNCH), []
+    for spec in args.norm_launches.split(","):
+        try:
+            bm, nw = (int(v) for v in spec.split("x"))
+            rk.NORM_LAUNCH.update(block_rows=bm, num_warps=nw)
+            row = {"norm_launch": spec,
+                   "film_norm_in_us": graph_us(lambda: rk.film_norm_in(hs[:, :n], g, b, scale, shift, c, 1e-5)),
+                   "film_norm_out_us": graph_us(lambda: rk.film_norm_out(h2, hs[:, n:], g, b, c, 1e-5))}
+        except Exception as exc:  # noqa: BLE001 -- reported, the other launches go on
+            row = {"norm_launch": spec, "error": f"{type(exc).__name__}: {exc}"[:300]}
+        finally:
+            rk.NORM_LAUNCH.clear()
+            rk.NORM_LAUNCH.update(saved)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ class SamplerPlan:
 def denoise_step(
     x: torch.Tensor,
     eps: torch.Tensor,
-    x0_prev: torch.Tensor,
+    x0_prev: torch.Tensor | None,
     coeffs: torch.Tensor,
     noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,7 +106,9 @@ def denoise_step(
     Args:
         x: current sample x_{t_i}, shape (M, D), float32.
         eps: predicted noise at (x, t_i), shape (M, D).
-        x0_prev: clean-sample estimate of the previous step (zeros at the first step), shape (M, D).
+        x0_prev: clean-sample estimate of the previous step (zeros at the first step), shape (M, D); None for a
+            step whose W_PREV coefficient is 0 (every step of ddpm and ddim), which then reads no such tensor:
+            the same result, since W_PREV * x0_prev adds exactly 0.
         coeffs: one row of ``SamplerPlan.coeffs``, shape (8,).
         noise: standard normal noise, shape (M, D), for stochastic plans; None for deterministic ones.
 
@@ -115,7 +117,8 @@ def denoise_step(
     """
     a, b, w_cur, w_prev, p, q, r, s = coeffs.unbind(0)
     x0 = a * x - b * eps
-    x_next = p * x + q * (w_cur * x0 + w_prev * x0_prev) + r * eps
+    d = w_cur * x0 if x0_prev is None else w_cur * x0 + w_prev * x0_prev
+    x_next = p * x + q * d + r * eps
     if noise is not None:
         x_next = x_next + s * noise
     return x_next, x0

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ofer.diffusion import GaussianDiffusion, denoise_step
+from ofer.diffusion import W_PREV, GaussianDiffusion, denoise_step
 from ofer.models.unet1d import paddable
 
 __all__ = ["COMPILE_OPTIONS", "PAD_WIDTHS", "GraphedSampler", "parse_compile_options", "parse_key_values"]
@@ -99,7 +99,10 @@ class GraphedSampler:
         self.split_film = all(hasattr(model, a) for a in ("time_film", "condition_film", "trunk"))
         # the per-row condition, read only by a model without the split-FiLM methods
         self.cond = torch.zeros(0 if self.split_film else rows, cond_dim, device=device)
-        self.x0_prev = torch.zeros(rows, dim, device=device)
+        # the previous step's clean-sample estimate, kept only for multistep solvers (dpmpp): ddpm and ddim steps
+        # have W_PREV = 0 and would read and write it for nothing (2 x 61 MB per IdGen step at 51,200 rows)
+        multistep = bool((self.plan.coeffs[:, W_PREV] != 0).any())
+        self.x0_prev = torch.zeros(rows, dim, device=device) if multistep else None
         # one tensor per step (no views into a shared buffer: a compiled step sees the same layout every time)
         self.t = [self.plan.timesteps[i].expand(rows).contiguous() for i in range(n)]
         self.coeffs = [self.plan.coeffs[i].clone() for i in range(n)]
@@ -136,10 +139,11 @@ class GraphedSampler:
             tfilm = self.tfilm[i] if self.split_film else None
             self._step(self.x, self.x0_prev, tfilm, self.t[i], self.coeffs[i], noise)
 
-    def _step_eager(self, x: torch.Tensor, x0_prev: torch.Tensor, tfilm: torch.Tensor | None, t: torch.Tensor,
-                    coeffs: torch.Tensor, noise: torch.Tensor | None) -> None:
-        """One step in place on x and x0_prev: the noise prediction (the trunk on this step's FiLM when the model
-        has the split-FiLM methods, else the whole model) and `denoise_step`."""
+    def _step_eager(self, x: torch.Tensor, x0_prev: torch.Tensor | None, tfilm: torch.Tensor | None,
+                    t: torch.Tensor, coeffs: torch.Tensor, noise: torch.Tensor | None) -> None:
+        """One step in place on x and x0_prev (None: a sampler without multistep terms): the noise prediction (the
+        trunk on this step's FiLM when the model has the split-FiLM methods, else the whole model) and
+        `denoise_step`."""
         if tfilm is None:
             model = self.model
         else:
@@ -149,7 +153,8 @@ class GraphedSampler:
             eps = self.diffusion.predict_noise(model, x, t, self.cond)
         x_new, x0_new = denoise_step(x, eps.float(), x0_prev, coeffs, noise)
         x.copy_(x_new)
-        x0_prev.copy_(x0_new)
+        if x0_prev is not None:
+            x0_prev.copy_(x0_new)
 
     @torch.no_grad()
     def __call__(self, cond: torch.Tensor, *, num_samples: int, x_T: torch.Tensor | None = None) -> torch.Tensor:
@@ -169,7 +174,8 @@ class GraphedSampler:
             self.x.normal_()
         else:
             self.x.copy_(x_T.reshape(self.rows, self.dim))
-        self.x0_prev.zero_()
+        if self.x0_prev is not None:
+            self.x0_prev.zero_()
         for g in self.graphs:
             g.replay()
         return self.x.clone().view(b, num_samples, self.dim)

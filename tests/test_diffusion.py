@@ -148,6 +148,12 @@ def test_one_ddim_step_matches_diffusers(gd: GaussianDiffusion, eta: float, i: i
     expected = ref.step(eps, t, x, eta=eta, variance_noise=z).prev_sample
     ours, _ = denoise_step(x, eps, torch.zeros_like(x), plan.coeffs[i], z if plan.stochastic else None)
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    # W_PREV is 0 in ddim: no previous estimate (None, as GraphedSampler passes for ddpm and ddim) or any other one
+    # gives exactly the same step; in dpmpp's second step it counts
+    for prev in (None, 3 * x):
+        assert torch.equal(denoise_step(x, eps, prev, plan.coeffs[i], z if plan.stochastic else None)[0], ours)
+    c = gd.plan("dpmpp", steps=10).coeffs[1]
+    assert not torch.equal(denoise_step(x, eps, None, c)[0], denoise_step(x, eps, 3 * x, c)[0])
 
 
 def _run_reference(scheduler, x: torch.Tensor, cond: torch.Tensor, noises=None, **step_kwargs) -> torch.Tensor:
