@@ -410,6 +410,29 @@ def test_compiled_training_matches_eager_on_cuda(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------ DDP
 
 
+def test_train_frees_its_trainer_before_returning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """train() leaves no trainer behind, even with automatic garbage collection off: the trainer sits in reference
+    cycles, and under DDP it holds the wrapper whose reducer holds the process group, which must be torn down in
+    train() and not at interpreter exit (where gloo's worker threads can abort a finished run with SIGABRT).
+    Fails without the collection in train()."""
+    import gc
+    import weakref
+
+    from ofer.training import loop
+
+    seen = []
+    run = loop._Trainer.run
+    monkeypatch.setattr(loop._Trainer, "run", lambda self: seen.append(weakref.ref(self)) or run(self))
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        _run(make_task(0), tmp_path, max_steps=2, ckpt_every=2)
+    finally:
+        if enabled:
+            gc.enable()
+    assert len(seen) == 1 and seen[0]() is None
+
+
 @pytest.mark.slow
 def test_ddp_two_gloo_ranks_match_each_other_and_one_process(tmp_path: Path) -> None:
     torchrun = VENV_BIN / "torchrun"
