@@ -87,11 +87,14 @@ class SamplerPlan:
         coeffs: per-step update coefficients, shape (n, 8), float32; columns A, B, W_CUR, W_PREV, P, Q, R, S
             as documented at the top of this module.
         stochastic: whether the steps add fresh noise (S != 0 somewhere).
+        multistep: whether a step reads the previous step's clean-sample estimate (W_PREV != 0 somewhere:
+            dpmpp); ddpm and ddim steps do not, and may pass ``x0_prev=None`` to `denoise_step`.
     """
 
     timesteps: torch.Tensor
     coeffs: torch.Tensor
     stochastic: bool
+    multistep: bool
 
 
 def denoise_step(
@@ -343,6 +346,7 @@ class GaussianDiffusion(nn.Module):
                 timesteps=torch.tensor(ts, dtype=torch.int64, device=device),
                 coeffs=torch.tensor(coeffs, dtype=torch.float32, device=device),
                 stochastic=bool((coeffs[:, S] != 0).any()),
+                multistep=bool((coeffs[:, W_PREV] != 0).any()),
             )
         return self._plans[key]
 

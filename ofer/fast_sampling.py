@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ofer.diffusion import W_PREV, GaussianDiffusion, denoise_step
+from ofer.diffusion import GaussianDiffusion, denoise_step
 from ofer.models.unet1d import paddable
 
 __all__ = ["COMPILE_OPTIONS", "PAD_WIDTHS", "GraphedSampler", "parse_compile_options", "parse_key_values"]
@@ -101,8 +101,7 @@ class GraphedSampler:
         self.cond = torch.zeros(0 if self.split_film else rows, cond_dim, device=device)
         # the previous step's clean-sample estimate, kept only for multistep solvers (dpmpp): ddpm and ddim steps
         # have W_PREV = 0 and would read and write it for nothing (2 x 61 MB per IdGen step at 51,200 rows)
-        multistep = bool((self.plan.coeffs[:, W_PREV] != 0).any())
-        self.x0_prev = torch.zeros(rows, dim, device=device) if multistep else None
+        self.x0_prev = torch.zeros(rows, dim, device=device) if self.plan.multistep else None
         # one tensor per step (no views into a shared buffer: a compiled step sees the same layout every time)
         self.t = [self.plan.timesteps[i].expand(rows).contiguous() for i in range(n)]
         self.coeffs = [self.plan.coeffs[i].clone() for i in range(n)]

@@ -154,6 +154,7 @@ def test_one_ddim_step_matches_diffusers(gd: GaussianDiffusion, eta: float, i: i
         assert torch.equal(denoise_step(x, eps, prev, plan.coeffs[i], z if plan.stochastic else None)[0], ours)
     c = gd.plan("dpmpp", steps=10).coeffs[1]
     assert not torch.equal(denoise_step(x, eps, None, c)[0], denoise_step(x, eps, 3 * x, c)[0])
+    assert not plan.multistep and gd.plan("dpmpp", steps=10).multistep and not gd.plan("ddpm").multistep
 
 
 def _run_reference(scheduler, x: torch.Tensor, cond: torch.Tensor, noises=None, **step_kwargs) -> torch.Tensor:
