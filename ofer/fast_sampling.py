@@ -4,7 +4,9 @@ The denoisers are small (12.5 M and 3.2 M parameters), so an eager sampling step
 H100 whatever the batch). We capture `chunk` consecutive steps (model forward under optional bf16 autocast +
 `denoise_step`) into one CUDA graph per chunk, for a fixed number of rows, and replay them; all graphs of
 a sampler share one memory pool. Results equal the eager loop run with the same noise (up to kernel choice);
-the per-step noise comes from the default CUDA generator (seed it with `torch.manual_seed`).
+the per-step noise comes from the default CUDA generator (seed it with `torch.manual_seed`). With `compile=True`
+the noise is drawn inside the compiled update (see `GraphedSampler._step_eager`): the same distribution and
+seeding, other numbers than the eager loop's.
 
 For our `Denoiser` the FiLM parameters are split (`Denoiser.time_film` + `condition_film`): the time part of
 every step is computed once when the sampler is built (the plan's timesteps are fixed), the condition part
@@ -134,22 +136,26 @@ class GraphedSampler:
 
     def _run(self, steps: range) -> None:
         for i in steps:
-            noise = torch.randn_like(self.x) if self.plan.stochastic else None
-            tfilm = self.tfilm[i] if self.split_film else None
-            self._step(self.x, self.x0_prev, tfilm, self.t[i], self.coeffs[i], noise)
+            # This step's FiLM rows, one kernel outside the compiled step: inside it, inductor recomputed the sum
+            # in front of every FiLM block kernel (11-14 small kernels per step instead of one).
+            film = self.cfilm + self.tfilm[i] if self.split_film else None  # (conditions or rows, F)
+            self._step(self.x, self.x0_prev, film, self.t[i], self.coeffs[i])
 
-    def _step_eager(self, x: torch.Tensor, x0_prev: torch.Tensor | None, tfilm: torch.Tensor | None,
-                    t: torch.Tensor, coeffs: torch.Tensor, noise: torch.Tensor | None) -> None:
+    def _step_eager(self, x: torch.Tensor, x0_prev: torch.Tensor | None, film: torch.Tensor | None,
+                    t: torch.Tensor, coeffs: torch.Tensor) -> None:
         """One step in place on x and x0_prev (None: a sampler without multistep terms): the noise prediction (the
         trunk on this step's FiLM when the model has the split-FiLM methods, else the whole model) and
-        `denoise_step`."""
-        if tfilm is None:
+        `denoise_step`, with fresh standard normal noise for stochastic plans. Compiled, inductor draws that noise
+        inside the update's kernel (Philox, seeded from the default CUDA generator) instead of writing it to
+        memory and reading it back: other numbers than the eager step's `torch.randn_like`, the same
+        distribution (`torch._inductor.config.fallback_random = True` while building gives the eager stream)."""
+        if film is None:
             model = self.model
         else:
-            film = self.cfilm + tfilm  # (conditions or rows, F)
             model = lambda x_, t_, cond_: self.trunk(x_, film)  # noqa: E731 -- the trunk ignores t and cond
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
             eps = self.diffusion.predict_noise(model, x, t, self.cond)
+        noise = torch.randn_like(x) if self.plan.stochastic else None
         x_new, x0_new = denoise_step(x, eps.float(), x0_prev, coeffs, noise)
         x.copy_(x_new)
         if x0_prev is not None:

@@ -117,6 +117,140 @@ def test_projecting_kernel_matches_reference_in_the_interpreter() -> None:
     run_interpreted(script)
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton not installed; covered by the GPU tests")
+def test_prepared_projection_weight_is_used_only_for_its_layout_in_the_interpreter() -> None:
+    """`token_attention_project_pool` with a prepared weight: used when its layout is the call's (a weight prepared
+    from other values gives those values' output, so the test fails if it is ignored), laid out again from wqkv
+    when the layout differs (a stale one), refused when its shape does not fit its layout. Inference copies
+    prepare their narrow blocks (`Denoiser.autocast_copy`), compute the same function, and prepare again when a
+    state dict is loaded (without that the copy would keep the old weights' projection)."""
+    script = textwrap.dedent("""
+        import pytest
+        import torch
+        from ofer.models import token_attention_kernel as tak
+        from ofer.models.unet1d import TokenSelfAttention
+        from tests.test_token_attention_kernel import small_net
+        torch.manual_seed(0)
+        for R, C, H, D in [(37, 10, 4, 32), (9, 56, 4, 32), (5, 16, 2, 16)]:
+            x, w = torch.randn(R, C), torch.randn(16)
+            wqkv, other = (torch.randn(16 * 3 * H * D, C) * C**-0.5 for _ in range(2))
+            layout = tak.project_layout(C, 16, H, D, x.dtype, x.device)
+            cp = max(16, 1 << (C - 1).bit_length())
+            assert layout == [0, cp], layout  # the interpreter runs the Triton kernel: row-major blocks
+            plain = tak.token_attention_project_pool(x, wqkv, w, 16, H, D)
+            prep = tak.prepare_project_weight(wqkv, 16, H, D, layout)
+            assert torch.equal(prep, tak._weight_blocks(wqkv, 16, H, D, cp))
+            assert torch.equal(tak.token_attention_project_pool(x, wqkv, w, 16, H, D, None, prep, layout), plain)
+            prep_other = tak.prepare_project_weight(other, 16, H, D, layout)
+            used = tak.token_attention_project_pool(x, wqkv, w, 16, H, D, None, prep_other, layout)
+            assert torch.equal(used, tak.token_attention_project_pool(x, other, w, 16, H, D))
+            assert not torch.equal(used, plain)
+            stale = [1, cp, 1, *range(12)]  # another layout: ignored, wqkv laid out here
+            out = tak.token_attention_project_pool(x, wqkv, w, 16, H, D, None, prep_other, stale)
+            assert torch.equal(out, plain)
+            with pytest.raises(ValueError, match=f"prepared weight of layout \\[0, {cp}\\] must be"):
+                tak.token_attention_project_pool(x, wqkv, w, 16, H, D, None, prep_other[:, :2], layout)
+        net, other = small_net(0), small_net(1)
+        copy = net.autocast_copy(torch.float32)
+        blocks = [m for m in copy.modules() if isinstance(m, TokenSelfAttention)]
+        assert blocks and all(m.qkv_prepared is not None and m.qkv_prepared_layout[0] == 0 for m in blocks)
+        assert all(m.qkv_prepared is None for m in net.modules() if isinstance(m, TokenSelfAttention))
+        x, t, c = torch.randn(3, 12), torch.tensor([0, 500, 999]), torch.randn(3, 6)
+        with torch.no_grad():
+            net.set_attention_impl("triton"), copy.set_attention_impl("triton"), other.set_attention_impl("triton")
+            assert torch.equal(copy(x, t, c), net(x, t, c))
+            copy.load_state_dict(other.state_dict())
+            assert torch.equal(copy(x, t, c), other(x, t, c))
+            for m in blocks:  # the test can fail: a stale prepared weight gives another output
+                m.qkv_prepared = tak.prepare_project_weight(net.get_submodule(
+                    [n for n, b in copy.named_modules() if b is m][0]).to_qkv.weight, m.tokens, m.heads,
+                    m.head_dim, list(m.qkv_prepared_layout))
+            assert not torch.equal(copy(x, t, c), other(x, t, c))
+        print("ok")
+    """)
+    run_interpreted(script)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton not installed; covered by the GPU tests")
+def test_attention_output_kernel_matches_float64_in_the_interpreter() -> None:
+    """`attention_output` (x + pooled @ W.T + b in one kernel) against float64: row counts that leave the last row
+    block partly empty, output widths below, at and not a power of two (masked columns), several column blocks, a
+    row-strided x; fp16 inputs within one rounding of the output (the interpreter's bf16 products are wrong; the
+    GPU test checks bf16); bad inputs refused with the argument named. Then an fp16-autocast Denoiser through the
+    interpreter: its attention blocks end with the kernel (counted) and agree with the Linear + add form to fp16
+    precision."""
+    script = textwrap.dedent("""
+        import pytest
+        import torch
+        from ofer.models import token_attention_kernel as tak
+        from tests.test_token_attention_kernel import small_net
+        torch.manual_seed(0)
+        for M, K, N, bn in [(130, 128, 304, 64), (7, 16, 56, 64), (1, 32, 16, 16), (64, 64, 10, 64), (9, 16, 40, 16)]:
+            tak.OUTPUT_LAUNCH["block_cols"] = bn
+            p, w, b = torch.randn(M, K), torch.randn(N, K) * K**-0.5, torch.randn(N)
+            xs = torch.randn(M, N + 3)[:, 1:N + 1]  # a row-strided residual
+            out = tak.attention_output(p, w, b, xs)
+            ref = tak.attention_output_reference(p, w, b, xs)
+            assert out.dtype == torch.float32 and out.shape == (M, N)
+            assert float((out.double() - ref).abs().max()) < 1e-5, (M, K, N)
+            lo = tak.attention_output(p.half(), w.half(), b, xs.half())
+            ref = tak.attention_output_reference(p.half(), w.half(), b, xs.half())
+            assert lo.dtype == torch.float16
+            assert bool(((lo.double() - ref).abs() <= ref.abs() * 2**-10 + 1e-6).all()), (M, K, N)
+        tak.OUTPUT_LAUNCH["block_cols"] = 64
+        p, w, b, x = torch.randn(4, 32), torch.randn(8, 32), torch.randn(8), torch.randn(4, 8)
+        with pytest.raises(ValueError, match="pooled must be a contiguous \\(M, K\\) tensor, K a power of two"):
+            tak.attention_output(torch.randn(4, 24), torch.randn(8, 24), b, x)
+        with pytest.raises(ValueError, match="weight must be a contiguous \\(N, 32\\) tensor of pooled's dtype"):
+            tak.attention_output(p, w.half(), b, x)
+        with pytest.raises(ValueError, match="bias must be a float \\(8,\\) tensor"):
+            tak.attention_output(p, w, b[:3], x)
+        with pytest.raises(ValueError, match="x must be a \\(4, 8\\) tensor of pooled's dtype"):
+            tak.attention_output(p, w, b, x.T.contiguous().T)
+        net = small_net().set_attention_impl("triton")
+        x, t, c = torch.randn(5, 12), torch.tensor([0, 10, 500, 900, 999]), torch.randn(5, 6)
+        calls = []
+        orig = tak.attention_output
+        tak.attention_output = lambda *a: calls.append(1) or orig(*a)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+            fused = net(x, t, c)
+            n_fused = len(calls)
+            tak.OUTPUT_KERNEL = False
+            plain = net(x, t, c)
+        assert n_fused == 6 and len(calls) == 6, calls  # six attention blocks
+        torch.testing.assert_close(fused.float(), plain.float(), atol=5e-3, rtol=5e-3)
+        print("ok")
+    """)
+    run_interpreted(script)
+
+
+def test_project_layout_follows_the_kernel_settings() -> None:
+    """The layout key of a prepared to_qkv weight: the Gluon kernel's fragments (with the permutation of its launch)
+    for bf16 on CUDA, row-major blocks for float32, the Triton kernel, or without fragments. No GPU needed: the
+    layout is a function of static properties."""
+    from ofer.models import token_attention_kernel as tak
+
+    cuda = torch.device("cuda")
+    saved = (tak.PROJECT_KERNEL, tak.PROJECT_WEIGHT_FRAGMENTS)
+    try:
+        assert tak.project_layout(56, 16, 4, 32, torch.float32, cuda) == [0, 64]
+        assert tak.project_layout(16, 16, 4, 32, torch.bfloat16, torch.device("cpu")) == [0, 16]
+        if tak.gluon is not None and not tak._INTERPRET:
+            launch = tak.PROJECT_GLUON_LAUNCH[64]
+            perm = tak._fragment_perm(64, 512 // launch["chunks"], launch["num_warps"])
+            layout = tak.project_layout(56, 16, 4, 32, torch.bfloat16, cuda)
+            assert layout == [1, 64, launch["chunks"], *perm]
+            wqkv = torch.randn(6144, 56).bfloat16()
+            assert torch.equal(tak.prepare_project_weight(wqkv, 16, 4, 32, layout),
+                               tak._weight_fragments(wqkv, 16, 4, 32, 64, launch["chunks"], perm))
+            tak.PROJECT_WEIGHT_FRAGMENTS = False
+            assert tak.project_layout(56, 16, 4, 32, torch.bfloat16, cuda) == [0, 64]
+            tak.PROJECT_WEIGHT_FRAGMENTS, tak.PROJECT_KERNEL = True, "triton"
+            assert tak.project_layout(56, 16, 4, 32, torch.bfloat16, cuda) == [0, 64]
+    finally:
+        tak.PROJECT_KERNEL, tak.PROJECT_WEIGHT_FRAGMENTS = saved
+
+
 def test_projecting_kernel_needs_a_backend_and_routes_by_width() -> None:
     from ofer.models import token_attention_kernel as tak
 
@@ -555,12 +689,45 @@ def test_projecting_kernel_on_cuda_matches_reference_and_the_separate_projection
             tak.PROJECT_GLUON_LAUNCH.update(saved[1])
             tak.PROJECT_WEIGHT_FRAGMENTS = saved[2]
         assert (out16 - tri16).abs().max() < 1e-4
+        # a weight prepared in the kernel's layout (Gluon fragments here) is the one the kernel reads
+        layout = tak.project_layout(c, 16, 4, 32, torch.bfloat16, dev)
+        assert layout[0] == (1 if tak.gluon is not None else 0)
+        prep = tak.prepare_project_weight(w16, 16, 4, 32, layout)
+        assert torch.equal(tak.token_attention_project_pool(x16, w16, w, 16, 4, 32, None, prep, layout), out16)
+        other = (torch.randn(6144, c, device=dev, generator=gen) * c**-0.5).bfloat16()
+        used = tak.token_attention_project_pool(x16, w16, w, 16, 4, 32, None,
+                                                tak.prepare_project_weight(other, 16, 4, 32, layout), layout)
+        assert torch.equal(used, tak.token_attention_project_pool(x16, other, w, 16, 4, 32)), c
     net, x, t, c = paper_idgen(777, gen)
     net.eval()
     with torch.no_grad():
         ref = net.set_attention_impl("sdpa")(x, t, c)
         out = net.set_attention_impl("triton")(x, t, c)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_attention_output_on_cuda_is_rounded_once() -> None:
+    """On CUDA in bf16: `attention_output` is the float64 value x + pooled @ W.T + b rounded once (to nearest, so
+    within half a bf16 step up to float32 summation), closer to it than the Linear + add form that rounds twice;
+    the paper-sized widths (304, 56, 16 columns) and a row count with a partial row block."""
+    from ofer.models import token_attention_kernel as tak
+
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    for m, n in ((51_237, 304), (1000, 56), (333, 16)):
+        p = torch.randn(m, 128, device=dev, generator=gen).bfloat16()
+        w = (torch.randn(n, 128, device=dev, generator=gen) * 128**-0.5).bfloat16()
+        b = torch.randn(n, device=dev, generator=gen)
+        x = torch.randn(m, n, device=dev, generator=gen).bfloat16()
+        out = tak.attention_output(p, w, b, x)
+        ref = tak.attention_output_reference(p, w, b, x)
+        assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+        err = (out.double() - ref).abs()
+        assert bool((err <= ref.abs() * 2**-8 * 1.01 + 1e-5).all()), (n, float(err.max()))
+        two = x + torch.nn.functional.linear(p, w, b.bfloat16())
+        assert err.norm() < (two.double() - ref).norm(), n
 
 
 @pytest.mark.gpu

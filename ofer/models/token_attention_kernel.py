@@ -77,8 +77,9 @@ import os
 
 import torch
 
-__all__ = ["available", "projects", "token_attention_pool", "token_attention_pool_backward",
-           "token_attention_pool_reference", "token_attention_project_pool", "token_attention_project_pool_backward"]
+__all__ = ["attention_output", "attention_output_reference", "available", "prepare_project_weight", "project_layout",
+           "projects", "token_attention_pool", "token_attention_pool_backward", "token_attention_pool_reference",
+           "token_attention_project_pool", "token_attention_project_pool_backward"]
 
 try:  # Triton is an optional dependency (shipped with CUDA builds of torch)
     import triton
@@ -612,7 +613,9 @@ token_attention_pool.register_autograd(_pool_backward, setup_context=_pool_setup
 
 @torch.library.custom_op("ofer::token_attention_project_pool", mutates_args=())
 def token_attention_project_pool(x: torch.Tensor, wqkv: torch.Tensor, w: torch.Tensor, tokens: int, heads: int,
-                                 head_dim: int, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                                 head_dim: int, out_dtype: torch.dtype | None = None,
+                                 prepared: torch.Tensor | None = None,
+                                 prepared_layout: list[int] | None = None) -> torch.Tensor:
     """`token_attention_pool(x @ wqkv.T, w, ...)` with the q/k/v projection inside the kernel (narrow inputs).
 
     Args:
@@ -623,6 +626,11 @@ def token_attention_project_pool(x: torch.Tensor, wqkv: torch.Tensor, w: torch.T
         w: (tokens,) token-mix weights.
         tokens, heads, head_dim: the attention shape; tokens and head_dim powers of two, tokens >= 16.
         out_dtype: the output's dtype (None: float32), as in `token_attention_pool`.
+        prepared, prepared_layout: wqkv already in the layout the kernel reads, and that layout
+            (`prepare_project_weight(wqkv, ..., project_layout(...))`): used when the layout is the one this call
+            needs (`project_layout` of x now), else wqkv is laid out here, as without them. Inference copies
+            prepare it once (`TokenSelfAttention.prepare_projection`) instead of in every call: one to three small
+            copies per call (2.6% of a compiled ExpGen sampling step on an H100, BENCHMARKS.md).
 
     Returns:
         (R, heads * head_dim) in out_dtype, as `token_attention_pool`.
@@ -648,16 +656,20 @@ def token_attention_project_pool(x: torch.Tensor, wqkv: torch.Tensor, w: torch.T
     if R == 0:
         return out
     xp, c, cp = _x_operand(x)
+    layout = project_layout(C, tokens, heads, head_dim, x.dtype, x.device)
+    if prepared is not None and list(prepared_layout or ()) == layout and prepared.device == x.device:
+        if prepared.dtype != x.dtype or prepared.shape != _prepared_shape(tokens, heads, head_dim, layout):
+            raise ValueError(f"token_attention_project_pool: prepared weight of layout {layout} must be a "
+                             f"{x.dtype} tensor of shape {_prepared_shape(tokens, heads, head_dim, layout)}, got "
+                             f"{prepared.dtype} {tuple(prepared.shape)}")
+        wp = prepared
+    else:
+        wp = prepare_project_weight(wqkv, tokens, heads, head_dim, layout)
     if _gluon_projects(x, tokens, head_dim):
         consts, options = _gluon_launch_args(c, cp, tokens, heads, head_dim)
-        if consts["PERM"]:
-            wp = _weight_fragments(wqkv, tokens, heads, head_dim, cp, consts["CHUNKS"], consts["PERM"])
-        else:
-            wp = _weight_blocks(wqkv, tokens, heads, head_dim, cp)
         grid = (triton.cdiv(R, consts["BLOCK_R"]), heads)
         _project_pool_gluon_kernel[grid](xp, wp, w.contiguous(), out, R, head_dim**-0.5, **consts, **options)
         return out
-    wp = _weight_blocks(wqkv, tokens, heads, head_dim, cp)
     launch = PROJECT_LAUNCH[cp]
     grid = (triton.cdiv(R, launch["block_rows"]), heads)
     _project_pool_kernel[grid](xp, wp, w.contiguous(), out, R, head_dim**-0.5, T=tokens, H=heads, DH=head_dim,
@@ -669,8 +681,41 @@ def _gluon_projects(x: torch.Tensor, tokens: int, head_dim: int) -> bool:
     """Whether `token_attention_project_pool` runs the Gluon kernel on x: PROJECT_KERNEL "gluon", Gluon importable,
     a CUDA tensor (not the interpreter) in bf16 or fp16, 16 tokens of 32 channels (the shape `_staging_bases`
     is written for)."""
-    return (PROJECT_KERNEL == "gluon" and gluon is not None and x.is_cuda and not _INTERPRET
-            and x.dtype in (torch.bfloat16, torch.float16) and tokens == 16 and head_dim == 32)
+    return _gluon_projects_on(x.dtype, x.device, tokens, head_dim)
+
+
+def _gluon_projects_on(dtype: torch.dtype, device: torch.device, tokens: int, head_dim: int) -> bool:
+    return (PROJECT_KERNEL == "gluon" and gluon is not None and device.type == "cuda" and not _INTERPRET
+            and dtype in (torch.bfloat16, torch.float16) and tokens == 16 and head_dim == 32)
+
+
+def project_layout(width: int, tokens: int, heads: int, head_dim: int, dtype: torch.dtype,
+                   device: torch.device) -> list[int]:
+    """How `token_attention_project_pool`'s kernel reads the to_qkv weight for inputs of `width` channels in
+    `dtype` on `device`, under the module's current settings (PROJECT_KERNEL, PROJECT_GLUON_LAUNCH,
+    PROJECT_WEIGHT_FRAGMENTS): [1, cp, chunks, *perm] for the Gluon kernel's weight fragments (`_weight_fragments`),
+    [0, cp] for row-major blocks (`_weight_blocks`), cp the padded width. Pure Python on static properties."""
+    cp = max(16, 1 << (width - 1).bit_length())
+    if _gluon_projects_on(dtype, device, tokens, head_dim):
+        launch = PROJECT_GLUON_LAUNCH[cp]
+        if PROJECT_WEIGHT_FRAGMENTS:
+            perm = _fragment_perm(cp, tokens * head_dim // launch["chunks"], launch["num_warps"])
+            return [1, cp, launch["chunks"], *perm]
+    return [0, cp]
+
+
+def prepare_project_weight(wqkv: torch.Tensor, tokens: int, heads: int, head_dim: int,
+                           layout: list[int]) -> torch.Tensor:
+    """The to_qkv weight (T * 3 * H * Dh, C) in a `project_layout` (a new tensor, wqkv's dtype and device)."""
+    if layout[0] == 1:
+        return _weight_fragments(wqkv, tokens, heads, head_dim, layout[1], layout[2], tuple(layout[3:]))
+    return _weight_blocks(wqkv, tokens, heads, head_dim, layout[1])
+
+
+def _prepared_shape(tokens: int, heads: int, head_dim: int, layout: list[int]) -> tuple[int, ...]:
+    if layout[0] == 1:
+        return (heads, 3, layout[2], layout[1] * tokens * head_dim // layout[2])
+    return (heads, 3, layout[1], tokens, head_dim)
 
 
 def _gluon_launch_args(c: int, cp: int, tokens: int, heads: int, head_dim: int) -> tuple[dict, dict]:
@@ -764,7 +809,8 @@ def _weight_blocks(wqkv: torch.Tensor, tokens: int, heads: int, head_dim: int, c
 
 @token_attention_project_pool.register_fake
 def _(x: torch.Tensor, wqkv: torch.Tensor, w: torch.Tensor, tokens: int, heads: int, head_dim: int,
-      out_dtype: torch.dtype | None = None) -> torch.Tensor:
+      out_dtype: torch.dtype | None = None, prepared: torch.Tensor | None = None,
+      prepared_layout: list[int] | None = None) -> torch.Tensor:
     return x.new_empty(x.shape[0], heads * head_dim, dtype=_out_dtype(out_dtype, "token_attention_project_pool"))
 
 
@@ -799,7 +845,7 @@ def _(x: torch.Tensor, wqkv: torch.Tensor, w: torch.Tensor, grad: torch.Tensor, 
 
 
 def _project_setup_context(ctx, inputs, output) -> None:
-    x, wqkv, w, tokens, heads, head_dim, _ = inputs
+    x, wqkv, w, tokens, heads, head_dim = inputs[:6]
     ctx.save_for_backward(x, wqkv, w)
     ctx.shape = (tokens, heads, head_dim)
 
@@ -809,7 +855,7 @@ def _project_backward(ctx, grad: torch.Tensor):
     dqkv, dw = token_attention_project_pool_backward(x, wqkv, w, grad, *ctx.shape)
     dx = dqkv @ wqkv if ctx.needs_input_grad[0] else None
     dwqkv = dqkv.T @ x if ctx.needs_input_grad[1] else None
-    return dx, dwqkv, dw, None, None, None, None
+    return dx, dwqkv, dw, None, None, None, None, None, None
 
 
 token_attention_project_pool.register_autograd(_project_backward, setup_context=_project_setup_context)
@@ -842,3 +888,96 @@ def token_attention_pool_reference(qkv: torch.Tensor, w: torch.Tensor, tokens: i
     scores = torch.einsum("rthd,ruhd->rhtu", q, k) * head_dim**-0.5
     o = torch.einsum("rhtu,ruhd->rthd", scores.softmax(-1), v)  # per-token attention output
     return torch.einsum("rthd,t->rhd", o, w.double()).reshape(-1, heads * head_dim)
+
+
+# Whether `TokenSelfAttention` ends with `attention_output` (one kernel) when sampling in bf16/fp16 on CUDA, instead
+# of the Linear and a separate residual add. Benchmarks switch it (`bench_denoiser_step.py --output-kernel`).
+OUTPUT_KERNEL = True
+# `attention_output`'s launch: rows and output columns per program (at most the output width rounded up to a power
+# of two), warps. Programs of one row block are numbered side by side, so its (rows, K) slice of the pooled input
+# is read from memory once and from L2 by the others. Measured on an H100 at 51,200 rows, bf16
+# (`bench_attention_output.py`): 304 columns 38.2 us (128x64x4 40.6, 64x64x4 41.7, 128x128x8 49.0; the Linear +
+# add 66.2 eager, 70.4 compiled), 56 columns 9.0 us (128x64x4 11.2; Linear + add 11.8).
+OUTPUT_LAUNCH = {"block_rows": 64, "block_cols": 128, "num_warps": 4}
+
+if triton is not None:
+
+    @triton.jit
+    def _attention_output_kernel(p_ptr, w_ptr, b_ptr, x_ptr, out_ptr, M, N, stride_x, K: tl.constexpr,
+                                 BM: tl.constexpr, BN: tl.constexpr, N_PROG: tl.constexpr):
+        pid = tl.program_id(0)
+        pm, pn = pid // N_PROG, pid % N_PROG
+        rows = pm * BM + tl.arange(0, BM)
+        cols = pn * BN + tl.arange(0, BN)
+        ks = tl.arange(0, K)
+        row_ok, col_ok = rows < M, cols < N
+        p = tl.load(p_ptr + rows[:, None].to(tl.int64) * K + ks[None, :], mask=row_ok[:, None], other=0.0)
+        w = tl.load(w_ptr + cols[None, :] * K + ks[:, None], mask=col_ok[None, :], other=0.0)  # (K, BN): W.T
+        acc = tl.dot(p, w, input_precision="ieee", out_dtype=tl.float32)
+        b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        m = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=m, other=0.0)
+        out = x.to(tl.float32) + (acc + b[None, :])
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@torch.library.custom_op("ofer::attention_output", mutates_args=())
+def attention_output(pooled: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x + pooled @ weight.T + bias, the attention block's output map and residual add, as one kernel.
+
+    Args:
+        pooled: (M, K) pooled attention output, contiguous, K a power of two >= 16 (heads * head_dim).
+        weight: (N, K) to_out weight, contiguous, pooled's dtype.
+        bias: (N,) the output bias (any float dtype; added in float32, not rounded to the inputs' dtype first).
+        x: (M, N) the block's input (the residual), contiguous columns and any row stride, pooled's dtype.
+
+    Returns:
+        (M, N) in x's dtype: the float32 sum x + (pooled @ weight.T + bias), rounded once. The separate Linear
+        and add round twice (the Linear's output, then the sum), so results differ from them by up to one
+        rounding of the output.
+
+    Sampling only (no autograd): `TokenSelfAttention` uses it on CUDA in bf16/fp16 without gradients. Why: the
+    Linear's output (M, N) was written and read back by a separate add kernel (2 x 33 us and 3 x 33 us of GEMM
+    per compiled IdGen step at 51,200 rows on an H100, BENCHMARKS.md), where this kernel reads pooled and x and
+    writes the output once.
+    """
+    if not available(pooled, 16):
+        raise RuntimeError("attention_output needs Triton (shipped with CUDA builds of torch) and a CUDA tensor (or "
+                           f"TRITON_INTERPRET=1); got a {pooled.device.type} tensor, Triton "
+                           f"{'installed' if triton is not None else 'not installed'}")
+    M, K = pooled.shape if pooled.ndim == 2 else (-1, -1)
+    if pooled.ndim != 2 or not pooled.is_contiguous() or K < 16 or K & (K - 1):
+        raise ValueError(f"attention_output: pooled must be a contiguous (M, K) tensor, K a power of two >= 16, got "
+                         f"shape {tuple(pooled.shape)} strides {pooled.stride()}")
+    N = weight.shape[0] if weight.ndim == 2 else -1
+    if weight.shape != (N, K) or not weight.is_contiguous() or weight.dtype != pooled.dtype:
+        raise ValueError(f"attention_output: weight must be a contiguous (N, {K}) tensor of pooled's dtype "
+                         f"{pooled.dtype}, got {tuple(weight.shape)} {weight.dtype}")
+    if bias.shape != (N,) or not bias.is_floating_point():
+        raise ValueError(f"attention_output: bias must be a float ({N},) tensor, got {tuple(bias.shape)} {bias.dtype}")
+    if x.shape != (M, N) or x.dtype != pooled.dtype or x.stride(1) != 1:
+        raise ValueError(f"attention_output: x must be a ({M}, {N}) tensor of pooled's dtype {pooled.dtype} with "
+                         f"contiguous columns, got {tuple(x.shape)} {x.dtype} strides {x.stride()}")
+    if x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 0):
+        return (x.float() + (pooled.float() @ weight.float().T + bias.float())).to(x.dtype)
+    out = x.new_empty(M, N)
+    if M == 0 or N == 0:
+        return out
+    bm, nw = OUTPUT_LAUNCH["block_rows"], OUTPUT_LAUNCH["num_warps"]
+    bn = min(OUTPUT_LAUNCH["block_cols"], max(16, 1 << (N - 1).bit_length()))
+    n_prog = triton.cdiv(N, bn)
+    _attention_output_kernel[(triton.cdiv(M, bm) * n_prog,)](
+        pooled, weight, bias.contiguous(), x, out, M, N, x.stride(0), K=K, BM=bm, BN=bn, N_PROG=n_prog,
+        num_warps=nw)
+    return out
+
+
+@attention_output.register_fake
+def _(pooled: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def attention_output_reference(pooled: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                               x: torch.Tensor) -> torch.Tensor:
+    """`attention_output` in float64 (for tests)."""
+    return x.double() + pooled.double() @ weight.double().T + bias.double()

@@ -90,6 +90,10 @@ class TokenSelfAttention(nn.Module):
         self.to_out = nn.Linear(hidden, dim)
         self.token_mix = nn.Linear(tokens, 1)
         self.register_buffer("bias_mask", None, persistent=False)  # Denoiser.padded: 0 on the padding channels
+        # to_qkv's weight as the projecting kernel reads it, and that layout (`prepare_projection`; inference copies)
+        self.register_buffer("qkv_prepared", None, persistent=False)
+        self.qkv_prepared_layout: tuple[int, ...] | None = None
+        self.register_load_state_dict_post_hook(_reprepare_projection)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C) -> x + attention(norm(x)), (B, C)."""
@@ -117,9 +121,10 @@ class TokenSelfAttention(nn.Module):
             # Sampling only: the op is differentiable, but its backward (q/k/v recomputed per 16-32 rows) made a
             # compiled IdGen training step slower, 27.1 -> 28.5 ms at 65,536 rows on an H200 (BENCHMARKS.md).
             dt = low or xn.dtype
+            layout = self.qkv_prepared_layout
             pooled = token_attention_kernel.token_attention_project_pool(
                 xn.to(dt).contiguous(), self.to_qkv.weight.to(dt).contiguous(), w, self.tokens, self.heads,
-                self.head_dim, low)
+                self.head_dim, low, self.qkv_prepared, None if layout is None else list(layout))
         elif impl == "triton":
             pooled = token_attention_kernel.token_attention_pool(self.to_qkv(xn), w, self.tokens, self.heads,
                                                                  self.head_dim, low)
@@ -138,7 +143,35 @@ class TokenSelfAttention(nn.Module):
         bias = self.to_out.bias * self.token_mix.weight.sum() + self.token_mix.bias
         if self.bias_mask is not None:  # keep a padded copy's padding channels at exactly zero
             bias = bias * self.bias_mask
-        return x + F.linear(pooled.reshape(b, self.heads * self.head_dim), self.to_out.weight, bias)
+        pooled = pooled.reshape(b, self.heads * self.head_dim)
+        wout = self.to_out.weight
+        if (impl == "triton" and token_attention_kernel.OUTPUT_KERNEL and low is not None and x.dtype == low
+                and pooled.dtype == low and x.stride(1) == 1 and not (torch.is_grad_enabled() and any(
+                    t.requires_grad for t in (x, pooled, bias, wout)))):
+            # sampling in bf16/fp16: the output Linear, its bias and the residual add as one kernel (rounded once)
+            return token_attention_kernel.attention_output(pooled.contiguous(), wout.to(low).contiguous(), bias, x)
+        return x + F.linear(pooled, wout, bias)
+
+    @torch.no_grad()
+    def prepare_projection(self) -> None:
+        """Store to_qkv's weight in the layout that the projecting kernel (`token_attention_project_pool`) reads
+        for this block's input width, under the kernel's current settings and for the weight's dtype and device,
+        so that sampling calls do not lay it out again in every step (one to three small copies per call, 2.6%
+        of a compiled ExpGen step on an H100). For inference copies (`Denoiser.autocast_copy`), whose weights do
+        not change afterwards: loading a state dict prepares it again, but an in-place change of
+        `to_qkv.weight` is not seen (prepare again after one). A call whose settings, dtype or device differ
+        from the prepared layout lays out the weight itself, as without it. Nothing is stored where the kernel
+        does not project (wide inputs, other attention shapes, no Triton or CPU without the interpreter)."""
+        wq = self.to_qkv.weight
+        if not (self._kernel_shape and token_attention_kernel.projects(wq.shape[1])
+                and token_attention_kernel.available(wq, self.head_dim)):
+            self.qkv_prepared, self.qkv_prepared_layout = None, None
+            return
+        layout = token_attention_kernel.project_layout(wq.shape[1], self.tokens, self.heads, self.head_dim,
+                                                       wq.dtype, wq.device)
+        self.qkv_prepared = token_attention_kernel.prepare_project_weight(wq.detach().contiguous(), self.tokens,
+                                                                          self.heads, self.head_dim, layout)
+        self.qkv_prepared_layout = tuple(layout)
 
     def _pooled_by_reductions(self, qkv: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """sum_t w_t attention(q, k, v)_t written as broadcast products and sums over (B, T, 3, H, Dh) views.
@@ -155,6 +188,12 @@ class TokenSelfAttention(nn.Module):
         att = scores.softmax(dim=2)
         c = (att * w.float()[None, :, None, None]).sum(1)  # (B, U, H)
         return (c[..., None] * v).sum(1)  # (B, H, Dh)
+
+
+def _reprepare_projection(module: TokenSelfAttention, incompatible_keys: Any) -> None:
+    """Load-state-dict post-hook: a prepared projection weight follows newly loaded weights."""
+    if module.qkv_prepared is not None:
+        module.prepare_projection()
 
 
 class PaddedGroupNorm(nn.Module):
@@ -586,7 +625,10 @@ class Denoiser(nn.Module):
 
         Left as they are: the FiLM and time MLP (`time_film` / `condition_film` run outside autocast), the token
         mix, the attention output bias (computed in float32 from the token mix before autocast casts it) and every
-        norm parameter (norms compute in float32). Outside autocast the copy's trunk raises a dtype error."""
+        norm parameter (norms compute in float32). Outside autocast the copy's trunk raises a dtype error.
+        The narrow attention blocks also keep their q/k/v weight in the projecting kernel's layout
+        (`TokenSelfAttention.prepare_projection`): do not change the copy's weights in place (load a state dict,
+        or make a new copy)."""
         new = copy.deepcopy(self)
         for name, m in new.named_modules():
             if not isinstance(m, nn.Linear) or name.split(".")[0] in ("film", "time_mlp") or name.endswith("token_mix"):
@@ -594,6 +636,9 @@ class Denoiser(nn.Module):
             m.weight.data = m.weight.data.to(dtype)
             if m.bias is not None and not name.endswith("to_out"):
                 m.bias.data = m.bias.data.to(dtype)
+        for m in new.modules():
+            if isinstance(m, TokenSelfAttention):
+                m.prepare_projection()
         return new
 
     @property
