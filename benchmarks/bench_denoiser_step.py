@@ -42,13 +42,14 @@ def build(name: str, impl: str) -> Denoiser:
     return m.set_attention_impl(impl).cuda().eval()
 
 
-def time_variant(name: str, impl: str, compile: bool, rows: int, steps: int, repeats: int, samples: int = 1) -> dict:
+def time_variant(name: str, impl: str, compile: bool, rows: int, steps: int, repeats: int, samples: int = 1,
+                 eta: float = 0.0) -> dict:
     model = build(name, impl)
     params = sum(p.numel() for p in model.parameters())
     cond = torch.randn(rows // samples, model.cond_dim, device="cuda")
     t0 = time.perf_counter()
     sampler = GraphedSampler(GaussianDiffusion().cuda(), model, rows=rows, dim=model.dim, cond_dim=model.cond_dim,
-                             sampler="ddim", steps=steps, compile=compile, num_samples=samples)
+                             sampler="ddim", steps=steps, eta=eta, compile=compile, num_samples=samples)
     out = sampler(cond, num_samples=samples)
     torch.cuda.synchronize()
     build_s = time.perf_counter() - t0
@@ -58,16 +59,17 @@ def time_variant(name: str, impl: str, compile: bool, rows: int, steps: int, rep
     torch.cuda.synchronize()
     step_s = (time.perf_counter() - t0) / repeats / steps
     assert torch.isfinite(out).all()
-    return {"model": name, "attention": impl, "compile": compile, "rows": rows, "samples": samples,
+    return {"model": name, "attention": impl, "compile": compile, "rows": rows, "samples": samples, "eta": eta,
             "build_s": build_s, "ms_per_step": step_s * 1e3, "row_steps_per_s": rows / step_s,
             "paper_tflops": 2 * params * rows / step_s / 1e12}
 
 
 def profile_step(name: str, impl: str, rows: int, compiled: bool = False, samples: int = 1,
-                 row_limit: int = 24) -> str:
+                 row_limit: int = 24, trace: Path | None = None) -> str:
     """Kernel table of one whole sampling step as the samplers run it (`GraphedSampler`'s step, run eagerly
     under the profiler instead of from its graph): the trunk, the noise prediction and a stochastic update
-    (DDIM with eta = 1, the arithmetic of a DDPM step), with `samples` samples per condition."""
+    (DDIM with eta = 1, the arithmetic of a DDPM step), with `samples` samples per condition. With `trace`, also
+    writes a Chrome trace (CPU ops with shapes and Python frames) there, for `trace_kernels.py`."""
     model = build(name, impl)
     sampler = GraphedSampler(GaussianDiffusion().cuda(), model, rows=rows, dim=model.dim, cond_dim=model.cond_dim,
                              sampler="ddim", steps=2, eta=1.0, compile=compiled, num_samples=samples)
@@ -76,9 +78,13 @@ def profile_step(name: str, impl: str, rows: int, compiled: bool = False, sample
         for _ in range(3):
             sampler._run(range(1))
         torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        acts = [torch.profiler.ProfilerActivity.CUDA] + ([torch.profiler.ProfilerActivity.CPU] if trace else [])
+        with torch.profiler.profile(activities=acts, record_shapes=bool(trace), with_stack=bool(trace)) as prof:
             sampler._run(range(1))
             torch.cuda.synchronize()
+    if trace:
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(trace))
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=row_limit)
 
 
@@ -95,6 +101,13 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-compiled", action="store_true", help="kernel table of one compiled step with the default ('auto') attention")
     ap.add_argument("--only-profile", action="store_true")
+    ap.add_argument("--trace", type=Path, default=None, metavar="DIR",
+                    help="with --profile-compiled: also write Chrome traces there (for trace_kernels.py)")
+    ap.add_argument("--output-kernel", default=None,
+                    help="comma list of true/false: token_attention_kernel.OUTPUT_KERNEL (the attention's output "
+                         "Linear and residual add as one kernel) for the timed rows")
+    ap.add_argument("--eta", type=float, default=0.0,
+                    help="DDIM eta of the timed sampling (1: stochastic steps, the arithmetic of DDPM)")
     ap.add_argument("--profile-rows", type=int, default=24, help="kernels listed per profile table")
     ap.add_argument("--project-max-widths", default=None,
                     help="comma list of token_attention_kernel.PROJECT_MAX_WIDTH values to time the triton rows with "
@@ -153,8 +166,9 @@ def main() -> None:
                     tak.PROJECT_KERNEL = kernel
                     fast_sampling.COMPILE_OPTIONS = opts
                     fast_sampling.PAD_WIDTHS = pad
+                    trace = args.trace / f"step_{name}_{width}_{kernel}_{pad}_{rb}_{nk}.json" if args.trace else None
                     table = profile_step(name, "auto", args.rows, compiled=True, samples=args.samples,
-                                         row_limit=args.profile_rows)
+                                         row_limit=args.profile_rows, trace=trace)
                     print(f"--- {name}, compiled, auto attention, PROJECT_MAX_WIDTH {tak.PROJECT_MAX_WIDTH}, "
                           f"projecting kernel {kernel}, inductor {opts or 'default'}, padded widths {pad}, resblock "
                           f"kernel {rb}, norm kernels {nk}: one step's CUDA kernels\n{table}", flush=True)
@@ -165,7 +179,14 @@ def main() -> None:
     if not args.no_compile:  # "reduce" is huge
         variants += [(impl, True, opts, pad) for impl in impls for opts in inductor for pad in pads]
     variants = [(*v, rb, nk) for v in variants for rb in rbs for nk in (nks if v[1] else nks[:1])]
-    for name in MODELS:
+    oks = [getattr(tak, "OUTPUT_KERNEL", None)]
+    if args.output_kernel:
+        if set(args.output_kernel.split(",")) - {"true", "false"}:
+            ap.error(f"--output-kernel {args.output_kernel!r}: expected a comma list of true, false")
+        oks = [v == "true" for v in args.output_kernel.split(",")]
+    for name, ok in ((n, o) for n in MODELS for o in oks):
+        if ok is not None:
+            tak.OUTPUT_KERNEL = ok
         triton_runs = [(wd, k) for wd in widths for k in kernels]
         runs = [(v, r) for v in variants for r in (triton_runs if v[0] == "triton" else [(None, kernels[0])])]
         for (impl, comp, opts, pad, rb, nk), (width, kernel) in runs:
@@ -175,7 +196,7 @@ def main() -> None:
             fast_sampling.COMPILE_OPTIONS = opts
             fast_sampling.PAD_WIDTHS = pad
             try:
-                row = time_variant(name, impl, comp, args.rows, args.steps, args.repeats, args.samples)
+                row = time_variant(name, impl, comp, args.rows, args.steps, args.repeats, args.samples, args.eta)
             except Exception as exc:  # noqa: BLE001 -- reported, the other variants go on
                 row = {"model": name, "attention": impl, "compile": comp, "error": f"{type(exc).__name__}: {exc}"[:400]}
             if impl == "triton":
@@ -183,6 +204,7 @@ def main() -> None:
                 row["project_kernel"] = kernel
             row["pad_widths"] = pad
             row["resblock_kernel"] = rb
+            row["output_kernel"] = ok
             if comp:
                 row["inductor"] = opts
                 row["norm_kernels"] = nk

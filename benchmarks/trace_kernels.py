@@ -49,25 +49,33 @@ def summarize(events: list[dict]) -> dict:
     launches = {e["args"]["correlation"]: e for e in events
                 if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
     ops_by_thread: dict = defaultdict(list)
+    frames_by_thread: dict = defaultdict(list)  # Python frames of this package (traces recorded with_stack)
     for e in events:
         if e.get("cat") == "cpu_op":
             ops_by_thread[e["tid"]].append(e)
-    starts = {}
-    for tid, ops in ops_by_thread.items():
-        ops.sort(key=lambda o: o["ts"])
-        starts[tid] = [o["ts"] for o in ops]
+        elif e.get("cat") == "python_function" and "ofer/" in e.get("name", ""):
+            frames_by_thread[e["tid"]].append(e)
+    starts, frame_starts = {}, {}
+    for table, first in ((ops_by_thread, starts), (frames_by_thread, frame_starts)):
+        for tid, evs in table.items():
+            evs.sort(key=lambda o: o["ts"])
+            first[tid] = [o["ts"] for o in evs]
 
-    def launching_op(launch: dict) -> dict | None:
-        ops, t0, t1 = ops_by_thread.get(launch["tid"], []), launch["ts"], launch["ts"] + launch.get("dur", 0)
+    def innermost(launch: dict, table: dict, first: dict) -> dict | None:
+        evs, t0, t1 = table.get(launch["tid"], []), launch["ts"], launch["ts"] + launch.get("dur", 0)
         best = None
-        for o in ops[: bisect.bisect_right(starts.get(launch["tid"], []), t0)]:
+        for o in evs[: bisect.bisect_right(first.get(launch["tid"], []), t0)]:
             if o["ts"] + o.get("dur", 0) >= t1 and (best is None or o.get("dur", 0) < best.get("dur", 0)):
                 best = o
         return best
 
+    def launching_op(launch: dict) -> dict | None:
+        return innermost(launch, ops_by_thread, starts)
+
     by_kind: dict = defaultdict(float)
     by_name: dict = defaultdict(lambda: [0.0, 0])
     gemm_by_op: dict = defaultdict(lambda: [0.0, 0])
+    other_by_frame: dict = defaultdict(lambda: [0.0, 0])
     for k in kernels:
         dur, name = float(k.get("dur", 0)), k["name"]
         kind = kind_of(name)
@@ -80,8 +88,16 @@ def summarize(events: list[dict]) -> dict:
             key = (op["name"], str(op.get("args", {}).get("Input Dims"))) if op else ("?", "?")
             gemm_by_op[key][0] += dur
             gemm_by_op[key][1] += 1
+        elif kind == "other":  # kernels outside cuBLAS, ours and inductor's: where in this package they come from
+            launch = launches.get(k.get("args", {}).get("correlation"))
+            op = launching_op(launch) if launch else None
+            frame = innermost(launch, frames_by_thread, frame_starts) if launch else None
+            key = (op["name"] if op else "?", str(op.get("args", {}).get("Input Dims")) if op else "?",
+                   frame["name"] if frame else "?")
+            other_by_frame[key][0] += dur
+            other_by_frame[key][1] += 1
     return {"total_us": sum(by_kind.values()), "by_kind": dict(by_kind), "by_name": dict(by_name),
-            "gemm_by_op": dict(gemm_by_op)}
+            "gemm_by_op": dict(gemm_by_op), "other_by_frame": dict(other_by_frame)}
 
 
 def main() -> None:
@@ -100,6 +116,10 @@ def main() -> None:
     print("GEMM time by launching op and input shapes (us, kernels, op, shapes):")
     for (op, dims), (us, n) in sorted(s["gemm_by_op"].items(), key=lambda kv: -kv[1][0])[: args.top]:
         print(f"  {us:9.0f} {n:4d}  {op} {dims}")
+    if s["other_by_frame"]:
+        print("other kernels by launching op, shapes and innermost frame of this package (traces with_stack):")
+        for (op, dims, frame), (us, n) in sorted(s["other_by_frame"].items(), key=lambda kv: -kv[1][0])[: args.top]:
+            print(f"  {us:9.0f} {n:4d}  {op} {dims} <- {frame}")
 
 
 if __name__ == "__main__":

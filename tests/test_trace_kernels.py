@@ -49,6 +49,37 @@ def test_kernel_time_by_kind_and_gemms_by_innermost_launching_op() -> None:
     assert ("aten::mm", str([[8, 4], [4, 2]])) in s["gemm_by_op"]
 
 
+def test_other_kernels_by_launching_op_and_innermost_frame_of_the_package() -> None:
+    """Kernels of kind "other" (neither cuBLAS, our attention kernels nor inductor's) are charged to the launching
+    CPU op and to the innermost Python frame of this package around the launch (traces recorded with_stack):
+    frames of other code are skipped, and a launch outside any of our frames is charged to "?"."""
+    frames = [
+        {"cat": "python_function", "name": "ofer/fast_sampling.py(140): _step_eager", "tid": 1, "ts": 0, "dur": 300},
+        {"cat": "python_function", "name": "ofer/models/unet1d.py(99): forward", "tid": 1, "ts": 90, "dur": 60},
+        {"cat": "python_function", "name": "torch/nn/functional.py(5): pad", "tid": 1, "ts": 95, "dur": 20},
+    ]
+    cpu = [{"cat": "cpu_op", "name": "aten::copy_", "tid": 1, "ts": 96, "dur": 10, "args": {"Input Dims": [[4, 4]]}},
+           {"cat": "cpu_op", "name": "aten::fill_", "tid": 2, "ts": 0, "dur": 10, "args": {"Input Dims": [[4]]}}]
+    launches = [
+        {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "tid": 1, "ts": 100, "dur": 2, "args": {"correlation": 7}},
+        {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "tid": 1, "ts": 200, "dur": 2, "args": {"correlation": 8}},
+        {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "tid": 2, "ts": 5, "dur": 2, "args": {"correlation": 9}},
+    ]
+    kernels = [
+        {"cat": "kernel", "name": "void at::native::elementwise_kernel<copy>", "ts": 400, "dur": 4.0,
+         "args": {"correlation": 7}},
+        {"cat": "kernel", "name": "_film_block_in_kernel", "ts": 410, "dur": 6.0, "args": {"correlation": 8}},
+        {"cat": "kernel", "name": "void at::native::vectorized_elementwise_kernel<fill>", "ts": 420, "dur": 1.0,
+         "args": {"correlation": 9}},
+    ]
+    s = trace_kernels.summarize(frames + cpu + launches + kernels)
+    assert s["other_by_frame"] == {
+        ("aten::copy_", str([[4, 4]]), "ofer/models/unet1d.py(99): forward"): [4.0, 1],
+        ("?", "?", "ofer/fast_sampling.py(140): _step_eager"): [6.0, 1],
+        ("aten::fill_", str([[4]]), "?"): [1.0, 1],
+    }
+
+
 def test_reads_gzip_and_names_a_bad_file(tmp_path: Path, capsys) -> None:
     good = tmp_path / "t.json.gz"
     with gzip.open(good, "wt") as f:
