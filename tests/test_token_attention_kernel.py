@@ -123,7 +123,8 @@ def test_prepared_projection_weight_is_used_only_for_its_layout_in_the_interpret
     from other values gives those values' output, so the test fails if it is ignored), laid out again from wqkv
     when the layout differs (a stale one), refused when its shape does not fit its layout. Inference copies
     prepare their narrow blocks (`Denoiser.autocast_copy`), compute the same function, and prepare again when a
-    state dict is loaded (without that the copy would keep the old weights' projection)."""
+    state dict is loaded (without that the copy would keep the old weights' projection) and when moved or cast;
+    a model that is not an inference copy prepares nothing."""
     script = textwrap.dedent("""
         import pytest
         import torch
@@ -166,6 +167,19 @@ def test_prepared_projection_weight_is_used_only_for_its_layout_in_the_interpret
                     [n for n, b in copy.named_modules() if b is m][0]).to_qkv.weight, m.tokens, m.heads,
                     m.head_dim, list(m.qkv_prepared_layout))
             assert not torch.equal(copy(x, t, c), other(x, t, c))
+        # moved or cast, an inference copy prepares again: here the kernel did not project when it was made
+        tak.PROJECT_MAX_WIDTH = 0
+        late = net.autocast_copy(torch.float32)
+        assert all(m.qkv_prepared is None for m in late.modules() if isinstance(m, TokenSelfAttention))
+        tak.PROJECT_MAX_WIDTH = 64
+        late = late.half()
+        attn = [m for m in late.modules() if isinstance(m, TokenSelfAttention)]
+        assert all(m.qkv_prepared is not None and m.qkv_prepared.dtype == torch.float16 for m in attn)
+        for m in attn:
+            assert torch.equal(m.qkv_prepared, tak.prepare_project_weight(m.to_qkv.weight, m.tokens, m.heads,
+                                                                         m.head_dim, list(m.qkv_prepared_layout)))
+        assert all(m.qkv_prepared is None and not m.keeps_prepared_projection
+                   for m in net.half().modules() if isinstance(m, TokenSelfAttention))  # not an inference copy
         print("ok")
     """)
     run_interpreted(script)

@@ -93,6 +93,7 @@ class TokenSelfAttention(nn.Module):
         # to_qkv's weight as the projecting kernel reads it, and that layout (`prepare_projection`; inference copies)
         self.register_buffer("qkv_prepared", None, persistent=False)
         self.qkv_prepared_layout: tuple[int, ...] | None = None
+        self.keeps_prepared_projection = False  # set by prepare_projection: prepare again on load, move or cast
         self.register_load_state_dict_post_hook(_reprepare_projection)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,7 +162,9 @@ class TokenSelfAttention(nn.Module):
         not change afterwards: loading a state dict prepares it again, but an in-place change of
         `to_qkv.weight` is not seen (prepare again after one). A call whose settings, dtype or device differ
         from the prepared layout lays out the weight itself, as without it. Nothing is stored where the kernel
-        does not project (wide inputs, other attention shapes, no Triton or CPU without the interpreter)."""
+        does not project (wide inputs, other attention shapes, no Triton or CPU without the interpreter); moving or
+        casting the module (`.cuda()`, `.to(...)`, `.half()`) prepares it again for the new device and dtype."""
+        self.keeps_prepared_projection = True
         wq = self.to_qkv.weight
         if not (self._kernel_shape and token_attention_kernel.projects(wq.shape[1])
                 and token_attention_kernel.available(wq, self.head_dim)):
@@ -172,6 +175,12 @@ class TokenSelfAttention(nn.Module):
         self.qkv_prepared = token_attention_kernel.prepare_project_weight(wq.detach().contiguous(), self.tokens,
                                                                           self.heads, self.head_dim, layout)
         self.qkv_prepared_layout = tuple(layout)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "TokenSelfAttention":
+        out = super()._apply(fn, recurse)
+        if self.keeps_prepared_projection:  # a moved or cast inference copy: its kernel's layout may differ now
+            self.prepare_projection()
+        return out
 
     def _pooled_by_reductions(self, qkv: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """sum_t w_t attention(q, k, v)_t written as broadcast products and sums over (B, T, 3, H, Dh) views.
@@ -192,7 +201,7 @@ class TokenSelfAttention(nn.Module):
 
 def _reprepare_projection(module: TokenSelfAttention, incompatible_keys: Any) -> None:
     """Load-state-dict post-hook: a prepared projection weight follows newly loaded weights."""
-    if module.qkv_prepared is not None:
+    if module.keeps_prepared_projection:
         module.prepare_projection()
 
 
