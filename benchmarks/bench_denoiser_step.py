@@ -106,6 +106,9 @@ def main() -> None:
     ap.add_argument("--output-kernel", default=None,
                     help="comma list of true/false: token_attention_kernel.OUTPUT_KERNEL (the attention's output "
                          "Linear and residual add as one kernel) for the timed rows")
+    ap.add_argument("--blas", default=None,
+                    help="comma list of cublas, cublaslt: torch.backends.cuda.preferred_blas_library for the timed "
+                         "rows (the GEMMs inductor leaves to aten; default: torch's choice)")
     ap.add_argument("--eta", type=float, default=0.0,
                     help="DDIM eta of the timed sampling (1: stochastic steps, the arithmetic of DDPM)")
     ap.add_argument("--profile-rows", type=int, default=24, help="kernels listed per profile table")
@@ -132,6 +135,9 @@ def main() -> None:
                          "--inductor default)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    blas_libs = args.blas.split(",") if args.blas else [None]
+    if set(blas_libs) - {None, "cublas", "cublaslt"}:
+        ap.error(f"--blas {args.blas!r}: expected a comma list of cublas, cublaslt")
     inductor = [fast_sampling.parse_compile_options(s) for s in (args.inductor or ["default"])]
     default_pad = fast_sampling.PAD_WIDTHS
     pads = [default_pad]
@@ -184,9 +190,11 @@ def main() -> None:
         if set(args.output_kernel.split(",")) - {"true", "false"}:
             ap.error(f"--output-kernel {args.output_kernel!r}: expected a comma list of true, false")
         oks = [v == "true" for v in args.output_kernel.split(",")]
-    for name, ok in ((n, o) for n in MODELS for o in oks):
+    for name, ok, blas in ((n, o, b) for n in MODELS for o in oks for b in blas_libs):
         if ok is not None:
             tak.OUTPUT_KERNEL = ok
+        if blas is not None:
+            torch.backends.cuda.preferred_blas_library(blas)
         triton_runs = [(wd, k) for wd in widths for k in kernels]
         runs = [(v, r) for v in variants for r in (triton_runs if v[0] == "triton" else [(None, kernels[0])])]
         for (impl, comp, opts, pad, rb, nk), (width, kernel) in runs:
@@ -205,6 +213,7 @@ def main() -> None:
             row["pad_widths"] = pad
             row["resblock_kernel"] = rb
             row["output_kernel"] = ok
+            row["blas"] = str(torch.backends.cuda.preferred_blas_library())
             if comp:
                 row["inductor"] = opts
                 row["norm_kernels"] = nk
