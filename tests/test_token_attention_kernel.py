@@ -238,6 +238,29 @@ def test_attention_output_kernel_matches_float64_in_the_interpreter() -> None:
     run_interpreted(script)
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton not installed; covered by the GPU tests")
+@pytest.mark.parametrize("n", [304, 56, 16])
+def test_attention_output_kernel_compiles_for_sm90_with_the_installed_triton(n: int) -> None:
+    """`_attention_output_kernel` compiled ahead of time (no GPU needed) for sm_90 in bf16 with the launch that
+    `attention_output` picks for n output columns: it builds, multiplies with Hopper's wgmma and keeps no arrays in
+    local memory. Catches a Triton API change before a user's GPU does."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from ofer.models import token_attention_kernel as tak
+
+    bn = min(tak.OUTPUT_LAUNCH["block_cols"], max(16, 1 << (n - 1).bit_length()))
+    consts = {"K": 128, "BM": tak.OUTPUT_LAUNCH["block_rows"], "BN": bn, "N_PROG": -(-n // bn)}
+    sig = {"p_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*fp32", "x_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32",
+           "N": "i32", "stride_x": "i32", **{c: "constexpr" for c in consts}}
+    ptx = triton.compile(ASTSource(fn=tak._attention_output_kernel, signature=sig, constexprs=consts),
+                         target=GPUTarget("cuda", 90, 32),
+                         options={"num_warps": tak.OUTPUT_LAUNCH["num_warps"]}).asm["ptx"]
+    assert "wgmma" in ptx  # 64 rows per warp group: Hopper's asynchronous MMA
+    assert "st.local" not in ptx and "ld.local" not in ptx
+
+
 def test_project_layout_follows_the_kernel_settings() -> None:
     """The layout key of a prepared to_qkv weight: the Gluon kernel's fragments (with the permutation of its launch)
     for bf16 on CUDA, row-major blocks for float32, the Triton kernel, or without fragments. No GPU needed: the
