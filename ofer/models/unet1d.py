@@ -556,7 +556,9 @@ class Denoiser(nn.Module):
         * "triton": one Triton kernel after the q/k/v projection (`ofer.models.token_attention_kernel`), and
           for inputs of at most `token_attention_kernel.PROJECT_MAX_WIDTH` (64) channels one kernel that also does
           the projection (sampling only: with autograd every block takes the separate projection; both ops have
-          Triton backwards, but the projecting one's made training slower);
+          Triton backwards, but the projecting one's made training slower); sampling in bf16/fp16 also ends each
+          block with `token_attention_kernel.attention_output` (output map, bias and residual add in one
+          kernel, rounded once);
         * "sdpa": PyTorch's fused attention.
         Measured on an H200 at 25,600 rows, ms per DDIM sampling step IdGen / ExpGen (BENCHMARKS.md): eager
         math 15.7 / 11.6, eager triton 8.1 / 4.2; compiled math 9.3 / 7.3, compiled reduce 6.6-7.0 / 4.9-5.0,
