@@ -88,6 +88,15 @@ def profile_step(name: str, impl: str, rows: int, compiled: bool = False, sample
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=row_limit)
 
 
+def bools(ap: argparse.ArgumentParser, spec: str | None, option: str, default: bool | None) -> list:
+    """The values of a "true,false" comma-list option, or [default] without one (argparse error otherwise)."""
+    if not spec:
+        return [default]
+    if set(spec.split(",")) - {"true", "false"}:
+        ap.error(f"{option} {spec!r}: expected a comma list of true, false")
+    return [v == "true" for v in spec.split(",")]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=25_600)
@@ -140,21 +149,10 @@ def main() -> None:
         ap.error(f"--blas {args.blas!r}: expected a comma list of cublas, cublaslt")
     inductor = [fast_sampling.parse_compile_options(s) for s in (args.inductor or ["default"])]
     default_pad = fast_sampling.PAD_WIDTHS
-    pads = [default_pad]
-    if args.pad_widths:
-        if set(args.pad_widths.split(",")) - {"true", "false"}:
-            ap.error(f"--pad-widths {args.pad_widths!r}: expected a comma list of true, false")
-        pads = [v == "true" for v in args.pad_widths.split(",")]
-    rbs = [resblock_kernel.ENABLED]
-    if args.resblock_kernel:
-        if set(args.resblock_kernel.split(",")) - {"true", "false"}:
-            ap.error(f"--resblock-kernel {args.resblock_kernel!r}: expected a comma list of true, false")
-        rbs = [v == "true" for v in args.resblock_kernel.split(",")]
-    nks = [resblock_kernel.NORM_KERNELS]
-    if args.norm_kernels:
-        if set(args.norm_kernels.split(",")) - {"true", "false"}:
-            ap.error(f"--norm-kernels {args.norm_kernels!r}: expected a comma list of true, false")
-        nks = [v == "true" for v in args.norm_kernels.split(",")]
+    pads = bools(ap, args.pad_widths, "--pad-widths", default_pad)
+    rbs = bools(ap, args.resblock_kernel, "--resblock-kernel", resblock_kernel.ENABLED)
+    nks = bools(ap, args.norm_kernels, "--norm-kernels", resblock_kernel.NORM_KERNELS)
+    oks = bools(ap, args.output_kernel, "--output-kernel", getattr(tak, "OUTPUT_KERNEL", None))
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
     if args.profile:
         for name in MODELS:
@@ -185,11 +183,6 @@ def main() -> None:
     if not args.no_compile:  # "reduce" is huge
         variants += [(impl, True, opts, pad) for impl in impls for opts in inductor for pad in pads]
     variants = [(*v, rb, nk) for v in variants for rb in rbs for nk in (nks if v[1] else nks[:1])]
-    oks = [getattr(tak, "OUTPUT_KERNEL", None)]
-    if args.output_kernel:
-        if set(args.output_kernel.split(",")) - {"true", "false"}:
-            ap.error(f"--output-kernel {args.output_kernel!r}: expected a comma list of true, false")
-        oks = [v == "true" for v in args.output_kernel.split(",")]
     for name, ok, blas in ((n, o, b) for n in MODELS for o in oks for b in blas_libs):
         if ok is not None:
             tak.OUTPUT_KERNEL = ok
