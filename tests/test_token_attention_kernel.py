@@ -250,7 +250,7 @@ def test_attention_output_kernel_compiles_for_sm90_with_the_installed_triton(n: 
 
     from ofer.models import token_attention_kernel as tak
 
-    bn = min(tak.OUTPUT_LAUNCH["block_cols"], max(16, 1 << (n - 1).bit_length()))
+    bn = tak._output_block_cols(n)
     consts = {"K": 128, "BM": tak.OUTPUT_LAUNCH["block_rows"], "BN": bn, "N_PROG": -(-n // bn)}
     sig = {"p_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*fp32", "x_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32",
            "N": "i32", "stride_x": "i32", **{c: "constexpr" for c in consts}}

@@ -699,13 +699,17 @@ def project_layout(width: int, tokens: int, heads: int, head_dim: int, dtype: to
     `dtype` on `device`, under the module's current settings (PROJECT_KERNEL, PROJECT_GLUON_LAUNCH,
     PROJECT_WEIGHT_FRAGMENTS): [1, cp, chunks, *perm] for the Gluon kernel's weight fragments (`_weight_fragments`),
     [0, cp] for row-major blocks (`_weight_blocks`), cp the padded width. Pure Python on static properties."""
-    cp = max(16, 1 << (width - 1).bit_length())
+    cp = _padded_width(width)
     if _gluon_projects_on(dtype, device, tokens, head_dim):
-        launch = PROJECT_GLUON_LAUNCH[cp]
-        if PROJECT_WEIGHT_FRAGMENTS:
-            perm = _fragment_perm(cp, tokens * head_dim // launch["chunks"], launch["num_warps"])
-            return [1, cp, launch["chunks"], *perm]
+        consts, _ = _gluon_launch_args(cp, cp, tokens, heads, head_dim)  # the fragments do not depend on c
+        if consts["PERM"]:
+            return [1, cp, consts["CHUNKS"], *consts["PERM"]]
     return [0, cp]
+
+
+def _padded_width(n: int) -> int:
+    """n rounded up to a power of two, at least 16 (a tensor-core operand's side)."""
+    return max(16, 1 << (n - 1).bit_length())
 
 
 def prepare_project_weight(wqkv: torch.Tensor, tokens: int, heads: int, head_dim: int,
@@ -797,7 +801,7 @@ def _x_operand(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     multiple of 8, so its rows are 16-byte aligned and the masked channels come in whole 8-channel vectors (every
     width of a `Denoiser.padded` copy), else zero-padded here to c = cp (R * 64 values at most)."""
     C = x.shape[1]
-    cp = max(16, 1 << (C - 1).bit_length())
+    cp = _padded_width(C)
     xp, c = (x.contiguous(), C) if C % 8 == 0 else (torch.nn.functional.pad(x, (0, cp - C)), cp)
     return xp, c, cp
 
@@ -968,12 +972,18 @@ def attention_output(pooled: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     if M == 0 or N == 0:
         return out
     bm, nw = OUTPUT_LAUNCH["block_rows"], OUTPUT_LAUNCH["num_warps"]
-    bn = min(OUTPUT_LAUNCH["block_cols"], max(16, 1 << (N - 1).bit_length()))
+    bn = _output_block_cols(N)
     n_prog = triton.cdiv(N, bn)
     _attention_output_kernel[(triton.cdiv(M, bm) * n_prog,)](
         pooled, weight, bias.contiguous(), x, out, M, N, x.stride(0), K=K, BM=bm, BN=bn, N_PROG=n_prog,
         num_warps=nw)
     return out
+
+
+def _output_block_cols(n: int) -> int:
+    """The output columns per program of `attention_output` for n columns (also used by the test that compiles the
+    kernel ahead of time)."""
+    return min(OUTPUT_LAUNCH["block_cols"], _padded_width(n))
 
 
 @attention_output.register_fake
