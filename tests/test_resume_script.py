@@ -82,14 +82,25 @@ def test_kill_after_checkpoint_and_mid_write(root, tmp_path):
 
     # 2) SIGKILL while the step-6 checkpoint is half written: the temp file is never loaded.
     run2 = tmp_path / "killed_mid_write"
-    p = subprocess.Popen(_cmd(root, run2), env=_env(**{PAUSE_ENV: "6:30"}), stdout=subprocess.DEVNULL,
+    # The writer sleeps 300 s after its first bytes (the kill comes at once; a slow or loaded machine must not
+    # let it finish). Its stderr is kept: a run that never pauses fails with its exit code and output.
+    p = subprocess.Popen(_cmd(root, run2), env=_env(**{PAUSE_ENV: "6:300"}), stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True)
+    seen, half_written = [], None
     for line in p.stderr:
+        seen.append(line)
         if PAUSE_MARKER in line:
+            half_written = Path(line.split(PAUSE_MARKER, 1)[1].strip())
             break
     p.send_signal(signal.SIGKILL)
     p.wait(timeout=30)
-    assert any(".tmp-" in f.name for f in (run2 / "checkpoints").iterdir())  # the half-written file is there
+    if half_written is None:
+        logs = "".join(f"\n--- {f.name}:\n{f.read_text()[-3000:]}" for f in sorted(run2.glob("*.log")))
+        pytest.fail(f"the run never paused in its step-6 checkpoint write (exit code {p.returncode}); its stderr "
+                    f"ended with:\n{''.join(seen[-40:]) or '(nothing)'}{logs}")
+    files = sorted(f.name for f in (run2 / "checkpoints").iterdir())
+    assert half_written.parent == run2 / "checkpoints" and ".tmp-" in half_written.name, half_written
+    assert half_written.is_file(), f"{half_written.name} is gone after the kill; the directory holds {files}"
     assert load_checkpoint(run2 / "checkpoints" / "last.pt")["step"] == 4
     r = subprocess.run(_cmd(root, run2), env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
