@@ -115,6 +115,9 @@ def main() -> None:
     ap.add_argument("--output-kernel", default=None,
                     help="comma list of true/false: token_attention_kernel.OUTPUT_KERNEL (the attention's output "
                          "Linear and residual add as one kernel) for the timed rows")
+    ap.add_argument("--cat-output", default=None,
+                    help="comma list of true/false: token_attention_kernel.CAT_OUTPUT (the up path's output kernels "
+                         "also write the concatenation after them) for the timed rows and --profile-compiled")
     ap.add_argument("--blas", default=None,
                     help="comma list of cublas, cublaslt: torch.backends.cuda.preferred_blas_library for the timed "
                          "rows (the GEMMs inductor leaves to aten; default: torch's choice)")
@@ -153,6 +156,7 @@ def main() -> None:
     rbs = bools(ap, args.resblock_kernel, "--resblock-kernel", resblock_kernel.ENABLED)
     nks = bools(ap, args.norm_kernels, "--norm-kernels", resblock_kernel.NORM_KERNELS)
     oks = bools(ap, args.output_kernel, "--output-kernel", getattr(tak, "OUTPUT_KERNEL", None))
+    cats = bools(ap, args.cat_output, "--cat-output", getattr(tak, "CAT_OUTPUT", None))
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
     if args.profile:
         for name in MODELS:
@@ -164,18 +168,23 @@ def main() -> None:
     if args.profile_compiled:
         for name in MODELS:
             for width, kernel in ((wd, k) for wd in widths for k in kernels):
-                for opts, pad, rb, nk in ((o, p, r, n) for o in inductor for p in pads for r in rbs for n in nks):
+                for opts, pad, rb, nk, cat in ((o, p, r, n, c) for o in inductor for p in pads for r in rbs
+                                               for n in nks for c in cats):
                     resblock_kernel.ENABLED, resblock_kernel.NORM_KERNELS = rb, nk
+                    if cat is not None:
+                        tak.CAT_OUTPUT = cat
                     tak.PROJECT_MAX_WIDTH = default_width if width is None else width
                     tak.PROJECT_KERNEL = kernel
                     fast_sampling.COMPILE_OPTIONS = opts
                     fast_sampling.PAD_WIDTHS = pad
-                    trace = args.trace / f"step_{name}_{width}_{kernel}_{pad}_{rb}_{nk}.json" if args.trace else None
+                    trace = (args.trace / f"step_{name}_{width}_{kernel}_{pad}_{rb}_{nk}_{cat}.json" if args.trace
+                             else None)
                     table = profile_step(name, "auto", args.rows, compiled=True, samples=args.samples,
                                          row_limit=args.profile_rows, trace=trace)
                     print(f"--- {name}, compiled, auto attention, PROJECT_MAX_WIDTH {tak.PROJECT_MAX_WIDTH}, "
                           f"projecting kernel {kernel}, inductor {opts or 'default'}, padded widths {pad}, resblock "
-                          f"kernel {rb}, norm kernels {nk}: one step's CUDA kernels\n{table}", flush=True)
+                          f"kernel {rb}, norm kernels {nk}, cat output {cat}: one step's CUDA kernels\n{table}",
+                          flush=True)
     if args.only_profile:
         return
     impls = args.impls.split(",")
@@ -183,9 +192,11 @@ def main() -> None:
     if not args.no_compile:  # "reduce" is huge
         variants += [(impl, True, opts, pad) for impl in impls for opts in inductor for pad in pads]
     variants = [(*v, rb, nk) for v in variants for rb in rbs for nk in (nks if v[1] else nks[:1])]
-    for name, ok, blas in ((n, o, b) for n in MODELS for o in oks for b in blas_libs):
+    for name, ok, cat, blas in ((n, o, c, b) for n in MODELS for o in oks for c in cats for b in blas_libs):
         if ok is not None:
             tak.OUTPUT_KERNEL = ok
+        if cat is not None:
+            tak.CAT_OUTPUT = cat
         if blas is not None:
             torch.backends.cuda.preferred_blas_library(blas)
         triton_runs = [(wd, k) for wd in widths for k in kernels]
@@ -206,6 +217,7 @@ def main() -> None:
             row["pad_widths"] = pad
             row["resblock_kernel"] = rb
             row["output_kernel"] = ok
+            row["cat_output"] = cat
             row["blas"] = str(torch.backends.cuda.preferred_blas_library())
             if comp:
                 row["inductor"] = opts

@@ -129,6 +129,9 @@ def main() -> None:
     ap.add_argument("--resblock-kernel", choices=("true", "false"), default=None,
                     help="resblock_kernel.ENABLED: FiLM blocks through the Triton kernels in sampling (default: the "
                          "module's, true)")
+    ap.add_argument("--cat-output", choices=("true", "false"), default=None,
+                    help="token_attention_kernel.CAT_OUTPUT: the up path's output kernels also write the "
+                         "concatenation after them (default: the module's)")
     ap.add_argument("--settings", default="ddpm1000,ddim50,ddim25,dpmpp25",
                     help="comma list of the fast-path rows to run: ddpm1000, ddim50, ddim25, dpmpp25")
     ap.add_argument("--json", type=Path, default=None)
@@ -148,6 +151,8 @@ def main() -> None:
         fast_sampling.PAD_WIDTHS = args.pad_widths == "true"
     if args.resblock_kernel is not None:
         resblock_kernel.ENABLED = args.resblock_kernel == "true"
+    if args.cat_output is not None:
+        tak.CAT_OUTPUT = args.cat_output == "true"
     device = "cuda"
     assert torch.cuda.is_available(), "this benchmark needs a GPU"
     assets = ensure_synthetic_flame(Path(tempfile.mkdtemp()))
@@ -161,7 +166,7 @@ def main() -> None:
            "project_launch": dict(tak.PROJECT_LAUNCH),
            "project_gluon_launch": {k: dict(v) for k, v in tak.PROJECT_GLUON_LAUNCH.items()},
            "inductor": fast_sampling.COMPILE_OPTIONS, "pad_widths": fast_sampling.PAD_WIDTHS,
-           "resblock_kernel": resblock_kernel.ENABLED,
+           "resblock_kernel": resblock_kernel.ENABLED, "cat_output": getattr(tak, "CAT_OUTPUT", None),
            "fold_ranker": not args.no_fold_ranker, "rows": []}
     print(f"device: {out['device']}  torch {torch.__version__}  bf16 GEMM {tflops:.0f} TFLOP/s  "
           f"floor (paper setting) {floor_ips:.0f} images/s", flush=True)

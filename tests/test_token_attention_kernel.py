@@ -187,63 +187,91 @@ def test_prepared_projection_weight_is_used_only_for_its_layout_in_the_interpret
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton not installed; covered by the GPU tests")
 def test_attention_output_kernel_matches_float64_in_the_interpreter() -> None:
-    """`attention_output` (x + pooled @ W.T + b in one kernel) against float64: row counts that leave the last row
-    block partly empty, output widths below, at and not a power of two (masked columns), several column blocks, a
-    row-strided x; fp16 inputs within one rounding of the output (the interpreter's bf16 products are wrong; the
-    GPU test checks bf16); bad inputs refused with the argument named. Then an fp16-autocast Denoiser through the
-    interpreter: its attention blocks end with the kernel (counted) and agree with the Linear + add form to fp16
-    precision."""
+    """`attention_output` (x + pooled @ W.T + b in one kernel, then an optional tail) against float64: row counts
+    that leave the last row block partly empty, output widths below, at and not a power of two (masked columns),
+    several column blocks, input widths that are not a power of two (masked), a row-strided x and tail, no x, a
+    tail copied exactly; fp16 inputs within one rounding of the output (the interpreter's bf16 products are wrong;
+    the GPU test checks bf16); bad inputs refused with the argument named. Then an fp16-autocast Denoiser through
+    the interpreter: its attention blocks end with the kernel (counted) and agree with the Linear + add form to
+    fp16 precision; with CAT_OUTPUT the two up MLPs and the last up attention block also write the concatenation
+    after them (three tails), with the same result; with gradients nothing takes the kernel."""
     script = textwrap.dedent("""
         import pytest
         import torch
         from ofer.models import token_attention_kernel as tak
         from tests.test_token_attention_kernel import small_net
         torch.manual_seed(0)
-        for M, K, N, bn in [(130, 128, 304, 64), (7, 16, 56, 64), (1, 32, 16, 16), (64, 64, 10, 64), (9, 16, 40, 16)]:
+        for M, K, N, bn, res, T in [(130, 128, 304, 64, True, 0), (7, 16, 56, 64, True, 0), (1, 32, 16, 16, True, 0),
+                                    (64, 64, 10, 64, True, 0), (9, 16, 40, 16, True, 0), (70, 56, 304, 128, False, 304),
+                                    (5, 128, 40, 16, True, 24), (3, 200, 8, 64, False, 0), (66, 4, 16, 64, False, 16)]:
             tak.OUTPUT_LAUNCH["block_cols"] = bn
             p, w, b = torch.randn(M, K), torch.randn(N, K) * K**-0.5, torch.randn(N)
-            xs = torch.randn(M, N + 3)[:, 1:N + 1]  # a row-strided residual
-            out = tak.attention_output(p, w, b, xs)
-            ref = tak.attention_output_reference(p, w, b, xs)
-            assert out.dtype == torch.float32 and out.shape == (M, N)
+            xs = torch.randn(M, N + 3)[:, 1:N + 1] if res else None  # a row-strided residual
+            tail = torch.randn(M, T + 5)[:, 2:T + 2] if T else None
+            out = tak.attention_output(p, w, b, xs, tail)
+            ref = tak.attention_output_reference(p, w, b, xs, tail)
+            assert out.dtype == torch.float32 and out.shape == (M, N + T)
             assert float((out.double() - ref).abs().max()) < 1e-5, (M, K, N)
-            lo = tak.attention_output(p.half(), w.half(), b, xs.half())
-            ref = tak.attention_output_reference(p.half(), w.half(), b, xs.half())
+            if T:
+                assert torch.equal(out[:, N:], tail)
+            half = (lambda v: None if v is None else v.half())
+            lo = tak.attention_output(p.half(), w.half(), b, half(xs), half(tail))
+            ref = tak.attention_output_reference(p.half(), w.half(), b, half(xs), half(tail))
             assert lo.dtype == torch.float16
             assert bool(((lo.double() - ref).abs() <= ref.abs() * 2**-10 + 1e-6).all()), (M, K, N)
         tak.OUTPUT_LAUNCH["block_cols"] = 64
         p, w, b, x = torch.randn(4, 32), torch.randn(8, 32), torch.randn(8), torch.randn(4, 8)
-        with pytest.raises(ValueError, match="pooled must be a contiguous \\(M, K\\) tensor, K a power of two"):
-            tak.attention_output(torch.randn(4, 24), torch.randn(8, 24), b, x)
+        with pytest.raises(ValueError, match="pooled must be a contiguous \\(M, K\\) tensor, 1 <= K <= 256"):
+            tak.attention_output(torch.randn(4, 300), torch.randn(8, 300), b, x)
         with pytest.raises(ValueError, match="weight must be a contiguous \\(N, 32\\) tensor of pooled's dtype"):
             tak.attention_output(p, w.half(), b, x)
         with pytest.raises(ValueError, match="bias must be a float \\(8,\\) tensor"):
             tak.attention_output(p, w, b[:3], x)
         with pytest.raises(ValueError, match="x must be a \\(4, 8\\) tensor of pooled's dtype"):
             tak.attention_output(p, w, b, x.T.contiguous().T)
+        with pytest.raises(ValueError, match="tail must be a \\(4, T\\) tensor of pooled's dtype"):
+            tak.attention_output(p, w, b, x, torch.randn(5, 3))
+        with pytest.raises(ValueError, match="tail must be a \\(4, T\\) tensor of pooled's dtype"):
+            tak.attention_output(p, w, b, None, torch.randn(4, 3).half())
         net = small_net().set_attention_impl("triton")
         x, t, c = torch.randn(5, 12), torch.tensor([0, 10, 500, 900, 999]), torch.randn(5, 6)
         calls = []
         orig = tak.attention_output
-        tak.attention_output = lambda *a: calls.append(1) or orig(*a)
+        tak.attention_output = lambda *a: calls.append(len(a) > 4 and a[4] is not None) or orig(*a)
+        assert not tak.CAT_OUTPUT  # off until measured on a GPU
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
             fused = net(x, t, c)
             n_fused = len(calls)
             tak.OUTPUT_KERNEL = False
             plain = net(x, t, c)
-        assert n_fused == 6 and len(calls) == 6, calls  # six attention blocks
+            assert n_fused == 6 and len(calls) == 6 and not any(calls), calls  # six attention blocks
+            tak.OUTPUT_KERNEL = True
+            tak.CAT_OUTPUT = True
+            calls.clear()
+            cat = net(x, t, c)
+            # six attention blocks and two up MLPs; tails: both up MLPs' skips and the last up block's r
+            assert calls == [False, False, False, True, False, True, True, False], calls
         torch.testing.assert_close(fused.float(), plain.float(), atol=5e-3, rtol=5e-3)
+        torch.testing.assert_close(cat.float(), fused.float(), atol=5e-3, rtol=5e-3)
+        calls.clear()
+        xg = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.float16):
+            net(xg, t, c).float().sum().backward()
+        assert calls == [] and xg.grad is not None and bool(xg.grad.abs().sum() > 0)
         print("ok")
     """)
     run_interpreted(script)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton not installed; covered by the GPU tests")
-@pytest.mark.parametrize("n", [304, 56, 16])
-def test_attention_output_kernel_compiles_for_sm90_with_the_installed_triton(n: int) -> None:
+@pytest.mark.parametrize("n,k,residual,tail", [(304, 128, True, 0), (56, 128, True, 0), (16, 128, True, 0),
+                                                (304, 128, True, 304), (304, 56, False, 304), (56, 16, False, 56)])
+def test_attention_output_kernel_compiles_for_sm90_with_the_installed_triton(n: int, k: int, residual: bool,
+                                                                             tail: int) -> None:
     """`_attention_output_kernel` compiled ahead of time (no GPU needed) for sm_90 in bf16 with the launch that
-    `attention_output` picks for n output columns: it builds, multiplies with Hopper's wgmma and keeps no arrays in
-    local memory. Catches a Triton API change before a user's GPU does."""
+    `attention_output` picks for n output columns from k input columns, with or without the residual and a tail
+    (the attention blocks; the up MLPs' output Linear with its skip): it builds, multiplies with Hopper's wgmma and
+    keeps no arrays in local memory. Catches a Triton API change before a user's GPU does."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -251,9 +279,11 @@ def test_attention_output_kernel_compiles_for_sm90_with_the_installed_triton(n: 
     from ofer.models import token_attention_kernel as tak
 
     bn = tak._output_block_cols(n)
-    consts = {"K": 128, "BM": tak.OUTPUT_LAUNCH["block_rows"], "BN": bn, "N_PROG": -(-n // bn)}
-    sig = {"p_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*fp32", "x_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32",
-           "N": "i32", "stride_x": "i32", **{c: "constexpr" for c in consts}}
+    consts = {"K": k, "KP": tak._padded_width(k), "BM": tak.OUTPUT_LAUNCH["block_rows"], "BN": bn,
+              "N_PROG": -(-n // bn), "T_PROG": -(-tail // bn), "HAS_X": residual}
+    sig = {"p_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*fp32", "x_ptr": "*bf16", "t_ptr": "*bf16",
+           "out_ptr": "*bf16", "M": "i32", "N": "i32", "T": "i32", "stride_x": "i32", "stride_t": "i32",
+           **{c: "constexpr" for c in consts}}
     ptx = triton.compile(ASTSource(fn=tak._attention_output_kernel, signature=sig, constexprs=consts),
                          target=GPUTarget("cuda", 90, 32),
                          options={"num_warps": tak.OUTPUT_LAUNCH["num_warps"]}).asm["ptx"]
@@ -748,7 +778,8 @@ def test_projecting_kernel_on_cuda_matches_reference_and_the_separate_projection
 def test_attention_output_on_cuda_is_rounded_once() -> None:
     """On CUDA in bf16: `attention_output` is the float64 value x + pooled @ W.T + b rounded once (to nearest, so
     within half a bf16 step up to float32 summation), closer to it than the Linear + add form that rounds twice;
-    the paper-sized widths (304, 56, 16 columns) and a row count with a partial row block."""
+    the paper-sized widths (304, 56, 16 columns) and a row count with a partial row block. Without x and with a
+    tail (IdGen's wide up MLP and its skip, CAT_OUTPUT): rounded once, the tail copied exactly."""
     from ofer.models import token_attention_kernel as tak
 
     dev = torch.device("cuda")
@@ -765,6 +796,48 @@ def test_attention_output_on_cuda_is_rounded_once() -> None:
         assert bool((err <= ref.abs() * 2**-8 * 1.01 + 1e-5).all()), (n, float(err.max()))
         two = x + torch.nn.functional.linear(p, w, b.bfloat16())
         assert err.norm() < (two.double() - ref).norm(), n
+    # the up MLP's output Linear (56 input columns, masked to 64; no residual) with its skip as the tail
+    p = torch.randn(51_237, 56, device=dev, generator=gen).bfloat16()
+    w = (torch.randn(304, 56, device=dev, generator=gen) * 56**-0.5).bfloat16()
+    b = torch.randn(304, device=dev, generator=gen).bfloat16()
+    skip = torch.randn(51_237, 320, device=dev, generator=gen).bfloat16()[:, 8:312]  # row-strided
+    out = tak.attention_output(p, w, b, None, skip)
+    ref = tak.attention_output_reference(p, w, b, None, skip)
+    assert out.shape == (51_237, 608) and torch.equal(out[:, 304:], skip)
+    assert bool(((out.double() - ref).abs() <= ref.abs() * 2**-8 * 1.01 + 1e-5).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_sampling_with_cat_output_tracks_float32_like_without() -> None:
+    """DDIM-25 of a padded IdGen-sized denoiser in bf16, compiled, from CUDA graphs: with CAT_OUTPUT (the up path's
+    output kernels write the concatenations) the samples are as close to the float32 ones as without it (same
+    noise). Which calls take the kernel is checked in the interpreter test."""
+    from ofer.diffusion import GaussianDiffusion
+    from ofer.fast_sampling import GraphedSampler
+    from ofer.models import token_attention_kernel as tak
+
+    torch.manual_seed(0)
+    model = Denoiser(dim=300, cond_dim=512, widths=(300, 50, 10)).cuda().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.03)
+    diff = GaussianDiffusion().cuda()
+    cond = torch.randn(8, 512, device="cuda")
+    x_T = torch.randn(8, 100, 300, device="cuda")
+    outs, saved = {}, tak.CAT_OUTPUT
+    try:
+        for name, bf16, cat in (("fp32", False, False), ("plain", True, False), ("cat", True, True)):
+            tak.CAT_OUTPUT = cat
+            s = GraphedSampler(diff, model, rows=800, dim=300, cond_dim=512, sampler="ddim", steps=25, bf16=bf16,
+                               compile=bf16, num_samples=100)
+            outs[name] = s(cond, num_samples=100, x_T=x_T).float()
+    finally:
+        tak.CAT_OUTPUT = saved
+    d_cat = float((outs["cat"] - outs["fp32"]).norm() / outs["fp32"].norm())
+    d_plain = float((outs["plain"] - outs["fp32"]).norm() / outs["fp32"].norm())
+    assert d_cat <= 1.5 * d_plain + 1e-3, (d_cat, d_plain)
 
 
 @pytest.mark.gpu

@@ -66,7 +66,9 @@ always take it).
 
 `attention_output` ends an attention block in sampling: x + pooled @ W.T + b (the output map, its bias and the
 residual add) as one kernel that reads the pooled output and x once and rounds once, where cuBLAS's Linear wrote
-its output for a separate add kernel (at 51,200 rows and 304 columns on an H100: 38 vs 66-70 us).
+its output for a separate add kernel (at 51,200 rows and 304 columns on an H100: 38 vs 66-70 us). With
+`CAT_OUTPUT` (off until measured) it also writes the concatenation that follows in the U-Net's up path, and serves
+the up MLPs' output Linear (no residual) for the same purpose.
 
 All are `torch.library` custom ops, so `torch.compile` and CUDA graphs treat each as one call.
 Triton is optional: `available(x, head_dim)` says whether the op can run on `x` (Triton importable, a CUDA
@@ -901,6 +903,13 @@ def token_attention_pool_reference(qkv: torch.Tensor, w: torch.Tensor, tokens: i
 # Whether `TokenSelfAttention` ends with `attention_output` (one kernel) when sampling in bf16/fp16 on CUDA, instead
 # of the Linear and a separate residual add. Benchmarks switch it (`bench_denoiser_step.py --output-kernel`).
 OUTPUT_KERNEL = True
+# Whether the output kernels also write the concatenation that follows them in the U-Net's up path (`Denoiser.trunk`:
+# an up MLP's output with its skip, the last attention block's output with the input projection), so that no
+# separate concatenation copies both halves again (two 608-column copies of ~39 us per compiled IdGen step at 51,200
+# rows on an H100, plus a bias copy for the up MLP's output Linear). Same function. Off until measured on a GPU
+# (`bench_denoiser_step.py --cat-output true,false`). While on, forward hooks see the last up attention block return
+# its output with the input projection appended, and the up MLPs' output Linear is not called as a module.
+CAT_OUTPUT = False
 # `attention_output`'s launch: rows and output columns per program (at most the output width rounded up to a power
 # of two), warps. Programs of one row block are numbered side by side, so its (rows, K) slice of the pooled input
 # is read from memory once and from L2 by the others. Measured on an H100 at 51,200 rows, bf16
@@ -911,38 +920,58 @@ OUTPUT_LAUNCH = {"block_rows": 64, "block_cols": 128, "num_warps": 4}
 if triton is not None:
 
     @triton.jit
-    def _attention_output_kernel(p_ptr, w_ptr, b_ptr, x_ptr, out_ptr, M, N, stride_x, K: tl.constexpr,
-                                 BM: tl.constexpr, BN: tl.constexpr, N_PROG: tl.constexpr):
+    def _attention_output_kernel(p_ptr, w_ptr, b_ptr, x_ptr, t_ptr, out_ptr, M, N, T, stride_x, stride_t,
+                                 K: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                                 N_PROG: tl.constexpr, T_PROG: tl.constexpr, HAS_X: tl.constexpr):
+        # Programs pn < N_PROG of a row block compute output columns; the T_PROG after them copy the tail.
         pid = tl.program_id(0)
-        pm, pn = pid // N_PROG, pid % N_PROG
+        pm, pn = pid // (N_PROG + T_PROG), pid % (N_PROG + T_PROG)
         rows = pm * BM + tl.arange(0, BM)
-        cols = pn * BN + tl.arange(0, BN)
-        ks = tl.arange(0, K)
-        row_ok, col_ok = rows < M, cols < N
-        p = tl.load(p_ptr + rows[:, None].to(tl.int64) * K + ks[None, :], mask=row_ok[:, None], other=0.0)
-        w = tl.load(w_ptr + cols[None, :] * K + ks[:, None], mask=col_ok[None, :], other=0.0)  # (K, BN): W.T
-        acc = tl.dot(p, w, input_precision="ieee", out_dtype=tl.float32)
-        b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        m = row_ok[:, None] & col_ok[None, :]
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=m, other=0.0)
-        out = x.to(tl.float32) + (acc + b[None, :])
-        tl.store(out_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=m)
+        row_ok = rows < M
+        row_out = rows[:, None].to(tl.int64) * (N + T)
+        if pn < N_PROG:
+            cols = pn * BN + tl.arange(0, BN)
+            ks = tl.arange(0, KP)
+            col_ok, k_ok = cols < N, ks < K
+            p = tl.load(p_ptr + rows[:, None].to(tl.int64) * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            w = tl.load(w_ptr + cols[None, :] * K + ks[:, None], mask=col_ok[None, :] & k_ok[:, None],
+                        other=0.0)  # (KP, BN): W.T
+            acc = tl.dot(p, w, input_precision="ieee", out_dtype=tl.float32)
+            b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            m = row_ok[:, None] & col_ok[None, :]
+            out = acc + b[None, :]
+            if HAS_X:
+                x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=m, other=0.0)
+                out = x.to(tl.float32) + out
+            tl.store(out_ptr + row_out + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=m)
+        else:
+            cols = (pn - N_PROG) * BN + tl.arange(0, BN)
+            m = row_ok[:, None] & (cols < T)[None, :]
+            t = tl.load(t_ptr + rows[:, None].to(tl.int64) * stride_t + cols[None, :], mask=m, other=0.0)
+            tl.store(out_ptr + row_out + N + cols[None, :], t, mask=m)
 
 
 @torch.library.custom_op("ofer::attention_output", mutates_args=())
-def attention_output(pooled: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """x + pooled @ weight.T + bias, the attention block's output map and residual add, as one kernel.
+def attention_output(pooled: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor | None,
+                     tail: torch.Tensor | None = None) -> torch.Tensor:
+    """x + pooled @ weight.T + bias, the attention block's output map and residual add, as one kernel; optionally
+    followed by `tail` in the same output (the concatenation after it) and without x (any Linear from a narrow
+    input: the up MLPs' output Linear, `Denoiser.trunk`).
 
     Args:
-        pooled: (M, K) pooled attention output, contiguous, K a power of two >= 16 (heads * head_dim).
+        pooled: (M, K) pooled attention output (or the Linear's input), contiguous, K <= 256.
         weight: (N, K) to_out weight, contiguous, pooled's dtype.
         bias: (N,) the output bias (any float dtype; added in float32, not rounded to the inputs' dtype first).
-        x: (M, N) the block's input (the residual), contiguous columns and any row stride, pooled's dtype.
+        x: (M, N) the block's input (the residual), contiguous columns and any row stride, pooled's dtype; or
+            None (no residual).
+        tail: (M, T) copied unchanged into output columns N ... N + T - 1, contiguous columns and any row stride,
+            pooled's dtype; or None (T = 0).
 
     Returns:
-        (M, N) in x's dtype: the float32 sum x + (pooled @ weight.T + bias), rounded once. The separate Linear
-        and add round twice (the Linear's output, then the sum), so results differ from them by up to one
-        rounding of the output.
+        (M, N + T) in pooled's dtype: the float32 sum x + (pooled @ weight.T + bias), rounded once, then tail. The
+        separate Linear and add round twice (the Linear's output, then the sum), so results differ from them by
+        up to one rounding of the output; without x it is the Linear's rounding.
 
     Sampling only (no autograd): `TokenSelfAttention` uses it on CUDA in bf16/fp16 without gradients. Why: the
     Linear's output (M, N) was written and read back by a separate add kernel (2 x 33 us and 3 x 33 us of GEMM
@@ -954,8 +983,8 @@ def attention_output(pooled: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
                            f"TRITON_INTERPRET=1); got a {pooled.device.type} tensor, Triton "
                            f"{'installed' if triton is not None else 'not installed'}")
     M, K = pooled.shape if pooled.ndim == 2 else (-1, -1)
-    if pooled.ndim != 2 or not pooled.is_contiguous() or K < 16 or K & (K - 1):
-        raise ValueError(f"attention_output: pooled must be a contiguous (M, K) tensor, K a power of two >= 16, got "
+    if pooled.ndim != 2 or not pooled.is_contiguous() or not 1 <= K <= 256:
+        raise ValueError(f"attention_output: pooled must be a contiguous (M, K) tensor, 1 <= K <= 256, got "
                          f"shape {tuple(pooled.shape)} strides {pooled.stride()}")
     N = weight.shape[0] if weight.ndim == 2 else -1
     if weight.shape != (N, K) or not weight.is_contiguous() or weight.dtype != pooled.dtype:
@@ -963,20 +992,27 @@ def attention_output(pooled: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
                          f"{pooled.dtype}, got {tuple(weight.shape)} {weight.dtype}")
     if bias.shape != (N,) or not bias.is_floating_point():
         raise ValueError(f"attention_output: bias must be a float ({N},) tensor, got {tuple(bias.shape)} {bias.dtype}")
-    if x.shape != (M, N) or x.dtype != pooled.dtype or x.stride(1) != 1:
-        raise ValueError(f"attention_output: x must be a ({M}, {N}) tensor of pooled's dtype {pooled.dtype} with "
-                         f"contiguous columns, got {tuple(x.shape)} {x.dtype} strides {x.stride()}")
-    if x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 0):
-        return (x.float() + (pooled.float() @ weight.float().T + bias.float())).to(x.dtype)
-    out = x.new_empty(M, N)
-    if M == 0 or N == 0:
+    for name, v, width in (("x", x, N), ("tail", tail, None)):
+        if v is not None and (v.ndim != 2 or v.shape[0] != M or (width is not None and v.shape[1] != width)
+                              or v.dtype != pooled.dtype or v.stride(1) != 1):
+            raise ValueError(f"attention_output: {name} must be a ({M}, {width or 'T'}) tensor of pooled's dtype "
+                             f"{pooled.dtype} with contiguous columns, got {tuple(v.shape)} {v.dtype} strides "
+                             f"{v.stride()}")
+    T = 0 if tail is None else tail.shape[1]
+    if pooled.is_cuda and torch.cuda.get_device_capability(pooled.device) < (8, 0):
+        out = pooled.float() @ weight.float().T + bias.float()
+        out = (out if x is None else x.float() + out).to(pooled.dtype)
+        return out if tail is None else torch.cat((out, tail), dim=1)
+    out = pooled.new_empty(M, N + T)
+    if M == 0 or N + T == 0:
         return out
     bm, nw = OUTPUT_LAUNCH["block_rows"], OUTPUT_LAUNCH["num_warps"]
     bn = _output_block_cols(N)
-    n_prog = triton.cdiv(N, bn)
-    _attention_output_kernel[(triton.cdiv(M, bm) * n_prog,)](
-        pooled, weight, bias.contiguous(), x, out, M, N, x.stride(0), K=K, BM=bm, BN=bn, N_PROG=n_prog,
-        num_warps=nw)
+    n_prog, t_prog = triton.cdiv(N, bn), triton.cdiv(T, bn)
+    _attention_output_kernel[(triton.cdiv(M, bm) * (n_prog + t_prog),)](
+        pooled, weight, bias.contiguous(), pooled if x is None else x, pooled if tail is None else tail, out, M, N, T,
+        0 if x is None else x.stride(0), 0 if tail is None else tail.stride(0), K=K, KP=_padded_width(K), BM=bm,
+        BN=bn, N_PROG=n_prog, T_PROG=t_prog, HAS_X=x is not None, num_warps=nw)
     return out
 
 
@@ -987,11 +1023,14 @@ def _output_block_cols(n: int) -> int:
 
 
 @attention_output.register_fake
-def _(pooled: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(x.shape[0], weight.shape[0])
+def _(pooled: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor | None,
+      tail: torch.Tensor | None = None) -> torch.Tensor:
+    return pooled.new_empty(pooled.shape[0], weight.shape[0] + (0 if tail is None else tail.shape[1]))
 
 
 def attention_output_reference(pooled: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                               x: torch.Tensor) -> torch.Tensor:
+                               x: torch.Tensor | None, tail: torch.Tensor | None = None) -> torch.Tensor:
     """`attention_output` in float64 (for tests)."""
-    return x.double() + pooled.double() @ weight.double().T + bias.double()
+    out = pooled.double() @ weight.double().T + bias.double()
+    out = out if x is None else x.double() + out
+    return out if tail is None else torch.cat((out, tail.double()), dim=1)

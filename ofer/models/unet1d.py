@@ -96,8 +96,10 @@ class TokenSelfAttention(nn.Module):
         self.keeps_prepared_projection = False  # set by prepare_projection: prepare again on load, move or cast
         self.register_load_state_dict_post_hook(_reprepare_projection)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, C) -> x + attention(norm(x)), (B, C)."""
+    def forward(self, x: torch.Tensor, tail: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C) -> x + attention(norm(x)), (B, C); with tail (B, C'): that output followed by tail,
+        (B, C + C') (`Denoiser.trunk`: the last attention block's output and the input projection, written by the
+        output kernel when `token_attention_kernel.CAT_OUTPUT` is on)."""
         b = x.shape[0]
         xn = self.norm(x)
         w = self.token_mix.weight[0]  # (T,)
@@ -149,9 +151,16 @@ class TokenSelfAttention(nn.Module):
         if (impl == "triton" and token_attention_kernel.OUTPUT_KERNEL and low is not None and x.dtype == low
                 and pooled.dtype == low and x.stride(1) == 1 and not (torch.is_grad_enabled() and any(
                     t.requires_grad for t in (x, pooled, bias, wout)))):
-            # sampling in bf16/fp16: the output Linear, its bias and the residual add as one kernel (rounded once)
-            return token_attention_kernel.attention_output(pooled.contiguous(), wout.to(low).contiguous(), bias, x)
-        return x + F.linear(pooled, wout, bias)
+            # sampling in bf16/fp16: the output Linear, its bias and the residual add as one kernel (rounded once),
+            # which also writes the tail after it when CAT_OUTPUT is on
+            fuse = tail is not None and _fusable_tail(tail, low)
+            out = token_attention_kernel.attention_output(pooled.contiguous(), wout.to(low).contiguous(), bias, x,
+                                                          tail if fuse else None)
+            if fuse or tail is None:
+                return out
+        else:
+            out = x + F.linear(pooled, wout, bias)
+        return out if tail is None else torch.cat((out, tail), dim=-1)
 
     @torch.no_grad()
     def prepare_projection(self) -> None:
@@ -382,6 +391,13 @@ def _state_dict_from_original(module: "Denoiser", state_dict: dict, prefix: str,
         full = torch.zeros(p.shape, dtype=v.dtype, device=v.device)
         full[_true_positions(ix, v.device)] = v
         state_dict[key] = full
+
+
+def _fusable_tail(tail: torch.Tensor, low: torch.dtype) -> bool:
+    """Whether `token_attention_kernel.attention_output` may write `tail` after its output: CAT_OUTPUT on, tail in
+    the compute dtype with contiguous columns, no gradient needed for it (static properties only)."""
+    return (token_attention_kernel.CAT_OUTPUT and tail.dtype == low and tail.stride(1) == 1
+            and not (torch.is_grad_enabled() and tail.requires_grad))
 
 
 def _width_mlp(dim_in: int, dim_out: int) -> nn.Sequential:
@@ -619,14 +635,37 @@ class Denoiser(nn.Module):
         h = run(self.mid_block1, h)
         h = self.mid_attn(h)
         h = run(self.mid_block2, h)
-        for up, blocks, attn in zip(self.up_mlp, self.up_blocks, self.up_attn):
-            h = up(h)
-            for blk in blocks:
-                h = run(blk, torch.cat((h, skips.pop()), dim=-1))
-            h = attn(h)
-        h = run(self.final_block, torch.cat((h, r), dim=-1))
+        last = len(self.up_mlp) - 1
+        for i, (up, blocks, attn) in enumerate(zip(self.up_mlp, self.up_blocks, self.up_attn)):
+            h = self._up_concat(up, h, skips.pop())
+            for j, blk in enumerate(blocks):
+                h = run(blk, h if j == 0 else torch.cat((h, skips.pop()), dim=-1))
+            if i < last:
+                h = attn(h)
+            elif token_attention_kernel.CAT_OUTPUT and isinstance(attn, TokenSelfAttention):
+                h = attn(h, r)  # its output followed by r: the final block's input
+            else:
+                h = torch.cat((attn(h), r), dim=-1)
+        h = run(self.final_block, h)
         h = self.final_attn(h)
         return self.out_proj(h)
+
+    @staticmethod
+    def _up_concat(up: nn.Module, h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """torch.cat((up(h), skip), -1), the first up block's input. Sampling in bf16/fp16 with
+        `token_attention_kernel.CAT_OUTPUT` on: the up MLP's output Linear writes both halves in one kernel
+        (`attention_output` without a residual, the skip as its tail; the Linear's function and rounding)."""
+        dev = h.device.type
+        low = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        if not (low is not None and isinstance(up, nn.Sequential) and len(up) == 3 and isinstance(up[2], nn.Linear)
+                and up[2].bias is not None and up[2].in_features <= 256 and token_attention_kernel.available(h)
+                and _fusable_tail(skip, low)):
+            return torch.cat((up(h), skip), dim=-1)
+        a, lin = up[1](up[0](h)), up[2]
+        if a.dtype != low or (torch.is_grad_enabled() and any(t.requires_grad for t in (a, lin.weight, lin.bias))):
+            return torch.cat((lin(a), skip), dim=-1)
+        return token_attention_kernel.attention_output(a.contiguous(), lin.weight.to(low).contiguous(),
+                                                       lin.bias.to(low), None, skip)
 
     @torch.no_grad()
     def autocast_copy(self, dtype: torch.dtype = torch.bfloat16) -> "Denoiser":
