@@ -80,6 +80,12 @@ def test_kernels_match_the_float64_block_in_the_interpreter() -> None:
                 err = float((o.double() - ref).abs().max())
                 assert err < 2e-5, (M, K, N, C, G, skip, err)
                 assert C == N or float(o[:, C:].abs().max()) == 0.0  # the padding stays exactly zero
+            # with a row-strided tail: the same output, then the tail copied (the up path's concatenation)
+            tail = torch.randn(M, N + 8)[:, 3:N + 3]
+            out_t = rk.film_block_out(a, x, w2, b2, g2, be2, ws, bs, C, 1e-5, tail)
+            out2_t = rk.film_norm_out(a2 @ w2.T + b2, sk, g2, be2, C, 1e-5, tail)
+            for o, o_t in ((out, out_t), (out2, out2_t)):
+                assert o_t.shape == (M, 2 * N) and torch.equal(o_t[:, :N], o) and torch.equal(o_t[:, N:], tail)
 
         # FiLMResBlock through the kernels against its PyTorch form, padded (one) and plain (the other)
         net = trunk_net()
@@ -121,6 +127,10 @@ def test_kernels_match_the_float64_block_in_the_interpreter() -> None:
             orig(x, w, torch.zeros(7), v, v, torch.zeros(4, 8), torch.zeros(4, 8), 8, 1e-5)
         with pytest.raises(ValueError, match="without a skip Linear x must have the block's 8 columns"):
             rk.film_block_out(x, torch.zeros(4, 16), w, v, v, v, None, None, 8, 1e-5)
+        with pytest.raises(ValueError, match="film_block_out: tail must be a \\(4, 8\\) tensor of torch.float32"):
+            rk.film_block_out(x, x, w, v, v, v, None, None, 8, 1e-5, torch.zeros(4, 9))
+        with pytest.raises(ValueError, match="film_norm_out: tail must be a \\(4, 8\\) tensor of torch.float32"):
+            rk.film_norm_out(x, x, v, v, 8, 1e-5, torch.zeros(4, 8).half())
         print("ok")
     """)
     run_interpreted(script)
@@ -132,11 +142,12 @@ def test_norm_kernel_blocks_match_their_pytorch_form_in_the_interpreter() -> Non
     instead of computing it, for wide blocks inside torch.compile; against the float64 block in the test above):
     `FiLMResBlock._norm_kernel_forward` against the block's PyTorch form for every block of a plain and a padded
     Denoiser, and inside torch.compile on 80-wide blocks with and without a skip Linear (wider than
-    COMPILED_MAX_WIDTH: the norm kernels are called, and with NORM_KERNELS off they are not); the errors for bad
-    inputs."""
+    COMPILED_MAX_WIDTH: the norm kernels are called, and with NORM_KERNELS off they are not; with a tail and
+    CAT_OUTPUT the last one writes the concatenation after the output); the errors for bad inputs."""
     script = textwrap.dedent("""
         import pytest, torch
         from ofer.models import resblock_kernel as rk
+        from ofer.models import token_attention_kernel as tak
         from ofer.models.unet1d import FiLMResBlock
         from tests.test_resblock_kernel import trunk_net
         net = trunk_net()
@@ -161,7 +172,8 @@ def test_norm_kernel_blocks_match_their_pytorch_form_in_the_interpreter() -> Non
         calls = []
         for name in ("film_norm_in", "film_norm_out", "film_block_in"):
             orig = getattr(rk, name)
-            setattr(rk, name, lambda *a, orig=orig, name=name: calls.append(name) or orig(*a))
+            setattr(rk, name, lambda *a, orig=orig, name=name: calls.append(
+                name + ("+tail" if name == "film_norm_out" and a[-1] is not None else "")) or orig(*a))
         for k in (80, 160):
             torch.manual_seed(2)
             blk = FiLMResBlock(k, 80, groups=1).eval()
@@ -180,6 +192,17 @@ def test_norm_kernel_blocks_match_their_pytorch_form_in_the_interpreter() -> Non
                     out = torch.compile(blk, backend="eager", fullgraph=True)(x, sc, sh)
                     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
                     assert calls == (["film_norm_in", "film_norm_out"] if on else []), (k, on, calls)
+                # with a tail and CAT_OUTPUT: the last kernel writes the concatenation; without: a separate cat
+                tail = torch.randn(10, 90)[:6, 5:85]
+                rk.NORM_KERNELS = True
+                for cat in (True, False):
+                    tak.CAT_OUTPUT = cat
+                    torch._dynamo.reset()
+                    calls.clear()
+                    out = torch.compile(blk, backend="eager", fullgraph=True)(x, sc, sh, tail)
+                    torch.testing.assert_close(out, torch.cat((ref, tail), -1), atol=2e-5, rtol=2e-5)
+                    assert calls == ["film_norm_in", "film_norm_out+tail" if cat else "film_norm_out"], calls
+                tak.CAT_OUTPUT = False
         rk.NORM_KERNELS = True
 
         h, v = torch.zeros(4, 8), torch.zeros(8)
@@ -289,9 +312,11 @@ def test_graphed_bf16_sampling_with_the_kernels_tracks_float32(compile) -> None:
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton not installed; covered by the GPU tests")
-@pytest.mark.parametrize("n,skip", [(304, False), (304, True), (56, True), (16, False)])  # IdGen block shapes
-def test_kernels_compile_for_sm90_with_the_installed_triton(n, skip) -> None:
-    """Both kernels compiled ahead of time (no GPU needed) for sm_90 with their launch from `LAUNCH`: they build,
+@pytest.mark.parametrize("n,skip,tail", [(304, False, False), (304, True, False), (56, True, False),
+                                         (16, False, False), (304, False, True), (56, False, True)])  # IdGen blocks
+def test_kernels_compile_for_sm90_with_the_installed_triton(n, skip, tail) -> None:
+    """Both kernels compiled ahead of time (no GPU needed) for sm_90 with their launch from `LAUNCH`, the output
+    kernel with or without a tail (the up path's concatenation, `CAT_OUTPUT`): they build,
     multiply with Hopper's wgmma (a launch of fewer than 64 rows per warp group falls back to mma.sync) and keep
     no arrays in local memory. Catches a Triton API change before a user's GPU does (the GPU tests run another
     Triton version). Register spills happen later, in ptxas: bench_resblock_kernel.py reports them."""
@@ -309,9 +334,10 @@ def test_kernels_compile_for_sm90_with_the_installed_triton(n, skip) -> None:
               "eps": "fp32", **{c: "constexpr" for c in consts}}
     sig_out = {"a_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "g_ptr": "*fp32",
                "be_ptr": "*fp32", "ws_ptr": "*bf16", "bs_ptr": "*bf16", "out_ptr": "*bf16", **ints, "eps": "fp32",
-               **{c: "constexpr" for c in consts}, "SKIP_LINEAR": "constexpr"}
+               "t_ptr": "*bf16", "st": "i32", **{c: "constexpr" for c in consts}, "SKIP_LINEAR": "constexpr",
+               "TAIL": "constexpr"}
     for fn, sig, cs in ((rk._film_block_in_kernel, sig_in, consts),
-                        (rk._film_block_out_kernel, sig_out, {**consts, "SKIP_LINEAR": skip})):
+                        (rk._film_block_out_kernel, sig_out, {**consts, "SKIP_LINEAR": skip, "TAIL": tail})):
         ptx = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cs), target=GPUTarget("cuda", 90, 32),
                              options={"num_warps": launch["num_warps"]}).asm["ptx"]
         assert "wgmma" in ptx, fn
@@ -319,7 +345,7 @@ def test_kernels_compile_for_sm90_with_the_installed_triton(n, skip) -> None:
     # the norm-only forms (film_norm_in / film_norm_out) with their launch: no matmul, no local memory
     consts.update(BM=rk.NORM_LAUNCH["block_rows"], GEMM=False)
     for fn, sig, cs in ((rk._film_block_in_kernel, sig_in, consts),
-                        (rk._film_block_out_kernel, sig_out, {**consts, "SKIP_LINEAR": False})):
+                        (rk._film_block_out_kernel, sig_out, {**consts, "SKIP_LINEAR": False, "TAIL": tail})):
         ptx = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cs), target=GPUTarget("cuda", 90, 32),
                              options={"num_warps": rk.NORM_LAUNCH["num_warps"]}).asm["ptx"]
         assert "wgmma" not in ptx and "mma.sync" not in ptx, fn

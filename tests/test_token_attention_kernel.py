@@ -193,8 +193,9 @@ def test_attention_output_kernel_matches_float64_in_the_interpreter() -> None:
     tail copied exactly; fp16 inputs within one rounding of the output (the interpreter's bf16 products are wrong;
     the GPU test checks bf16); bad inputs refused with the argument named. Then an fp16-autocast Denoiser through
     the interpreter: its attention blocks end with the kernel (counted) and agree with the Linear + add form to
-    fp16 precision; with CAT_OUTPUT the two up MLPs and the last up attention block also write the concatenation
-    after them (three tails), with the same result; with gradients nothing takes the kernel."""
+    fp16 precision; with CAT_OUTPUT the two up MLPs, the first up FiLM block of each level and the last up
+    attention block also write the concatenation after them (five tails), with the same result; with gradients
+    nothing takes the kernels."""
     script = textwrap.dedent("""
         import pytest
         import torch
@@ -235,9 +236,12 @@ def test_attention_output_kernel_matches_float64_in_the_interpreter() -> None:
             tak.attention_output(p, w, b, None, torch.randn(4, 3).half())
         net = small_net().set_attention_impl("triton")
         x, t, c = torch.randn(5, 12), torch.tensor([0, 10, 500, 900, 999]), torch.randn(5, 6)
-        calls = []
+        calls, block_tails = [], []
         orig = tak.attention_output
         tak.attention_output = lambda *a: calls.append(len(a) > 4 and a[4] is not None) or orig(*a)
+        from ofer.models import resblock_kernel as rk
+        orig_out = rk.film_block_out
+        rk.film_block_out = lambda *a: block_tails.append(a[-1] is not None) or orig_out(*a)
         assert not tak.CAT_OUTPUT  # off until measured on a GPU
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
             fused = net(x, t, c)
@@ -246,11 +250,15 @@ def test_attention_output_kernel_matches_float64_in_the_interpreter() -> None:
             plain = net(x, t, c)
             assert n_fused == 6 and len(calls) == 6 and not any(calls), calls  # six attention blocks
             tak.OUTPUT_KERNEL = True
+            assert block_tails and not any(block_tails)
             tak.CAT_OUTPUT = True
             calls.clear()
+            block_tails.clear()
             cat = net(x, t, c)
             # six attention blocks and two up MLPs; tails: both up MLPs' skips and the last up block's r
             assert calls == [False, False, False, True, False, True, True, False], calls
+            # eleven FiLM blocks; the first up block of each level writes the next skip after its output
+            assert block_tails == [False] * 6 + [True, False, True, False, False], block_tails
         torch.testing.assert_close(fused.float(), plain.float(), atol=5e-3, rtol=5e-3)
         torch.testing.assert_close(cat.float(), fused.float(), atol=5e-3, rtol=5e-3)
         calls.clear()

@@ -222,9 +222,10 @@ if triton is not None:
 
     @triton.jit
     def _film_block_out_kernel(a_ptr, x_ptr, w_ptr, b_ptr, g_ptr, be_ptr, ws_ptr, bs_ptr, out_ptr, M, K, N, C, sx,
-                               eps, BM: tl.constexpr, BK: tl.constexpr, NA: tl.constexpr, NB: tl.constexpr,
-                               SKIP_LINEAR: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr,
-                               GEMM: tl.constexpr = True):
+                               eps, t_ptr, st, BM: tl.constexpr, BK: tl.constexpr, NA: tl.constexpr,
+                               NB: tl.constexpr, SKIP_LINEAR: tl.constexpr, STAGES: tl.constexpr,
+                               PRECISION: tl.constexpr, GEMM: tl.constexpr = True, TAIL: tl.constexpr = False):
+        # TAIL: the output has 2N columns, the last N a copy of the (M, N) tail (row stride st)
         HAS_B: tl.constexpr = NB > 0
         NBB: tl.constexpr = NB if NB > 0 else 16
         DT: tl.constexpr = a_ptr.dtype.element_ty
@@ -247,10 +248,17 @@ if triton is not None:
             sb = sa
             if HAS_B:
                 sb = tl.load(xrow + cb[None, :], mask=rmask & (cb < N)[None, :], other=0.0).to(tl.float32)
-        out = out_ptr + rows[:, None].to(tl.int64) * N
+        out = out_ptr + rows[:, None].to(tl.int64) * (2 * N if TAIL else N)
         tl.store(out + ca[None, :], (ya + sa).to(DT), mask=rmask & (ca < N)[None, :])
         if HAS_B:
             tl.store(out + cb[None, :], (yb + sb).to(DT), mask=rmask & (cb < N)[None, :])
+        if TAIL:
+            trow = t_ptr + rows[:, None].to(tl.int64) * st
+            tl.store(out + N + ca[None, :], tl.load(trow + ca[None, :], mask=rmask & (ca < N)[None, :]),
+                     mask=rmask & (ca < N)[None, :])
+            if HAS_B:
+                tl.store(out + N + cb[None, :], tl.load(trow + cb[None, :], mask=rmask & (cb < N)[None, :]),
+                         mask=rmask & (cb < N)[None, :])
 
 
 def _check(name: str, x: torch.Tensor, w: torch.Tensor, vectors: dict[str, torch.Tensor], channels: int) -> None:
@@ -334,8 +342,9 @@ def _(x, w1, b1, g1, be1, scale, shift, channels, eps):  # noqa: ANN001, ANN202
 @torch.library.custom_op("ofer::film_block_out", mutates_args=())
 def film_block_out(a: torch.Tensor, x: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, g2: torch.Tensor,
                    be2: torch.Tensor, ws: torch.Tensor | None, bs: torch.Tensor | None, channels: int,
-                   eps: float) -> torch.Tensor:
-    """Second half of a FiLM block: SiLU(norm2(a @ w2.T + b2)) + skip, skip = x @ ws.T + bs (ws given) or x.
+                   eps: float, tail: torch.Tensor | None = None) -> torch.Tensor:
+    """Second half of a FiLM block: SiLU(norm2(a @ w2.T + b2)) + skip, skip = x @ ws.T + bs (ws given) or x;
+    optionally followed by `tail` in the same output (the concatenation after the block in the U-Net's up path).
 
     Args:
         a: (M, N) output of `film_block_in`, contiguous.
@@ -343,11 +352,14 @@ def film_block_out(a: torch.Tensor, x: torch.Tensor, w2: torch.Tensor, b2: torch
         w2, b2: (N, N), (N,) in a's dtype; g2, be2: the norm's affine (N,) (float32).
         ws, bs: the skip Linear (N, K), (N,) in a's dtype, or None for the identity.
         channels, eps: as `film_block_in`.
+        tail: (M, N) copied unchanged into output columns N ... 2N - 1, a's dtype, contiguous columns and any row
+            stride; or None.
 
     Returns:
-        (M, N) in a's dtype.
+        (M, N) in a's dtype, or (M, 2N) with the tail.
     """
     _check("film_block_out", a, w2, {"b2": b2, "g2": g2, "be2": be2}, channels)
+    _check_tail("film_block_out", tail, a)
     M, N = a.shape
     if not a.is_contiguous() or x.ndim != 2 or x.shape[0] != M or x.stride(1) != 1 or x.dtype != a.dtype:
         raise ValueError(f"film_block_out: a must be contiguous and x a row-contiguous ({M}, K) tensor of a's dtype, "
@@ -361,21 +373,29 @@ def film_block_out(a: torch.Tensor, x: torch.Tensor, w2: torch.Tensor, b2: torch
         _check("film_block_out (skip)", x, ws, {"bs": bs if bs is not None else torch.empty(0)}, channels)
         if ws.shape[0] != N:
             raise ValueError(f"film_block_out: the skip weight must have {N} rows, got {tuple(ws.shape)}")
-    out = a.new_empty(M, N)
+    out = a.new_empty(M, N if tail is None else 2 * N)
     if M == 0:
         return out
     na, nb, launch, grid = _plan(M, N)
     LAST_KERNELS["out"] = _film_block_out_kernel[grid](
         a, x, w2, b2, g2, be2, ws if ws is not None else w2, bs if bs is not None else b2, out, M, x.shape[1], N,
-        channels, x.stride(0), eps, BM=launch["block_rows"], BK=launch["block_k"], NA=na, NB=nb,
-        SKIP_LINEAR=ws is not None, STAGES=launch["stages"], PRECISION=_precision(a.dtype),
+        channels, x.stride(0), eps, a if tail is None else tail, 0 if tail is None else tail.stride(0),
+        BM=launch["block_rows"], BK=launch["block_k"], NA=na, NB=nb, SKIP_LINEAR=ws is not None,
+        STAGES=launch["stages"], PRECISION=_precision(a.dtype), TAIL=tail is not None,
         num_warps=launch["num_warps"])
     return out
 
 
 @film_block_out.register_fake
-def _(a, x, w2, b2, g2, be2, ws, bs, channels, eps):  # noqa: ANN001, ANN202
-    return a.new_empty(a.shape)
+def _(a, x, w2, b2, g2, be2, ws, bs, channels, eps, tail=None):  # noqa: ANN001, ANN202
+    return a.new_empty(a.shape[0], a.shape[1] * (1 if tail is None else 2))
+
+
+def _check_tail(name: str, tail: torch.Tensor | None, like: torch.Tensor) -> None:
+    """A tail for the output kernels: like's shape and dtype, contiguous columns, any row stride."""
+    if tail is not None and (tail.shape != like.shape or tail.dtype != like.dtype or tail.stride(1) != 1):
+        raise ValueError(f"{name}: tail must be a {tuple(like.shape)} tensor of {like.dtype} with contiguous "
+                         f"columns, got {tuple(tail.shape)} {tail.dtype} strides {tail.stride()}")
 
 
 def _check_norm(name: str, h: torch.Tensor, vectors: dict[str, torch.Tensor], channels: int, *,
@@ -431,30 +451,32 @@ def _(h, g1, be1, scale, shift, channels, eps):  # noqa: ANN001, ANN202
 
 @torch.library.custom_op("ofer::film_norm_out", mutates_args=())
 def film_norm_out(h: torch.Tensor, skip: torch.Tensor, g2: torch.Tensor, be2: torch.Tensor, channels: int,
-                  eps: float) -> torch.Tensor:
+                  eps: float, tail: torch.Tensor | None = None) -> torch.Tensor:
     """`film_block_out` after its matmuls: SiLU(norm2(h)) + skip for h = the second Linear's output, (M, N) and
     contiguous, and skip = the block's input or its skip Linear's output, (M, N) with contiguous columns and any
-    row stride, both in the block's compute dtype. g2, be2, channels, eps as in `film_block_out`. Returns (M, N)
-    in h's dtype."""
+    row stride, both in the block's compute dtype. g2, be2, channels, eps, tail as in `film_block_out`. Returns
+    (M, N) in h's dtype, or (M, 2N) with the tail."""
     _check_norm("film_norm_out", h, {"g2": g2, "be2": be2}, channels)
+    _check_tail("film_norm_out", tail, h)
     if skip.shape != h.shape or skip.dtype != h.dtype or skip.stride(1) != 1:
         raise ValueError(f"film_norm_out: skip must be a {tuple(h.shape)} tensor of h's dtype {h.dtype} with "
                          f"contiguous columns, got {tuple(skip.shape)} {skip.dtype} strides {skip.stride()}")
     M, N = h.shape
-    out = h.new_empty(M, N)
+    out = h.new_empty(M, N if tail is None else 2 * N)
     if M == 0:
         return out
     na, nb, launch, grid = _norm_plan(M, N)
     _film_block_out_kernel[grid](
-        h, skip, h, h, g2, be2, h, h, out, M, N, N, channels, skip.stride(0), eps, BM=launch["block_rows"],
-        BK=launch["block_k"], NA=na, NB=nb, SKIP_LINEAR=False, STAGES=launch["stages"],
-        PRECISION=_precision(h.dtype), GEMM=False, num_warps=launch["num_warps"])
+        h, skip, h, h, g2, be2, h, h, out, M, N, N, channels, skip.stride(0), eps, h if tail is None else tail,
+        0 if tail is None else tail.stride(0), BM=launch["block_rows"], BK=launch["block_k"], NA=na, NB=nb,
+        SKIP_LINEAR=False, STAGES=launch["stages"], PRECISION=_precision(h.dtype), GEMM=False, TAIL=tail is not None,
+        num_warps=launch["num_warps"])
     return out
 
 
 @film_norm_out.register_fake
-def _(h, skip, g2, be2, channels, eps):  # noqa: ANN001, ANN202
-    return h.new_empty(h.shape)
+def _(h, skip, g2, be2, channels, eps, tail=None):  # noqa: ANN001, ANN202
+    return h.new_empty(h.shape[0], h.shape[1] * (1 if tail is None else 2))
 
 
 def reference_block(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, g1: torch.Tensor, be1: torch.Tensor,

@@ -904,11 +904,13 @@ def token_attention_pool_reference(qkv: torch.Tensor, w: torch.Tensor, tokens: i
 # of the Linear and a separate residual add. Benchmarks switch it (`bench_denoiser_step.py --output-kernel`).
 OUTPUT_KERNEL = True
 # Whether the output kernels also write the concatenation that follows them in the U-Net's up path (`Denoiser.trunk`:
-# an up MLP's output with its skip, the last attention block's output with the input projection), so that no
-# separate concatenation copies both halves again (two 608-column copies of ~39 us per compiled IdGen step at 51,200
-# rows on an H100, plus a bias copy for the up MLP's output Linear). Same function. Off until measured on a GPU
-# (`bench_denoiser_step.py --cat-output true,false`). While on, forward hooks see the last up attention block return
-# its output with the input projection appended, and the up MLPs' output Linear is not called as a module.
+# an up MLP's output with its skip, this kernel; an up block's output with the next skip, `resblock_kernel`'s
+# output kernels; the last attention block's output with the input projection, this kernel), so that no separate
+# concatenation copies both halves again (two 608-column copies of ~39 us per compiled IdGen step at 51,200 rows on
+# an H100, plus a bias copy for the up MLP's output Linear). Same function. Off until measured on a GPU
+# (`bench_denoiser_step.py --cat-output true,false`). While on, forward hooks see those FiLM blocks and the last up
+# attention block return their output with the tail appended, and the up MLPs' output Linear is not called as a
+# module.
 CAT_OUTPUT = False
 # `attention_output`'s launch: rows and output columns per program (at most the output width rounded up to a power
 # of two), warps. Programs of one row block are numbered side by side, so its (rows, K) slice of the pooled input

@@ -257,9 +257,12 @@ class FiLMResBlock(nn.Module):
         self.norm2 = nn.GroupNorm(groups, dim_out)
         self.skip = nn.Linear(dim_in, dim_out) if dim_in != dim_out else nn.Identity()
 
-    def forward(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                tail: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, dim_in); scale, shift: (B, dim_out), or (G, dim_out) with G dividing B, where row g modulates
-        the B / G consecutive rows g * B / G, ..., (g + 1) * B / G - 1 (samples of one condition) -> (B, dim_out).
+        the B / G consecutive rows g * B / G, ..., (g + 1) * B / G - 1 (samples of one condition) -> (B, dim_out);
+        with tail (B, dim_out): the output followed by tail, (B, 2 dim_out) (`Denoiser.trunk` with
+        `token_attention_kernel.CAT_OUTPUT`: the kernel paths write both in their last kernel).
 
         In sampling on CUDA under bf16/fp16 autocast with one norm group, each half of the block is one Triton
         kernel (`ofer.models.resblock_kernel`, same function and roundings; switch: `resblock_kernel.ENABLED`).
@@ -268,9 +271,18 @@ class FiLMResBlock(nn.Module):
         (`resblock_kernel.film_norm_in` / `film_norm_out`; switch: `resblock_kernel.NORM_KERNELS`)."""
         dt = self._kernel_dtype(x, scale)
         if dt is not None:
+            fuse = (tail is not None and tail.shape == (x.shape[0], self.lin1.out_features)
+                    and _fusable_tail(tail, dt))
             if torch.compiler.is_compiling() and self.lin1.out_features > resblock_kernel.COMPILED_MAX_WIDTH:
-                return self._norm_kernel_forward(x.to(dt), scale, shift, dt)
-            return self._kernel_forward(x.to(dt), scale, shift, dt)
+                out = self._norm_kernel_forward(x.to(dt), scale, shift, dt, tail if fuse else None)
+            else:
+                out = self._kernel_forward(x.to(dt), scale, shift, dt, tail if fuse else None)
+            return out if fuse or tail is None else torch.cat((out, tail), dim=-1)
+        out = self._torch_forward(x, scale, shift)
+        return out if tail is None else torch.cat((out, tail), dim=-1)
+
+    def _torch_forward(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """forward() in PyTorch (training, CPU, kernels off)."""
         h = self.lin1(x)
         # Under autocast GroupNorm computes (and returns) float32; its output goes back to the Linear's dtype
         # (bf16), so FiLM, SiLU and every tensor of the backward stay bf16 like the rest of the trunk instead of
@@ -318,9 +330,10 @@ class FiLMResBlock(nn.Module):
         c1, c2 = (n.channels if isinstance(n, PaddedGroupNorm) else n.num_channels for n in (self.norm1, self.norm2))
         return scale.float(), shift.float(), c1, c2
 
-    def _kernel_forward(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-                        dt: torch.dtype) -> torch.Tensor:
-        """forward() as two Triton kernels (`resblock_kernel.film_block_in` / `film_block_out`) computing in dt."""
+    def _kernel_forward(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, dt: torch.dtype,
+                        tail: torch.Tensor | None = None) -> torch.Tensor:
+        """forward() as two Triton kernels (`resblock_kernel.film_block_in` / `film_block_out`) computing in dt; the
+        second also writes the tail after the output."""
         if x.stride(1) != 1:
             x = x.contiguous()
         scale, shift, c1, c2 = self._kernel_operands(scale, shift)
@@ -332,15 +345,16 @@ class FiLMResBlock(nn.Module):
         return resblock_kernel.film_block_out(
             a, x, self.lin2.weight.to(dt).contiguous(), self.lin2.bias.to(dt), n2.weight.float(), n2.bias.float(),
             None if skip is None else skip.weight.to(dt).contiguous(), None if skip is None else skip.bias.to(dt),
-            c2, n2.eps)
+            c2, n2.eps, tail)
 
-    def _norm_kernel_forward(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-                             dt: torch.dtype) -> torch.Tensor:
+    def _norm_kernel_forward(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, dt: torch.dtype,
+                             tail: torch.Tensor | None = None) -> torch.Tensor:
         """forward() with the Linears as matmuls in dt (cuBLAS) and each norm, with the FiLM and SiLU or the SiLU
         and the residual add around it, as one Triton kernel (`resblock_kernel.film_norm_in` / `film_norm_out`):
         the same function and roundings as `_kernel_forward`. A skip Linear reads the same input as lin1, so the
         two are one matmul with both weights stacked (the input, twice as wide as the output in these blocks,
-        read once; the kernels take the two halves of its output as row-strided views)."""
+        read once; the kernels take the two halves of its output as row-strided views). The last kernel also
+        writes the tail after the output."""
         scale, shift, c1, c2 = self._kernel_operands(scale, shift)
         n1, n2 = self.norm1, self.norm2
         if isinstance(self.skip, nn.Linear):
@@ -354,7 +368,7 @@ class FiLMResBlock(nn.Module):
         h = F.linear(a, self.lin2.weight.to(dt), self.lin2.bias.to(dt))
         if skip.stride(1) != 1:
             skip = skip.contiguous()
-        return resblock_kernel.film_norm_out(h, skip, n2.weight.float(), n2.bias.float(), c2, n2.eps)
+        return resblock_kernel.film_norm_out(h, skip, n2.weight.float(), n2.bias.float(), c2, n2.eps, tail)
 
 
 def paddable(model: nn.Module) -> bool:
@@ -618,9 +632,13 @@ class Denoiser(nn.Module):
                              f"the {x.shape[0]} rows of x, got {tuple(film.shape)}")
         films = iter(film.split(self._film_sizes, dim=-1))  # per block (B, 2 * w_out)
 
-        def run(block: FiLMResBlock, h: torch.Tensor) -> torch.Tensor:
+        def run(block: FiLMResBlock, h: torch.Tensor, tail: torch.Tensor | None = None) -> torch.Tensor:
             scale, shift = next(films).chunk(2, dim=-1)
-            return block(h, scale, shift)
+            if tail is None:
+                return block(h, scale, shift)
+            if token_attention_kernel.CAT_OUTPUT:
+                return block(h, scale, shift, tail)  # the block's output followed by tail, written by its kernel
+            return torch.cat((block(h, scale, shift), tail), dim=-1)
 
         h = self.in_proj(x)
         r = h
@@ -638,8 +656,8 @@ class Denoiser(nn.Module):
         last = len(self.up_mlp) - 1
         for i, (up, blocks, attn) in enumerate(zip(self.up_mlp, self.up_blocks, self.up_attn)):
             h = self._up_concat(up, h, skips.pop())
-            for j, blk in enumerate(blocks):
-                h = run(blk, h if j == 0 else torch.cat((h, skips.pop()), dim=-1))
+            for j, blk in enumerate(blocks):  # each block's output with the next skip: the next block's input
+                h = run(blk, h, skips.pop() if j + 1 < len(blocks) else None)
             if i < last:
                 h = attn(h)
             elif token_attention_kernel.CAT_OUTPUT and isinstance(attn, TokenSelfAttention):
