@@ -297,17 +297,19 @@ def test_graphed_bf16_sampling_with_the_kernels_tracks_float32(compile) -> None:
     cond = torch.randn(8, 512, device="cuda")
     x_T = torch.randn(8, 100, 300, device="cuda")
     outs = {}
-    for name, bf16, enabled in (("fp32", False, True), ("kernel", True, True), ("torch", True, False)):
-        rk.ENABLED = enabled
+    for name, bf16, enabled, cat in (("fp32", False, True, False), ("kernel", True, True, False),
+                                     ("torch", True, False, False), ("cat", True, True, True)):
+        rk.ENABLED, tak.CAT_OUTPUT = enabled, cat
         try:
             s = GraphedSampler(diff, model, rows=800, dim=300, cond_dim=512, sampler="ddim", steps=25, bf16=bf16,
                                compile=compile, num_samples=100)
             outs[name] = s(cond, num_samples=100, x_T=x_T).float()
         finally:
-            rk.ENABLED = True
-    d_kernel = float((outs["kernel"] - outs["fp32"]).norm() / outs["fp32"].norm())
-    d_torch = float((outs["torch"] - outs["fp32"]).norm() / outs["fp32"].norm())
+            rk.ENABLED, tak.CAT_OUTPUT = True, False
+    d_kernel, d_torch, d_cat = (float((outs[k] - outs["fp32"]).norm() / outs["fp32"].norm())
+                                for k in ("kernel", "torch", "cat"))
     assert d_kernel <= 1.5 * d_torch + 1e-3, (d_kernel, d_torch)
+    assert d_cat <= 1.5 * d_torch + 1e-3, (d_cat, d_torch)
     assert float((outs["kernel"] - outs["torch"]).abs().max()) > 0  # the kernel path really ran
 
 
