@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ofer.models import resblock_kernel as rk
+from ofer.models import token_attention_kernel as tak
 from ofer.models.unet1d import Denoiser, FiLMResBlock
 from tests._triton_interpreter import run_interpreted
 
@@ -296,7 +297,7 @@ def test_graphed_bf16_sampling_with_the_kernels_tracks_float32(compile) -> None:
     diff = GaussianDiffusion().cuda()
     cond = torch.randn(8, 512, device="cuda")
     x_T = torch.randn(8, 100, 300, device="cuda")
-    outs = {}
+    outs, cat_default = {}, tak.CAT_OUTPUT
     for name, bf16, enabled, cat in (("fp32", False, True, False), ("kernel", True, True, False),
                                      ("torch", True, False, False), ("cat", True, True, True)):
         rk.ENABLED, tak.CAT_OUTPUT = enabled, cat
@@ -305,7 +306,7 @@ def test_graphed_bf16_sampling_with_the_kernels_tracks_float32(compile) -> None:
                                compile=compile, num_samples=100)
             outs[name] = s(cond, num_samples=100, x_T=x_T).float()
         finally:
-            rk.ENABLED, tak.CAT_OUTPUT = True, False
+            rk.ENABLED, tak.CAT_OUTPUT = True, cat_default
     d_kernel, d_torch, d_cat = (float((outs[k] - outs["fp32"]).norm() / outs["fp32"].norm())
                                 for k in ("kernel", "torch", "cat"))
     assert d_kernel <= 1.5 * d_torch + 1e-3, (d_kernel, d_torch)

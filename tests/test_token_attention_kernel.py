@@ -195,7 +195,8 @@ def test_attention_output_kernel_matches_float64_in_the_interpreter() -> None:
     the interpreter: its attention blocks end with the kernel (counted) and agree with the Linear + add form to
     fp16 precision; with CAT_OUTPUT the two up MLPs, the first up FiLM block of each level and the last up
     attention block also write the concatenation after them (five tails), with the same result; with gradients
-    nothing takes the kernels."""
+    nothing takes the kernels and every FiLM block returns its own output; the trunk's switch for the tails
+    (`Denoiser._cat_in_kernels`) is on only without gradients under fp16/bf16 autocast."""
     script = textwrap.dedent("""
         import pytest
         import torch
@@ -242,7 +243,8 @@ def test_attention_output_kernel_matches_float64_in_the_interpreter() -> None:
         from ofer.models import resblock_kernel as rk
         orig_out = rk.film_block_out
         rk.film_block_out = lambda *a: block_tails.append(a[-1] is not None) or orig_out(*a)
-        assert not tak.CAT_OUTPUT  # off until measured on a GPU
+        assert tak.CAT_OUTPUT  # on by default (measured on a GPU); first the trunk without tails
+        tak.CAT_OUTPUT = False
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
             fused = net(x, t, c)
             n_fused = len(calls)
@@ -263,9 +265,26 @@ def test_attention_output_kernel_matches_float64_in_the_interpreter() -> None:
         torch.testing.assert_close(cat.float(), fused.float(), atol=5e-3, rtol=5e-3)
         calls.clear()
         xg = x.clone().requires_grad_()
+        widths = []  # with gradients every FiLM block returns its own output (no tail appended): hooks see that
+        from ofer.models.unet1d import Denoiser, FiLMResBlock
+        hooks = [m.register_forward_hook(lambda m, i, o: widths.append((o.shape[1], m.lin2.out_features)))
+                 for m in net.modules() if isinstance(m, FiLMResBlock)]
         with torch.autocast("cpu", dtype=torch.float16):
             net(xg, t, c).float().sum().backward()
         assert calls == [] and xg.grad is not None and bool(xg.grad.abs().sum() > 0)
+        assert len(widths) == 11 and all(a == b for a, b in widths), widths
+        for h in hooks:
+            h.remove()
+        # the trunk hands concatenations to the kernels only when sampling under low-precision autocast
+        with torch.no_grad():
+            with torch.autocast("cpu", dtype=torch.float16):
+                assert Denoiser._cat_in_kernels(x)
+                tak.CAT_OUTPUT = False
+                assert not Denoiser._cat_in_kernels(x)
+                tak.CAT_OUTPUT = True
+            assert not Denoiser._cat_in_kernels(x)  # float32
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert not Denoiser._cat_in_kernels(x)  # gradients on
         print("ok")
     """)
     run_interpreted(script)

@@ -631,12 +631,13 @@ class Denoiser(nn.Module):
             raise ValueError(f"Denoiser.trunk: film must have shape (G, {sum(self._film_sizes)}) with G dividing "
                              f"the {x.shape[0]} rows of x, got {tuple(film.shape)}")
         films = iter(film.split(self._film_sizes, dim=-1))  # per block (B, 2 * w_out)
+        cat_in_kernels = self._cat_in_kernels(x)
 
         def run(block: FiLMResBlock, h: torch.Tensor, tail: torch.Tensor | None = None) -> torch.Tensor:
             scale, shift = next(films).chunk(2, dim=-1)
             if tail is None:
                 return block(h, scale, shift)
-            if token_attention_kernel.CAT_OUTPUT:
+            if cat_in_kernels:
                 return block(h, scale, shift, tail)  # the block's output followed by tail, written by its kernel
             return torch.cat((block(h, scale, shift), tail), dim=-1)
 
@@ -660,13 +661,25 @@ class Denoiser(nn.Module):
                 h = run(blk, h, skips.pop() if j + 1 < len(blocks) else None)
             if i < last:
                 h = attn(h)
-            elif token_attention_kernel.CAT_OUTPUT and isinstance(attn, TokenSelfAttention):
+            elif cat_in_kernels and isinstance(attn, TokenSelfAttention):
                 h = attn(h, r)  # its output followed by r: the final block's input
             else:
                 h = torch.cat((attn(h), r), dim=-1)
         h = run(self.final_block, h)
         h = self.final_attn(h)
         return self.out_proj(h)
+
+    @staticmethod
+    def _cat_in_kernels(x: torch.Tensor) -> bool:
+        """Whether the trunk hands the up path's concatenations to the kernels before them
+        (`token_attention_kernel.CAT_OUTPUT`): only where those can write them, sampling (no gradient) under
+        bf16/fp16 autocast with the kernels available. In training, in float32 and without the kernels every
+        module returns its own output, so forward hooks see what they always saw. Static properties only (traced
+        by torch.compile without a graph break)."""
+        dev = x.device.type
+        return (token_attention_kernel.CAT_OUTPUT and not torch.is_grad_enabled() and torch.is_autocast_enabled(dev)
+                and torch.get_autocast_dtype(dev) in (torch.bfloat16, torch.float16)
+                and token_attention_kernel.available(x))
 
     @staticmethod
     def _up_concat(up: nn.Module, h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
