@@ -656,7 +656,7 @@ class Denoiser(nn.Module):
         h = run(self.mid_block2, h)
         last = len(self.up_mlp) - 1
         for i, (up, blocks, attn) in enumerate(zip(self.up_mlp, self.up_blocks, self.up_attn)):
-            h = self._up_concat(up, h, skips.pop())
+            h = self._up_concat(up, h, skips.pop(), cat_in_kernels)
             for j, blk in enumerate(blocks):  # each block's output with the next skip: the next block's input
                 h = run(blk, h, skips.pop() if j + 1 < len(blocks) else None)
             if i < last:
@@ -682,18 +682,17 @@ class Denoiser(nn.Module):
                 and token_attention_kernel.available(x))
 
     @staticmethod
-    def _up_concat(up: nn.Module, h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        """torch.cat((up(h), skip), -1), the first up block's input. Sampling in bf16/fp16 with
-        `token_attention_kernel.CAT_OUTPUT` on: the up MLP's output Linear writes both halves in one kernel
-        (`attention_output` without a residual, the skip as its tail; the Linear's function and rounding)."""
-        dev = h.device.type
-        low = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-        if not (low is not None and isinstance(up, nn.Sequential) and len(up) == 3 and isinstance(up[2], nn.Linear)
-                and up[2].bias is not None and up[2].in_features <= 256 and token_attention_kernel.available(h)
-                and _fusable_tail(skip, low)):
+    def _up_concat(up: nn.Module, h: torch.Tensor, skip: torch.Tensor, fuse: bool) -> torch.Tensor:
+        """torch.cat((up(h), skip), -1), the first up block's input. With `fuse` (the trunk's `_cat_in_kernels`:
+        sampling in bf16/fp16 with `token_attention_kernel.CAT_OUTPUT` on) the up MLP's output Linear writes both
+        halves in one kernel (`attention_output` without a residual, the skip as its tail; the Linear's function
+        and rounding)."""
+        low = torch.get_autocast_dtype(h.device.type) if fuse else None
+        if not (fuse and isinstance(up, nn.Sequential) and len(up) == 3 and isinstance(up[2], nn.Linear)
+                and up[2].bias is not None and up[2].in_features <= 256 and _fusable_tail(skip, low)):
             return torch.cat((up(h), skip), dim=-1)
         a, lin = up[1](up[0](h)), up[2]
-        if a.dtype != low or (torch.is_grad_enabled() and any(t.requires_grad for t in (a, lin.weight, lin.bias))):
+        if a.dtype != low:
             return torch.cat((lin(a), skip), dim=-1)
         return token_attention_kernel.attention_output(a.contiguous(), lin.weight.to(low).contiguous(),
                                                        lin.bias.to(low), None, skip)
