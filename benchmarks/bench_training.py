@@ -155,6 +155,14 @@ def graphed_generator_step(kind: str, rows: int, compile: bool = False, impl: st
     return step, params
 
 
+def set_project_training(width: int) -> None:
+    """token_attention_kernel.PROJECT_TRAINING_MAX_WIDTH for the next row; a change drops torch.compile's caches
+    (the compiled forward read the old value)."""
+    if tak.PROJECT_TRAINING_MAX_WIDTH != width:
+        tak.PROJECT_TRAINING_MAX_WIDTH = width
+        torch._dynamo.reset()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, nargs="+", default=[4096, 16384])
@@ -168,6 +176,8 @@ def main() -> None:
     ap.add_argument("--no-idrank", action="store_true", help="skip the IdRank rows (re-sampling takes minutes)")
     ap.add_argument("--no-graph", action="store_true", help="skip the whole-step CUDA-graph rows (with --compile: "
                     "eager and compiled steps captured whole)")
+    ap.add_argument("--graph-only", action="store_true", help="only the whole-step CUDA-graph rows (with --compile: "
+                    "only the compiled steps captured whole)")
     ap.add_argument("--cpu", action="store_true", help="CPU rows only: fp32 IdGen/ExpGen steps at --rows")
     ap.add_argument("--profile", default=None, metavar="IMPLS",
                     help="only print the CUDA kernel table of one compiled bf16 step per job at the first --rows, "
@@ -189,6 +199,10 @@ def main() -> None:
                     help="keyword arguments of DistributedDataParallel for the DDP rows, e.g. bucket_cap_mb=100; "
                          "default: gradient_as_bucket_view=true, as the trainer runs (trainer."
                          "ddp_gradient_as_bucket_view); '' for torch's defaults")
+    ap.add_argument("--project-training", default="0", metavar="WIDTHS",
+                    help="comma list of token_attention_kernel.PROJECT_TRAINING_MAX_WIDTH values: every generator "
+                         "row for each (0: training projects q/k/v with cuBLAS; 64: attention inputs of up to 64 "
+                         "channels project inside the kernels, forward and backward)")
     ap.add_argument("--jobs", default="idgen,expgen", help="comma list of the generator jobs to time")
     ap.add_argument("--pad-widths", default="false", metavar="false|true|false,true",
                     help="train the denoisers' padded() copies (widths rounded up to multiples of 8; the same "
@@ -204,6 +218,10 @@ def main() -> None:
         if v not in ("true", "false"):
             ap.error(f"--pad-widths {args.pad_widths!r}: expected true, false or false,true")
         pads.append(v == "true")
+    try:
+        project_training = [int(v) for v in args.project_training.split(",")]
+    except ValueError:
+        ap.error(f"--project-training {args.project_training!r}: expected a comma list of integers")
     jobs = args.jobs.split(",")
     if set(jobs) - {"idgen", "expgen"}:
         ap.error(f"--jobs: expected idgen and/or expgen, got {args.jobs!r}")
@@ -216,21 +234,23 @@ def main() -> None:
     if args.project_max_width is not None:
         tak.PROJECT_MAX_WIDTH = args.project_max_width
     if args.profile:
-        for impl in args.profile.split(","):
-            for kind in ("idgen", "expgen"):
-                step, _ = generator_step(kind, args.rows[0], True, False, compile=True, impl=impl,
-                                         inductor=parse_compile_options("default"))
-                time_steps(step, n=2, warmup=5)
-                acts = [torch.profiler.ProfilerActivity.CUDA]
-                acts += [torch.profiler.ProfilerActivity.CPU] if args.trace else []
-                with torch.profiler.profile(activities=acts, record_shapes=bool(args.trace)) as prof:
-                    step()
-                    sync()
-                if args.trace:
-                    args.trace.mkdir(parents=True, exist_ok=True)
-                    prof.export_chrome_trace(str(args.trace / f"train_{kind}_{impl}.json"))
-                print(f"--- {kind}, {args.rows[0]} rows, bf16 + compile, attention {impl}: one step's CUDA kernels\n"
-                      + prof.key_averages().table(sort_by="cuda_time_total", row_limit=45), flush=True)
+        for impl, kind, pad, ptw in ((i, k, p, w) for i in args.profile.split(",") for k in jobs for p in pads
+                                     for w in project_training):
+            set_project_training(ptw)
+            step, _ = generator_step(kind, args.rows[0], True, False, compile=True, impl=impl,
+                                     inductor=parse_compile_options("default"), pad=pad)
+            time_steps(step, n=2, warmup=5)
+            acts = [torch.profiler.ProfilerActivity.CUDA]
+            acts += [torch.profiler.ProfilerActivity.CPU] if args.trace else []
+            with torch.profiler.profile(activities=acts, record_shapes=bool(args.trace)) as prof:
+                step()
+                sync()
+            if args.trace:
+                args.trace.mkdir(parents=True, exist_ok=True)
+                prof.export_chrome_trace(str(args.trace / f"train_{kind}_{impl}_pad{int(pad)}_pt{ptw}.json"))
+            print(f"--- {kind}, {args.rows[0]} rows, bf16 + compile, attention {impl}, pad_widths {pad}, "
+                  f"project_training_max_width {ptw}: one step's CUDA kernels\n"
+                  + prof.key_averages().table(sort_by="cuda_time_total", row_limit=45), flush=True)
         return
     global DEVICE
     DEVICE = "cpu" if args.cpu else "cuda"
@@ -251,8 +271,13 @@ def main() -> None:
         configs += [(k, r, True, True, impl, opts) for impl in args.compile_impls.split(",")
                     for opts in (parse_compile_options(s) for s in args.inductor or ["default"])
                     for k in jobs for r in args.rows]
-    configs = [(*c, pad) for c in configs for pad in pads]
-    for kind, rows, bf16, comp, impl, opts, pad in configs:
+    configs = [(*c, pad, ptw) for c in configs for pad in pads for ptw in project_training]
+    if args.graph_only:
+        if args.no_graph or args.cpu or ddp:
+            ap.error("--graph-only: the graph rows run on one GPU, without --no-graph or --cpu")
+        configs = []
+    for kind, rows, bf16, comp, impl, opts, pad, ptw in configs:
+        set_project_training(ptw)
         step, params = generator_step(kind, rows, bf16, ddp, compile=comp, impl=impl, inductor=opts,
                                       ddp_kwargs=ddp_kwargs, pad=pad)
         s = time_steps(step, warmup=5 if comp else 3)
@@ -262,30 +287,36 @@ def main() -> None:
                          "world_size": world, "s_per_step": s, "samples_per_s": rows * world / s, "mfu": mfu,
                          **({"inductor": opts} if comp else {}),
                          "attention_launch": dict(tak.LAUNCH), "backward_launch": dict(tak.BACKWARD_LAUNCH),
-                         "project_max_width": tak.PROJECT_MAX_WIDTH, "optimize_ddp": torch._dynamo.config.optimize_ddp,
+                         "project_max_width": tak.PROJECT_MAX_WIDTH,
+                         "project_training_max_width": tak.PROJECT_TRAINING_MAX_WIDTH,
+                         "optimize_ddp": torch._dynamo.config.optimize_ddp,
                          **({"ddp_kwargs": ddp_kwargs} if ddp else {})})
         if rank == 0:
             print(json.dumps(rows_out[-1]), flush=True)
     if not ddp and not args.cpu and not args.no_graph:
         # eager steps with explicit attention math; with --compile also the compiled steps (attention 'auto', the
         # inductor options of the first --inductor) captured whole
-        graphs = [(False, "math", {})]
+        graphs = [] if args.graph_only and args.compile else [(False, "math", {})]
         if args.compile:
             graphs.append((True, "auto", parse_compile_options((args.inductor or ["default"])[0])))
         for comp, impl, opts in graphs:
             label = "bf16 + compile + CUDA graph" if comp else "bf16 + CUDA graph"
-            for kind, rows, pad in ((k, r, p) for k in jobs for r in args.rows for p in pads):
+            for kind, rows, pad, ptw in ((k, r, p, w) for k in jobs for r in args.rows for p in pads
+                                         for w in project_training):
+                    set_project_training(ptw)
                     try:
                         step, params = graphed_generator_step(kind, rows, compile=comp, impl=impl, inductor=opts,
                                                               pad=pad)
                         s = time_steps(step)
                     except Exception as exc:  # noqa: BLE001 -- reported, the other rows go on
                         rows_out.append({"job": kind, "rows_per_gpu": rows, "precision": label, "attention": impl,
-                                         "pad_widths": pad, "error": f"{type(exc).__name__}: {exc}"})
+                                         "pad_widths": pad, "project_training_max_width": ptw,
+                                         "error": f"{type(exc).__name__}: {exc}"})
                         print(json.dumps(rows_out[-1]), flush=True)
                         continue
                     rows_out.append({"job": kind, "rows_per_gpu": rows, "precision": label, "attention": impl,
-                                     "pad_widths": pad, "world_size": 1, "s_per_step": s, "samples_per_s": rows / s,
+                                     "pad_widths": pad, "project_training_max_width": ptw, "world_size": 1,
+                                     "s_per_step": s, "samples_per_s": rows / s,
                                      "mfu": 6 * params * rows / s / (peak * 1e12),
                                      **({"inductor": opts} if comp else {})})
                     print(json.dumps(rows_out[-1]), flush=True)

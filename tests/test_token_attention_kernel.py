@@ -361,8 +361,14 @@ def test_projecting_kernel_needs_a_backend_and_routes_by_width() -> None:
         assert tak.projects(32) and not tak.projects(33)
         tak.PROJECT_MAX_WIDTH = 0
         assert not tak.projects(1)
+        tak.PROJECT_MAX_WIDTH = 64  # with gradients (training) only up to PROJECT_TRAINING_MAX_WIDTH, 0 by default
+        assert tak.PROJECT_TRAINING_MAX_WIDTH == 0 and not tak.projects(1, grad=True)
+        tak.PROJECT_TRAINING_MAX_WIDTH = 16
+        assert tak.projects(16, grad=True) and not tak.projects(17, grad=True) and tak.projects(17)
+        tak.PROJECT_TRAINING_MAX_WIDTH = 256
+        assert tak.projects(64, grad=True) and not tak.projects(65, grad=True)
     finally:
-        tak.PROJECT_MAX_WIDTH = saved
+        tak.PROJECT_MAX_WIDTH, tak.PROJECT_TRAINING_MAX_WIDTH = saved, 0
 
 
 def test_set_project_launch_parses_and_rejects_bad_specs() -> None:
@@ -665,7 +671,8 @@ def test_projecting_kernel_backward_matches_float64_autograd_in_the_interpreter(
         from ofer.models import token_attention_kernel as tak
         from tests.test_token_attention_kernel import small_net
         torch.manual_seed(0)
-        for launch in ("default", "32x4"):
+        for launch, dx_in_kernel in (("default", True), ("default", False), ("32x4", True)):
+            tak.PROJECT_BACKWARD_DX = dx_in_kernel
             if launch != "default":
                 for cp in tak.PROJECT_BACKWARD_LAUNCH:
                     tak.PROJECT_BACKWARD_LAUNCH[cp] = {"block_rows": 32, "num_warps": 4}
@@ -681,7 +688,14 @@ def test_projecting_kernel_backward_matches_float64_autograd_in_the_interpreter(
                 for got, want in zip((dx, dwq, dw), torch.autograd.grad(ref, (x64, wq64, w64), g.double())):
                     assert got.dtype == torch.float32 and got.shape == want.shape
                     err = float((got.double() - want).abs().max() / want.abs().max())
-                    assert err < 1e-5, (launch, R, C, T, H, D, err)
+                    assert err < 1e-5, (launch, dx_in_kernel, R, C, T, H, D, err)
+        # only the gradients asked for: x without one gets no dx (the kernel skips it)
+        x, wq = torch.randn(9, 16), torch.randn(6144, 16, requires_grad=True)
+        dqkv, dx, dw = tak.token_attention_project_pool_backward(x, wq, torch.randn(16), torch.randn(9, 128), 16, 4,
+                                                                 32, False)
+        assert dqkv.shape == (9, 6144) and dx.shape == (0, 16) and dw.shape == (16,)
+        assert torch.autograd.grad(tak.token_attention_project_pool(x, wq, torch.randn(16), 16, 4, 32).sum(),
+                                   wq)[0].shape == wq.shape
         x, wq, w = torch.randn(3, 20, requires_grad=True), torch.randn(6144, 20, requires_grad=True), torch.randn(16)
         torch.library.opcheck(tak.token_attention_project_pool, (x, wq, w.requires_grad_(), 16, 4, 32),
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
@@ -697,6 +711,16 @@ def test_projecting_kernel_backward_matches_float64_autograd_in_the_interpreter(
         with torch.no_grad():
             net(x, t, c)
         assert calls == ["token_attention_project_pool"] * 6, calls
+        # PROJECT_TRAINING_MAX_WIDTH routes training inputs up to that width to it too, with the same gradients
+        grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+        net.zero_grad(set_to_none=True)
+        calls.clear()
+        tak.PROJECT_TRAINING_MAX_WIDTH = 64
+        net(x, t, c).square().sum().backward()
+        assert calls == ["token_attention_project_pool"] * 6, calls
+        for n, p in net.named_parameters():
+            err = float((p.grad - grads[n]).abs().max() / grads[n].abs().max().clamp_min(1e-30))
+            assert err < 1e-4, (n, err)
         print("ok")
     """)
     run_interpreted(script)

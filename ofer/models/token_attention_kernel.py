@@ -124,7 +124,14 @@ PROJECT_LAUNCH = {16: {"block_rows": 32, "num_warps": 4}, 32: {"block_rows": 32,
 # (a power of two >= 16) and warps.
 PROJECT_BACKWARD_LAUNCH = {16: {"block_rows": 16, "num_warps": 4}, 32: {"block_rows": 16, "num_warps": 4},
                            64: {"block_rows": 16, "num_warps": 8}}
+# Whether the projecting backward kernel also computes dx (`token_attention_project_pool_backward`); off: a cuBLAS
+# matmul of the dqkv it writes. Benchmarks switch it (`bench_token_attention.py --project-backward-dx`).
+PROJECT_BACKWARD_DX = True
 PROJECT_MAX_WIDTH = 64  # may be lowered (0: never); the kernel takes at most max(PROJECT_LAUNCH) = 64 channels
+# The widest attention input whose projection runs inside the kernels in training too (with gradients: the
+# projecting op and its backward, `token_attention_project_pool_backward`); 0: training always takes the cuBLAS
+# projection + `token_attention_pool`. Benchmarks switch it (`bench_training.py --project-training`).
+PROJECT_TRAINING_MAX_WIDTH = 0
 # Which kernel the projecting op runs for bf16/fp16 inputs on a CUDA GPU with 16 tokens of 32 channels: "gluon"
 # (q and k staged through shared memory in a layout without bank conflicts, see `_staging_bases`) or "triton"
 # (`_project_pool_kernel`, whose staging layout Triton chooses; float32 inputs, other shapes and the CPU
@@ -144,10 +151,12 @@ PROJECT_GLUON_LAUNCH = {16: {"block_rows": 32, "num_warps": 4, "chunks": 1, "max
 PROJECT_WEIGHT_FRAGMENTS = True
 
 
-def projects(width: int) -> bool:
+def projects(width: int, grad: bool = False) -> bool:
     """Whether `TokenSelfAttention` sends an attention input of `width` channels to `token_attention_project_pool`
-    (width <= PROJECT_MAX_WIDTH, capped at the widest padded width the kernel has a launch for)."""
-    return 1 <= width <= min(PROJECT_MAX_WIDTH, max(PROJECT_LAUNCH))
+    (width <= PROJECT_MAX_WIDTH, capped at the widest padded width the kernel has a launch for; with `grad`, a
+    forward that autograd records, also width <= PROJECT_TRAINING_MAX_WIDTH)."""
+    widest = min(PROJECT_MAX_WIDTH, max(PROJECT_LAUNCH))
+    return 1 <= width <= (min(widest, PROJECT_TRAINING_MAX_WIDTH) if grad else widest)
 
 
 def set_launch(spec: str, *, backward: bool = False) -> dict:
@@ -339,8 +348,9 @@ if triton is not None:
 
     @triton.jit
     def _project_pool_bwd_kernel(
-        x_ptr, wp_ptr, w_ptr, g_ptr, dqkv_ptr, dw_ptr, R, scale,
+        x_ptr, wp_ptr, w_ptr, g_ptr, dqkv_ptr, dw_ptr, dx_ptr, R, scale,
         T: tl.constexpr, H: tl.constexpr, DH: tl.constexpr, C: tl.constexpr, CP: tl.constexpr, BLOCK_R: tl.constexpr,
+        DX: tl.constexpr,
     ):
         # Gradients of `_project_pool_kernel`'s output w.r.t. q/k/v (written to dqkv, (R, T * 3 * H * DH) in the
         # to_qkv output layout) and the token-mix weights (per-program partial sums, summed on the host), given
@@ -348,7 +358,9 @@ if triton is not None:
         # forward (q and k rounded to x's dtype, v float32), then as in `_token_attention_pool_bwd_kernel`:
         #   dv_u = c_u g,  dc_u = v_u . g,  r_t = sum_u a_tu dc_u,  ds_tu = a_tu w_t (dc_u - r_t),
         #   dq = scale ds k,  dk = scale ds^T q.
-        # dx and dW of the projection are then two cuBLAS matmuls of dqkv on the host.
+        # dW of the projection is then a cuBLAS matmul of dqkv on the host. With DX, this program also writes head
+        # h's share of dx, dq @ Wq_h + dk @ Wk_h + dv @ Wv_h from the rounded dq/dk/dv as stored (float32, (H, R,
+        # CP) at dx_ptr, summed over heads on the host), instead of a second cuBLAS matmul reading dqkv back.
         pid = tl.program_id(0)
         h = tl.program_id(1)
         rows, row_ok, x, woffs, q3, k3, a, wt = _projected_attention(x_ptr, wp_ptr, w_ptr, R, scale, h, T, DH, C, CP,
@@ -362,14 +374,25 @@ if triton is not None:
         offs = (rows[:, None, None].to(tl.int64) * (T * 3 * H * DH) + tl.arange(0, T)[None, :, None] * (3 * H * DH)
                 + h * DH + tl.arange(0, DH)[None, None, :])
         out_ty = dqkv_ptr.dtype.element_ty
-        tl.store(dqkv_ptr + offs + 2 * H * DH, (c[:, :, None] * g[:, None, :]).to(out_ty), mask=row_ok[:, None, None])
+        dv = (c[:, :, None] * g[:, None, :]).to(out_ty)
+        tl.store(dqkv_ptr + offs + 2 * H * DH, dv, mask=row_ok[:, None, None])
         r = tl.sum(a * dc[:, None, :], axis=2)  # (BLOCK_R, T)
         ds = (a * wt[None, :, None] * (dc[:, None, :] - r[:, :, None]) * scale).to(q3.dtype)  # (BLOCK_R, T, U)
-        dq = tl.dot(ds, k3, input_precision="ieee", out_dtype=tl.float32)
-        tl.store(dqkv_ptr + offs, dq.to(out_ty), mask=row_ok[:, None, None])
-        dk = tl.dot(tl.trans(ds, (0, 2, 1)), q3, input_precision="ieee", out_dtype=tl.float32)
-        tl.store(dqkv_ptr + offs + H * DH, dk.to(out_ty), mask=row_ok[:, None, None])
+        dq = tl.dot(ds, k3, input_precision="ieee", out_dtype=tl.float32).to(out_ty)
+        tl.store(dqkv_ptr + offs, dq, mask=row_ok[:, None, None])
+        dk = tl.dot(tl.trans(ds, (0, 2, 1)), q3, input_precision="ieee", out_dtype=tl.float32).to(out_ty)
+        tl.store(dqkv_ptr + offs + H * DH, dk, mask=row_ok[:, None, None])
         tl.store(dw_ptr + (pid * H + h) * T + tl.arange(0, T), tl.sum(r, axis=0))
+        if DX:  # (BLOCK_R, T * DH) @ (T * DH, CP) per q/k/v: the weight blocks of head h transposed
+            TD: tl.constexpr = T * DH
+            dx = tl.dot(tl.reshape(dq, (BLOCK_R, TD)), tl.trans(tl.load(wp_ptr + woffs)), input_precision="ieee",
+                        out_dtype=tl.float32)
+            dx = tl.dot(tl.reshape(dk, (BLOCK_R, TD)), tl.trans(tl.load(wp_ptr + woffs + CP * TD)), acc=dx,
+                        input_precision="ieee", out_dtype=tl.float32)
+            dx = tl.dot(tl.reshape(dv, (BLOCK_R, TD)), tl.trans(tl.load(wp_ptr + woffs + 2 * CP * TD)), acc=dx,
+                        input_precision="ieee", out_dtype=tl.float32)
+            dx_offs = (h * R + rows[:, None]).to(tl.int64) * CP + tl.arange(0, CP)[None, :]
+            tl.store(dx_ptr + dx_offs, dx, mask=row_ok[:, None])
 
 
 def _staging_bases(block_rows: int) -> list[list[int]]:
@@ -826,32 +849,46 @@ def _(x: torch.Tensor, wqkv: torch.Tensor, w: torch.Tensor, tokens: int, heads: 
 
 @torch.library.custom_op("ofer::token_attention_project_pool_backward", mutates_args=())
 def token_attention_project_pool_backward(x: torch.Tensor, wqkv: torch.Tensor, w: torch.Tensor, grad: torch.Tensor,
-                                          tokens: int, heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+                                          tokens: int, heads: int, head_dim: int,
+                                          need_dx: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `token_attention_project_pool` w.r.t. the projection output q/k/v, (R, tokens * 3 * heads *
-    head_dim) in x's dtype, laid out as `x @ wqkv.T` (so dx = dqkv @ wqkv and dwqkv = dqkv.T @ x), and w.r.t. w
-    (w's dtype), given grad = dL/d(output). One Triton kernel per (rows, head) launched as `PROJECT_BACKWARD_LAUNCH`
-    recomputes q/k/v from x: nothing of the 6,144-wide q/k/v is kept between forward and backward."""
-    R = x.shape[0]
+    head_dim) in x's dtype, laid out as `x @ wqkv.T` (so dx = dqkv @ wqkv and dwqkv = dqkv.T @ x), w.r.t. x (x's
+    dtype; with need_dx False an empty (0, C) tensor) and w.r.t. w (w's dtype), given grad = dL/d(output). One
+    Triton kernel per (rows, head) launched as `PROJECT_BACKWARD_LAUNCH` recomputes q/k/v from x: nothing of the
+    6,144-wide q/k/v is kept between forward and backward. With `PROJECT_BACKWARD_DX` the kernel also computes dx
+    from the rounded dq/dk/dv it writes (the same products as `dqkv @ wqkv`, accumulated in float32 over q/k/v and
+    heads in another order) instead of a cuBLAS matmul that reads dqkv back."""
+    R, C = x.shape
     grad = grad.contiguous().float()
     if x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 0):
-        return _grads_torch(x @ wqkv.T, w, grad, tokens, heads, head_dim)
+        dqkv, dw = _grads_torch(x @ wqkv.T, w, grad, tokens, heads, head_dim)
+        return dqkv, dqkv @ wqkv if need_dx else x.new_empty(0, C), dw
     xp, c, cp = _x_operand(x)
     wp = _weight_blocks(wqkv, tokens, heads, head_dim, cp)
     launch = PROJECT_BACKWARD_LAUNCH[cp]
     grid = (triton.cdiv(R, launch["block_rows"]), heads)
     dqkv = x.new_empty(R, tokens * 3 * heads * head_dim)
     dw_part = torch.empty(grid[0], heads, tokens, device=x.device, dtype=torch.float32)
+    in_kernel = need_dx and PROJECT_BACKWARD_DX
+    dx_part = torch.empty(heads if in_kernel else 0, R, cp, device=x.device, dtype=torch.float32)
     if R > 0:
-        _project_pool_bwd_kernel[grid](xp, wp, w.contiguous(), grad, dqkv, dw_part, R, head_dim**-0.5, T=tokens,
-                                       H=heads, DH=head_dim, C=c, CP=cp, BLOCK_R=launch["block_rows"],
-                                       num_warps=launch["num_warps"])
-    return dqkv, dw_part.sum((0, 1)).to(w.dtype)
+        _project_pool_bwd_kernel[grid](xp, wp, w.contiguous(), grad, dqkv, dw_part, dx_part, R, head_dim**-0.5,
+                                       T=tokens, H=heads, DH=head_dim, C=c, CP=cp, BLOCK_R=launch["block_rows"],
+                                       DX=in_kernel, num_warps=launch["num_warps"])
+    if not need_dx:
+        dx = x.new_empty(0, C)
+    elif in_kernel:
+        dx = dx_part.sum(0)[:, :C].to(x.dtype)
+    else:
+        dx = dqkv @ wqkv
+    return dqkv, dx, dw_part.sum((0, 1)).to(w.dtype)
 
 
 @token_attention_project_pool_backward.register_fake
 def _(x: torch.Tensor, wqkv: torch.Tensor, w: torch.Tensor, grad: torch.Tensor, tokens: int, heads: int,
-      head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return x.new_empty(x.shape[0], tokens * 3 * heads * head_dim), w.new_empty(w.shape)
+      head_dim: int, need_dx: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx = x.new_empty(x.shape if need_dx else (0, x.shape[1]))
+    return x.new_empty(x.shape[0], tokens * 3 * heads * head_dim), dx, w.new_empty(w.shape)
 
 
 def _project_setup_context(ctx, inputs, output) -> None:
@@ -862,10 +899,9 @@ def _project_setup_context(ctx, inputs, output) -> None:
 
 def _project_backward(ctx, grad: torch.Tensor):
     x, wqkv, w = ctx.saved_tensors
-    dqkv, dw = token_attention_project_pool_backward(x, wqkv, w, grad, *ctx.shape)
-    dx = dqkv @ wqkv if ctx.needs_input_grad[0] else None
+    dqkv, dx, dw = token_attention_project_pool_backward(x, wqkv, w, grad, *ctx.shape, ctx.needs_input_grad[0])
     dwqkv = dqkv.T @ x if ctx.needs_input_grad[1] else None
-    return dx, dwqkv, dw, None, None, None, None, None, None
+    return dx if ctx.needs_input_grad[0] else None, dwqkv, dw, None, None, None, None, None, None
 
 
 token_attention_project_pool.register_autograd(_project_backward, setup_context=_project_setup_context)

@@ -118,11 +118,12 @@ class TokenSelfAttention(nn.Module):
         # rounded to nearest once, as the cast in front of to_out would, without that cast's extra kernel.
         dev = xn.device.type
         low = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-        if impl == "triton" and not grad and token_attention_kernel.projects(xn.shape[1]) and self.tokens >= 16:
+        if impl == "triton" and token_attention_kernel.projects(xn.shape[1], grad) and self.tokens >= 16:
             # Narrow input: the projection runs inside the kernel, so the (B, T * 3 * H * Dh) q/k/v tensor (384x
             # wider than a 16-channel input) is never written and read back. Same dtype as the Linear would use.
-            # Sampling only: the op is differentiable, but its backward (q/k/v recomputed per 16-32 rows) made a
-            # compiled IdGen training step slower, 27.1 -> 28.5 ms at 65,536 rows on an H200 (BENCHMARKS.md).
+            # Sampling only by default (PROJECT_TRAINING_MAX_WIDTH = 0): the op is differentiable, but its backward
+            # (q/k/v recomputed per 16-32 rows) made a compiled IdGen training step slower, 27.1 -> 28.5 ms at
+            # 65,536 rows on an H200 (BENCHMARKS.md).
             dt = low or xn.dtype
             layout = self.qkv_prepared_layout
             pooled = token_attention_kernel.token_attention_project_pool(
