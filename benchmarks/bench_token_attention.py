@@ -52,10 +52,6 @@ def main() -> None:
                          "of the cuBLAS projection + kernels against the projecting kernel with its backward, per "
                          "launch of the latter (rows per program x warps, token_attention_kernel."
                          "PROJECT_BACKWARD_LAUNCH)")
-    ap.add_argument("--project-backward-dx", default=None,
-                    help="comma list of true,false: time each --project-backward-launches launch with dx computed in "
-                         "the backward kernel or by a cuBLAS matmul of dqkv (token_attention_kernel."
-                         "PROJECT_BACKWARD_DX); default: the module's")
     ap.add_argument("--backward-launches", default="",
                     help="comma list of the backward kernel's launch shapes (token_attention_kernel.BACKWARD_LAUNCH): "
                          "also time the gradient of the pooled output w.r.t. q/k/v and w, kernel vs autograd of the "
@@ -263,17 +259,14 @@ def project_backward_rows(args: argparse.Namespace, x: torch.Tensor, wqkv: torch
 
     forms = {"fwd+bwd: projection + kernel": grad_of(
         lambda xx: tak.token_attention_pool(torch.nn.functional.linear(xx, wq), w, T, H, DH))}
-    saved_dx = tak.PROJECT_BACKWARD_DX
-    dxs = [v == "true" for v in args.project_backward_dx.split(",")] if args.project_backward_dx else [saved_dx]
-    for spec, dx in ((s, d) for s in args.project_backward_launches.split(",") for d in dxs):
+    for spec in args.project_backward_launches.split(","):
         rows_, warps = (int(v) for v in spec.split("x"))
 
-        def fused(xx: torch.Tensor, rows_: int = rows_, warps: int = warps, dx: bool = dx) -> torch.Tensor:
+        def fused(xx: torch.Tensor, rows_: int = rows_, warps: int = warps) -> torch.Tensor:
             for cp in tak.PROJECT_BACKWARD_LAUNCH:
                 tak.PROJECT_BACKWARD_LAUNCH[cp] = {"block_rows": rows_, "num_warps": warps}
-            tak.PROJECT_BACKWARD_DX = dx
             return grad_of(lambda xg: tak.token_attention_project_pool(xg, wq, w, T, H, DH))(xx)
-        forms[f"fwd+bwd: projecting kernel, backward {spec}, dx in kernel {dx}"] = fused
+        forms[f"fwd+bwd: projecting kernel, backward {spec}"] = fused
     rows = []
     for name, fn in forms.items():
         try:
@@ -283,7 +276,6 @@ def project_backward_rows(args: argparse.Namespace, x: torch.Tensor, wqkv: torch
             row = {"width": c, "form": name, "error": f"{type(exc).__name__}: {exc}"[:400]}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    tak.PROJECT_BACKWARD_DX = saved_dx
     return rows
 
 

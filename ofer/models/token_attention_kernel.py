@@ -43,10 +43,14 @@ followed by `token_attention_pool`: 228 vs 588 us at 10 channels, 283 vs 655 at 
 the projection's K padded to a multiple of 8 for cuBLAS). A compiled sampling step went from 7.78 to
 7.46 ms (IdGen) and 4.16 to 3.61 ms (ExpGen). The wide (300-channel) IdGen blocks keep the separate projection:
 their 3.7 MB of q/k/v weights would be re-read by every 32-row block (5.9 GB per call at 51,200 rows).
-It is differentiable (`token_attention_project_pool_backward`: q/k/v recomputed from x per 16 rows, dL/dqkv
-written, dx and dW as two cuBLAS matmuls of it), but measured slower than the separate projection in training
-(forward + backward at 65,536 rows: 2.98 vs 2.95 ms at 53 channels, 1.59 vs 1.88 ms at 10; a compiled IdGen
-step 28.5 vs 27.1 ms), so `Denoiser` uses it for sampling only.
+It is differentiable (`token_attention_project_pool_backward`: q/k/v recomputed from x per 16-32 rows, dL/dqkv
+written, dx and dW as two cuBLAS matmuls of it). With its first, Triton forward it trained slower than the separate
+projection (H200, forward + backward at 65,536 rows: 2.98 vs 2.95 ms at 53 channels, 1.59 vs 1.88 ms at 10; a
+compiled IdGen step 28.5 vs 27.1 ms); with the Gluon forward below it is faster up to 32 channels on an H100, so
+`Denoiser` trains inputs up to `PROJECT_TRAINING_MAX_WIDTH` (32) channels through it (BENCHMARKS.md, "ninth").
+Computing dx inside the backward kernel as well (three more (rows, 512) @ (512, C) products per head, no second
+read of dqkv) was slower at every launch on an H100 (16 channels: 1,637-2,500 vs 1,382 us; session 20, commit
+23f7119), so dx stays a cuBLAS matmul.
 
 For bf16/fp16 inputs with 16 tokens of 32 channels on a CUDA GPU the projecting op runs a Gluon kernel
 (`_project_pool_gluon_kernel`; Gluon is Triton's dialect with explicit layouts, Triton >= 3.5) instead: the same
@@ -122,16 +126,20 @@ PROJECT_LAUNCH = {16: {"block_rows": 32, "num_warps": 4}, 32: {"block_rows": 32,
                   64: {"block_rows": 32, "num_warps": 8}}
 # The projecting kernel's backward (`token_attention_project_pool_backward`), per padded width: rows per program
 # (a power of two >= 16) and warps.
-PROJECT_BACKWARD_LAUNCH = {16: {"block_rows": 16, "num_warps": 4}, 32: {"block_rows": 16, "num_warps": 4},
-                           64: {"block_rows": 16, "num_warps": 8}}
-# Whether the projecting backward kernel also computes dx (`token_attention_project_pool_backward`); off: a cuBLAS
-# matmul of the dqkv it writes. Benchmarks switch it (`bench_token_attention.py --project-backward-dx`).
-PROJECT_BACKWARD_DX = True
+# Measured on an H100 at 65,536 rows, forward + backward with the Gluon forward (`bench_token_attention.py
+# --project-backward-launches`, BENCHMARKS.md "Session of 2026-11-27, ninth"): 16 x 8 fastest at 16 and 32
+# channels (1,382 / 1,563 us; 16 x 4: 1,461 / 1,670), 32 x 8 at 56 (1,906 us; 16 x 8: 2,112).
+PROJECT_BACKWARD_LAUNCH = {16: {"block_rows": 16, "num_warps": 8}, 32: {"block_rows": 16, "num_warps": 8},
+                           64: {"block_rows": 32, "num_warps": 8}}
 PROJECT_MAX_WIDTH = 64  # may be lowered (0: never); the kernel takes at most max(PROJECT_LAUNCH) = 64 channels
 # The widest attention input whose projection runs inside the kernels in training too (with gradients: the
-# projecting op and its backward, `token_attention_project_pool_backward`); 0: training always takes the cuBLAS
-# projection + `token_attention_pool`. Benchmarks switch it (`bench_training.py --project-training`).
-PROJECT_TRAINING_MAX_WIDTH = 0
+# projecting op and its backward, `token_attention_project_pool_backward`); wider inputs train with the cuBLAS
+# projection + `token_attention_pool`, 0: all do. Measured on an H100 at 65,536 rows, forward + backward of one
+# block (BENCHMARKS.md, "ninth"): 1,382 vs 1,783 us at 16 channels, 1,563 vs 1,790 at 32, but 1,906 vs 1,821 at
+# 56 (the backward re-reads a 56-channel block's 196 KB of q/k/v weights for every 32 rows); compiled bf16
+# training steps in one CUDA graph: IdGen 26.18 -> 25.88 ms, ExpGen 16.51 -> 16.05 ms. Benchmarks switch it
+# (`bench_training.py --project-training`).
+PROJECT_TRAINING_MAX_WIDTH = 32
 # Which kernel the projecting op runs for bf16/fp16 inputs on a CUDA GPU with 16 tokens of 32 channels: "gluon"
 # (q and k staged through shared memory in a layout without bank conflicts, see `_staging_bases`) or "triton"
 # (`_project_pool_kernel`, whose staging layout Triton chooses; float32 inputs, other shapes and the CPU
@@ -348,9 +356,8 @@ if triton is not None:
 
     @triton.jit
     def _project_pool_bwd_kernel(
-        x_ptr, wp_ptr, w_ptr, g_ptr, dqkv_ptr, dw_ptr, dx_ptr, R, scale,
+        x_ptr, wp_ptr, w_ptr, g_ptr, dqkv_ptr, dw_ptr, R, scale,
         T: tl.constexpr, H: tl.constexpr, DH: tl.constexpr, C: tl.constexpr, CP: tl.constexpr, BLOCK_R: tl.constexpr,
-        DX: tl.constexpr,
     ):
         # Gradients of `_project_pool_kernel`'s output w.r.t. q/k/v (written to dqkv, (R, T * 3 * H * DH) in the
         # to_qkv output layout) and the token-mix weights (per-program partial sums, summed on the host), given
@@ -358,9 +365,7 @@ if triton is not None:
         # forward (q and k rounded to x's dtype, v float32), then as in `_token_attention_pool_bwd_kernel`:
         #   dv_u = c_u g,  dc_u = v_u . g,  r_t = sum_u a_tu dc_u,  ds_tu = a_tu w_t (dc_u - r_t),
         #   dq = scale ds k,  dk = scale ds^T q.
-        # dW of the projection is then a cuBLAS matmul of dqkv on the host. With DX, this program also writes head
-        # h's share of dx, dq @ Wq_h + dk @ Wk_h + dv @ Wv_h from the rounded dq/dk/dv as stored (float32, (H, R,
-        # CP) at dx_ptr, summed over heads on the host), instead of a second cuBLAS matmul reading dqkv back.
+        # dx and dW of the projection are then two cuBLAS matmuls of dqkv on the host.
         pid = tl.program_id(0)
         h = tl.program_id(1)
         rows, row_ok, x, woffs, q3, k3, a, wt = _projected_attention(x_ptr, wp_ptr, w_ptr, R, scale, h, T, DH, C, CP,
@@ -374,25 +379,14 @@ if triton is not None:
         offs = (rows[:, None, None].to(tl.int64) * (T * 3 * H * DH) + tl.arange(0, T)[None, :, None] * (3 * H * DH)
                 + h * DH + tl.arange(0, DH)[None, None, :])
         out_ty = dqkv_ptr.dtype.element_ty
-        dv = (c[:, :, None] * g[:, None, :]).to(out_ty)
-        tl.store(dqkv_ptr + offs + 2 * H * DH, dv, mask=row_ok[:, None, None])
+        tl.store(dqkv_ptr + offs + 2 * H * DH, (c[:, :, None] * g[:, None, :]).to(out_ty), mask=row_ok[:, None, None])
         r = tl.sum(a * dc[:, None, :], axis=2)  # (BLOCK_R, T)
         ds = (a * wt[None, :, None] * (dc[:, None, :] - r[:, :, None]) * scale).to(q3.dtype)  # (BLOCK_R, T, U)
-        dq = tl.dot(ds, k3, input_precision="ieee", out_dtype=tl.float32).to(out_ty)
-        tl.store(dqkv_ptr + offs, dq, mask=row_ok[:, None, None])
-        dk = tl.dot(tl.trans(ds, (0, 2, 1)), q3, input_precision="ieee", out_dtype=tl.float32).to(out_ty)
-        tl.store(dqkv_ptr + offs + H * DH, dk, mask=row_ok[:, None, None])
+        dq = tl.dot(ds, k3, input_precision="ieee", out_dtype=tl.float32)
+        tl.store(dqkv_ptr + offs, dq.to(out_ty), mask=row_ok[:, None, None])
+        dk = tl.dot(tl.trans(ds, (0, 2, 1)), q3, input_precision="ieee", out_dtype=tl.float32)
+        tl.store(dqkv_ptr + offs + H * DH, dk.to(out_ty), mask=row_ok[:, None, None])
         tl.store(dw_ptr + (pid * H + h) * T + tl.arange(0, T), tl.sum(r, axis=0))
-        if DX:  # (BLOCK_R, T * DH) @ (T * DH, CP) per q/k/v: the weight blocks of head h transposed
-            TD: tl.constexpr = T * DH
-            dx = tl.dot(tl.reshape(dq, (BLOCK_R, TD)), tl.trans(tl.load(wp_ptr + woffs)), input_precision="ieee",
-                        out_dtype=tl.float32)
-            dx = tl.dot(tl.reshape(dk, (BLOCK_R, TD)), tl.trans(tl.load(wp_ptr + woffs + CP * TD)), acc=dx,
-                        input_precision="ieee", out_dtype=tl.float32)
-            dx = tl.dot(tl.reshape(dv, (BLOCK_R, TD)), tl.trans(tl.load(wp_ptr + woffs + 2 * CP * TD)), acc=dx,
-                        input_precision="ieee", out_dtype=tl.float32)
-            dx_offs = (h * R + rows[:, None]).to(tl.int64) * CP + tl.arange(0, CP)[None, :]
-            tl.store(dx_ptr + dx_offs, dx, mask=row_ok[:, None])
 
 
 def _staging_bases(block_rows: int) -> list[list[int]]:
@@ -849,46 +843,32 @@ def _(x: torch.Tensor, wqkv: torch.Tensor, w: torch.Tensor, tokens: int, heads: 
 
 @torch.library.custom_op("ofer::token_attention_project_pool_backward", mutates_args=())
 def token_attention_project_pool_backward(x: torch.Tensor, wqkv: torch.Tensor, w: torch.Tensor, grad: torch.Tensor,
-                                          tokens: int, heads: int, head_dim: int,
-                                          need_dx: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                          tokens: int, heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of `token_attention_project_pool` w.r.t. the projection output q/k/v, (R, tokens * 3 * heads *
-    head_dim) in x's dtype, laid out as `x @ wqkv.T` (so dx = dqkv @ wqkv and dwqkv = dqkv.T @ x), w.r.t. x (x's
-    dtype; with need_dx False an empty (0, C) tensor) and w.r.t. w (w's dtype), given grad = dL/d(output). One
-    Triton kernel per (rows, head) launched as `PROJECT_BACKWARD_LAUNCH` recomputes q/k/v from x: nothing of the
-    6,144-wide q/k/v is kept between forward and backward. With `PROJECT_BACKWARD_DX` the kernel also computes dx
-    from the rounded dq/dk/dv it writes (the same products as `dqkv @ wqkv`, accumulated in float32 over q/k/v and
-    heads in another order) instead of a cuBLAS matmul that reads dqkv back."""
-    R, C = x.shape
+    head_dim) in x's dtype, laid out as `x @ wqkv.T` (so dx = dqkv @ wqkv and dwqkv = dqkv.T @ x), and w.r.t. w
+    (w's dtype), given grad = dL/d(output). One Triton kernel per (rows, head) launched as `PROJECT_BACKWARD_LAUNCH`
+    recomputes q/k/v from x: nothing of the 6,144-wide q/k/v is kept between forward and backward."""
+    R = x.shape[0]
     grad = grad.contiguous().float()
     if x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 0):
-        dqkv, dw = _grads_torch(x @ wqkv.T, w, grad, tokens, heads, head_dim)
-        return dqkv, dqkv @ wqkv if need_dx else x.new_empty(0, C), dw
+        return _grads_torch(x @ wqkv.T, w, grad, tokens, heads, head_dim)
     xp, c, cp = _x_operand(x)
     wp = _weight_blocks(wqkv, tokens, heads, head_dim, cp)
     launch = PROJECT_BACKWARD_LAUNCH[cp]
     grid = (triton.cdiv(R, launch["block_rows"]), heads)
     dqkv = x.new_empty(R, tokens * 3 * heads * head_dim)
     dw_part = torch.empty(grid[0], heads, tokens, device=x.device, dtype=torch.float32)
-    in_kernel = need_dx and PROJECT_BACKWARD_DX
-    dx_part = torch.empty(heads if in_kernel else 0, R, cp, device=x.device, dtype=torch.float32)
     if R > 0:
-        _project_pool_bwd_kernel[grid](xp, wp, w.contiguous(), grad, dqkv, dw_part, dx_part, R, head_dim**-0.5,
-                                       T=tokens, H=heads, DH=head_dim, C=c, CP=cp, BLOCK_R=launch["block_rows"],
-                                       DX=in_kernel, num_warps=launch["num_warps"])
-    if not need_dx:
-        dx = x.new_empty(0, C)
-    elif in_kernel:
-        dx = dx_part.sum(0)[:, :C].to(x.dtype)
-    else:
-        dx = dqkv @ wqkv
-    return dqkv, dx, dw_part.sum((0, 1)).to(w.dtype)
+        _project_pool_bwd_kernel[grid](xp, wp, w.contiguous(), grad, dqkv, dw_part, R, head_dim**-0.5, T=tokens,
+                                       H=heads, DH=head_dim, C=c, CP=cp, BLOCK_R=launch["block_rows"],
+                                       num_warps=launch["num_warps"])
+    return dqkv, dw_part.sum((0, 1)).to(w.dtype)
 
 
 @token_attention_project_pool_backward.register_fake
 def _(x: torch.Tensor, wqkv: torch.Tensor, w: torch.Tensor, grad: torch.Tensor, tokens: int, heads: int,
-      head_dim: int, need_dx: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx = x.new_empty(x.shape if need_dx else (0, x.shape[1]))
-    return x.new_empty(x.shape[0], tokens * 3 * heads * head_dim), dx, w.new_empty(w.shape)
+      head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.new_empty(x.shape[0], tokens * 3 * heads * head_dim), w.new_empty(w.shape)
 
 
 def _project_setup_context(ctx, inputs, output) -> None:
@@ -899,9 +879,10 @@ def _project_setup_context(ctx, inputs, output) -> None:
 
 def _project_backward(ctx, grad: torch.Tensor):
     x, wqkv, w = ctx.saved_tensors
-    dqkv, dx, dw = token_attention_project_pool_backward(x, wqkv, w, grad, *ctx.shape, ctx.needs_input_grad[0])
+    dqkv, dw = token_attention_project_pool_backward(x, wqkv, w, grad, *ctx.shape)
+    dx = dqkv @ wqkv if ctx.needs_input_grad[0] else None
     dwqkv = dqkv.T @ x if ctx.needs_input_grad[1] else None
-    return dx if ctx.needs_input_grad[0] else None, dwqkv, dw, None, None, None, None, None, None
+    return dx, dwqkv, dw, None, None, None, None, None, None
 
 
 token_attention_project_pool.register_autograd(_project_backward, setup_context=_project_setup_context)
