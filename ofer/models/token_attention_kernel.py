@@ -126,11 +126,12 @@ PROJECT_LAUNCH = {16: {"block_rows": 32, "num_warps": 4}, 32: {"block_rows": 32,
                   64: {"block_rows": 32, "num_warps": 8}}
 # The projecting kernel's backward (`token_attention_project_pool_backward`), per padded width: rows per program
 # (a power of two >= 16) and warps.
-# Measured on an H100 at 65,536 rows, forward + backward with the Gluon forward (`bench_token_attention.py
+# Measured on an H100 at 65,536 rows, bf16 forward + backward with the Gluon forward (`bench_token_attention.py
 # --project-backward-launches`, BENCHMARKS.md "Session of 2026-11-27, ninth"): 16 x 8 fastest at 16 and 32
-# channels (1,382 / 1,563 us; 16 x 4: 1,461 / 1,670), 32 x 8 at 56 (1,906 us; 16 x 8: 2,112).
+# channels (1,382 / 1,563 us; 16 x 4: 1,461 / 1,670). At 56 channels 32 x 8 was faster in bf16 (1,906 us; 16 x 8:
+# 2,112) but needs 256 KB of shared memory in float32, more than an H100 has, so 64 keeps 16 rows.
 PROJECT_BACKWARD_LAUNCH = {16: {"block_rows": 16, "num_warps": 8}, 32: {"block_rows": 16, "num_warps": 8},
-                           64: {"block_rows": 32, "num_warps": 8}}
+                           64: {"block_rows": 16, "num_warps": 8}}
 PROJECT_MAX_WIDTH = 64  # may be lowered (0: never); the kernel takes at most max(PROJECT_LAUNCH) = 64 channels
 # The widest attention input whose projection runs inside the kernels in training too (with gradients: the
 # projecting op and its backward, `token_attention_project_pool_backward`); wider inputs train with the cuBLAS
