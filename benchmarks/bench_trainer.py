@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.bench_training import SHAPES, count, gemm_tflops  # noqa: E402
 from ofer.jobs import training_copy  # noqa: E402
 from ofer.diffusion import GaussianDiffusion  # noqa: E402
+from ofer.models import token_attention_kernel as tak  # noqa: E402
 from ofer.models.unet1d import Denoiser  # noqa: E402
 from ofer.training import train  # noqa: E402
 
@@ -123,6 +124,9 @@ def main() -> None:
     ap.add_argument("--graph", default="false,true", help="trainer.cuda_graph values to run (comma list)")
     ap.add_argument("--pad-widths", default="true", help="pad_widths values of the generator jobs to run (comma list "
                     "of true/false; true: the padded copy, the default of train_generator on CUDA)")
+    ap.add_argument("--project-training", default=None, metavar="WIDTHS",
+                    help="comma list of token_attention_kernel.PROJECT_TRAINING_MAX_WIDTH values to run (the widest "
+                         "attention input trained through the projecting kernel; 0: none); default: the module's")
     ap.add_argument("--profile", action="store_true",
                     help="print the profiler tables (CPU and CUDA) of 3 steps after --warmup (those steps are timed "
                          "too: use the timings of a run without it)")
@@ -135,26 +139,39 @@ def main() -> None:
     pads = [v == "true" for v in args.pad_widths.split(",")]
     if set(args.pad_widths.split(",")) - {"true", "false"}:
         ap.error(f"--pad-widths {args.pad_widths!r}: expected a comma list of true/false")
+    try:
+        widths = ([int(v) for v in args.project_training.split(",")] if args.project_training
+                  else [tak.PROJECT_TRAINING_MAX_WIDTH])
+    except ValueError:
+        ap.error(f"--project-training {args.project_training!r}: expected a comma list of integers")
     rows = []
     for kind in args.jobs.split(","):
-        for graph, pad in ((g, p) for g in ((False,) if args.cpu else tuple(v == "true" for v in args.graph.split(",")))
-                           for p in pads):
+        for graph, pad, ptw in ((g, p, w) for g in ((False,) if args.cpu else tuple(v == "true" for v in
+                                                                                     args.graph.split(",")))
+                                for p in pads for w in widths):
+            if tak.PROJECT_TRAINING_MAX_WIDTH != ptw:  # the compiled forward read the old value
+                tak.PROJECT_TRAINING_MAX_WIDTH = ptw
+                torch._dynamo.reset()
             try:
                 row = run(kind, graph, args, device, pad)
+                row["project_training_max_width"] = ptw
                 if peak:
                     row["mfu"] = 6 * row["params"] * row["rows_per_step"] / row["s_per_step"] / (peak * 1e12)
             except Exception as exc:  # noqa: BLE001 -- reported, the other rows go on
-                row = {"job": kind, "cuda_graph": graph, "pad_widths": pad, "error": f"{type(exc).__name__}: {exc}"}
+                row = {"job": kind, "cuda_graph": graph, "pad_widths": pad, "project_training_max_width": ptw,
+                       "error": f"{type(exc).__name__}: {exc}"}
             rows.append(row)
             print(json.dumps(row), flush=True)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"device: {name}  bf16 GEMM {peak or 0:.0f} TFLOP/s")
-    print(f"{'job':8} {'cuda_graph':>10} {'pad':>5} {'ms/step':>9} {'samples/s':>12} {'MFU':>6}")
+    print(f"{'job':8} {'cuda_graph':>10} {'pad':>5} {'proj':>4} {'ms/step':>9} {'samples/s':>12} {'MFU':>6}")
     for r in rows:
+        head = (f"{r['job']:8} {str(r['cuda_graph']):>10} {str(r['pad_widths']):>5} "
+                f"{r['project_training_max_width']:>4}")
         if "error" in r:
-            print(f"{r['job']:8} {str(r['cuda_graph']):>10} {str(r['pad_widths']):>5} error: {r['error'][:200]}")
+            print(f"{head} error: {r['error'][:200]}")
         else:
-            print(f"{r['job']:8} {str(r['cuda_graph']):>10} {str(r['pad_widths']):>5} {r['s_per_step'] * 1e3:9.2f} "
+            print(f"{head} {r['s_per_step'] * 1e3:9.2f} "
                   f"{r['samples_per_s']:12,.0f} {100 * r.get('mfu', 0):5.1f}%")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
