@@ -667,8 +667,8 @@ def test_projecting_kernel_backward_matches_float64_autograd_in_the_interpreter(
     token-mix weights) against autograd through the float64 formula on x @ wqkv.T, at padded widths 16/32/64, partial
     row blocks, two launches, 1-4 heads and 16 or 32 tokens; opcheck of the op's registrations; and that the
     Denoiser routes narrow blocks to it in training only up to PROJECT_TRAINING_MAX_WIDTH, with the gradients of
-    the separate projection. Checked to fail with the softmax-backward term r_t
-    dropped and with dk from the untransposed ds."""
+    the separate projection. Checked to fail with the softmax-backward term r_t dropped and with dk from the
+    untransposed ds."""
     script = textwrap.dedent("""
         import torch
         from ofer.models import token_attention_kernel as tak

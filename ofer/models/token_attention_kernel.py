@@ -49,8 +49,8 @@ projection (H200, forward + backward at 65,536 rows: 2.98 vs 2.95 ms at 53 chann
 compiled IdGen step 28.5 vs 27.1 ms); with the Gluon forward below it is faster up to 32 channels on an H100, so
 `Denoiser` trains inputs up to `PROJECT_TRAINING_MAX_WIDTH` (32) channels through it (BENCHMARKS.md, "ninth").
 Computing dx inside the backward kernel as well (three more (rows, 512) @ (512, C) products per head, no second
-read of dqkv) was slower at every launch on an H100 (16 channels: 1,637-2,500 vs 1,382 us; session 20, commit
-23f7119), so dx stays a cuBLAS matmul.
+read of dqkv) was slower at every launch on an H100 (16 channels: 1,637-2,500 vs 1,382 us; BENCHMARKS.md "ninth",
+commit 23f7119), so dx stays a cuBLAS matmul.
 
 For bf16/fp16 inputs with 16 tokens of 32 channels on a CUDA GPU the projecting op runs a Gluon kernel
 (`_project_pool_gluon_kernel`; Gluon is Triton's dialect with explicit layouts, Triton >= 3.5) instead: the same
@@ -137,9 +137,9 @@ PROJECT_MAX_WIDTH = 64  # may be lowered (0: never); the kernel takes at most ma
 # projecting op and its backward, `token_attention_project_pool_backward`); wider inputs train with the cuBLAS
 # projection + `token_attention_pool`, 0: all do. Measured on an H100 at 65,536 rows, forward + backward of one
 # block (BENCHMARKS.md, "ninth"): 1,382 vs 1,783 us at 16 channels, 1,563 vs 1,790 at 32, but 1,906 vs 1,821 at
-# 56 (the backward re-reads a 56-channel block's 196 KB of q/k/v weights for every 32 rows); compiled bf16
-# training steps in one CUDA graph: IdGen 26.18 -> 25.88 ms, ExpGen 16.51 -> 16.05 ms. Benchmarks switch it
-# (`bench_training.py --project-training`).
+# 56 (the backward re-reads a 56-channel block's 196 KB of q/k/v weights for every 16 rows); compiled bf16
+# training steps in one CUDA graph, 0 -> 32: IdGen 26.05 -> 25.66 ms, ExpGen 16.41 -> 15.59 ms. Benchmarks
+# switch it (`bench_training.py` / `bench_trainer.py --project-training`).
 PROJECT_TRAINING_MAX_WIDTH = 32
 # Which kernel the projecting op runs for bf16/fp16 inputs on a CUDA GPU with 16 tokens of 32 channels: "gluon"
 # (q and k staged through shared memory in a layout without bank conflicts, see `_staging_bases`) or "triton"

@@ -121,9 +121,9 @@ class TokenSelfAttention(nn.Module):
         if impl == "triton" and token_attention_kernel.projects(xn.shape[1], grad) and self.tokens >= 16:
             # Narrow input: the projection runs inside the kernel, so the (B, T * 3 * H * Dh) q/k/v tensor (384x
             # wider than a 16-channel input) is never written and read back. Same dtype as the Linear would use.
-            # Sampling only by default (PROJECT_TRAINING_MAX_WIDTH = 0): the op is differentiable, but its backward
-            # (q/k/v recomputed per 16-32 rows) made a compiled IdGen training step slower, 27.1 -> 28.5 ms at
-            # 65,536 rows on an H200 (BENCHMARKS.md).
+            # In training only up to PROJECT_TRAINING_MAX_WIDTH (32) channels: its backward recomputes q/k/v per
+            # 16 rows, re-reading the projection weights each time, and at 56 channels it is slower than the
+            # separate projection (H100, BENCHMARKS.md "ninth").
             dt = low or xn.dtype
             layout = self.qkv_prepared_layout
             pooled = token_attention_kernel.token_attention_project_pool(
