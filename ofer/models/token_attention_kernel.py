@@ -133,13 +133,14 @@ PROJECT_LAUNCH = {16: {"block_rows": 32, "num_warps": 4}, 32: {"block_rows": 32,
 PROJECT_BACKWARD_LAUNCH = {16: {"block_rows": 16, "num_warps": 8}, 32: {"block_rows": 16, "num_warps": 8},
                            64: {"block_rows": 16, "num_warps": 8}}
 PROJECT_MAX_WIDTH = 64  # may be lowered (0: never); the kernel takes at most max(PROJECT_LAUNCH) = 64 channels
-# The widest attention input whose projection runs inside the kernels in training too (with gradients: the
-# projecting op and its backward, `token_attention_project_pool_backward`); wider inputs train with the cuBLAS
-# projection + `token_attention_pool`, 0: all do. Measured on an H100 at 65,536 rows, forward + backward of one
-# block (BENCHMARKS.md, "ninth"): 1,382 vs 1,783 us at 16 channels, 1,563 vs 1,790 at 32, but 1,906 vs 1,821 at
-# 56 (the backward re-reads a 56-channel block's 196 KB of q/k/v weights for every 16 rows); compiled bf16
-# training steps in one CUDA graph, 0 -> 32: IdGen 26.05 -> 25.66 ms, ExpGen 16.41 -> 15.59 ms. Benchmarks
-# switch it (`bench_training.py` / `bench_trainer.py --project-training`).
+# The widest attention input whose projection runs inside the kernels in training too (with gradients, under
+# bf16/fp16 autocast: the projecting op and its backward, `token_attention_project_pool_backward`); wider inputs,
+# and every input in float32 training, train with the cuBLAS projection + `token_attention_pool`; 0: all do.
+# Measured on an H100 at 65,536 rows, bf16 forward + backward of one block (BENCHMARKS.md, "ninth"): 1,382 vs
+# 1,783 us at 16 channels, 1,563 vs 1,790 at 32, but 1,906 vs 1,821 at 56 (the backward re-reads a 56-channel
+# block's 196 KB of q/k/v weights for every 16 rows); compiled bf16 training steps in one CUDA graph, 0 -> 32:
+# IdGen 26.05 -> 25.66 ms, ExpGen 16.41 -> 15.59 ms. Benchmarks switch it (`bench_training.py` /
+# `bench_trainer.py --project-training`).
 PROJECT_TRAINING_MAX_WIDTH = 32
 # Which kernel the projecting op runs for bf16/fp16 inputs on a CUDA GPU with 16 tokens of 32 channels: "gluon"
 # (q and k staged through shared memory in a layout without bank conflicts, see `_staging_bases`) or "triton"
