@@ -199,10 +199,10 @@ def main() -> None:
                     help="keyword arguments of DistributedDataParallel for the DDP rows, e.g. bucket_cap_mb=100; "
                          "default: gradient_as_bucket_view=true, as the trainer runs (trainer."
                          "ddp_gradient_as_bucket_view); '' for torch's defaults")
-    ap.add_argument("--project-training", default="0", metavar="WIDTHS",
+    ap.add_argument("--project-training", default=None, metavar="WIDTHS",
                     help="comma list of token_attention_kernel.PROJECT_TRAINING_MAX_WIDTH values: every generator "
-                         "row for each (0: training projects q/k/v with cuBLAS; 64: attention inputs of up to 64 "
-                         "channels project inside the kernels, forward and backward)")
+                         "row for each (0: training projects q/k/v with cuBLAS; 64: bf16 attention inputs of up to "
+                         "64 channels project inside the kernels, forward and backward); default: the module's")
     ap.add_argument("--jobs", default="idgen,expgen", help="comma list of the generator jobs to time")
     ap.add_argument("--pad-widths", default="false", metavar="false|true|false,true",
                     help="train the denoisers' padded() copies (widths rounded up to multiples of 8; the same "
@@ -219,7 +219,8 @@ def main() -> None:
             ap.error(f"--pad-widths {args.pad_widths!r}: expected true, false or false,true")
         pads.append(v == "true")
     try:
-        project_training = [int(v) for v in args.project_training.split(",")]
+        project_training = ([int(v) for v in args.project_training.split(",")] if args.project_training
+                            else [tak.PROJECT_TRAINING_MAX_WIDTH])
     except ValueError:
         ap.error(f"--project-training {args.project_training!r}: expected a comma list of integers")
     jobs = args.jobs.split(",")
