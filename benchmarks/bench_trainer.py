@@ -27,10 +27,10 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bench_training import SHAPES, count, gemm_tflops  # noqa: E402
+from benchmarks.bench_training import (SHAPES, count, gemm_tflops, project_training_widths,  # noqa: E402
+                                       set_project_training)
 from ofer.jobs import training_copy  # noqa: E402
 from ofer.diffusion import GaussianDiffusion  # noqa: E402
-from ofer.models import token_attention_kernel as tak  # noqa: E402
 from ofer.models.unet1d import Denoiser  # noqa: E402
 from ofer.training import train  # noqa: E402
 
@@ -140,18 +140,15 @@ def main() -> None:
     if set(args.pad_widths.split(",")) - {"true", "false"}:
         ap.error(f"--pad-widths {args.pad_widths!r}: expected a comma list of true/false")
     try:
-        widths = ([int(v) for v in args.project_training.split(",")] if args.project_training
-                  else [tak.PROJECT_TRAINING_MAX_WIDTH])
-    except ValueError:
-        ap.error(f"--project-training {args.project_training!r}: expected a comma list of integers")
+        widths = project_training_widths(args.project_training)
+    except ValueError as exc:
+        ap.error(str(exc))
     rows = []
     for kind in args.jobs.split(","):
         for graph, pad, ptw in ((g, p, w) for g in ((False,) if args.cpu else tuple(v == "true" for v in
                                                                                      args.graph.split(",")))
                                 for p in pads for w in widths):
-            if tak.PROJECT_TRAINING_MAX_WIDTH != ptw:  # the compiled forward read the old value
-                tak.PROJECT_TRAINING_MAX_WIDTH = ptw
-                torch._dynamo.reset()
+            set_project_training(ptw)
             try:
                 row = run(kind, graph, args, device, pad)
                 row["project_training_max_width"] = ptw

@@ -155,6 +155,17 @@ def graphed_generator_step(kind: str, rows: int, compile: bool = False, impl: st
     return step, params
 
 
+def project_training_widths(value: str | None) -> list[int]:
+    """The values of a --project-training option (comma list of integers; None: the module's current value);
+    ValueError names the option and what it expected."""
+    if not value:
+        return [tak.PROJECT_TRAINING_MAX_WIDTH]
+    try:
+        return [int(v) for v in value.split(",")]
+    except ValueError:
+        raise ValueError(f"--project-training {value!r}: expected a comma list of integers") from None
+
+
 def set_project_training(width: int) -> None:
     """token_attention_kernel.PROJECT_TRAINING_MAX_WIDTH for the next row; a change drops torch.compile's caches
     (the compiled forward read the old value)."""
@@ -219,10 +230,9 @@ def main() -> None:
             ap.error(f"--pad-widths {args.pad_widths!r}: expected true, false or false,true")
         pads.append(v == "true")
     try:
-        project_training = ([int(v) for v in args.project_training.split(",")] if args.project_training
-                            else [tak.PROJECT_TRAINING_MAX_WIDTH])
-    except ValueError:
-        ap.error(f"--project-training {args.project_training!r}: expected a comma list of integers")
+        project_training = project_training_widths(args.project_training)
+    except ValueError as exc:
+        ap.error(str(exc))
     jobs = args.jobs.split(",")
     if set(jobs) - {"idgen", "expgen"}:
         ap.error(f"--jobs: expected idgen and/or expgen, got {args.jobs!r}")

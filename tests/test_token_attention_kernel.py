@@ -362,13 +362,15 @@ def test_projecting_kernel_needs_a_backend_and_routes_by_width() -> None:
         tak.PROJECT_MAX_WIDTH = 0
         assert not tak.projects(1)
         tak.PROJECT_MAX_WIDTH = 64  # with gradients (training) only up to PROJECT_TRAINING_MAX_WIDTH, 32 by default
-        assert saved_training == 32 and tak.projects(32, grad=True) and not tak.projects(33, grad=True)
+        bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+        assert saved_training == 32 and tak.projects(32, bf16) and not tak.projects(33, bf16)
+        assert tak.projects(32, fp16) and not tak.projects(1, fp32)  # float32 training: never
         tak.PROJECT_TRAINING_MAX_WIDTH = 0
-        assert not tak.projects(1, grad=True) and tak.projects(1)
+        assert not tak.projects(1, bf16) and tak.projects(1)
         tak.PROJECT_TRAINING_MAX_WIDTH = 16
-        assert tak.projects(16, grad=True) and not tak.projects(17, grad=True) and tak.projects(17)
+        assert tak.projects(16, bf16) and not tak.projects(17, bf16) and tak.projects(17)
         tak.PROJECT_TRAINING_MAX_WIDTH = 256
-        assert tak.projects(64, grad=True) and not tak.projects(65, grad=True)
+        assert tak.projects(64, bf16) and not tak.projects(65, bf16) and not tak.projects(64, fp32)
     finally:
         tak.PROJECT_MAX_WIDTH, tak.PROJECT_TRAINING_MAX_WIDTH = saved, saved_training
 

@@ -161,12 +161,18 @@ PROJECT_GLUON_LAUNCH = {16: {"block_rows": 32, "num_warps": 4, "chunks": 1, "max
 PROJECT_WEIGHT_FRAGMENTS = True
 
 
-def projects(width: int, grad: bool = False) -> bool:
-    """Whether `TokenSelfAttention` sends an attention input of `width` channels to `token_attention_project_pool`
-    (width <= PROJECT_MAX_WIDTH, capped at the widest padded width the kernel has a launch for; with `grad`, a
-    forward that autograd records, also width <= PROJECT_TRAINING_MAX_WIDTH)."""
+def projects(width: int, training_dtype: torch.dtype | None = None) -> bool:
+    """Whether `TokenSelfAttention` sends an attention input of `width` channels to `token_attention_project_pool`:
+    width <= PROJECT_MAX_WIDTH, capped at the widest padded width the kernel has a launch for. `training_dtype` is
+    the autocast dtype of a forward that autograd records (`TokenSelfAttention` passes float32 without autocast;
+    None: no gradients, e.g. sampling). Training also needs width <= PROJECT_TRAINING_MAX_WIDTH and bf16 or fp16,
+    where it was measured (the op's float32 forms, Triton's forward rather than the Gluon one, were not measured
+    in training)."""
     widest = min(PROJECT_MAX_WIDTH, max(PROJECT_LAUNCH))
-    return 1 <= width <= (min(widest, PROJECT_TRAINING_MAX_WIDTH) if grad else widest)
+    if training_dtype is None:
+        return 1 <= width <= widest
+    low = training_dtype in (torch.bfloat16, torch.float16)
+    return low and 1 <= width <= min(widest, PROJECT_TRAINING_MAX_WIDTH)
 
 
 def set_launch(spec: str, *, backward: bool = False) -> dict:

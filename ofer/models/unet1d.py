@@ -118,16 +118,14 @@ class TokenSelfAttention(nn.Module):
         # rounded to nearest once, as the cast in front of to_out would, without that cast's extra kernel.
         dev = xn.device.type
         low = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-        # training goes through the projecting kernel only under bf16/fp16 autocast, where it was measured (its
-        # float32 forms, Triton's rather than the Gluon forward, were not measured in training)
-        project_training = grad and low is not None
-        if (impl == "triton" and (not grad or project_training) and self.tokens >= 16
-                and token_attention_kernel.projects(xn.shape[1], grad)):
+        # training: the autocast dtype decides (without autocast it counts as float32 training)
+        if (impl == "triton" and self.tokens >= 16
+                and token_attention_kernel.projects(xn.shape[1], (low or torch.float32) if grad else None)):
             # Narrow input: the projection runs inside the kernel, so the (B, T * 3 * H * Dh) q/k/v tensor (384x
             # wider than a 16-channel input) is never written and read back. Same dtype as the Linear would use.
-            # In training only up to PROJECT_TRAINING_MAX_WIDTH (32) channels: its backward recomputes q/k/v per
-            # 16 rows, re-reading the projection weights each time, and at 56 channels it is slower than the
-            # separate projection (H100, BENCHMARKS.md "ninth").
+            # In training only in bf16/fp16 up to PROJECT_TRAINING_MAX_WIDTH (32) channels: its backward
+            # recomputes q/k/v per 16 rows, re-reading the projection weights each time, and at 56 channels it is
+            # slower than the separate projection (H100, BENCHMARKS.md "ninth").
             dt = low or xn.dtype
             layout = self.qkv_prepared_layout
             pooled = token_attention_kernel.token_attention_project_pool(
