@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -26,6 +28,17 @@ def flame(synthetic_flame):
 
     return FLAME(synthetic_flame.flame_model, landmark_path=synthetic_flame.landmarks,
                  masks_path=synthetic_flame.masks)
+
+
+def pytest_report_header(config):
+    # The suite writes paper-size checkpoints (200-480 MB each) under the temp dir; a full disk shows up as a
+    # CheckpointWriteError naming "No space left on device", and this line says how much room the run started with.
+    where = config.option.basetemp or tempfile.gettempdir()
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return None
+    return f"temp dir {where}: {free / 1e9:.1f} GB free (a full run needs about 4 GB at its peak)"
 
 
 def pytest_collection_modifyitems(config, items):

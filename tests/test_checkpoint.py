@@ -168,6 +168,61 @@ def test_enospc_raises_clear_error_and_keeps_previous(tmp_path: Path, monkeypatc
     assert sorted(p.name for p in store.dir.iterdir()) == ["last.pt"]  # temp file removed, no prev rotation
 
 
+class _FillingFile:
+    """A real file on a disk that fills up after ``room`` bytes: writes past it raise ENOSPC, as the OS does."""
+
+    def __init__(self, f: object, room: int) -> None:
+        self._f, self.room = f, room
+
+    def write(self, data: bytes) -> int:
+        n = memoryview(data).nbytes
+        if n > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= n
+        return self._f.write(data)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._f, name)
+
+    def __enter__(self) -> "_FillingFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._f.close()
+
+
+@pytest.mark.parametrize("room", [0, 100, 5_000, 300_000, -50], ids=["header", "first-record", "small-records",
+                                                                    "big-record", "end-of-file"])
+def test_real_torch_save_on_a_full_disk_reports_enospc(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, room: int
+) -> None:
+    # A full disk inside the real torch.save surfaces from its zip writer as "RuntimeError: unexpected pos 768 vs
+    # 662" (seen in CI); the error must still say what the OS said, with the space needed and free.
+    store = CheckpointStore(tmp_path)
+    store.save(_payload(5))
+    before = store.last.read_bytes()
+    payload = _payload(10)
+    payload["model"]["big"] = torch.zeros(100_000)  # 400 KB, so every room above fails somewhere in the file
+    if room < 0:  # this many bytes short of the whole file: the zip's central directory does not fit
+        save_checkpoint(payload, tmp_path / "probe.pt")
+        room += (tmp_path / "probe.pt").stat().st_size
+        (tmp_path / "probe.pt").unlink()
+
+    def filling_open(file: object, mode: str = "r", *args: object, **kwargs: object) -> object:
+        f = builtins.open(file, mode, *args, **kwargs)
+        return _FillingFile(f, room) if "w" in mode else f
+
+    monkeypatch.setattr(ckpt_mod, "open", filling_open, raising=False)
+    with pytest.raises(CheckpointWriteError, match=r"No space left on device \(the checkpoint needs about 0\.4 MB; "
+                                                   r"[\d,]+ MB free there\) \(errno 28\)") as info:
+        store.save(payload)
+    assert info.value.errno == errno.ENOSPC
+    assert "unexpected pos" not in str(info.value)
+    monkeypatch.undo()
+    assert store.last.read_bytes() == before
+    assert sorted(p.name for p in store.dir.iterdir()) == ["last.pt"]
+
+
 def test_enospc_during_training_stops_with_last_good_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -219,20 +219,31 @@ def restore_rng_state(state: Mapping[str, Any], device: torch.device | str | Non
 # writing
 
 
-class _PausingWriter:
-    """File wrapper for the :data:`PAUSE_ENV` test hook: flush, announce and sleep after the first write."""
+class _Writer:
+    """The file ``torch.save`` writes through: keeps the first OS error of a write, and serves the
+    :data:`PAUSE_ENV` test hook (flush, announce and sleep after the first write) when ``pause`` is set.
 
-    def __init__(self, f: Any, path: Path, seconds: float) -> None:
-        self._f, self._path, self._seconds, self._paused = f, path, seconds, False
+    ``torch.save`` does not pass a failed write's ``OSError`` on: its zip writer counts the write as short and
+    fails later with ``RuntimeError: ... unexpected pos 768 vs 662``. Keeping the error lets
+    :func:`save_checkpoint` report what the OS said (``No space left on device``, errno 28).
+    """
+
+    def __init__(self, f: Any, path: Path, pause: float | None) -> None:
+        self._f, self._path, self._pause = f, path, pause
+        self.error: OSError | None = None
 
     def write(self, data: bytes) -> int:
-        n = self._f.write(data)
-        if not self._paused and n:
-            self._paused = True
+        try:
+            n = self._f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+        if self._pause is not None and n:
+            seconds, self._pause = self._pause, None
             self._f.flush()
             os.fsync(self._f.fileno())
             print(f"{PAUSE_MARKER} {self._path}", file=sys.stderr, flush=True)
-            time.sleep(self._seconds)
+            time.sleep(seconds)
         return n
 
     def flush(self) -> None:
@@ -263,6 +274,25 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _space_note(directory: Path, data: Mapping[str, Any]) -> str:
+    """``" (the checkpoint needs about 199.5 MB; 12 MB free there)"``, or ``""`` when the disk cannot be asked."""
+    need = 0
+    stack: list[Any] = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Tensor):
+            need += item.numel() * item.element_size()
+        elif isinstance(item, Mapping):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return ""
+    return f" (the checkpoint needs about {need / 1e6:,.1f} MB; {free / 1e6:,.0f} MB free there)"
+
+
 def save_checkpoint(payload: Mapping[str, Any], path: str | Path, *, previous: str | Path | None = None) -> Path:
     """Write ``payload`` (plus ``format_version`` and ``checksum``) to ``path`` atomically.
 
@@ -280,11 +310,12 @@ def save_checkpoint(payload: Mapping[str, Any], path: str | Path, *, previous: s
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
+            writer = _Writer(f, tmp, pause)
             try:
-                torch.save(data, _PausingWriter(f, tmp, pause) if pause is not None else f)
+                torch.save(data, writer)
             except RuntimeError as e:
-                # the C++ zip writer reports a failed write (e.g. ENOSPC) as a RuntimeError
-                raise OSError(errno.EIO, f"torch.save failed: {e}") from e
+                # the C++ zip writer reports a failed write (e.g. ENOSPC) as a RuntimeError; the OS's error is kept
+                raise writer.error or OSError(errno.EIO, f"torch.save failed: {e}") from e
             f.flush()
             os.fsync(f.fileno())
         if previous is not None and path.exists():
@@ -295,6 +326,8 @@ def save_checkpoint(payload: Mapping[str, Any], path: str | Path, *, previous: s
         with contextlib.suppress(OSError):  # the directory may be unwritable; temp files are never loaded
             tmp.unlink(missing_ok=True)
         reason = e.strerror or str(e)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+            reason += _space_note(directory, data)
         raise CheckpointWriteError(
             f"could not write checkpoint {path}: {reason} (errno {e.errno}); "
             f"the previous checkpoint in {directory} is left as it was",
