@@ -168,6 +168,24 @@ def test_enospc_raises_clear_error_and_keeps_previous(tmp_path: Path, monkeypatc
     assert sorted(p.name for p in store.dir.iterdir()) == ["last.pt"]  # temp file removed, no prev rotation
 
 
+def test_enospc_in_the_numbered_copy_names_it_and_keeps_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = CheckpointStore(tmp_path, keep_every=10)
+
+    def full_disk(src: object, dst: object, *args: object, **kwargs: object) -> None:
+        Path(dst).write_bytes(b"half")  # the OS wrote a little before the disk filled
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ckpt_mod.shutil, "copyfile", full_disk)
+    with pytest.raises(CheckpointWriteError, match=r"step_000010\.pt: No space left on device \(the checkpoint needs "
+                                                   r"about 0\.0 MB; [\d,]+ MB free there\) \(errno 28\); .*last\.pt "
+                                                   r"holds the same step") as info:
+        store.save(_payload(10))
+    monkeypatch.undo()
+    assert info.value.errno == errno.ENOSPC
+    assert load_checkpoint(store.last)["step"] == 10
+    assert sorted(p.name for p in store.dir.iterdir()) == ["last.pt"]  # the half copy is gone
+
+
 class _FillingFile:
     """A real file on a disk that fills up after ``room`` bytes: writes past it raise ENOSPC, as the OS does."""
 

@@ -274,10 +274,9 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _space_note(directory: Path, data: Mapping[str, Any]) -> str:
-    """``" (the checkpoint needs about 199.5 MB; 12 MB free there)"``, or ``""`` when the disk cannot be asked."""
-    need = 0
-    stack: list[Any] = [data]
+def _tensor_bytes(data: Any) -> int:
+    """The bytes of every tensor in a nested dict/list payload: about the size ``torch.save`` writes."""
+    need, stack = 0, [data]
     while stack:
         item = stack.pop()
         if isinstance(item, Tensor):
@@ -286,11 +285,19 @@ def _space_note(directory: Path, data: Mapping[str, Any]) -> str:
             stack.extend(item.values())
         elif isinstance(item, (list, tuple)):
             stack.extend(item)
+    return need
+
+
+def _space_note(directory: Path, need: int) -> str:
+    """``" (the checkpoint needs about 199.5 MB; 12 MB free there)"``, or ``""`` when the disk cannot be asked."""
     try:
         free = shutil.disk_usage(directory).free
     except OSError:
         return ""
     return f" (the checkpoint needs about {need / 1e6:,.1f} MB; {free / 1e6:,.0f} MB free there)"
+
+
+_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
 
 
 def save_checkpoint(payload: Mapping[str, Any], path: str | Path, *, previous: str | Path | None = None) -> Path:
@@ -326,8 +333,8 @@ def save_checkpoint(payload: Mapping[str, Any], path: str | Path, *, previous: s
         with contextlib.suppress(OSError):  # the directory may be unwritable; temp files are never loaded
             tmp.unlink(missing_ok=True)
         reason = e.strerror or str(e)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
-            reason += _space_note(directory, data)
+        if e.errno in _SPACE_ERRNOS:
+            reason += _space_note(directory, _tensor_bytes(data))
         raise CheckpointWriteError(
             f"could not write checkpoint {path}: {reason} (errno {e.errno}); "
             f"the previous checkpoint in {directory} is left as it was",
@@ -501,8 +508,12 @@ class CheckpointStore:
             except OSError as e:
                 with contextlib.suppress(OSError):  # cleanup only; the error below is what matters
                     tmp.unlink(missing_ok=True)
+                reason = e.strerror or str(e)
+                if e.errno in _SPACE_ERRNOS:
+                    reason += _space_note(self.dir, self.last.stat().st_size if self.last.is_file() else 0)
                 raise CheckpointWriteError(
-                    f"could not write checkpoint {target}: {e.strerror or e}", path=target, errno=e.errno
+                    f"could not write checkpoint {target}: {reason} (errno {e.errno}); {self.last} holds the same "
+                    f"step", path=target, errno=e.errno
                 ) from e
         return self.last
 
