@@ -76,12 +76,13 @@ class BlockTask:
         return self.diffusion.training_losses(model, x0, cond)
 
 
-def run(kind: str, graph: bool, args: argparse.Namespace, device: str, pad: bool = False) -> dict:
+def run(kind: str, graph: bool, args: argparse.Namespace, device: str, pad: bool = False,
+        scope: str = "model") -> dict:
     task = BlockTask(kind, args.items, args.rows_per_item, device, pad)
     params = task.params
     cfg = {"max_steps": args.steps, "batch_size": args.items_per_step, "ckpt_every": None, "log_every": 10 ** 6,
            "lr_scheduler": "constant", "precision": "bf16", "compile": device == "cuda", "cuda_graph": graph,
-           "progress": False, "seed": 0}
+           "compile_scope": scope, "progress": False, "seed": 0}
     ends: dict[int, float] = {}
     prof = None
 
@@ -107,7 +108,8 @@ def run(kind: str, graph: bool, args: argparse.Namespace, device: str, pad: bool
     # up to the second-last step: the last one ends with the final checkpoint (on_step_end runs after it)
     s = (ends[args.steps - 1] - ends[args.warmup]) / (args.steps - 1 - args.warmup)
     rows = args.items_per_step * args.rows_per_item
-    return {"job": kind, "cuda_graph": graph, "pad_widths": pad, "rows_per_step": rows, "s_per_step": s,
+    return {"job": kind, "cuda_graph": graph, "pad_widths": pad, "compile_scope": scope, "rows_per_step": rows,
+            "s_per_step": s,
             "samples_per_s": rows / s, "params": params,
             "events": sorted({e for e in events if e and e.startswith("cuda_graph")})}
 
@@ -127,6 +129,9 @@ def main() -> None:
     ap.add_argument("--project-training", default=None, metavar="WIDTHS",
                     help="comma list of token_attention_kernel.PROJECT_TRAINING_MAX_WIDTH values to run (the widest "
                          "attention input trained through the projecting kernel; 0: none); default: the module's")
+    ap.add_argument("--compile-scope", default="model",
+                    help="comma list of trainer.compile_scope values to run (model: the network compiled; loss: the "
+                         "task's whole loss around it, q_sample and the L1 loss included)")
     ap.add_argument("--profile", action="store_true",
                     help="print the profiler tables (CPU and CUDA) of 3 steps after --warmup (those steps are timed "
                          "too: use the timings of a run without it)")
@@ -143,28 +148,32 @@ def main() -> None:
         widths = project_training_widths(args.project_training)
     except ValueError as exc:
         ap.error(str(exc))
+    scopes = args.compile_scope.split(",")
+    if set(scopes) - {"model", "loss"}:
+        ap.error(f"--compile-scope {args.compile_scope!r}: expected a comma list of model/loss")
     rows = []
     for kind in args.jobs.split(","):
-        for graph, pad, ptw in ((g, p, w) for g in ((False,) if args.cpu else tuple(v == "true" for v in
-                                                                                     args.graph.split(",")))
-                                for p in pads for w in widths):
+        for graph, pad, ptw, scope in ((g, p, w, c) for g in ((False,) if args.cpu else tuple(v == "true" for v in
+                                                                                              args.graph.split(",")))
+                                       for p in pads for w in widths for c in scopes):
             set_project_training(ptw)
             try:
-                row = run(kind, graph, args, device, pad)
+                row = run(kind, graph, args, device, pad, scope)
                 row["project_training_max_width"] = ptw
                 if peak:
                     row["mfu"] = 6 * row["params"] * row["rows_per_step"] / row["s_per_step"] / (peak * 1e12)
             except Exception as exc:  # noqa: BLE001 -- reported, the other rows go on
                 row = {"job": kind, "cuda_graph": graph, "pad_widths": pad, "project_training_max_width": ptw,
-                       "error": f"{type(exc).__name__}: {exc}"}
+                       "compile_scope": scope, "error": f"{type(exc).__name__}: {exc}"}
             rows.append(row)
             print(json.dumps(row), flush=True)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"device: {name}  bf16 GEMM {peak or 0:.0f} TFLOP/s")
-    print(f"{'job':8} {'cuda_graph':>10} {'pad':>5} {'proj':>4} {'ms/step':>9} {'samples/s':>12} {'MFU':>6}")
+    print(f"{'job':8} {'cuda_graph':>10} {'pad':>5} {'proj':>4} {'scope':>5} {'ms/step':>9} {'samples/s':>12} "
+          f"{'MFU':>6}")
     for r in rows:
         head = (f"{r['job']:8} {str(r['cuda_graph']):>10} {str(r['pad_widths']):>5} "
-                f"{r['project_training_max_width']:>4}")
+                f"{r['project_training_max_width']:>4} {r['compile_scope']:>5}")
         if "error" in r:
             print(f"{head} error: {r['error'][:200]}")
         else:

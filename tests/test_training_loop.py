@@ -75,6 +75,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
         ("precision", "fp16", "['fp32', 'bf16']"),
         ("nan_policy", "ignore", "['stop', 'skip']"),
         ("optimizer", "sgd", "['adamw']"),
+        ("compile_scope", "graph", "['model', 'loss']"),
     ],
 )
 def test_bad_config_values_fail_at_construction(key: str, value: str, allowed: str) -> None:
@@ -483,6 +484,51 @@ def test_cuda_graph_with_ddp_is_a_config_error() -> None:
     trainer = _Trainer(make_task(0), cfg, Path("unused"), ctx, {}, {}, None)
     with pytest.raises(ValueError, match=r"trainer.cuda_graph=true .* this run has 2 \(DDP\)"):
         trainer._build()
+
+
+def test_compile_scope_loss_with_ddp_is_a_config_error() -> None:
+    """trainer.compile_scope=loss under DDP fails before anything is compiled, naming the key and the world size."""
+    from types import SimpleNamespace
+
+    from ofer.training.loop import _Trainer
+
+    cfg = TrainerConfig.from_mapping(toy_trainer_cfg(compile=True, compile_scope="loss"))
+    ctx = SimpleNamespace(enabled=True, world_size=2, rank=0, is_main=True, device=torch.device("cpu"))
+    trainer = _Trainer(make_task(0), cfg, Path("unused"), ctx, {}, {}, None)
+    with pytest.raises(ValueError, match=r"trainer.compile_scope='loss' .* this run has 2 \(DDP\)"):
+        trainer._build()
+
+
+@pytest.mark.slow
+def test_compiled_loss_trains_like_eager_on_cpu(tmp_path: Path) -> None:
+    """trainer.compile_scope=loss compiles the task's whole loss (here the toy task's random t and target noise, an
+    MLP and the weighted squared error) and trains the same weights as eager, also when stopped after its step-3
+    checkpoint and resumed: the random draws inside the compiled graph are the eager RNG stream's and come back
+    with the checkpoint (inductor's own generator would give other numbers, and other weights)."""
+    from torch._dynamo.utils import counters
+
+    weights = {}
+    for scope in ("eager", "loss", "loss_resumed"):
+        torch._dynamo.reset()
+        counters.clear()
+        task = make_task(0, hidden=8)
+        compiled = {"compile": True, "compile_scope": "loss"} if scope != "eager" else {}
+        if scope == "loss_resumed":  # a first run to its step-3 checkpoint; the run below resumes from it
+            cfg = toy_trainer_cfg(max_steps=3, ckpt_every=3, **compiled)
+            train(make_task(0, hidden=8), cfg, run_dir=tmp_path / scope, device="cpu",
+                  resolved_config=resolved(cfg, hidden=8))
+        cfg = toy_trainer_cfg(max_steps=6, ckpt_every=3, **compiled)
+        res = train(task, cfg, run_dir=tmp_path / scope, device="cpu", resolved_config=resolved(cfg, hidden=8))
+        assert res.step == 6
+        assert bool(_events(tmp_path / scope, "resume")) == (scope == "loss_resumed")
+        weights[scope] = [p.detach().clone() for p in task.model.parameters()]
+        if scope != "eager":
+            assert counters["stats"]["unique_graphs"] >= 1  # really compiled
+    for scope in ("loss", "loss_resumed"):
+        for a, b in zip(weights[scope], weights["eager"], strict=True):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=scope)
+    start = [p.detach() for p in make_task(0, hidden=8).model.parameters()]
+    assert not torch.equal(weights["loss"][0], start[0])  # it did train
 
 
 def test_batch_signature_and_float_lrs() -> None:

@@ -16,6 +16,7 @@ LR_SCHEDULERS = ("plateau", "cosine", "constant")
 OPTIMIZERS = ("adamw",)
 PRECISIONS = ("fp32", "bf16")
 NAN_POLICIES = ("stop", "skip")
+COMPILE_SCOPES = ("model", "loss")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,6 +57,7 @@ class TrainerConfig:
     preempt_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR2")
     progress: bool = True
     compile: bool = False
+    compile_scope: str = "model"
     cuda_graph: bool = False
 
     def __post_init__(self) -> None:
@@ -77,6 +79,7 @@ class TrainerConfig:
         choose("lr_scheduler", LR_SCHEDULERS)
         choose("precision", PRECISIONS)
         choose("nan_policy", NAN_POLICIES)
+        choose("compile_scope", COMPILE_SCOPES)
         positive("max_steps")
         positive("batch_size")
         positive("num_workers", allow_zero=True)

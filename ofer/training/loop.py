@@ -22,6 +22,11 @@ batch of other tensor shapes runs eagerly (event ``cuda_graph_batch_mismatch``, 
 captured (it syncs with the host) is logged (event ``cuda_graph_failed``) and the run goes on eagerly.
 Measured on an H100 (`benchmarks/bench_trainer.py`, 65,536 rows, bf16, compiled): ExpGen 34.98 -> 19.49 ms per
 step, IdGen 34.92 -> 30.37 ms (BENCHMARKS.md).
+
+``trainer.compile=true`` compiles the model (``compile_scope=model``) or, with ``compile_scope=loss`` (one process),
+the task's whole ``loss`` around it, so that what the task computes around the network (the diffusion tasks' noise
+mixing and L1 loss) fuses into the same graph. Random draws inside it stay ATen's (inductor's ``fallback_random``):
+they are the eager run's numbers, and the checkpointed RNG state restores them on resume as it does eagerly.
 """
 
 from __future__ import annotations
@@ -319,6 +324,9 @@ class _Trainer:
         if cfg.cuda_graph and self.ctx.enabled:
             raise ValueError(f"trainer.cuda_graph=true captures the step of one process; this run has "
                              f"{self.ctx.world_size} (DDP). Set trainer.cuda_graph=false for multi-process runs")
+        if cfg.compile and cfg.compile_scope == "loss" and self.ctx.enabled:
+            raise ValueError(f"trainer.compile_scope='loss' compiles the loss of one process; this run has "
+                             f"{self.ctx.world_size} (DDP). Use trainer.compile_scope=model for DDP runs")
         self.model: nn.Module = task.model.to(self.device)
         self.groups = self._check_param_groups(task.param_groups(), self.model)
         self.params = [p for g in self.groups for p in g["params"]]
@@ -332,10 +340,17 @@ class _Trainer:
             )
         else:
             self.ddp = self.model
-        if cfg.compile:  # only the training forward/backward; checkpoints and EMA use the plain module
-            # the sampler's inductor options (matmul shape padding, no padded strides): IdGen 65,536 rows on an
-            # H200 0.0301 -> 0.0284 s per step with the first, 27.28 -> 26.51 ms with the second (BENCHMARKS.md)
+        self._loss: Callable[[Mapping[str, Any]], dict[str, Tensor]] = self._task_loss
+        if cfg.compile and cfg.compile_scope == "model":
+            # only the training forward/backward; checkpoints and EMA use the plain module. The sampler's inductor
+            # options (matmul shape padding, no padded strides): IdGen 65,536 rows on an H200 0.0301 -> 0.0284 s
+            # per step with the first, 27.28 -> 26.51 ms with the second (BENCHMARKS.md)
             self.ddp = torch.compile(self.ddp, options=dict(COMPILE_OPTIONS) or None)
+        elif cfg.compile:
+            # the task's loss around the model as one graph (the diffusion tasks' q_sample and L1 loss, eager
+            # around a compiled model: 0.74 ms of a 25.4 ms IdGen step on an H100, BENCHMARKS.md "Next: goal 4").
+            # fallback_random: random draws stay ATen's, so the RNG stream (and exact resume) are eager's.
+            self._loss = torch.compile(self._task_loss, options={**COMPILE_OPTIONS, "fallback_random": True})
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.use_graphs = cfg.cuda_graph and self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(  # fused: one kernel for all parameters on CUDA (as bench_training)
@@ -571,6 +586,9 @@ class _Trainer:
                 batch_indices=indices,
             )
 
+    def _task_loss(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        return self.task.loss(self.ddp, batch)
+
     def _forward_backward(self, batch: Mapping[str, Any], stop: bool | Tensor,
                           capturing: bool = False) -> tuple[dict[str, Tensor], Tensor, Tensor]:
         """Loss, backward, gradient norm and the stats vector (summed over ranks): (terms, grad_norm, stats)
@@ -582,7 +600,7 @@ class _Trainer:
             if self.use_bf16 else contextlib.nullcontext()
         )
         with autocast:
-            terms = self.task.loss(self.ddp, batch)
+            terms = self._loss(batch)
         self._check_terms(terms)
         loss = terms["loss"].float().mean()
         if not capturing:  # captured: the gradients are None before capture and the graph's outputs after
