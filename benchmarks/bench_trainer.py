@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bench_training import (SHAPES, count, gemm_tflops, project_training_widths,  # noqa: E402
-                                       set_project_training)
+from benchmarks.bench_training import (SHAPES, comma_choices, count, gemm_tflops,  # noqa: E402
+                                       project_training_widths, set_project_training)
 from ofer.jobs import training_copy  # noqa: E402
 from ofer.diffusion import GaussianDiffusion  # noqa: E402
 from ofer.models.unet1d import Denoiser  # noqa: E402
@@ -141,16 +141,12 @@ def main() -> None:
         ap.error(f"need 0 < --warmup < --steps - 1, got {args.warmup} and {args.steps}")
     device = "cpu" if args.cpu else "cuda"
     peak = gemm_tflops() if device == "cuda" else None  # bf16 8192^3, as bench_training.py
-    pads = [v == "true" for v in args.pad_widths.split(",")]
-    if set(args.pad_widths.split(",")) - {"true", "false"}:
-        ap.error(f"--pad-widths {args.pad_widths!r}: expected a comma list of true/false")
     try:
+        pads = [v == "true" for v in comma_choices(args.pad_widths, ("true", "false"), "--pad-widths")]
         widths = project_training_widths(args.project_training)
+        scopes = comma_choices(args.compile_scope, ("model", "loss"), "--compile-scope")
     except ValueError as exc:
         ap.error(str(exc))
-    scopes = args.compile_scope.split(",")
-    if set(scopes) - {"model", "loss"}:
-        ap.error(f"--compile-scope {args.compile_scope!r}: expected a comma list of model/loss")
     rows = []
     for kind in args.jobs.split(","):
         for graph, pad, ptw, scope in ((g, p, w, c) for g in ((False,) if args.cpu else tuple(v == "true" for v in

@@ -155,6 +155,14 @@ def graphed_generator_step(kind: str, rows: int, compile: bool = False, impl: st
     return step, params
 
 
+def comma_choices(value: str, allowed: tuple[str, ...], option: str) -> list[str]:
+    """The values of a comma-list option, each one of ``allowed``; ValueError names the option and the choices."""
+    values = value.split(",")
+    if set(values) - set(allowed):
+        raise ValueError(f"{option} {value!r}: expected a comma list of {', '.join(allowed)}")
+    return values
+
+
 def project_training_widths(value: str | None) -> list[int]:
     """The values of a --project-training option (comma list of integers; None: the module's current value);
     ValueError names the option and what it expected."""
@@ -224,18 +232,12 @@ def main() -> None:
         ddp_kwargs = parse_key_values(args.ddp_kwargs, "--ddp-kwargs", "bucket_cap_mb=100") if args.ddp_kwargs else {}
     except ValueError as exc:
         ap.error(str(exc))
-    pads = []
-    for v in args.pad_widths.split(","):
-        if v not in ("true", "false"):
-            ap.error(f"--pad-widths {args.pad_widths!r}: expected true, false or false,true")
-        pads.append(v == "true")
     try:
+        pads = [v == "true" for v in comma_choices(args.pad_widths, ("true", "false"), "--pad-widths")]
         project_training = project_training_widths(args.project_training)
+        jobs = comma_choices(args.jobs, ("idgen", "expgen"), "--jobs")
     except ValueError as exc:
         ap.error(str(exc))
-    jobs = args.jobs.split(",")
-    if set(jobs) - {"idgen", "expgen"}:
-        ap.error(f"--jobs: expected idgen and/or expgen, got {args.jobs!r}")
     if args.optimize_ddp is not None:
         torch._dynamo.config.optimize_ddp = args.optimize_ddp == "true"
     if args.attention_launch:
