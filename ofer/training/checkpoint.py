@@ -288,16 +288,18 @@ def _tensor_bytes(data: Any) -> int:
     return need
 
 
-def _space_note(directory: Path, need: int) -> str:
-    """``" (the checkpoint needs about 199.5 MB; 12 MB free there)"``, or ``""`` when the disk cannot be asked."""
+def _write_failure(e: OSError, directory: Path, need: Callable[[], int]) -> str:
+    """What the OS said of a failed write, e.g. ``"No space left on device (the checkpoint needs about 199.5 MB;
+    12 MB free there)"``: the space note for errors that can mean a full disk (``need()``: the bytes to write),
+    when the disk can be asked."""
+    reason = e.strerror or str(e)
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+        return reason
     try:
         free = shutil.disk_usage(directory).free
     except OSError:
-        return ""
-    return f" (the checkpoint needs about {need / 1e6:,.1f} MB; {free / 1e6:,.0f} MB free there)"
-
-
-_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
+        return reason
+    return f"{reason} (the checkpoint needs about {need() / 1e6:,.1f} MB; {free / 1e6:,.0f} MB free there)"
 
 
 def save_checkpoint(payload: Mapping[str, Any], path: str | Path, *, previous: str | Path | None = None) -> Path:
@@ -332,9 +334,7 @@ def save_checkpoint(payload: Mapping[str, Any], path: str | Path, *, previous: s
     except OSError as e:
         with contextlib.suppress(OSError):  # the directory may be unwritable; temp files are never loaded
             tmp.unlink(missing_ok=True)
-        reason = e.strerror or str(e)
-        if e.errno in _SPACE_ERRNOS:
-            reason += _space_note(directory, _tensor_bytes(data))
+        reason = _write_failure(e, directory, lambda: _tensor_bytes(data))
         raise CheckpointWriteError(
             f"could not write checkpoint {path}: {reason} (errno {e.errno}); "
             f"the previous checkpoint in {directory} is left as it was",
@@ -508,9 +508,7 @@ class CheckpointStore:
             except OSError as e:
                 with contextlib.suppress(OSError):  # cleanup only; the error below is what matters
                     tmp.unlink(missing_ok=True)
-                reason = e.strerror or str(e)
-                if e.errno in _SPACE_ERRNOS:
-                    reason += _space_note(self.dir, self.last.stat().st_size if self.last.is_file() else 0)
+                reason = _write_failure(e, self.dir, lambda: self.last.stat().st_size if self.last.is_file() else 0)
                 raise CheckpointWriteError(
                     f"could not write checkpoint {target}: {reason} (errno {e.errno}); {self.last} holds the same "
                     f"step", path=target, errno=e.errno
