@@ -129,9 +129,10 @@ def main() -> None:
     ap.add_argument("--project-training", default=None, metavar="WIDTHS",
                     help="comma list of token_attention_kernel.PROJECT_TRAINING_MAX_WIDTH values to run (the widest "
                          "attention input trained through the projecting kernel; 0: none); default: the module's")
-    ap.add_argument("--compile-scope", default="model",
-                    help="comma list of trainer.compile_scope values to run (model: the network compiled; loss: the "
-                         "task's whole loss around it, q_sample and the L1 loss included)")
+    ap.add_argument("--compile-scope", default="loss",
+                    help="comma list of trainer.compile_scope values to run (model: the network compiled; loss, what "
+                         "the default auto picks in one process: the task's whole loss around it, q_sample and the L1 "
+                         "loss included)")
     ap.add_argument("--profile", action="store_true",
                     help="print the profiler tables (CPU and CUDA) of 3 steps after --warmup (those steps are timed "
                          "too: use the timings of a run without it)")

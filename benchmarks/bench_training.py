@@ -108,26 +108,34 @@ def generator_step(kind: str, rows: int, bf16: bool, ddp: bool, compile: bool = 
 
 
 def graphed_generator_step(kind: str, rows: int, compile: bool = False, impl: str = "math",
-                           inductor: dict | None = None, pad: bool = False):
+                           inductor: dict | None = None, pad: bool = False, scope: str = "model"):
     """The same bf16 step captured whole (forward, backward, fused AdamW) into one CUDA graph and replayed:
     no Python or launch overhead per step. Timesteps and noise are drawn inside the graph (CUDA RNG), the
     batch is copied into static buffers before each replay, as a training loop would. With `compile`, the
-    model is torch.compile'd first (compiled during the warm-up steps, then its kernels captured)."""
+    model (`scope` model) or the whole loss around it (`scope` loss: q_sample and the L1 loss too, random draws
+    ATen's) is torch.compile'd first, as trainer.compile_scope (compiled during the warm-up steps, then its kernels
+    captured). Static shapes, as the trainer: the jobs share the denoiser's code."""
     dim, cond, widths = SHAPES[kind]
     # Default: explicit attention math (cuDNN's fused attention backward fails inside graph capture, seen on an
     # H200); our Triton kernels ('auto' in training) can be captured.
     model, params = build_model(kind, impl, pad)
-    if compile:
-        model = torch.compile(model, options=inductor or None)
-    diff = GaussianDiffusion().to(DEVICE)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4, fused=True, capturable=True)
+    if compile and scope == "model":
+        model = torch.compile(model, dynamic=False, options=inductor or None)
+    diff = GaussianDiffusion().to(DEVICE)
     x0 = torch.randn(rows, dim, device=DEVICE)
     c = torch.randn(rows, cond, device=DEVICE)
     batch_x0, batch_c = x0.clone(), c.clone()  # what the loader delivers each step
 
+    def losses() -> torch.Tensor:
+        return diff.training_losses(model, x0, c)["loss"]
+
+    if compile and scope == "loss":
+        losses = torch.compile(losses, dynamic=False, options={**(inductor or {}), "fallback_random": True})
+
     def body() -> torch.Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-            loss = diff.training_losses(model, x0, c)["loss"].mean()
+            loss = losses().mean()
         loss.backward()
         opt.step()
         return loss
@@ -223,6 +231,9 @@ def main() -> None:
                          "row for each (0: training projects q/k/v with cuBLAS; 64: bf16 attention inputs of up to "
                          "64 channels project inside the kernels, forward and backward); default: the module's")
     ap.add_argument("--jobs", default="idgen,expgen", help="comma list of the generator jobs to time")
+    ap.add_argument("--compile-scope", default="loss", metavar="model|loss|model,loss",
+                    help="what the compiled CUDA-graph rows compile (trainer.compile_scope): the model, or the whole "
+                         "loss around it (the trainer's default in one process); every such row for each value")
     ap.add_argument("--pad-widths", default="false", metavar="false|true|false,true",
                     help="train the denoisers' padded() copies (widths rounded up to multiples of 8; the same "
                          "function, zero gradients on the padding): every generator row for each value given")
@@ -236,6 +247,7 @@ def main() -> None:
         pads = [v == "true" for v in comma_choices(args.pad_widths, ("true", "false"), "--pad-widths")]
         project_training = project_training_widths(args.project_training)
         jobs = comma_choices(args.jobs, ("idgen", "expgen"), "--jobs")
+        scopes = comma_choices(args.compile_scope, ("model", "loss"), "--compile-scope")
     except ValueError as exc:
         ap.error(str(exc))
     if args.optimize_ddp is not None:
@@ -313,13 +325,14 @@ def main() -> None:
         if args.compile:
             graphs.append((True, "auto", parse_compile_options((args.inductor or ["default"])[0])))
         for comp, impl, opts in graphs:
-            label = "bf16 + compile + CUDA graph" if comp else "bf16 + CUDA graph"
-            for kind, rows, pad, ptw in ((k, r, p, w) for k in jobs for r in args.rows for p in pads
-                                         for w in project_training):
+            for kind, rows, pad, ptw, scope in ((k, r, p, w, c) for k in jobs for r in args.rows for p in pads
+                                                for w in project_training
+                                                for c in (scopes if comp else ["model"])):
+                    label = (f"bf16 + compile ({scope}) + CUDA graph" if comp else "bf16 + CUDA graph")
                     set_project_training(ptw)
                     try:
                         step, params = graphed_generator_step(kind, rows, compile=comp, impl=impl, inductor=opts,
-                                                              pad=pad)
+                                                              pad=pad, scope=scope)
                         s = time_steps(step)
                     except Exception as exc:  # noqa: BLE001 -- reported, the other rows go on
                         rows_out.append({"job": kind, "rows_per_gpu": rows, "precision": label, "attention": impl,

@@ -75,7 +75,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
         ("precision", "fp16", "['fp32', 'bf16']"),
         ("nan_policy", "ignore", "['stop', 'skip']"),
         ("optimizer", "sgd", "['adamw']"),
-        ("compile_scope", "graph", "['model', 'loss']"),
+        ("compile_scope", "graph", "['auto', 'model', 'loss']"),
     ],
 )
 def test_bad_config_values_fail_at_construction(key: str, value: str, allowed: str) -> None:
@@ -499,6 +499,29 @@ def test_compile_scope_loss_with_ddp_is_a_config_error() -> None:
         trainer._build()
 
 
+def test_compile_scope_auto_compiles_the_model_under_ddp(tmp_path: Path) -> None:
+    """The default trainer.compile_scope=auto picks the model under DDP (here a real one-rank gloo group), where an
+    explicit `loss` is an error; in one process it picks the loss (test_compiled_loss_trains_like_eager_on_cpu)."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from ofer.training.loop import _Trainer
+
+    cfg = TrainerConfig.from_mapping(toy_trainer_cfg(compile=True))
+    assert cfg.compile_scope == "auto"
+    ctx = SimpleNamespace(enabled=True, world_size=1, rank=0, is_main=True, device=torch.device("cpu"))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        trainer = _Trainer(make_task(0), cfg, tmp_path, ctx, {}, {}, None)
+        trainer._build()
+        assert trainer.compile_scope == "model"
+        assert isinstance(trainer.ddp, torch._dynamo.eval_frame.OptimizedModule)  # the DDP module, compiled
+        assert trainer._loss == trainer._task_loss  # the loss itself is not
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.slow
 def test_compiled_loss_trains_like_eager_on_cpu(tmp_path: Path) -> None:
     """trainer.compile_scope=loss compiles the task's whole loss (here the toy task's random t and target noise, an
@@ -512,7 +535,9 @@ def test_compiled_loss_trains_like_eager_on_cpu(tmp_path: Path) -> None:
         torch._dynamo.reset()
         counters.clear()
         task = make_task(0, hidden=8)
-        compiled = {"compile": True, "compile_scope": "loss"} if scope != "eager" else {}
+        # "loss": the default scope (auto) in one process; "loss_resumed" names it
+        compiled = {} if scope == "eager" else {"compile": True} if scope == "loss" else {"compile": True,
+                                                                                        "compile_scope": "loss"}
         if scope == "loss_resumed":  # a first run to its step-3 checkpoint; the run below resumes from it
             cfg = toy_trainer_cfg(max_steps=3, ckpt_every=3, **compiled)
             train(make_task(0, hidden=8), cfg, run_dir=tmp_path / scope, device="cpu",
@@ -524,6 +549,7 @@ def test_compiled_loss_trains_like_eager_on_cpu(tmp_path: Path) -> None:
         weights[scope] = [p.detach().clone() for p in task.model.parameters()]
         if scope != "eager":
             assert counters["stats"]["unique_graphs"] >= 1  # really compiled
+            assert [e["scope"] for e in _events(tmp_path / scope, "compile")][-1] == "loss"
     for scope in ("loss", "loss_resumed"):
         for a, b in zip(weights[scope], weights["eager"], strict=True):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=scope)

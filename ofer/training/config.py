@@ -16,7 +16,7 @@ LR_SCHEDULERS = ("plateau", "cosine", "constant")
 OPTIMIZERS = ("adamw",)
 PRECISIONS = ("fp32", "bf16")
 NAN_POLICIES = ("stop", "skip")
-COMPILE_SCOPES = ("model", "loss")
+COMPILE_SCOPES = ("auto", "model", "loss")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,7 +57,7 @@ class TrainerConfig:
     preempt_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR2")
     progress: bool = True
     compile: bool = False
-    compile_scope: str = "model"
+    compile_scope: str = "auto"
     cuda_graph: bool = False
 
     def __post_init__(self) -> None:

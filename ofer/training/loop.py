@@ -26,7 +26,10 @@ step, IdGen 34.92 -> 30.37 ms (BENCHMARKS.md).
 ``trainer.compile=true`` compiles the model (``compile_scope=model``) or, with ``compile_scope=loss`` (one process),
 the task's whole ``loss`` around it, so that what the task computes around the network (the diffusion tasks' noise
 mixing and L1 loss) fuses into the same graph. Random draws inside it stay ATen's (inductor's ``fallback_random``):
-they are the eager run's numbers, and the checkpointed RNG state restores them on resume as it does eagerly.
+they are the eager run's numbers, and the checkpointed RNG state restores them on resume as it does eagerly. The
+default ``compile_scope=auto`` is ``loss`` in one process and ``model`` under DDP (event ``compile`` names it):
+IdGen 27.22 -> 26.37 ms and ExpGen 17.87 -> 16.15 ms per step with the loss compiled (H100, 65,536 rows, bf16,
+CUDA graphs; BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -324,6 +327,10 @@ class _Trainer:
         if cfg.cuda_graph and self.ctx.enabled:
             raise ValueError(f"trainer.cuda_graph=true captures the step of one process; this run has "
                              f"{self.ctx.world_size} (DDP). Set trainer.cuda_graph=false for multi-process runs")
+        # auto: the whole loss in one process (IdGen 27.22 -> 26.37 ms, ExpGen 17.87 -> 16.15 ms per step on an
+        # H100, BENCHMARKS.md), the model under DDP
+        self.compile_scope = cfg.compile_scope if cfg.compile_scope != "auto" else (
+            "model" if self.ctx.enabled else "loss")
         if cfg.compile and cfg.compile_scope == "loss" and self.ctx.enabled:
             raise ValueError(f"trainer.compile_scope='loss' compiles the loss of one process; this run has "
                              f"{self.ctx.world_size} (DDP). Use trainer.compile_scope=model for DDP runs")
@@ -341,16 +348,21 @@ class _Trainer:
         else:
             self.ddp = self.model
         self._loss: Callable[[Mapping[str, Any]], dict[str, Tensor]] = self._task_loss
-        if cfg.compile and cfg.compile_scope == "model":
+        # dynamic=False: every step has the same shapes (the sampler drops the incomplete tail), and a second run
+        # in the same process (a Hydra multirun, IdGen then ExpGen) would otherwise recompile the shared code with
+        # symbolic shapes: slower kernels, and with the loss scope torch 2.11 fails on the noise draw
+        # (randn of a symbolic shape under fallback_random; seen on an H100, BENCHMARKS.md)
+        if cfg.compile and self.compile_scope == "model":
             # only the training forward/backward; checkpoints and EMA use the plain module. The sampler's inductor
             # options (matmul shape padding, no padded strides): IdGen 65,536 rows on an H200 0.0301 -> 0.0284 s
             # per step with the first, 27.28 -> 26.51 ms with the second (BENCHMARKS.md)
-            self.ddp = torch.compile(self.ddp, options=dict(COMPILE_OPTIONS) or None)
+            self.ddp = torch.compile(self.ddp, dynamic=False, options=dict(COMPILE_OPTIONS) or None)
         elif cfg.compile:
             # the task's loss around the model as one graph (the diffusion tasks' q_sample and L1 loss, eager
             # around a compiled model: 0.74 ms of a 25.4 ms IdGen step on an H100, BENCHMARKS.md "Next: goal 4").
             # fallback_random: random draws stay ATen's, so the RNG stream (and exact resume) are eager's.
-            self._loss = torch.compile(self._task_loss, options={**COMPILE_OPTIONS, "fallback_random": True})
+            self._loss = torch.compile(self._task_loss, dynamic=False,
+                                       options={**COMPILE_OPTIONS, "fallback_random": True})
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.use_graphs = cfg.cuda_graph and self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(  # fused: one kernel for all parameters on CUDA (as bench_training)
@@ -770,6 +782,8 @@ class _Trainer:
                 self._event("bf16_ignored_on_cpu", device=str(self.device))
             if cfg.cuda_graph and not self.use_graphs:
                 self._event("cuda_graph_ignored_on_cpu", device=str(self.device))
+            if cfg.compile:  # what trainer.compile_scope (auto by default) compiles in this run
+                self._event("compile", scope=self.compile_scope)
             self._resume()
             self.sampler = DeterministicBatchSampler(
                 num_items=self.num_items,
