@@ -320,10 +320,10 @@ def main() -> None:
             print(json.dumps(rows_out[-1]), flush=True)
     if not ddp and not args.cpu and not args.no_graph:
         # eager steps with explicit attention math; with --compile also the compiled steps (attention 'auto', the
-        # inductor options of the first --inductor) captured whole
+        # inductor options of each --inductor) captured whole
         graphs = [] if args.graph_only and args.compile else [(False, "math", {})]
         if args.compile:
-            graphs.append((True, "auto", parse_compile_options((args.inductor or ["default"])[0])))
+            graphs += [(True, "auto", parse_compile_options(s)) for s in args.inductor or ["default"]]
         for comp, impl, opts in graphs:
             for kind, rows, pad, ptw, scope in ((k, r, p, w, c) for k in jobs for r in args.rows for p in pads
                                                 for w in project_training
