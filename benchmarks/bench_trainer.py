@@ -92,10 +92,13 @@ def run(kind: str, graph: bool, args: argparse.Namespace, device: str, pad: bool
         if args.profile and step == args.warmup:  # profile the next 3 steps (CPU and CUDA activity)
             acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda"
                                                             else [])
-            prof = torch.profiler.profile(activities=acts)
+            prof = torch.profiler.profile(activities=acts, record_shapes=bool(args.trace))
             prof.__enter__()
         elif prof is not None and step == args.warmup + 3:
             prof.__exit__(None, None, None)
+            if args.trace:
+                args.trace.mkdir(parents=True, exist_ok=True)
+                prof.export_chrome_trace(str(args.trace / f"trainer_{kind}_graph{int(graph)}_{scope}.json"))
             for key in ("cpu_time_total", "cuda_time_total" if device == "cuda" else "self_cpu_time_total"):
                 print(f"--- {kind}, cuda_graph={graph}: steps {args.warmup + 1}-{args.warmup + 3}, by {key}\n"
                       + prof.key_averages().table(sort_by=key, row_limit=25), flush=True)
@@ -136,8 +139,13 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="print the profiler tables (CPU and CUDA) of 3 steps after --warmup (those steps are timed "
                          "too: use the timings of a run without it)")
+    ap.add_argument("--trace", type=Path, default=None, metavar="DIR",
+                    help="with --profile: also record input shapes and write a Chrome trace of the 3 profiled steps "
+                         "per row to DIR (read it with trace_kernels.py, which also shows where the GPU waits)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    if args.trace and not args.profile:
+        ap.error("--trace needs --profile")
     if not 0 < args.warmup < args.steps - 1:
         ap.error(f"need 0 < --warmup < --steps - 1, got {args.warmup} and {args.steps}")
     device = "cpu" if args.cpu else "cuda"

@@ -1,10 +1,11 @@
 """Where the GPU time of a profiled step goes, from a Chrome trace of torch.profiler (issue 8).
 
-Reads a trace written by `bench_training.py --profile auto --trace DIR` (CPU ops recorded with their input
-shapes) and prints the kernel time by kind (cuBLAS GEMMs, our attention kernels, inductor's Triton kernels,
-other), the kernels with the most time, and the GEMM time per launching aten op and input shapes: each kernel is
-matched to the runtime/driver call that launched it (same correlation id) and that call to the innermost CPU op
-around it on the same thread.
+Reads a trace written by `bench_training.py --profile auto --trace DIR` or `bench_trainer.py --profile --trace DIR`
+(CPU ops recorded with their input shapes) and prints the kernel time by kind (cuBLAS GEMMs, our attention
+kernels, inductor's Triton kernels, other), the kernels with the most time, the GEMM time per launching aten op
+and input shapes (each kernel is matched to the runtime/driver call that launched it, same correlation id, and
+that call to the innermost CPU op around it on the same thread), and where the GPU waits: its busy time, the gaps
+between kernels and what the host did meanwhile.
 
     python benchmarks/trace_kernels.py docs/bench/train_trace_idgen_65536_h100.json.gz
 """
@@ -100,12 +101,42 @@ def summarize(events: list[dict]) -> dict:
             "gemm_by_op": dict(gemm_by_op), "other_by_frame": dict(other_by_frame)}
 
 
+def idle_gaps(events: list[dict], min_us: float = 5.0) -> dict:
+    """Where the GPU waits: the union of the kernel intervals (busy), its span from the first kernel's start to
+    the last one's end, and every gap of at least `min_us` between busy intervals with the kernels on either side
+    and the longest CPU ops that started inside it (what the host was doing)."""
+    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    if not kernels:
+        return {"busy_us": 0.0, "span_us": 0.0, "gaps": []}
+    ops = sorted((e for e in events if e.get("cat") == "cpu_op"), key=lambda e: e["ts"])
+    op_starts = [o["ts"] for o in ops]
+    busy, gaps = 0.0, []
+    start, end, last = kernels[0]["ts"], kernels[0]["ts"] + kernels[0].get("dur", 0), kernels[0]
+    for k in kernels[1:]:
+        k_end = k["ts"] + k.get("dur", 0)
+        if k["ts"] > end:
+            busy += end - start
+            if k["ts"] - end >= min_us:
+                inside = ops[bisect.bisect_left(op_starts, end): bisect.bisect_left(op_starts, k["ts"])]
+                longest = sorted(inside, key=lambda o: -o.get("dur", 0))[:3]
+                gaps.append({"us": k["ts"] - end, "before": last["name"], "after": k["name"],
+                             "cpu_ops": [f"{o['name']} ({o.get('dur', 0):.0f} us)" for o in longest]})
+            start, end = k["ts"], k_end
+        elif k_end > end:
+            end = k_end
+        if k_end >= end:
+            last = k
+    busy += end - start
+    return {"busy_us": busy, "span_us": end - kernels[0]["ts"], "gaps": gaps}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("trace", type=Path)
     ap.add_argument("--top", type=int, default=25, help="rows of the per-kernel and per-op tables")
     args = ap.parse_args()
-    s = summarize(load_trace(args.trace))
+    events = load_trace(args.trace)
+    s = summarize(events)
     total = s["total_us"] or 1.0
     print(f"{args.trace}: {s['total_us'] / 1e3:.2f} ms of kernel time")
     for kind, us in sorted(s["by_kind"].items(), key=lambda kv: -kv[1]):
@@ -120,6 +151,14 @@ def main() -> None:
         print("other kernels by launching op, shapes and innermost frame of this package (traces with_stack):")
         for (op, dims, frame), (us, n) in sorted(s["other_by_frame"].items(), key=lambda kv: -kv[1][0])[: args.top]:
             print(f"  {us:9.0f} {n:4d}  {op} {dims} <- {frame}")
+    idle = idle_gaps(events)
+    if idle["span_us"]:
+        waits = sum(g["us"] for g in idle["gaps"])
+        print(f"GPU busy {idle['busy_us'] / 1e3:.2f} ms of a {idle['span_us'] / 1e3:.2f} ms span (first kernel to "
+              f"last); {len(idle['gaps'])} gaps of 5 us or more, {waits / 1e3:.2f} ms. The largest (us, kernel "
+              f"before -> after, longest CPU ops started in the gap):")
+        for g in sorted(idle["gaps"], key=lambda g: -g["us"])[: args.top]:
+            print(f"  {g['us']:8.0f}  {g['before'][:50]} -> {g['after'][:50]}  | {'; '.join(g['cpu_ops'])[:150]}")
 
 
 if __name__ == "__main__":

@@ -95,3 +95,23 @@ def test_reads_gzip_and_names_a_bad_file(tmp_path: Path, capsys) -> None:
     (tmp_path / "list.json").write_text(json.dumps({"traceEvents": 3}))
     with pytest.raises(SystemExit, match="expected a Chrome trace"):
         trace_kernels.load_trace(tmp_path / "list.json")
+
+
+def test_idle_gaps_by_hand() -> None:
+    """GPU busy time is the union of the kernel intervals (overlapping kernels counted once), gaps of 5 us or more
+    name the kernels on either side and the longest CPU ops that started inside them. By hand: kernels [0, 10],
+    [5, 25] (overlapping), [40, 50], [52, 53]: busy 25 + 10 + 1 = 36 us of a 53 us span, one 15 us gap (the 2 us
+    one is below the threshold)."""
+    events = [
+        {"cat": "kernel", "name": "a", "ts": 0, "dur": 10},
+        {"cat": "kernel", "name": "b", "ts": 5, "dur": 20},
+        {"cat": "kernel", "name": "c", "ts": 40, "dur": 10},
+        {"cat": "kernel", "name": "d", "ts": 52, "dur": 1},
+        {"cat": "cpu_op", "name": "aten::item", "ts": 27, "dur": 9},
+        {"cat": "cpu_op", "name": "aten::add", "ts": 30, "dur": 2},
+        {"cat": "cpu_op", "name": "aten::mul", "ts": 45, "dur": 30},  # after the gap: not listed
+    ]
+    r = trace_kernels.idle_gaps(events)
+    assert r["busy_us"] == 36 and r["span_us"] == 53
+    assert r["gaps"] == [{"us": 15, "before": "b", "after": "c", "cpu_ops": ["aten::item (9 us)", "aten::add (2 us)"]}]
+    assert trace_kernels.idle_gaps([]) == {"busy_us": 0.0, "span_us": 0.0, "gaps": []}

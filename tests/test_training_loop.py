@@ -557,6 +557,52 @@ def test_compiled_loss_trains_like_eager_on_cpu(tmp_path: Path) -> None:
     assert not torch.equal(weights["loss"][0], start[0])  # it did train
 
 
+class _NoisyDataset(ToyDataset):
+    """The toy points with noise drawn from the global torch RNG in __getitem__, as a dataset's random image
+    sampling does (the MICA datasets' `sampling: random`)."""
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = super().__getitem__(i)
+        return {**item, "x": item["x"] + 0.1 * torch.randn(4)}
+
+
+class _NoisyTask(ToyTask):
+    def train_dataset(self) -> ToyDataset:
+        return _NoisyDataset(self.num_items)
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_is_exact_when_loading_draws_random_numbers(tmp_path: Path) -> None:
+    """Loading a batch here draws from the same global RNG as the loss (as the MICA datasets' random image sampling
+    does): a run killed after its step-3 checkpoint and resumed equals the uninterrupted run exactly, so the
+    checkpoint's RNG states are those the next batch's loading starts from. (A loop that loaded the next batch
+    before the checkpoint, as a prefetch would, fails this unless it stores the states of before the loading.)"""
+    cfg = toy_trainer_cfg(max_steps=6, ckpt_every=3)
+
+    def run(run_dir: Path, **kwargs: Any) -> ToyTask:
+        torch.manual_seed(0)
+        task = _NoisyTask(lr=1e-2)  # the same initial weights in every run
+        train(task, cfg, run_dir=run_dir, device="cpu", resolved_config=resolved(cfg), **kwargs)
+        return task
+
+    whole = run(tmp_path / "whole")
+
+    def crash(step: int) -> None:
+        if step == 3:
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        run(tmp_path / "resumed", on_step_end=crash)
+    resumed = run(tmp_path / "resumed")
+    assert _events(tmp_path / "resumed", "resume")
+    assert resumed.seen == whole.seen[3:]  # the same batches after the resume
+    for a, b in zip(resumed.model.parameters(), whole.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_batch_signature_and_float_lrs() -> None:
     from ofer.training.loop import _float_lrs, _signature
 
