@@ -85,6 +85,31 @@ def test_idgen_trains_and_resumes(idgen_run, tiny_root):
                              "model.widths=[300,40,10]", *SMALL_GEN), run_dir=run)
 
 
+def _eager_and_compiled(train_job, job, tiny_root, tmp_path, args, compiled):
+    """Runs `job` for 3 steps eagerly and with the `compiled` overrides, from the same seed: per run ("eager",
+    "compiled") its last checkpoint and its metrics.jsonl records. Checks that the compiled run really compiled
+    and compiled the whole loss (its `compile` event)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from ofer.training import load_checkpoint
+
+    out = {}
+    for name, extra in (("eager", []), ("compiled", compiled)):
+        torch._dynamo.reset()
+        counters.clear()
+        run = tmp_path / name
+        res = train_job(_cfg(job, tiny_root, run, "trainer.max_steps=3", "trainer.ckpt_every=3", *args, *extra),
+                        run_dir=run)
+        assert res.step == 3
+        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        if extra:
+            assert counters["stats"]["unique_graphs"] >= 1  # really compiled
+            assert [x["scope"] for x in lines if x.get("event") == "compile"] == ["loss"]
+        out[name] = (load_checkpoint(run / "checkpoints" / "last.pt"), lines)
+    return out
+
+
 @pytest.mark.slow
 def test_idgen_with_its_loss_compiled_trains_like_eager(tiny_root, tmp_path):
     """trainer.compile_scope=loss on the real IdGen task (random t and noise, q_sample, the denoiser, the L1 loss in
@@ -92,32 +117,18 @@ def test_idgen_with_its_loss_compiled_trains_like_eager(tiny_root, tmp_path):
     the draws inside the graph are the eager RNG stream's: inductor's own draws gave 0.516 for 0.392) and
     the same weights and EMA after 3 AdamW steps up to a fifth of one step (lr 1e-3; AdamW turns float32 rounding
     of near-zero gradients into up to 6% of a step, measured: 5.8e-5)."""
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
     from ofer.jobs import train_generator
-    from ofer.training import load_checkpoint
 
-    final, losses = {}, {}
-    for scope in ("eager", "loss"):
-        torch._dynamo.reset()
-        counters.clear()
-        extra = ["trainer.compile=true", "trainer.compile_scope=loss"] if scope == "loss" else []
-        run = tmp_path / scope
-        res = train_generator(_cfg("train_idgen", tiny_root, run, "trainer.max_steps=3", "trainer.batch_size=4",
-                                   "trainer.ckpt_every=3", "model.widths=[300,40,10]", *SMALL_GEN, *extra),
-                              run_dir=run)
-        assert res.step == 3
-        if scope == "loss":
-            assert counters["stats"]["unique_graphs"] >= 1  # really compiled
-        final[scope] = load_checkpoint(run / "checkpoints" / "last.pt")
-        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-        losses[scope] = [x["loss"] for x in lines if "loss" in x]
-    assert len(losses["loss"]) == 3
-    np.testing.assert_allclose(losses["loss"], losses["eager"], rtol=1e-5)
+    runs = _eager_and_compiled(train_generator, "train_idgen", tiny_root, tmp_path,
+                               ["trainer.batch_size=4", "model.widths=[300,40,10]", *SMALL_GEN],
+                               ["trainer.compile=true", "trainer.compile_scope=loss"])
+    final = {name: ckpt for name, (ckpt, _) in runs.items()}
+    losses = {name: [x["loss"] for x in lines if "loss" in x] for name, (_, lines) in runs.items()}
+    assert len(losses["compiled"]) == 3
+    np.testing.assert_allclose(losses["compiled"], losses["eager"], rtol=1e-5)
     for part in ("model", "ema"):
         for k, v in final["eager"][part].items():
-            torch.testing.assert_close(final["loss"][part][k], v, atol=2e-4, rtol=0, msg=f"{part}.{k}")
+            torch.testing.assert_close(final["compiled"][part][k], v, atol=2e-4, rtol=0, msg=f"{part}.{k}")
 
 
 @pytest.mark.slow
@@ -127,33 +138,19 @@ def test_idrank_with_its_loss_compiled_trains_like_eager(idgen_run, tiny_root, t
     loss and gradient norm at every step (CPU, float32). Its weights after 3 AdamW steps (lr 1e-4) agree only up to
     2 lr per step: the last blocks' near-zero gradients are float32 rounding, whose sign AdamW turns into a full step
     (measured: 2.6e-4 on one element of layers.4.shift, 5e-6 or less on the first blocks)."""
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
     from ofer.jobs import train_idrank
-    from ofer.training import load_checkpoint
 
-    final, losses = {}, {}
-    for scope in ("eager", "auto"):
-        torch._dynamo.reset()
-        counters.clear()
-        run = tmp_path / scope
-        extra = ["trainer.compile=true"] if scope == "auto" else []
-        res = train_idrank(_cfg("train_idrank", tiny_root, run, f"idgen_ckpt={idgen_run[0]}", "synthetic.ensure=false",
-                                "trainer.max_steps=3", "trainer.batch_size=2", "trainer.ckpt_every=3",
+    runs = _eager_and_compiled(train_idrank, "train_idrank", tiny_root, tmp_path,
+                               [f"idgen_ckpt={idgen_run[0]}", "synthetic.ensure=false", "trainer.batch_size=2",
                                 "trainer.log_every=1", "trainer.progress=false", "pool.num_candidates=4",
-                                "pool.sampling.steps=2", f"pool.dir={tmp_path / 'pools'}", *extra), run_dir=run)
-        assert res.step == 3
-        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-        if scope == "auto":
-            assert counters["stats"]["unique_graphs"] >= 1  # really compiled
-            assert [x["scope"] for x in lines if x.get("event") == "compile"] == ["loss"]
-        final[scope] = load_checkpoint(run / "checkpoints" / "last.pt")
-        losses[scope] = [(x["loss"], x["grad_norm"]) for x in lines if "loss" in x]
-    assert len(losses["auto"]) == 3
-    np.testing.assert_allclose(losses["auto"], losses["eager"], rtol=1e-5)
+                                "pool.sampling.steps=2", f"pool.dir={tmp_path / 'pools'}"],
+                               ["trainer.compile=true"])
+    final = {name: ckpt for name, (ckpt, _) in runs.items()}
+    losses = {name: [(x["loss"], x["grad_norm"]) for x in lines if "loss" in x] for name, (_, lines) in runs.items()}
+    assert len(losses["compiled"]) == 3
+    np.testing.assert_allclose(losses["compiled"], losses["eager"], rtol=1e-5)
     for k, v in final["eager"]["model"].items():
-        torch.testing.assert_close(final["auto"]["model"][k], v, atol=6e-4, rtol=0, msg=k)
+        torch.testing.assert_close(final["compiled"]["model"][k], v, atol=6e-4, rtol=0, msg=k)
 
 
 def test_padded_training_matches_and_saves_the_original_layout(tiny_root, tmp_path):
