@@ -8,9 +8,12 @@ by the batch's indices inside the loss (so the loss depends on the batch through
 `trainer.cuda_graph` requires). Paper-sized IdGen / ExpGen denoisers with our default attention, bf16,
 `trainer.compile=true`. Time per step = wall time between the ends of steps `--warmup` and `--steps` - 1,
 each step ending with its host sync (the last step also writes the final checkpoint, so it is left out); MFU as
-in bench_training.py (6 x parameters x rows / time / measured bf16 GEMM rate).
+in bench_training.py (6 x parameters x rows / time / measured bf16 GEMM rate). Job `idrank`: the IdRank task on
+cached candidate pools (`--rank-batch` images of `--candidates` candidates per step, FLAME decoding inside the loss),
+samples = candidates; `--compile-scope none,model,loss` compares eager with both compile scopes.
 
     python benchmarks/bench_trainer.py --json $OUT/trainer.json
+    python benchmarks/bench_trainer.py --jobs idrank --graph false --compile-scope none,model,loss
     python benchmarks/bench_trainer.py --cpu --rows-per-item 8 --items-per-step 4 --steps 7 --warmup 3  # smoke
 """
 from __future__ import annotations
@@ -32,6 +35,10 @@ from benchmarks.bench_training import (SHAPES, comma_choices, count, gemm_tflops
 from ofer.jobs import training_copy  # noqa: E402
 from ofer.diffusion import GaussianDiffusion  # noqa: E402
 from ofer.models.unet1d import Denoiser  # noqa: E402
+from ofer.flame import FLAME  # noqa: E402
+from ofer.models.ranker import IdRanker  # noqa: E402
+from ofer.synthetic.assets import ensure_synthetic_flame  # noqa: E402
+from ofer.tasks.ranker import RankerTask  # noqa: E402
 from ofer.training import train  # noqa: E402
 
 
@@ -76,13 +83,46 @@ class BlockTask:
         return self.diffusion.training_losses(model, x0, cond)
 
 
+class PoolTask(RankerTask):
+    """The IdRank job (`ofer.tasks.ranker.RankerTask`: FLAME decoding of the candidates, ranking targets, the
+    ranker, the ListNet loss) on cached candidate pools already on the device: item i is pool i (N candidate shape
+    vectors), its ground-truth shape and the two image features. The paper-sized IdRanker (59.5 M parameters: the
+    licensed FLAME's 1,785 `face` vertices; the synthetic FLAME's mask has fewer, so a sorted random 1,785 of its
+    vertices stand in) with our default input standardisation."""
+
+    def __init__(self, items: int, candidates: int, device: str, flame_dir: str) -> None:
+        torch.manual_seed(0)
+        paths = ensure_synthetic_flame(flame_dir)
+        flame = FLAME(paths.flame_model, masks_path=paths.masks)
+        faces = 1785
+        face = torch.randperm(flame.v_template.shape[0])[:faces].sort().values
+        flame.face_mask = lambda name: face  # the task reads the `face` mask through this
+        self.pools = {"candidates": torch.randn(items, candidates, 300) * 0.5, "shape": torch.randn(items, 300) * 0.5,
+                      "arcface_feat": torch.randn(items, 512), "farl_feat": torch.randn(items, 512)}
+        model = IdRanker(num_face_vertices=faces, input_norm=True)
+        super().__init__(model=model, flame=flame, dataset=[{"candidates": c} for c in self.pools["candidates"]])
+        self.model.to(device)
+        self.pools = {k: v.to(device) for k, v in self.pools.items()}
+        self.params = count(model)
+        self.items = items
+
+    def train_dataset(self) -> _Indices:
+        return _Indices(self.items)
+
+    def loss(self, model: nn.Module, batch: dict) -> dict[str, Tensor]:
+        return super().loss(model, {k: v[batch["index"]] for k, v in self.pools.items()})
+
+
 def run(kind: str, graph: bool, args: argparse.Namespace, device: str, pad: bool = False,
         scope: str = "model") -> dict:
-    task = BlockTask(kind, args.items, args.rows_per_item, device, pad)
+    with tempfile.TemporaryDirectory() as flame_dir:
+        task = (PoolTask(args.items, args.candidates, device, flame_dir) if kind == "idrank"
+                else BlockTask(kind, args.items, args.rows_per_item, device, pad))
     params = task.params
-    cfg = {"max_steps": args.steps, "batch_size": args.items_per_step, "ckpt_every": None, "log_every": 10 ** 6,
-           "lr_scheduler": "constant", "precision": "bf16", "compile": device == "cuda", "cuda_graph": graph,
-           "compile_scope": scope, "progress": False, "seed": 0}
+    cfg = {"max_steps": args.steps, "batch_size": args.rank_batch if kind == "idrank" else args.items_per_step,
+           "ckpt_every": None, "log_every": 10 ** 6, "lr_scheduler": "constant", "precision": "bf16",
+           "compile": device == "cuda" and scope != "none", "cuda_graph": graph,
+           "compile_scope": "auto" if scope == "none" else scope, "progress": False, "seed": 0}
     ends: dict[int, float] = {}
     prof = None
 
@@ -110,7 +150,7 @@ def run(kind: str, graph: bool, args: argparse.Namespace, device: str, pad: bool
         events = [json.loads(line).get("event") for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     # up to the second-last step: the last one ends with the final checkpoint (on_step_end runs after it)
     s = (ends[args.steps - 1] - ends[args.warmup]) / (args.steps - 1 - args.warmup)
-    rows = args.items_per_step * args.rows_per_item
+    rows = args.rank_batch * args.candidates if kind == "idrank" else args.items_per_step * args.rows_per_item
     return {"job": kind, "cuda_graph": graph, "pad_widths": pad, "compile_scope": scope, "rows_per_step": rows,
             "s_per_step": s,
             "samples_per_s": rows / s, "params": params,
@@ -119,7 +159,9 @@ def run(kind: str, graph: bool, args: argparse.Namespace, device: str, pad: bool
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--jobs", default="idgen,expgen")
+    ap.add_argument("--jobs", default="idgen,expgen", help="comma list of idgen, expgen, idrank")
+    ap.add_argument("--candidates", type=int, default=100, help="idrank: candidates per pool (OFER: 100)")
+    ap.add_argument("--rank-batch", type=int, default=8, help="idrank: trainer.batch_size in images (OFER: 8)")
     ap.add_argument("--rows-per-item", type=int, default=1024)
     ap.add_argument("--items-per-step", type=int, default=64, help="trainer.batch_size (65,536 rows by default)")
     ap.add_argument("--items", type=int, default=128, help="dataset items (2 steps per epoch by default)")
@@ -135,7 +177,7 @@ def main() -> None:
     ap.add_argument("--compile-scope", default="loss",
                     help="comma list of trainer.compile_scope values to run (model: the network compiled; loss, what "
                          "the default auto picks in one process: the task's whole loss around it, q_sample and the L1 "
-                         "loss included)")
+                         "loss included; none: trainer.compile=false, eager)")
     ap.add_argument("--profile", action="store_true",
                     help="print the profiler tables (CPU and CUDA) of 3 steps after --warmup (those steps are timed "
                          "too: use the timings of a run without it)")
@@ -153,11 +195,12 @@ def main() -> None:
     try:
         pads = [v == "true" for v in comma_choices(args.pad_widths, ("true", "false"), "--pad-widths")]
         widths = project_training_widths(args.project_training)
-        scopes = comma_choices(args.compile_scope, ("model", "loss"), "--compile-scope")
+        scopes = comma_choices(args.compile_scope, ("model", "loss", "none"), "--compile-scope")
+        jobs = comma_choices(args.jobs, ("idgen", "expgen", "idrank"), "--jobs")
     except ValueError as exc:
         ap.error(str(exc))
     rows = []
-    for kind in args.jobs.split(","):
+    for kind in jobs:
         for graph, pad, ptw, scope in ((g, p, w, c) for g in ((False,) if args.cpu else tuple(v == "true" for v in
                                                                                               args.graph.split(",")))
                                        for p in pads for w in widths for c in scopes):
@@ -165,7 +208,7 @@ def main() -> None:
             try:
                 row = run(kind, graph, args, device, pad, scope)
                 row["project_training_max_width"] = ptw
-                if peak:
+                if peak and kind != "idrank":  # IdRank: no MFU (its rows are candidates, its cost FLAME too)
                     row["mfu"] = 6 * row["params"] * row["rows_per_step"] / row["s_per_step"] / (peak * 1e12)
             except Exception as exc:  # noqa: BLE001 -- reported, the other rows go on
                 row = {"job": kind, "cuda_graph": graph, "pad_widths": pad, "project_training_max_width": ptw,
@@ -182,8 +225,8 @@ def main() -> None:
         if "error" in r:
             print(f"{head} error: {r['error'][:200]}")
         else:
-            print(f"{head} {r['s_per_step'] * 1e3:9.2f} "
-                  f"{r['samples_per_s']:12,.0f} {100 * r.get('mfu', 0):5.1f}%")
+            mfu = f"{100 * r['mfu']:5.1f}%" if "mfu" in r else "     -"
+            print(f"{head} {r['s_per_step'] * 1e3:9.2f} {r['samples_per_s']:12,.0f} {mfu}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"device": name, "bf16_gemm_tflops": peak, "args": vars(args) | {

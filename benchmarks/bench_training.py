@@ -83,23 +83,32 @@ def build_model(kind: str, impl: str, pad: bool) -> tuple[torch.nn.Module, int]:
 
 
 def generator_step(kind: str, rows: int, bf16: bool, ddp: bool, compile: bool = False, impl: str = "auto",
-                   inductor: dict | None = None, ddp_kwargs: dict | None = None, pad: bool = False):
+                   inductor: dict | None = None, ddp_kwargs: dict | None = None, pad: bool = False,
+                   scope: str = "model"):
+    """One step as launched by eager PyTorch (no CUDA graph); with `compile`, the model (`scope` model) or, in one
+    process, the whole loss around it (`scope` loss, random draws ATen's) compiled as trainer.compile_scope."""
     dim, cond, widths = SHAPES[kind]
     model, params = build_model(kind, impl, pad)
     opt_params = list(model.parameters())
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()],
                                                           **(ddp_kwargs or {}))
-    if compile:  # as trainer.compile=true: fuses the element-wise kernels of forward and backward
+    if compile and (ddp or scope == "model"):  # as trainer.compile=true: fuses the element-wise kernels
         model = torch.compile(model, options=inductor or None)
     diff = GaussianDiffusion().to(DEVICE)
     opt = torch.optim.AdamW(opt_params, lr=1e-3, weight_decay=1e-4, fused=DEVICE == "cuda")
     x0 = torch.randn(rows, dim, device=DEVICE)
     c = torch.randn(rows, cond, device=DEVICE)
 
+    def losses() -> torch.Tensor:
+        return diff.training_losses(model, x0, c)["loss"]
+
+    if compile and scope == "loss" and not ddp:
+        losses = torch.compile(losses, dynamic=False, options={**(inductor or {}), "fallback_random": True})
+
     def step() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and DEVICE == "cuda"):
-            loss = diff.training_losses(model, x0, c)["loss"].mean()
+            loss = losses().mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -208,7 +217,8 @@ def main() -> None:
     ap.add_argument("--cpu", action="store_true", help="CPU rows only: fp32 IdGen/ExpGen steps at --rows")
     ap.add_argument("--profile", default=None, metavar="IMPLS",
                     help="only print the CUDA kernel table of one compiled bf16 step per job at the first --rows, "
-                         "for each attention kernel of this comma list (e.g. auto,triton)")
+                         "for each attention kernel of this comma list (e.g. auto,triton), compiled as the first "
+                         "--compile-scope value")
     ap.add_argument("--attention-launch", default=None, metavar="SPEC",
                     help="the attention kernel's forward launch (token_attention_kernel.set_launch), e.g. 2x4x2x2:row")
     ap.add_argument("--backward-launch", default=None, metavar="SPEC",
@@ -263,7 +273,7 @@ def main() -> None:
                                      for w in project_training):
             set_project_training(ptw)
             step, _ = generator_step(kind, args.rows[0], True, False, compile=True, impl=impl,
-                                     inductor=parse_compile_options("default"), pad=pad)
+                                     inductor=parse_compile_options("default"), pad=pad, scope=scopes[0])
             time_steps(step, n=2, warmup=5)
             acts = [torch.profiler.ProfilerActivity.CUDA]
             acts += [torch.profiler.ProfilerActivity.CPU] if args.trace else []

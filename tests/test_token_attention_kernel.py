@@ -634,6 +634,11 @@ def test_kernel_backward_matches_float64_autograd_in_the_interpreter() -> None:
                 ew = float((dw.double() - rw).abs().max() / rw.abs().max())
                 assert eq < 1e-5 and ew < 1e-5, (launch, R, T, H, D, eq, ew)
         tak.BACKWARD_LAUNCH.update(default)
+        # a bf16 gradient (as autocast training passes it) is read in place: the float32 copy's exact results
+        qkv, w, g = torch.randn(7, 6144), torch.randn(16), torch.randn(7, 128).bfloat16()
+        for a, b in zip(tak.token_attention_pool_backward(qkv, w, g, 16, 4, 32),
+                        tak.token_attention_pool_backward(qkv, w, g.float(), 16, 4, 32)):
+            assert torch.equal(a, b)
         # rows of a wider tensor (row stride 6,200): the gradient lands in the right columns
         wide = torch.randn(9, 6200, requires_grad=True)
         w = torch.randn(16, requires_grad=True)
@@ -693,6 +698,10 @@ def test_projecting_kernel_backward_matches_float64_autograd_in_the_interpreter(
                     assert got.dtype == torch.float32 and got.shape == want.shape
                     err = float((got.double() - want).abs().max() / want.abs().max())
                     assert err < 1e-5, (launch, R, C, T, H, D, err)
+        x, wq, w, g = torch.randn(5, 20), torch.randn(6144, 20) * 0.2, torch.randn(16), torch.randn(5, 128).bfloat16()
+        for a, b in zip(tak.token_attention_project_pool_backward(x, wq, w, g, 16, 4, 32),
+                        tak.token_attention_project_pool_backward(x, wq, w, g.float(), 16, 4, 32)):
+            assert torch.equal(a, b)  # a bf16 gradient is read in place, with the float32 copy's exact results
         x, wq, w = torch.randn(3, 20, requires_grad=True), torch.randn(6144, 20, requires_grad=True), torch.randn(16)
         torch.library.opcheck(tak.token_attention_project_pool, (x, wq, w.requires_grad_(), 16, 4, 32),
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

@@ -239,6 +239,7 @@ def test_split_film_equals_the_joint_film_matmul(idgen: Denoiser) -> None:
     joint = net.film(torch.nn.functional.silu(torch.cat((t_emb, net.cond_scale * cond), dim=-1)))
     split = net.time_film(t) + net.condition_film(cond)
     torch.testing.assert_close(split, joint, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(net.film_rows(t, cond), joint, atol=1e-5, rtol=1e-5)  # what forward uses
     with torch.no_grad():
         torch.testing.assert_close(net(x, t, cond), net.trunk(x, joint), atol=1e-5, rtol=1e-5)
         # A sampler precomputes one time row per step and broadcasts it over the rows of that step.
@@ -247,6 +248,48 @@ def test_split_film_equals_the_joint_film_matmul(idgen: Denoiser) -> None:
                                    net.trunk(x, net.time_film(t_same[:1]) + net.condition_film(cond)),
                                    atol=1e-5, rtol=1e-5)
     assert not torch.allclose(net.time_film(t[:1]), net.time_film(t[1:2]))  # the time part does depend on t
+
+
+def test_film_rows_gradients_equal_autograd_through_the_joint_matmul(idgen: Denoiser) -> None:
+    """film_rows' own backward (input gradients only for the parts that need one) must give every parameter, and a
+    condition that needs a gradient, autograd's gradients through the public design's joint FiLM Linear
+    (`net.film` on the concatenation); with the condition as data, the same parameter gradients."""
+    from ofer.models.unet1d import sinusoidal_embedding
+
+    net = randomize(idgen, seed=6)
+    x, t = torch.randn(4, 300), torch.tensor([3, 250, 600, 999])
+    for cond_grad in (True, False):
+        grads = []
+        for joint in (False, True):
+            net.zero_grad(set_to_none=True)
+            cond = torch.randn(4, 512, generator=torch.Generator().manual_seed(1)).requires_grad_(cond_grad)
+            if joint:
+                t_emb = net.time_mlp(sinusoidal_embedding(t, net.time_dim))
+                out = net.trunk(x, net.film(torch.nn.functional.silu(torch.cat((t_emb, net.cond_scale * cond), -1))))
+            else:
+                out = net(x, t, cond)
+            out.square().sum().backward()
+            grads.append({n: p.grad for n, p in net.named_parameters()} | ({"cond": cond.grad} if cond_grad else {}))
+        assert grads[0].keys() == grads[1].keys()
+        for n, ref in grads[1].items():
+            torch.testing.assert_close(grads[0][n], ref, atol=1e-5 * float(ref.abs().max()), rtol=1e-4, msg=n)
+        assert grads[1]["film.weight"].abs().max() > 0 and grads[1]["time_mlp.0.weight"].abs().max() > 0
+
+
+def test_compiled_film_rows_keep_the_autocast_dtype(idgen: Denoiser) -> None:
+    """Inside torch.compile, film_rows adds the bias after the matmul. Under bf16 autocast the rows must stay bf16,
+    as the split form's are (a float32 bias would promote every block's FiLM, and the activations after it, to
+    float32), and equal the split form up to bf16 rounding."""
+    net = randomize(idgen, seed=5)
+    t, cond = torch.tensor([0, 7, 500, 999]), torch.randn(4, 512)
+    rows = torch.compile(net.film_rows, backend="aot_eager", dynamic=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = rows(t, cond)
+        split = net.time_film(t) + net.condition_film(cond)
+        eager = net.film_rows(t, cond)
+    assert got.dtype == split.dtype == eager.dtype == torch.bfloat16
+    for out in (got, eager):
+        torch.testing.assert_close(out.float(), split.float(), rtol=0.02, atol=0.02 * split.float().abs().max().item())
 
 
 @pytest.mark.parametrize("name", ["idgen", "expgen"])

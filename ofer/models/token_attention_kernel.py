@@ -607,9 +607,9 @@ def token_attention_pool_backward(qkv: torch.Tensor, w: torch.Tensor, grad: torc
     grad = dL/d(output), (R, heads * head_dim). One Triton kernel launched as `BACKWARD_LAUNCH`; the scores are
     recomputed from qkv."""
     R = qkv.shape[0]
-    grad = grad.contiguous().float()
+    grad = grad.contiguous()  # the kernel reads it in its dtype and computes in float32 (no float32 copy)
     if qkv.is_cuda and torch.cuda.get_device_capability(qkv.device) < (8, 0):
-        return _grads_torch(qkv, w, grad, tokens, heads, head_dim)
+        return _grads_torch(qkv, w, grad.float(), tokens, heads, head_dim)
     qkv = qkv.contiguous()  # a row-strided view: dqkv below is written with qkv's row stride
     dqkv = qkv.new_empty(qkv.shape)
     n_prog_r, meta = _launch_meta(BACKWARD_LAUNCH, R)
@@ -857,9 +857,9 @@ def token_attention_project_pool_backward(x: torch.Tensor, wqkv: torch.Tensor, w
     (w's dtype), given grad = dL/d(output). One Triton kernel per (rows, head) launched as `PROJECT_BACKWARD_LAUNCH`
     recomputes q/k/v from x: nothing of the 6,144-wide q/k/v is kept between forward and backward."""
     R = x.shape[0]
-    grad = grad.contiguous().float()
+    grad = grad.contiguous()  # read in its dtype by the kernel, as in `token_attention_pool_backward`
     if x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 0):
-        return _grads_torch(x @ wqkv.T, w, grad, tokens, heads, head_dim)
+        return _grads_torch(x @ wqkv.T, w, grad.float(), tokens, heads, head_dim)
     xp, c, cp = _x_operand(x)
     wp = _weight_blocks(wqkv, tokens, heads, head_dim, cp)
     launch = PROJECT_BACKWARD_LAUNCH[cp]
