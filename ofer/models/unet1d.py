@@ -603,10 +603,11 @@ class Denoiser(nn.Module):
         One matmul of depth time_dim + cond_dim writes the (B, F) rows once, where the split form writes two and
         its readers read both; its backward (`_JointLinear`) multiplies the gradient only by the weight columns of
         inputs that need one (the time part; the condition is data). The bias is added after the matmul, where
-        torch.compile fuses it into the kernels that read the rows: inductor pads the rows' stride when F * 2
-        bytes is not a multiple of 16 (3,552 for IdGen), and cuBLAS fuses a bias only into contiguous outputs, so a
-        fused bias made ATen first copy the bias into all B rows (0.37 ms of a 25 ms IdGen training step on an
-        H100, BENCHMARKS.md)."""
+        torch.compile fuses it into the kernels that read the rows. With inductor's default options the rows get
+        a padded stride (IdGen's 3,552 bf16 values, 7,104 bytes, padded to 7,168: a multiple of 128), and ATen
+        fuses a bias into cuBLAS only for contiguous outputs: it first copied the bias into all B rows (0.37 ms of a 25 ms IdGen
+        step on an H100, BENCHMARKS.md "twelfth"). The trainer's options keep the rows contiguous; there the
+        separate add costs nothing either."""
         w = self.film.weight
         t_emb = self.time_mlp(sinusoidal_embedding(t, self.time_dim).to(w.dtype))  # (B, time_dim)
         c = cond.to(w.dtype)
