@@ -1,0 +1,27 @@
+"""benchmarks/bench_trainer.py end to end on the CPU: the smoke run of its docstring with a generator job and the
+IdRank job (the real RankerTask on cached pools, FLAME decoding included). The script reports a failing row as an
+error and goes on, so this checks every row for one."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_trainer_times_a_generator_and_idrank_on_the_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "trainer.json"
+    cmd = [sys.executable, "benchmarks/bench_trainer.py", "--cpu", "--jobs", "idgen,idrank", "--rows-per-item", "8",
+           "--items-per-step", "4", "--items", "8", "--candidates", "6", "--rank-batch", "2", "--steps", "6",
+           "--warmup", "2", "--compile-scope", "none", "--json", str(out)]
+    subprocess.run(cmd, cwd=ROOT, check=True, timeout=600, capture_output=True)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["job"] for r in rows] == ["idgen", "idrank"]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["s_per_step"] > 0
+    assert rows[0]["rows_per_step"] == 4 * 8
+    assert rows[1]["rows_per_step"] == 2 * 6  # images x candidates
+    assert rows[1]["params"] == 59_505_986  # the paper-sized IdRanker (1,785 face vertices)
