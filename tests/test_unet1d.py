@@ -277,9 +277,9 @@ def test_film_rows_gradients_equal_autograd_through_the_joint_matmul(idgen: Deno
 
 
 def test_compiled_film_rows_keep_the_autocast_dtype(idgen: Denoiser) -> None:
-    """Inside torch.compile, film_rows adds the bias after the matmul. Under bf16 autocast the rows must stay bf16,
-    as the split form's are (a float32 bias would promote every block's FiLM, and the activations after it, to
-    float32), and equal the split form up to bf16 rounding."""
+    """film_rows adds the bias after the matmul (where torch.compile fuses it into the readers). Under bf16 autocast
+    the rows must stay bf16, compiled and eager, as the split form's are (a float32 bias would promote every block's
+    FiLM, and the activations after it, to float32), and equal the split form up to bf16 rounding."""
     net = randomize(idgen, seed=5)
     t, cond = torch.tensor([0, 7, 500, 999]), torch.randn(4, 512)
     rows = torch.compile(net.film_rows, backend="aot_eager", dynamic=False)
