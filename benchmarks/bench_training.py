@@ -82,6 +82,18 @@ def build_model(kind: str, impl: str, pad: bool) -> tuple[torch.nn.Module, int]:
     return training_copy(model, pad, DEVICE).to(DEVICE), params
 
 
+def per_row_losses(diff: GaussianDiffusion, model: torch.nn.Module, x0: torch.Tensor, c: torch.Tensor,
+                   compile_loss: bool, inductor: dict | None):
+    """The step's per-row denoising losses as a function of no arguments; with `compile_loss` the whole function
+    compiled as trainer.compile_scope=loss (static shapes, random draws ATen's through `fallback_random`)."""
+    def losses() -> torch.Tensor:
+        return diff.training_losses(model, x0, c)["loss"]
+
+    if compile_loss:
+        return torch.compile(losses, dynamic=False, options={**(inductor or {}), "fallback_random": True})
+    return losses
+
+
 def generator_step(kind: str, rows: int, bf16: bool, ddp: bool, compile: bool = False, impl: str = "auto",
                    inductor: dict | None = None, ddp_kwargs: dict | None = None, pad: bool = False,
                    scope: str = "model"):
@@ -100,11 +112,7 @@ def generator_step(kind: str, rows: int, bf16: bool, ddp: bool, compile: bool = 
     x0 = torch.randn(rows, dim, device=DEVICE)
     c = torch.randn(rows, cond, device=DEVICE)
 
-    def losses() -> torch.Tensor:
-        return diff.training_losses(model, x0, c)["loss"]
-
-    if compile and scope == "loss" and not ddp:
-        losses = torch.compile(losses, dynamic=False, options={**(inductor or {}), "fallback_random": True})
+    losses = per_row_losses(diff, model, x0, c, compile and scope == "loss" and not ddp, inductor)
 
     def step() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and DEVICE == "cuda"):
@@ -136,11 +144,7 @@ def graphed_generator_step(kind: str, rows: int, compile: bool = False, impl: st
     c = torch.randn(rows, cond, device=DEVICE)
     batch_x0, batch_c = x0.clone(), c.clone()  # what the loader delivers each step
 
-    def losses() -> torch.Tensor:
-        return diff.training_losses(model, x0, c)["loss"]
-
-    if compile and scope == "loss":
-        losses = torch.compile(losses, dynamic=False, options={**(inductor or {}), "fallback_random": True})
+    losses = per_row_losses(diff, model, x0, c, compile and scope == "loss", inductor)
 
     def body() -> torch.Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):

@@ -605,9 +605,9 @@ class Denoiser(nn.Module):
         inputs that need one (the time part; the condition is data). The bias is added after the matmul, where
         torch.compile fuses it into the kernels that read the rows. With inductor's default options the rows get
         a padded stride (IdGen's 3,552 bf16 values, 7,104 bytes, padded to 7,168: a multiple of 128), and ATen
-        fuses a bias into cuBLAS only for contiguous outputs: it first copied the bias into all B rows (0.37 ms of a 25 ms IdGen
-        step on an H100, BENCHMARKS.md "twelfth"). The trainer's options keep the rows contiguous; there the
-        separate add costs nothing either."""
+        fuses a bias into cuBLAS only for contiguous outputs: it first copied the bias into all B rows (0.37 ms of
+        a 25 ms IdGen step on an H100, BENCHMARKS.md "twelfth"). The trainer's options keep the rows contiguous;
+        there the separate add costs nothing either."""
         w = self.film.weight
         t_emb = self.time_mlp(sinusoidal_embedding(t, self.time_dim).to(w.dtype))  # (B, time_dim)
         c = cond.to(w.dtype)
