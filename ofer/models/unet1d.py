@@ -678,11 +678,14 @@ class Denoiser(nn.Module):
         if film.ndim != 2 or film.shape[1] != sum(self._film_sizes) or film.shape[0] < 1 or x.shape[0] % film.shape[0]:
             raise ValueError(f"Denoiser.trunk: film must have shape (G, {sum(self._film_sizes)}) with G dividing "
                              f"the {x.shape[0]} rows of x, got {tuple(film.shape)}")
-        films = iter(film.split(self._film_sizes, dim=-1))  # per block (B, 2 * w_out)
+        # every block's scale and shift, (B, w_out) each, in one split: its backward is one concatenation of all
+        # the pieces, which inductor writes piece by piece from the kernels computing them; a split per block
+        # then a chunk into scale and shift made each block's backward a two-input pointwise cat of its own
+        films = iter(film.split([s // 2 for s in self._film_sizes for _ in range(2)], dim=-1))
         cat_in_kernels = self._cat_in_kernels(x)
 
         def run(block: FiLMResBlock, h: torch.Tensor, tail: torch.Tensor | None = None) -> torch.Tensor:
-            scale, shift = next(films).chunk(2, dim=-1)
+            scale, shift = next(films), next(films)
             if tail is None:
                 return block(h, scale, shift)
             if cat_in_kernels:
