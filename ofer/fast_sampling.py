@@ -36,8 +36,12 @@ __all__ = ["COMPILE_OPTIONS", "PAD_WIDTHS", "GraphedSampler", "parse_compile_opt
 # strides for intermediate tensors; in training the FiLM matmul's (rows, 3,440) output got a 3,456 stride, and
 # cuBLAS's addmm copied it twice (0.9 ms of a 27 ms IdGen step); same run on an H200, 65,536 rows: IdGen
 # training step 27.28 -> 26.51 ms, ExpGen 15.79 -> 15.80, sampling steps unchanged (7.155 / 7.157 ms IdGen).
-# Module-level so the benchmarks can compare.
-COMPILE_OPTIONS: dict = {"force_shape_pad": True, "comprehensive_padding": False}
+# triton.mix_order_reduction=False: in backward graphs, compute a norm's per-row gradient and its gain's column
+# sums in separate kernels instead of one "mix-order" kernel per norm (which also left 28 partial column sums per
+# IdGen step to ATen); inference graphs have no such reductions. H100, 65,536 rows, compiled loss in one CUDA
+# graph, two calls: IdGen training step 24.09 -> 23.91 and 24.09 -> 23.90 ms, ExpGen 15.02 -> 15.02 ms
+# (BENCHMARKS.md, "thirteenth"). Module-level so the benchmarks can compare.
+COMPILE_OPTIONS: dict = {"force_shape_pad": True, "comprehensive_padding": False, "triton.mix_order_reduction": False}
 
 # GraphedSampler's default for `pad_widths`: sample with `Denoiser.padded()` (widths rounded up to multiples of 8,
 # the same function), so no 300-wide matmul needs a padding copy. Module-level so the benchmarks can compare.
