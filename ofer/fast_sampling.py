@@ -38,9 +38,9 @@ __all__ = ["COMPILE_OPTIONS", "PAD_WIDTHS", "GraphedSampler", "parse_compile_opt
 # training step 27.28 -> 26.51 ms, ExpGen 15.79 -> 15.80, sampling steps unchanged (7.155 / 7.157 ms IdGen).
 # triton.mix_order_reduction=False: in backward graphs, compute a norm's per-row gradient and its gain's column
 # sums in separate kernels instead of one "mix-order" kernel per norm (which also left 28 partial column sums per
-# IdGen step to ATen); inference graphs have no such reductions. H100, 65,536 rows, compiled loss in one CUDA
-# graph, two calls: IdGen training step 24.09 -> 23.91 and 24.09 -> 23.90 ms, ExpGen 15.02 -> 15.02 ms
-# (BENCHMARKS.md, "thirteenth"). Module-level so the benchmarks can compare.
+# IdGen step to ATen); sampling graphs have no gradient column sums (not timed with it). H100, 65,536 rows, compiled
+# loss in one CUDA graph, two calls: IdGen training step 24.09 -> 23.91 and 24.09 -> 23.90 ms, ExpGen 15.02 -> 15.02 ms
+# (BENCHMARKS.md, "Session of 2026-11-28"). Module-level so the benchmarks can compare.
 COMPILE_OPTIONS: dict = {"force_shape_pad": True, "comprehensive_padding": False, "triton.mix_order_reduction": False}
 
 # GraphedSampler's default for `pad_widths`: sample with `Denoiser.padded()` (widths rounded up to multiples of 8,

@@ -122,6 +122,21 @@ def test_graphed_runs_a_model_without_the_split_film_methods(compile):
     torch.testing.assert_close(graphed(cond, num_samples=4, x_T=x_T), eager, atol=2e-4, rtol=1e-4)
 
 
+def test_compile_options_are_options_of_the_installed_inductor():
+    """Every key of COMPILE_OPTIONS (dotted keys name a sub-config, e.g. triton.mix_order_reduction) is an option
+    of this torch's inductor with a value of the option's type: torch.compile rejects unknown keys only when it
+    compiles, deep inside a training or sampling run."""
+    import torch._inductor.config as inductor_config
+
+    for key, value in COMPILE_OPTIONS.items():
+        node = inductor_config
+        for part in key.split("."):
+            assert hasattr(node, part), f"COMPILE_OPTIONS key {key!r}: torch {torch.__version__}'s inductor has no " \
+                                        f"{part!r}"
+            node = getattr(node, part)
+        assert type(node) is type(value), f"COMPILE_OPTIONS[{key!r}] = {value!r}, inductor's default is {node!r}"
+
+
 def test_parse_compile_options():
     assert parse_compile_options("none") == {}
     assert parse_compile_options("default") == COMPILE_OPTIONS

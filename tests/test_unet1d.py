@@ -292,6 +292,36 @@ def test_compiled_film_rows_keep_the_autocast_dtype(idgen: Denoiser) -> None:
         torch.testing.assert_close(out.float(), split.float(), rtol=0.02, atol=0.02 * split.float().abs().max().item())
 
 
+
+def test_trunk_gives_each_block_its_scale_then_its_shift(idgen: Denoiser, monkeypatch) -> None:
+    """The FiLM rows' layout, which saved checkpoints depend on: block k of the forward order (down, mid, up,
+    final) reads columns [o_k, o_k + w_k) as its scale and [o_k + w_k, o_k + 2 w_k) as its shift, where w_k is its
+    output width and o_k the sum of the widths 2 w_j of the blocks before it. Checked by recording what each block
+    receives; it fails if scale and shift trade places or the blocks read each other's columns."""
+    net = randomize(idgen, seed=6).eval()
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    real = FiLMResBlock.forward
+
+    def record(block, x, scale, shift, tail=None):
+        seen.append((scale, shift))
+        return real(block, x, scale, shift, tail)
+
+    monkeypatch.setattr(FiLMResBlock, "forward", record)
+    film = torch.randn(4, sum(net._film_sizes))
+    with torch.no_grad():
+        net.trunk(torch.randn(4, net.dim), film)
+    blocks = [b for level in net.down_blocks for b in level] + [net.mid_block1, net.mid_block2]
+    blocks += [b for level in net.up_blocks for b in level] + [net.final_block]
+    assert len(seen) == len(blocks) == len(net._film_sizes)
+    o = 0
+    for (scale, shift), block in zip(seen, blocks):
+        w = block.lin1.out_features
+        torch.testing.assert_close(scale, film[:, o:o + w], atol=0, rtol=0)
+        torch.testing.assert_close(shift, film[:, o + w:o + 2 * w], atol=0, rtol=0)
+        o += 2 * w
+    assert o == film.shape[1]
+
+
 @pytest.mark.parametrize("name", ["idgen", "expgen"])
 def test_trunk_broadcasts_one_film_row_per_condition(name: str) -> None:
     """A FiLM tensor with one row per condition (G rows for G x N samples) must give the trunk of the same FiLM
