@@ -150,9 +150,13 @@ def run(kind: str, graph: bool, args: argparse.Namespace, device: str, pad: bool
         events = [json.loads(line).get("event") for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     # up to the second-last step: the last one ends with the final checkpoint (on_step_end runs after it)
     s = (ends[args.steps - 1] - ends[args.warmup]) / (args.steps - 1 - args.warmup)
+    # each timed step's own duration (the step's stats read back is a host sync, so these follow the GPU): tells a
+    # few slow steps (host hiccups, an epoch's new iterator) from a slower process
+    each = sorted(ends[i + 1] - ends[i] for i in range(args.warmup, args.steps - 1))
     rows = args.rank_batch * args.candidates if kind == "idrank" else args.items_per_step * args.rows_per_item
     return {"job": kind, "cuda_graph": graph, "pad_widths": pad, "compile_scope": scope, "rows_per_step": rows,
-            "s_per_step": s,
+            "s_per_step": s, "s_per_step_median": each[len(each) // 2], "s_per_step_min": each[0],
+            "s_per_step_max": each[-1],
             "samples_per_s": rows / s, "params": params,
             "events": sorted({e for e in events if e and e.startswith("cuda_graph")})}
 
@@ -218,7 +222,7 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"device: {name}  bf16 GEMM {peak or 0:.0f} TFLOP/s")
     print(f"{'job':8} {'cuda_graph':>10} {'pad':>5} {'proj':>4} {'scope':>5} {'ms/step':>9} {'samples/s':>12} "
-          f"{'MFU':>6}")
+          f"{'MFU':>6} {'median':>7} {'min':>7} {'max':>7}")
     for r in rows:
         head = (f"{r['job']:8} {str(r['cuda_graph']):>10} {str(r['pad_widths']):>5} "
                 f"{r['project_training_max_width']:>4} {r['compile_scope']:>5}")
@@ -226,7 +230,8 @@ def main() -> None:
             print(f"{head} error: {r['error'][:200]}")
         else:
             mfu = f"{100 * r['mfu']:5.1f}%" if "mfu" in r else "     -"
-            print(f"{head} {r['s_per_step'] * 1e3:9.2f} {r['samples_per_s']:12,.0f} {mfu}")
+            spread = " ".join(f"{r[k] * 1e3:7.2f}" for k in ("s_per_step_median", "s_per_step_min", "s_per_step_max"))
+            print(f"{head} {r['s_per_step'] * 1e3:9.2f} {r['samples_per_s']:12,.0f} {mfu} {spread}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"device": name, "bf16_gemm_tflops": peak, "args": vars(args) | {

@@ -22,6 +22,9 @@ def test_bench_trainer_times_a_generator_and_idrank_on_the_cpu(tmp_path: Path) -
     for r in rows:
         assert "error" not in r, r
         assert r["s_per_step"] > 0
+        # the mean over the timed steps lies within their spread (steps 3-5 of 6: three durations)
+        assert 0 < r["s_per_step_min"] <= r["s_per_step_median"] <= r["s_per_step_max"]
+        assert r["s_per_step_min"] <= r["s_per_step"] <= r["s_per_step_max"]
     assert rows[0]["rows_per_step"] == 4 * 8
     assert rows[1]["rows_per_step"] == 2 * 6  # images x candidates
     assert rows[1]["params"] == 59_505_986  # the paper-sized IdRanker (1,785 face vertices)
