@@ -230,6 +230,9 @@ def main() -> None:
     ap.add_argument("--project-max-width", type=int, default=None,
                     help="widest attention input whose q/k/v projection runs inside the Triton kernels (0: never; "
                          "default: token_attention_kernel.PROJECT_MAX_WIDTH)")
+    ap.add_argument("--project-backward-dx", default=None, metavar="WIDTHS",
+                    help="comma list of the padded widths (16, 32, 64) whose projecting backward computes dx in the "
+                         "kernel (token_attention_kernel.PROJECT_BACKWARD_DX; 'none': no width); default: the module's")
     ap.add_argument("--trace", type=Path, default=None, metavar="DIR",
                     help="with --profile: also record CPU ops with input shapes and write a Chrome trace per job to "
                          "DIR (which op launched which kernel)")
@@ -272,6 +275,16 @@ def main() -> None:
         tak.set_launch(args.backward_launch, backward=True)
     if args.project_max_width is not None:
         tak.PROJECT_MAX_WIDTH = args.project_max_width
+    if args.project_backward_dx is not None:
+        try:
+            dx_widths = () if args.project_backward_dx == "none" else tuple(
+                int(v) for v in args.project_backward_dx.split(","))
+        except ValueError:
+            ap.error(f"--project-backward-dx {args.project_backward_dx!r}: expected 'none' or a comma list of "
+                     "16, 32, 64")
+        if not set(dx_widths) <= {16, 32, 64}:
+            ap.error(f"--project-backward-dx {args.project_backward_dx!r}: the padded widths are 16, 32 and 64")
+        tak.PROJECT_BACKWARD_DX = dx_widths
     if args.profile:
         for impl, kind, pad, ptw in ((i, k, p, w) for i in args.profile.split(",") for k in jobs for p in pads
                                      for w in project_training):
@@ -328,6 +341,7 @@ def main() -> None:
                          "attention_launch": dict(tak.LAUNCH), "backward_launch": dict(tak.BACKWARD_LAUNCH),
                          "project_max_width": tak.PROJECT_MAX_WIDTH,
                          "project_training_max_width": tak.PROJECT_TRAINING_MAX_WIDTH,
+                         "project_backward_dx": list(tak.PROJECT_BACKWARD_DX),
                          "optimize_ddp": torch._dynamo.config.optimize_ddp,
                          **({"ddp_kwargs": ddp_kwargs} if ddp else {})})
         if rank == 0:
@@ -358,6 +372,7 @@ def main() -> None:
                                      "pad_widths": pad, "project_training_max_width": ptw, "world_size": 1,
                                      "s_per_step": s, "samples_per_s": rows / s,
                                      "mfu": 6 * params * rows / s / (peak * 1e12),
+                                     "project_backward_dx": list(tak.PROJECT_BACKWARD_DX),
                                      **({"inductor": opts} if comp else {})})
                     print(json.dumps(rows_out[-1]), flush=True)
     if not args.ddp_only and not args.cpu and not args.no_idrank:

@@ -7,7 +7,10 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import os
+import tempfile
 import textwrap
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -445,6 +448,42 @@ def test_weight_fragments_invert_the_kernels_permutation(c: int, cp: int, chunks
         tak._fragment_perm(24, 512, 4)
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton not installed; covered by the GPU tests")
+@pytest.mark.parametrize("cp", [16, 32, 64])
+def test_projecting_backward_compiles_for_sm90_with_the_installed_triton(cp: int) -> None:
+    """`_project_pool_bwd_kernel` compiled ahead of time (no GPU needed) for sm_90 in bf16 with its launch, with dx
+    left to the host (the default) and with dx in the kernel (`PROJECT_BACKWARD_DX`): it builds, multiplies with
+    mma.sync and keeps no arrays in local memory; Triton's own ptxas allocates the default form without spilling,
+    and the dx form too at 32 and 64 channels (at 16 it spills about 1.2 KB per thread, noted at
+    PROJECT_BACKWARD_DX). Catches a Triton change that would slow these kernels before a GPU run does."""
+    import subprocess
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from ofer.models import token_attention_kernel as tak
+
+    launch = tak.PROJECT_BACKWARD_LAUNCH[cp]
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    for dx in (False, True):
+        consts = {"T": 16, "H": 4, "DH": 32, "C": cp, "CP": cp, "BLOCK_R": launch["block_rows"], "DX": dx,
+                  "C_OUT": cp}
+        sig = {"x_ptr": "*bf16", "wp_ptr": "*bf16", "w_ptr": "*fp32", "g_ptr": "*bf16", "dqkv_ptr": "*bf16",
+               "dw_ptr": "*fp32", "dx_ptr": "*bf16", "R": "i32", "scale": "fp32", **{c: "constexpr" for c in consts}}
+        ptx = triton.compile(ASTSource(fn=tak._project_pool_bwd_kernel, signature=sig, constexprs=consts),
+                             target=GPUTarget("cuda", 90, 32), options={"num_warps": launch["num_warps"]}).asm["ptx"]
+        assert "mma.sync" in ptx
+        assert "st.local" not in ptx and "ld.local" not in ptx
+        if not ptxas.is_file() or (dx and cp == 16):
+            continue
+        src = Path(tempfile.mkdtemp()) / "bwd.ptx"
+        src.write_text(ptx)
+        info = subprocess.run([str(ptxas), "-v", "--gpu-name", "sm_90a", str(src), "-o", os.devnull],
+                              capture_output=True, text=True, check=True).stderr
+        assert "0 bytes spill stores, 0 bytes spill loads" in info, (cp, dx, info)
+
+
 @pytest.mark.parametrize("arch, cp, launch", [(90, 16, "32x4"), (90, 64, "32x4x2x168"), (80, 32, "32x4")])
 def test_gluon_kernel_compiles_with_the_installed_triton(arch: int, cp: int, launch: str) -> None:
     """The Gluon projecting kernel compiled ahead of time (no GPU needed) for sm_90 / sm_80 with the installed
@@ -674,14 +713,16 @@ def test_projecting_kernel_backward_matches_float64_autograd_in_the_interpreter(
     token-mix weights) against autograd through the float64 formula on x @ wqkv.T, at padded widths 16/32/64, partial
     row blocks, two launches, 1-4 heads and 16 or 32 tokens; opcheck of the op's registrations; and that the
     Denoiser routes narrow blocks to it in training only up to PROJECT_TRAINING_MAX_WIDTH, with the gradients of
-    the separate projection. Checked to fail with the softmax-backward term r_t dropped and with dk from the
-    untransposed ds."""
+    the separate projection. Each case runs with dx from the host's matmul of dqkv and from the kernel
+    (PROJECT_BACKWARD_DX). Checked to fail with the softmax-backward term r_t dropped, with dk from the
+    untransposed ds, and with the kernel's dx missing dk's part."""
     script = textwrap.dedent("""
         import torch
         from ofer.models import token_attention_kernel as tak
         from tests.test_token_attention_kernel import small_net
         torch.manual_seed(0)
-        for launch in ("default", "32x4"):
+        for launch, dx_widths in (("default", ()), ("default", (16, 32, 64)), ("32x4", (16, 32, 64))):
+            tak.PROJECT_BACKWARD_DX = dx_widths
             if launch != "default":
                 for cp in tak.PROJECT_BACKWARD_LAUNCH:
                     tak.PROJECT_BACKWARD_LAUNCH[cp] = {"block_rows": 32, "num_warps": 4}
@@ -697,11 +738,16 @@ def test_projecting_kernel_backward_matches_float64_autograd_in_the_interpreter(
                 for got, want in zip((dx, dwq, dw), torch.autograd.grad(ref, (x64, wq64, w64), g.double())):
                     assert got.dtype == torch.float32 and got.shape == want.shape
                     err = float((got.double() - want).abs().max() / want.abs().max())
-                    assert err < 1e-5, (launch, R, C, T, H, D, err)
+                    assert err < 1e-5, (launch, dx_widths, R, C, T, H, D, err)
+        tak.PROJECT_BACKWARD_DX = ()
         x, wq, w, g = torch.randn(5, 20), torch.randn(6144, 20) * 0.2, torch.randn(16), torch.randn(5, 128).bfloat16()
-        for a, b in zip(tak.token_attention_project_pool_backward(x, wq, w, g, 16, 4, 32),
-                        tak.token_attention_project_pool_backward(x, wq, w, g.float(), 16, 4, 32)):
-            assert torch.equal(a, b)  # a bf16 gradient is read in place, with the float32 copy's exact results
+        for with_dx in (False, True):
+            got = tak.token_attention_project_pool_backward(x, wq, w, g, 16, 4, 32, with_dx)
+            for a, b in zip(got, tak.token_attention_project_pool_backward(x, wq, w, g.float(), 16, 4, 32, with_dx)):
+                assert torch.equal(a, b)  # a bf16 gradient is read in place, with the float32 copy's exact results
+            assert got[2].shape == ((5, 20) if with_dx else (0, 20))
+        torch.library.opcheck(tak.token_attention_project_pool_backward, (x, wq, w, g.float(), 16, 4, 32, True),
+                              test_utils=("test_schema", "test_faketensor"))
         x, wq, w = torch.randn(3, 20, requires_grad=True), torch.randn(6144, 20, requires_grad=True), torch.randn(16)
         torch.library.opcheck(tak.token_attention_project_pool, (x, wq, w.requires_grad_(), 16, 4, 32),
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
