@@ -28,3 +28,14 @@ def test_bench_trainer_times_a_generator_and_idrank_on_the_cpu(tmp_path: Path) -
     assert rows[0]["rows_per_step"] == 4 * 8
     assert rows[1]["rows_per_step"] == 2 * 6  # images x candidates
     assert rows[1]["params"] == 59_505_986  # the paper-sized IdRanker (1,785 face vertices)
+
+
+def test_bench_trainer_host_times_the_loops_own_work(tmp_path: Path) -> None:
+    """benchmarks/bench_trainer_host.py (the trainer's host work per step, the model's work stubbed out) runs on the
+    CPU and reports one positive time per job; it fails if the trainer methods it stubs are renamed."""
+    out = tmp_path / "host.json"
+    cmd = [sys.executable, "benchmarks/bench_trainer_host.py", "--jobs", "expgen", "--steps", "12", "--warmup", "2",
+           "--json", str(out)]
+    subprocess.run(cmd, cwd=ROOT, check=True, timeout=600, capture_output=True)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["job"] for r in rows] == ["expgen"] and rows[0]["host_us_per_step"] > 0

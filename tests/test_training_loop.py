@@ -243,6 +243,27 @@ def test_sigterm_in_process_raises_training_preempted(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------ NaN
 
 
+def test_every_step_trains_in_training_mode(tmp_path: Path) -> None:
+    """The loss sees every module in training mode at every step, also after something between steps put one in
+    eval mode (here the step callback, at steps 2 and 4; evaluation restores the mode itself), and the model is
+    left in training mode. The loop calls train() only when a module is not in it (train() walks the whole tree
+    every step otherwise); checked to fail when the call is dropped."""
+    task = make_task(0, hidden=8)
+    modes: list[bool] = []
+    loss = task.loss
+
+    def recording_loss(model: nn.Module, batch: dict) -> dict[str, Tensor]:
+        modes.append(all(m.training for m in model.modules()))
+        return loss(model, batch)
+
+    task.loss = recording_loss
+    cfg = toy_trainer_cfg(max_steps=6)
+    train(task, cfg, run_dir=tmp_path, device="cpu", resolved_config=resolved(cfg),
+          on_step_end=lambda step: task.model[2].eval() if step in (2, 4) else None)
+    assert modes == [True] * 6
+    assert all(m.training for m in task.model.modules())
+
+
 def test_nan_stop_names_step_and_batch(tmp_path: Path) -> None:
     bad = 17
     order = _epoch_order(0, 0)
