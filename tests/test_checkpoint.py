@@ -390,6 +390,27 @@ def test_ema_matches_closed_form() -> None:
     assert not ema.module.weight.requires_grad
 
 
+def test_ema_copies_buffers_and_frozen_parameters_as_they_are() -> None:
+    """Buffers of every dtype (BatchNorm's float running statistics and int64 batch count) and frozen parameters
+    are copied into the averaged module at each update, not averaged; the trainable ones are averaged."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    model[1].weight.requires_grad_(False)
+    ema = EMA(model, decay=0.5)
+    w0 = model[0].weight.detach().clone()
+    model.train()
+    for _ in range(3):
+        model(torch.randn(8, 3))  # moves the running statistics and counts the batches
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+        model[1].weight.fill_(7.0)
+    ema.update(model)
+    bn, ema_bn = model[1], ema.module[1]
+    assert int(ema_bn.num_batches_tracked) == 3 and ema_bn.num_batches_tracked.dtype == torch.int64
+    assert torch.equal(ema_bn.running_mean, bn.running_mean) and torch.equal(ema_bn.running_var, bn.running_var)
+    assert torch.equal(ema_bn.weight, torch.full((4,), 7.0))
+    torch.testing.assert_close(ema.module[0].weight, w0 + 0.5, atol=1e-6, rtol=0)
+
+
 # ---------------------------------------------------------------------------------------- sampler
 
 

@@ -50,8 +50,8 @@ class EMA:
         averaged, sources, copied = self._pairs(model)
         if averaged:
             torch._foreach_lerp_(averaged, sources, 1.0 - self.decay)
-        for dst, src in copied:
-            dst.copy_(src)
+        if copied:  # one multi-tensor copy, not one kernel per tensor (a padded IdGen has 28 mask buffers)
+            torch._foreach_copy_([dst for dst, _ in copied], [src for _, src in copied])
         self.num_updates += 1
 
     def state_dict(self) -> dict[str, Tensor]:
