@@ -365,7 +365,7 @@ class _Trainer:
                                        options={**COMPILE_OPTIONS, "fallback_random": True})
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         # every module of the training model, to check its mode each step (`_train_step`); the tree is built by now
-        self._modules = list(self.ddp.modules())
+        self._model_modules = list(self.ddp.modules())
         self.use_graphs = cfg.cuda_graph and self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(  # fused: one kernel for all parameters on CUDA (as bench_training)
             self.groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=self.device.type == "cuda",
@@ -640,7 +640,7 @@ class _Trainer:
         # training mode for the whole model, as train() sets it, but only when some module is not in it: train()
         # walks the tree in Python (~0.2 ms per step for IdGen's 130 modules on this project's CPU machine, host
         # time between the update and the next step's launch), the check ~4 us
-        if not all(m.training for m in self._modules):
+        if not all(m.training for m in self._model_modules):
             self.ddp.train()
         if self.use_graphs and self._graphs is None and self._eager_left == 0:
             self._capture(batch)
