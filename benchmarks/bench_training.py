@@ -265,6 +265,10 @@ def main() -> None:
         project_training = project_training_widths(args.project_training)
         jobs = comma_choices(args.jobs, ("idgen", "expgen"), "--jobs")
         scopes = comma_choices(args.compile_scope, ("model", "loss"), "--compile-scope")
+        if args.project_backward_dx is not None:
+            dx = args.project_backward_dx
+            tak.PROJECT_BACKWARD_DX = () if dx == "none" else tuple(
+                int(v) for v in comma_choices(dx, ("16", "32", "64"), "--project-backward-dx"))
     except ValueError as exc:
         ap.error(str(exc))
     if args.optimize_ddp is not None:
@@ -275,16 +279,6 @@ def main() -> None:
         tak.set_launch(args.backward_launch, backward=True)
     if args.project_max_width is not None:
         tak.PROJECT_MAX_WIDTH = args.project_max_width
-    if args.project_backward_dx is not None:
-        try:
-            dx_widths = () if args.project_backward_dx == "none" else tuple(
-                int(v) for v in args.project_backward_dx.split(","))
-        except ValueError:
-            ap.error(f"--project-backward-dx {args.project_backward_dx!r}: expected 'none' or a comma list of "
-                     "16, 32, 64")
-        if not set(dx_widths) <= {16, 32, 64}:
-            ap.error(f"--project-backward-dx {args.project_backward_dx!r}: the padded widths are 16, 32 and 64")
-        tak.PROJECT_BACKWARD_DX = dx_widths
     if args.profile:
         for impl, kind, pad, ptw in ((i, k, p, w) for i in args.profile.split(",") for k in jobs for p in pads
                                      for w in project_training):
