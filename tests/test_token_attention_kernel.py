@@ -455,7 +455,10 @@ def test_projecting_backward_compiles_for_sm90_with_the_installed_triton(cp: int
     left to the host (the default) and with dx in the kernel (`PROJECT_BACKWARD_DX`): it builds, multiplies with
     mma.sync and keeps no arrays in local memory; Triton's own ptxas allocates the default form without spilling,
     and the dx form too at 32 and 64 channels (at 16 it spills about 1.2 KB per thread, noted at
-    PROJECT_BACKWARD_DX). Catches a Triton change that would slow these kernels before a GPU run does."""
+    PROJECT_BACKWARD_DX). Pointers and the row count are compiled as 16-byte aligned / divisible by 16, as Triton
+    specializes every real launch (an unaligned compile neither vectorizes nor pipelines, and once hid a dx form
+    that asked for 434 KB of shared memory), and the kernel must fit an H100's 227 KB of shared memory per block.
+    Catches a Triton change that would slow or break these kernels before a GPU run does."""
     import subprocess
 
     import triton
@@ -471,8 +474,12 @@ def test_projecting_backward_compiles_for_sm90_with_the_installed_triton(cp: int
                   "C_OUT": cp}
         sig = {"x_ptr": "*bf16", "wp_ptr": "*bf16", "w_ptr": "*fp32", "g_ptr": "*bf16", "dqkv_ptr": "*bf16",
                "dw_ptr": "*fp32", "dx_ptr": "*bf16", "R": "i32", "scale": "fp32", **{c: "constexpr" for c in consts}}
-        ptx = triton.compile(ASTSource(fn=tak._project_pool_bwd_kernel, signature=sig, constexprs=consts),
-                             target=GPUTarget("cuda", 90, 32), options={"num_warps": launch["num_warps"]}).asm["ptx"]
+        aligned = {(i,): [["tt.divisibility", 16]] for i in range(8)}  # the 7 pointers and R
+        kernel = triton.compile(ASTSource(fn=tak._project_pool_bwd_kernel, signature=sig, constexprs=consts,
+                                          attrs=aligned),
+                                target=GPUTarget("cuda", 90, 32), options={"num_warps": launch["num_warps"]})
+        assert kernel.metadata.shared <= 232448, (cp, dx, kernel.metadata.shared)
+        ptx = kernel.asm["ptx"]
         assert "mma.sync" in ptx
         assert "st.local" not in ptx and "ld.local" not in ptx
         if not ptxas.is_file() or (dx and cp == 16):
@@ -939,14 +946,21 @@ def test_kernel_backward_on_cuda_matches_float64_and_trains_like_math() -> None:
     rq, rw = torch.autograd.grad(tak.token_attention_pool_reference(q64, w64, 16, 4, 32), (q64, w64), g.double())
     assert float((dqkv.double() - rq).abs().max() / rq.abs().max()) < 1e-4
     assert float((dw.double() - rw).abs().max() / rw.abs().max()) < 1e-4
-    # the projecting kernel's backward (53 channels, padded to 64), fp32
-    x = torch.randn(3001, 53, device=dev, generator=gen).requires_grad_()
-    wq = (torch.randn(6144, 53, device=dev, generator=gen) * 53**-0.5).requires_grad_()
-    got = torch.autograd.grad(tak.token_attention_project_pool(x, wq, w, 16, 4, 32), (x, wq, w), g)
-    x64, wq64 = x.detach().double().requires_grad_(), wq.detach().double().requires_grad_()
-    ref = tak.token_attention_pool_reference(x64 @ wq64.T, w64, 16, 4, 32)
-    for a, b in zip(got, torch.autograd.grad(ref, (x64, wq64, w64), g.double())):
-        assert float((a.double() - b).abs().max() / b.abs().max()) < 1e-4
+    # the projecting kernel's backward (53 channels, padded to 64; 25, padded to 32), fp32, with dx by cuBLAS (the
+    # default) and inside the kernel (PROJECT_BACKWARD_DX)
+    saved = tak.PROJECT_BACKWARD_DX
+    for c, dx_widths in ((53, ()), (53, (64,)), (25, (32,))):
+        x = torch.randn(3001, c, device=dev, generator=gen).requires_grad_()
+        wq = (torch.randn(6144, c, device=dev, generator=gen) * c**-0.5).requires_grad_()
+        tak.PROJECT_BACKWARD_DX = dx_widths
+        try:
+            got = torch.autograd.grad(tak.token_attention_project_pool(x, wq, w, 16, 4, 32), (x, wq, w), g)
+        finally:
+            tak.PROJECT_BACKWARD_DX = saved
+        x64, wq64 = x.detach().double().requires_grad_(), wq.detach().double().requires_grad_()
+        ref = tak.token_attention_pool_reference(x64 @ wq64.T, w64, 16, 4, 32)
+        for a, b in zip(got, torch.autograd.grad(ref, (x64, wq64, w64), g.double())):
+            assert float((a.double() - b).abs().max() / b.abs().max()) < 1e-4, (c, dx_widths)
 
     net, x, t, c = paper_idgen(2048, gen)
 

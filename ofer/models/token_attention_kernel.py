@@ -432,7 +432,10 @@ if triton is not None:
         pid = tl.program_id(0)
         if DX:
             dx = tl.zeros((BLOCK_R, CP), dtype=tl.float32)
-            for h in range(H):  # a loop, not unrolled: unrolled, the four heads' tiles spilled registers
+            # a loop, not unrolled: unrolled, the four heads' tiles spilled registers. Not pipelined either: with
+            # 16-byte aligned pointers (every real launch) Triton would stage the next heads' weight blocks through
+            # shared memory, 434 KB at 32 channels, more than an H100 has (the first GPU run failed so)
+            for h in tl.range(H, num_stages=1):
                 dx += _project_head_bwd(x_ptr, wp_ptr, w_ptr, g_ptr, dqkv_ptr, dw_ptr, R, scale, pid, h, T, H, DH, C,
                                         CP, BLOCK_R, DX)
             rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
