@@ -230,9 +230,6 @@ def main() -> None:
     ap.add_argument("--project-max-width", type=int, default=None,
                     help="widest attention input whose q/k/v projection runs inside the Triton kernels (0: never; "
                          "default: token_attention_kernel.PROJECT_MAX_WIDTH)")
-    ap.add_argument("--project-backward-dx", default=None, metavar="WIDTHS",
-                    help="comma list of the padded widths (16, 32, 64) whose projecting backward computes dx in the "
-                         "kernel (token_attention_kernel.PROJECT_BACKWARD_DX; 'none': no width); default: the module's")
     ap.add_argument("--trace", type=Path, default=None, metavar="DIR",
                     help="with --profile: also record CPU ops with input shapes and write a Chrome trace per job to "
                          "DIR (which op launched which kernel)")
@@ -265,10 +262,6 @@ def main() -> None:
         project_training = project_training_widths(args.project_training)
         jobs = comma_choices(args.jobs, ("idgen", "expgen"), "--jobs")
         scopes = comma_choices(args.compile_scope, ("model", "loss"), "--compile-scope")
-        if args.project_backward_dx is not None:
-            dx = args.project_backward_dx
-            tak.PROJECT_BACKWARD_DX = () if dx == "none" else tuple(
-                int(v) for v in comma_choices(dx, ("16", "32", "64"), "--project-backward-dx"))
     except ValueError as exc:
         ap.error(str(exc))
     if args.optimize_ddp is not None:
@@ -335,7 +328,6 @@ def main() -> None:
                          "attention_launch": dict(tak.LAUNCH), "backward_launch": dict(tak.BACKWARD_LAUNCH),
                          "project_max_width": tak.PROJECT_MAX_WIDTH,
                          "project_training_max_width": tak.PROJECT_TRAINING_MAX_WIDTH,
-                         "project_backward_dx": list(tak.PROJECT_BACKWARD_DX),
                          "optimize_ddp": torch._dynamo.config.optimize_ddp,
                          **({"ddp_kwargs": ddp_kwargs} if ddp else {})})
         if rank == 0:
@@ -366,7 +358,6 @@ def main() -> None:
                                      "pad_widths": pad, "project_training_max_width": ptw, "world_size": 1,
                                      "s_per_step": s, "samples_per_s": rows / s,
                                      "mfu": 6 * params * rows / s / (peak * 1e12),
-                                     "project_backward_dx": list(tak.PROJECT_BACKWARD_DX),
                                      **({"inductor": opts} if comp else {})})
                     print(json.dumps(rows_out[-1]), flush=True)
     if not args.ddp_only and not args.cpu and not args.no_idrank:

@@ -451,14 +451,12 @@ def test_weight_fragments_invert_the_kernels_permutation(c: int, cp: int, chunks
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton not installed; covered by the GPU tests")
 @pytest.mark.parametrize("cp", [16, 32, 64])
 def test_projecting_backward_compiles_for_sm90_with_the_installed_triton(cp: int) -> None:
-    """`_project_pool_bwd_kernel` compiled ahead of time (no GPU needed) for sm_90 in bf16 with its launch, with dx
-    left to the host (the default) and with dx in the kernel (`PROJECT_BACKWARD_DX`): it builds, multiplies with
-    mma.sync and keeps no arrays in local memory; Triton's own ptxas allocates the default form without spilling,
-    and the dx form too at 32 and 64 channels (at 16 it spills about 1.2 KB per thread, noted at
-    PROJECT_BACKWARD_DX). Pointers and the row count are compiled as 16-byte aligned / divisible by 16, as Triton
-    specializes every real launch (an unaligned compile neither vectorizes nor pipelines, and once hid a dx form
-    that asked for 434 KB of shared memory), and the kernel must fit an H100's 227 KB of shared memory per block.
-    Catches a Triton change that would slow or break these kernels before a GPU run does."""
+    """`_project_pool_bwd_kernel` compiled ahead of time (no GPU needed) for sm_90 in bf16 with its launch: it
+    builds, multiplies with mma.sync, keeps no arrays in local memory, and Triton's own ptxas allocates it without
+    spilling. Pointers and the row count are compiled as 16-byte aligned / divisible by 16, as Triton specializes
+    every real launch (an unaligned compile neither vectorizes nor pipelines, and once hid a form that asked for
+    434 KB of shared memory, commit 3712be2), and the kernel must fit an H100's 227 KB of shared memory per block.
+    Catches a Triton change that would slow or break this kernel before a GPU run does."""
     import subprocess
 
     import triton
@@ -469,26 +467,24 @@ def test_projecting_backward_compiles_for_sm90_with_the_installed_triton(cp: int
 
     launch = tak.PROJECT_BACKWARD_LAUNCH[cp]
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    for dx in (False, True):
-        consts = {"T": 16, "H": 4, "DH": 32, "C": cp, "CP": cp, "BLOCK_R": launch["block_rows"], "DX": dx,
-                  "C_OUT": cp}
-        sig = {"x_ptr": "*bf16", "wp_ptr": "*bf16", "w_ptr": "*fp32", "g_ptr": "*bf16", "dqkv_ptr": "*bf16",
-               "dw_ptr": "*fp32", "dx_ptr": "*bf16", "R": "i32", "scale": "fp32", **{c: "constexpr" for c in consts}}
-        aligned = {(i,): [["tt.divisibility", 16]] for i in range(8)}  # the 7 pointers and R
-        kernel = triton.compile(ASTSource(fn=tak._project_pool_bwd_kernel, signature=sig, constexprs=consts,
-                                          attrs=aligned),
-                                target=GPUTarget("cuda", 90, 32), options={"num_warps": launch["num_warps"]})
-        assert kernel.metadata.shared <= 232448, (cp, dx, kernel.metadata.shared)
-        ptx = kernel.asm["ptx"]
-        assert "mma.sync" in ptx
-        assert "st.local" not in ptx and "ld.local" not in ptx
-        if not ptxas.is_file() or (dx and cp == 16):
-            continue
-        src = Path(tempfile.mkdtemp()) / "bwd.ptx"
-        src.write_text(ptx)
-        info = subprocess.run([str(ptxas), "-v", "--gpu-name", "sm_90a", str(src), "-o", os.devnull],
-                              capture_output=True, text=True, check=True).stderr
-        assert "0 bytes spill stores, 0 bytes spill loads" in info, (cp, dx, info)
+    consts = {"T": 16, "H": 4, "DH": 32, "C": cp, "CP": cp, "BLOCK_R": launch["block_rows"]}
+    sig = {"x_ptr": "*bf16", "wp_ptr": "*bf16", "w_ptr": "*fp32", "g_ptr": "*bf16", "dqkv_ptr": "*bf16",
+           "dw_ptr": "*fp32", "R": "i32", "scale": "fp32", **{c: "constexpr" for c in consts}}
+    aligned = {(i,): [["tt.divisibility", 16]] for i in range(7)}  # the 6 pointers and R
+    kernel = triton.compile(ASTSource(fn=tak._project_pool_bwd_kernel, signature=sig, constexprs=consts,
+                                      attrs=aligned),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": launch["num_warps"]})
+    assert kernel.metadata.shared <= 232448, (cp, kernel.metadata.shared)
+    ptx = kernel.asm["ptx"]
+    assert "mma.sync" in ptx
+    assert "st.local" not in ptx and "ld.local" not in ptx
+    if not ptxas.is_file():
+        return
+    src = Path(tempfile.mkdtemp()) / "bwd.ptx"
+    src.write_text(ptx)
+    info = subprocess.run([str(ptxas), "-v", "--gpu-name", "sm_90a", str(src), "-o", os.devnull],
+                          capture_output=True, text=True, check=True).stderr
+    assert "0 bytes spill stores, 0 bytes spill loads" in info, (cp, info)
 
 
 @pytest.mark.parametrize("arch, cp, launch", [(90, 16, "32x4"), (90, 64, "32x4x2x168"), (80, 32, "32x4")])
@@ -720,16 +716,14 @@ def test_projecting_kernel_backward_matches_float64_autograd_in_the_interpreter(
     token-mix weights) against autograd through the float64 formula on x @ wqkv.T, at padded widths 16/32/64, partial
     row blocks, two launches, 1-4 heads and 16 or 32 tokens; opcheck of the op's registrations; and that the
     Denoiser routes narrow blocks to it in training only up to PROJECT_TRAINING_MAX_WIDTH, with the gradients of
-    the separate projection. Each case runs with dx from the host's matmul of dqkv and from the kernel
-    (PROJECT_BACKWARD_DX). Checked to fail with the softmax-backward term r_t dropped, with dk from the
-    untransposed ds, and with the kernel's dx missing dk's part."""
+    the separate projection. Checked to fail with the softmax-backward term r_t dropped and with dk from the
+    untransposed ds."""
     script = textwrap.dedent("""
         import torch
         from ofer.models import token_attention_kernel as tak
         from tests.test_token_attention_kernel import small_net
         torch.manual_seed(0)
-        for launch, dx_widths in (("default", ()), ("default", (16, 32, 64)), ("32x4", (16, 32, 64))):
-            tak.PROJECT_BACKWARD_DX = dx_widths
+        for launch in ("default", "32x4"):
             if launch != "default":
                 for cp in tak.PROJECT_BACKWARD_LAUNCH:
                     tak.PROJECT_BACKWARD_LAUNCH[cp] = {"block_rows": 32, "num_warps": 4}
@@ -745,16 +739,11 @@ def test_projecting_kernel_backward_matches_float64_autograd_in_the_interpreter(
                 for got, want in zip((dx, dwq, dw), torch.autograd.grad(ref, (x64, wq64, w64), g.double())):
                     assert got.dtype == torch.float32 and got.shape == want.shape
                     err = float((got.double() - want).abs().max() / want.abs().max())
-                    assert err < 1e-5, (launch, dx_widths, R, C, T, H, D, err)
-        tak.PROJECT_BACKWARD_DX = ()
+                    assert err < 1e-5, (launch, R, C, T, H, D, err)
         x, wq, w, g = torch.randn(5, 20), torch.randn(6144, 20) * 0.2, torch.randn(16), torch.randn(5, 128).bfloat16()
-        for with_dx in (False, True):
-            got = tak.token_attention_project_pool_backward(x, wq, w, g, 16, 4, 32, with_dx)
-            for a, b in zip(got, tak.token_attention_project_pool_backward(x, wq, w, g.float(), 16, 4, 32, with_dx)):
-                assert torch.equal(a, b)  # a bf16 gradient is read in place, with the float32 copy's exact results
-            assert got[2].shape == ((5, 20) if with_dx else (0, 20))
-        torch.library.opcheck(tak.token_attention_project_pool_backward, (x, wq, w, g.float(), 16, 4, 32, True),
-                              test_utils=("test_schema", "test_faketensor"))
+        for a, b in zip(tak.token_attention_project_pool_backward(x, wq, w, g, 16, 4, 32),
+                        tak.token_attention_project_pool_backward(x, wq, w, g.float(), 16, 4, 32)):
+            assert torch.equal(a, b)  # a bf16 gradient is read in place, with the float32 copy's exact results
         x, wq, w = torch.randn(3, 20, requires_grad=True), torch.randn(6144, 20, requires_grad=True), torch.randn(16)
         torch.library.opcheck(tak.token_attention_project_pool, (x, wq, w.requires_grad_(), 16, 4, 32),
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
@@ -946,21 +935,15 @@ def test_kernel_backward_on_cuda_matches_float64_and_trains_like_math() -> None:
     rq, rw = torch.autograd.grad(tak.token_attention_pool_reference(q64, w64, 16, 4, 32), (q64, w64), g.double())
     assert float((dqkv.double() - rq).abs().max() / rq.abs().max()) < 1e-4
     assert float((dw.double() - rw).abs().max() / rw.abs().max()) < 1e-4
-    # the projecting kernel's backward (53 channels, padded to 64; 25, padded to 32), fp32, with dx by cuBLAS (the
-    # default) and inside the kernel (PROJECT_BACKWARD_DX)
-    saved = tak.PROJECT_BACKWARD_DX
-    for c, dx_widths in ((53, ()), (53, (64,)), (25, (32,))):
+    # the projecting kernel's backward (53 channels, padded to 64; 25, padded to 32), fp32
+    for c in (53, 25):
         x = torch.randn(3001, c, device=dev, generator=gen).requires_grad_()
         wq = (torch.randn(6144, c, device=dev, generator=gen) * c**-0.5).requires_grad_()
-        tak.PROJECT_BACKWARD_DX = dx_widths
-        try:
-            got = torch.autograd.grad(tak.token_attention_project_pool(x, wq, w, 16, 4, 32), (x, wq, w), g)
-        finally:
-            tak.PROJECT_BACKWARD_DX = saved
+        got = torch.autograd.grad(tak.token_attention_project_pool(x, wq, w, 16, 4, 32), (x, wq, w), g)
         x64, wq64 = x.detach().double().requires_grad_(), wq.detach().double().requires_grad_()
         ref = tak.token_attention_pool_reference(x64 @ wq64.T, w64, 16, 4, 32)
         for a, b in zip(got, torch.autograd.grad(ref, (x64, wq64, w64), g.double())):
-            assert float((a.double() - b).abs().max() / b.abs().max()) < 1e-4, (c, dx_widths)
+            assert float((a.double() - b).abs().max() / b.abs().max()) < 1e-4, c
 
     net, x, t, c = paper_idgen(2048, gen)
 

@@ -49,11 +49,10 @@ projection (H200, forward + backward at 65,536 rows: 2.98 vs 2.95 ms at 53 chann
 compiled IdGen step 28.5 vs 27.1 ms); with the Gluon forward below it is faster up to 32 channels on an H100, so
 `Denoiser` trains inputs up to `PROJECT_TRAINING_MAX_WIDTH` (32) channels through it (BENCHMARKS.md, "ninth").
 Computing dx inside the backward kernel as well (three more (rows, 512) @ (512, C) products per head, no second
-read of dqkv) was slower at every launch on an H100 in a first form that wrote per-head float32 partials and
-spilled registers (16 channels: 1,637-2,500 vs 1,382 us; BENCHMARKS.md "ninth", commit 23f7119), so dx is a cuBLAS
-matmul by default. A second form (`PROJECT_BACKWARD_DX`, off) runs one program per row block over all heads, each
-head's part of dx multiplied right after its gradient; ptxas allocates it without spills at 32 and 64 channels
-with their launches (at 16 it still spills). It is not yet timed on a GPU.
+read of dqkv) was slower on an H100 in two forms, so dx stays a cuBLAS matmul: per-head float32 partials (spilled
+registers; 16 channels: 1,637-2,500 vs 1,382 us per launch; BENCHMARKS.md "ninth", commit 23f7119), and one
+program per row block over all heads (no spills, 4x fewer programs; compiled bf16 steps: ExpGen 15.21 -> 16.27 ms
+at 32 channels, IdGen 23.96 -> 25.32 ms at 16; BENCHMARKS.md "Session of 2026-11-28, second", commit 3712be2).
 
 For bf16/fp16 inputs with 16 tokens of 32 channels on a CUDA GPU the projecting op runs a Gluon kernel
 (`_project_pool_gluon_kernel`; Gluon is Triton's dialect with explicit layouts, Triton >= 3.5) instead: the same
@@ -145,14 +144,6 @@ PROJECT_MAX_WIDTH = 64  # may be lowered (0: never); the kernel takes at most ma
 # IdGen 26.05 -> 25.66 ms, ExpGen 16.41 -> 15.59 ms. Benchmarks switch it (`bench_training.py` /
 # `bench_trainer.py --project-training`).
 PROJECT_TRAINING_MAX_WIDTH = 32
-# The padded widths (16, 32, 64) whose projecting backward also computes dx: one program per row block doing all
-# heads, dx from the weight blocks its recompute reads, instead of a cuBLAS matmul that reads the (R, 6,144) q/k/v
-# gradient back (292 us of a 23.9 ms IdGen step for its 10-wide block on an H100, BENCHMARKS.md "Session of
-# 2026-11-28"; ExpGen trains three blocks through this backward). A first form, with per-head float32 partials,
-# spilled and was slower (module docstring). This one is checked in the interpreter and compiled for sm_90 here
-# (ptxas: no spills at 32 and 64 channels with their launches, ~1.2 KB of spills at 16), not yet timed on a GPU:
-# none by default. Benchmarks switch it (`bench_training.py --project-backward-dx`).
-PROJECT_BACKWARD_DX: tuple[int, ...] = ()
 # Which kernel the projecting op runs for bf16/fp16 inputs on a CUDA GPU with 16 tokens of 32 channels: "gluon"
 # (q and k staged through shared memory in a layout without bank conflicts, see `_staging_bases`) or "triton"
 # (`_project_pool_kernel`, whose staging layout Triton chooses; float32 inputs, other shapes and the CPU
@@ -374,12 +365,19 @@ if triton is not None:
         tl.store(out_ptr + out, pooled.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.jit
-    def _project_head_bwd(x_ptr, wp_ptr, w_ptr, g_ptr, dqkv_ptr, dw_ptr, R, scale, pid, h, T: tl.constexpr,
-                          H: tl.constexpr, DH: tl.constexpr, C: tl.constexpr, CP: tl.constexpr,
-                          BLOCK_R: tl.constexpr, DX: tl.constexpr):
-        # Head h of row block pid: writes its q/k/v gradients and its partial dL/dw; with DX returns its part of dx,
-        # (BLOCK_R, CP) float32 = dq W_q^T + dk W_k^T + dv W_v^T with the gradients rounded to dqkv's dtype, as
-        # the cuBLAS product of the stored dqkv would multiply them (else returns 0).
+    def _project_pool_bwd_kernel(
+        x_ptr, wp_ptr, w_ptr, g_ptr, dqkv_ptr, dw_ptr, R, scale,
+        T: tl.constexpr, H: tl.constexpr, DH: tl.constexpr, C: tl.constexpr, CP: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        # Gradients of `_project_pool_kernel`'s output w.r.t. q/k/v (written to dqkv, (R, T * 3 * H * DH) in the
+        # to_qkv output layout) and the token-mix weights (per-program partial sums, summed on the host), given
+        # g = dL/dpooled. Program (block of BLOCK_R rows, head h); q, k, v are recomputed from x exactly as in the
+        # forward (q and k rounded to x's dtype, v float32), then as in `_token_attention_pool_bwd_kernel`:
+        #   dv_u = c_u g,  dc_u = v_u . g,  r_t = sum_u a_tu dc_u,  ds_tu = a_tu w_t (dc_u - r_t),
+        #   dq = scale ds k,  dk = scale ds^T q.
+        # dx and dW of the projection are then two cuBLAS matmuls of dqkv on the host.
+        pid = tl.program_id(0)
+        h = tl.program_id(1)
         rows, row_ok, x, woffs, q3, k3, a, wt = _projected_attention(x_ptr, wp_ptr, w_ptr, R, scale, h, T, DH, C, CP,
                                                                      BLOCK_R)
         g = tl.load(g_ptr + rows[:, None].to(tl.int64) * (H * DH) + h * DH + tl.arange(0, DH)[None, :],
@@ -391,60 +389,14 @@ if triton is not None:
         offs = (rows[:, None, None].to(tl.int64) * (T * 3 * H * DH) + tl.arange(0, T)[None, :, None] * (3 * H * DH)
                 + h * DH + tl.arange(0, DH)[None, None, :])
         out_ty = dqkv_ptr.dtype.element_ty
-        TD: tl.constexpr = T * DH
-        dv = (c[:, :, None] * g[:, None, :]).to(out_ty)
-        tl.store(dqkv_ptr + offs + 2 * H * DH, dv, mask=row_ok[:, None, None])
-        dx = 0.0
-        if DX:  # each gradient's part of dx right after it, so it need not stay live
-            dx = tl.dot(tl.reshape(dv, (BLOCK_R, TD)), tl.trans(tl.load(wp_ptr + woffs + 2 * CP * TD)),
-                        input_precision="ieee", out_dtype=tl.float32)
+        tl.store(dqkv_ptr + offs + 2 * H * DH, (c[:, :, None] * g[:, None, :]).to(out_ty), mask=row_ok[:, None, None])
         r = tl.sum(a * dc[:, None, :], axis=2)  # (BLOCK_R, T)
         ds = (a * wt[None, :, None] * (dc[:, None, :] - r[:, :, None]) * scale).to(q3.dtype)  # (BLOCK_R, T, U)
-        dq = tl.dot(ds, k3, input_precision="ieee", out_dtype=tl.float32).to(out_ty)
-        tl.store(dqkv_ptr + offs, dq, mask=row_ok[:, None, None])
-        if DX:
-            dx = tl.dot(tl.reshape(dq, (BLOCK_R, TD)), tl.trans(tl.load(wp_ptr + woffs)), dx, input_precision="ieee",
-                        out_dtype=tl.float32)
-        dk = tl.dot(tl.trans(ds, (0, 2, 1)), q3, input_precision="ieee", out_dtype=tl.float32).to(out_ty)
-        tl.store(dqkv_ptr + offs + H * DH, dk, mask=row_ok[:, None, None])
-        if DX:
-            dx = tl.dot(tl.reshape(dk, (BLOCK_R, TD)), tl.trans(tl.load(wp_ptr + woffs + CP * TD)), dx,
-                        input_precision="ieee", out_dtype=tl.float32)
+        dq = tl.dot(ds, k3, input_precision="ieee", out_dtype=tl.float32)
+        tl.store(dqkv_ptr + offs, dq.to(out_ty), mask=row_ok[:, None, None])
+        dk = tl.dot(tl.trans(ds, (0, 2, 1)), q3, input_precision="ieee", out_dtype=tl.float32)
+        tl.store(dqkv_ptr + offs + H * DH, dk.to(out_ty), mask=row_ok[:, None, None])
         tl.store(dw_ptr + (pid * H + h) * T + tl.arange(0, T), tl.sum(r, axis=0))
-        return dx
-
-    @triton.jit
-    def _project_pool_bwd_kernel(
-        x_ptr, wp_ptr, w_ptr, g_ptr, dqkv_ptr, dw_ptr, dx_ptr, R, scale,
-        T: tl.constexpr, H: tl.constexpr, DH: tl.constexpr, C: tl.constexpr, CP: tl.constexpr, BLOCK_R: tl.constexpr,
-        DX: tl.constexpr, C_OUT: tl.constexpr,
-    ):
-        # Gradients of `_project_pool_kernel`'s output w.r.t. q/k/v (written to dqkv, (R, T * 3 * H * DH) in the
-        # to_qkv output layout) and the token-mix weights (per-program partial sums, summed on the host), given
-        # g = dL/dpooled; q, k, v are recomputed from x exactly as in the forward (q and k rounded to x's dtype,
-        # v float32), then as in `_token_attention_pool_bwd_kernel`:
-        #   dv_u = c_u g,  dc_u = v_u . g,  r_t = sum_u a_tu dc_u,  ds_tu = a_tu w_t (dc_u - r_t),
-        #   dq = scale ds k,  dk = scale ds^T q.
-        # Without DX: program (block of BLOCK_R rows, head program_id(1)); dx and dW of the projection are then two
-        # cuBLAS matmuls of dqkv on the host. With DX (`PROJECT_BACKWARD_DX`): program (block of rows), all H heads
-        # in turn, also writing dx (R, C_OUT) in dx's dtype from the weights the recompute reads, so the host's dx
-        # matmul (which reads all of dqkv back) is not needed; dW is still the host's matmul of dqkv.
-        pid = tl.program_id(0)
-        if DX:
-            dx = tl.zeros((BLOCK_R, CP), dtype=tl.float32)
-            # a loop, not unrolled: unrolled, the four heads' tiles spilled registers. Not pipelined either: with
-            # 16-byte aligned pointers (every real launch) Triton would stage the next heads' weight blocks through
-            # shared memory, 434 KB at 32 channels, more than an H100 has (the first GPU run failed so)
-            for h in tl.range(H, num_stages=1):
-                dx += _project_head_bwd(x_ptr, wp_ptr, w_ptr, g_ptr, dqkv_ptr, dw_ptr, R, scale, pid, h, T, H, DH, C,
-                                        CP, BLOCK_R, DX)
-            rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-            cc = tl.arange(0, CP)
-            tl.store(dx_ptr + rows[:, None].to(tl.int64) * C_OUT + cc[None, :], dx.to(dx_ptr.dtype.element_ty),
-                     mask=(rows < R)[:, None] & (cc < C_OUT)[None, :])
-        else:
-            _project_head_bwd(x_ptr, wp_ptr, w_ptr, g_ptr, dqkv_ptr, dw_ptr, R, scale, pid, tl.program_id(1), T, H, DH,
-                              C, CP, BLOCK_R, DX)
 
 
 def _staging_bases(block_rows: int) -> list[list[int]]:
@@ -901,41 +853,32 @@ def _(x: torch.Tensor, wqkv: torch.Tensor, w: torch.Tensor, tokens: int, heads: 
 
 @torch.library.custom_op("ofer::token_attention_project_pool_backward", mutates_args=())
 def token_attention_project_pool_backward(x: torch.Tensor, wqkv: torch.Tensor, w: torch.Tensor, grad: torch.Tensor,
-                                          tokens: int, heads: int, head_dim: int,
-                                          with_dx: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                          tokens: int, heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of `token_attention_project_pool` w.r.t. the projection output q/k/v, (R, tokens * 3 * heads *
-    head_dim) in x's dtype, laid out as `x @ wqkv.T` (so dx = dqkv @ wqkv and dwqkv = dqkv.T @ x), w.r.t. w
-    (w's dtype), and with `with_dx` w.r.t. x, (R, C) in x's dtype (else an empty (0, C) tensor), given
-    grad = dL/d(output). One Triton kernel per (rows, head), or per rows with `with_dx`, launched as
-    `PROJECT_BACKWARD_LAUNCH` recomputes q/k/v from x: nothing of the 6,144-wide q/k/v is kept between forward and
-    backward."""
-    R, C = x.shape
+    head_dim) in x's dtype, laid out as `x @ wqkv.T` (so dx = dqkv @ wqkv and dwqkv = dqkv.T @ x), and w.r.t. w
+    (w's dtype), given grad = dL/d(output). One Triton kernel per (rows, head) launched as `PROJECT_BACKWARD_LAUNCH`
+    recomputes q/k/v from x: nothing of the 6,144-wide q/k/v is kept between forward and backward."""
+    R = x.shape[0]
     grad = grad.contiguous()  # read in its dtype by the kernel, as in `token_attention_pool_backward`
     if x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 0):
-        dqkv, dw = _grads_torch(x @ wqkv.T, w, grad.float(), tokens, heads, head_dim)
-        return dqkv, dw, dqkv @ wqkv if with_dx else x.new_empty(0, C)
+        return _grads_torch(x @ wqkv.T, w, grad.float(), tokens, heads, head_dim)
     xp, c, cp = _x_operand(x)
     wp = _weight_blocks(wqkv, tokens, heads, head_dim, cp)
     launch = PROJECT_BACKWARD_LAUNCH[cp]
-    n_blocks = triton.cdiv(R, launch["block_rows"])
+    grid = (triton.cdiv(R, launch["block_rows"]), heads)
     dqkv = x.new_empty(R, tokens * 3 * heads * head_dim)
-    dx = x.new_empty(R if with_dx else 0, C)
-    dw_part = torch.empty(n_blocks, heads, tokens, device=x.device, dtype=torch.float32)
+    dw_part = torch.empty(grid[0], heads, tokens, device=x.device, dtype=torch.float32)
     if R > 0:
-        grid = (n_blocks,) if with_dx else (n_blocks, heads)
-        # without dx the kernel never touches dx_ptr: pass dqkv, a valid pointer (dx has no storage)
-        _project_pool_bwd_kernel[grid](xp, wp, w.contiguous(), grad, dqkv, dw_part, dx if with_dx else dqkv, R,
-                                       head_dim**-0.5, T=tokens,
-                                       H=heads, DH=head_dim, C=c, CP=cp, BLOCK_R=launch["block_rows"], DX=with_dx,
-                                       C_OUT=C, num_warps=launch["num_warps"])
-    return dqkv, dw_part.sum((0, 1)).to(w.dtype), dx
+        _project_pool_bwd_kernel[grid](xp, wp, w.contiguous(), grad, dqkv, dw_part, R, head_dim**-0.5, T=tokens,
+                                       H=heads, DH=head_dim, C=c, CP=cp, BLOCK_R=launch["block_rows"],
+                                       num_warps=launch["num_warps"])
+    return dqkv, dw_part.sum((0, 1)).to(w.dtype)
 
 
 @token_attention_project_pool_backward.register_fake
 def _(x: torch.Tensor, wqkv: torch.Tensor, w: torch.Tensor, grad: torch.Tensor, tokens: int, heads: int,
-      head_dim: int, with_dx: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return (x.new_empty(x.shape[0], tokens * 3 * heads * head_dim), w.new_empty(w.shape),
-            x.new_empty(x.shape[0] if with_dx else 0, x.shape[1]))
+      head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.new_empty(x.shape[0], tokens * 3 * heads * head_dim), w.new_empty(w.shape)
 
 
 def _project_setup_context(ctx, inputs, output) -> None:
@@ -946,9 +889,8 @@ def _project_setup_context(ctx, inputs, output) -> None:
 
 def _project_backward(ctx, grad: torch.Tensor):
     x, wqkv, w = ctx.saved_tensors
-    fused = _padded_width(x.shape[1]) in PROJECT_BACKWARD_DX and ctx.needs_input_grad[0]
-    dqkv, dw, dx_kernel = token_attention_project_pool_backward(x, wqkv, w, grad, *ctx.shape, fused)
-    dx = dx_kernel if fused else dqkv @ wqkv if ctx.needs_input_grad[0] else None
+    dqkv, dw = token_attention_project_pool_backward(x, wqkv, w, grad, *ctx.shape)
+    dx = dqkv @ wqkv if ctx.needs_input_grad[0] else None
     dwqkv = dqkv.T @ x if ctx.needs_input_grad[1] else None
     return dx, dwqkv, dw, None, None, None, None, None, None
 
