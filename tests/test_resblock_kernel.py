@@ -321,11 +321,11 @@ def test_kernels_compile_for_sm90_with_the_installed_triton(n, skip, tail) -> No
     """Both kernels compiled ahead of time (no GPU needed) for sm_90 with their launch from `LAUNCH`, the output
     kernel with or without a tail (the up path's concatenation, `CAT_OUTPUT`): they build,
     multiply with Hopper's wgmma (a launch of fewer than 64 rows per warp group falls back to mma.sync) and keep
-    no arrays in local memory. Catches a Triton API change before a user's GPU does (the GPU tests run another
-    Triton version). Register spills happen later, in ptxas: bench_resblock_kernel.py reports them."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    no arrays in local memory, plain and as a launch with aligned pointers and strides (`tests/_triton_aot.py`:
+    it pipelines the K loop through shared memory, which must fit an H100). Catches a Triton API change before a
+    user's GPU does (the GPU tests run another Triton version). Register spills happen later, in ptxas:
+    bench_resblock_kernel.py reports them."""
+    from tests._triton_aot import compile_sm90
 
     na, nb = rk._column_chunks(n)
     launch = rk._launch(n)
@@ -341,15 +341,15 @@ def test_kernels_compile_for_sm90_with_the_installed_triton(n, skip, tail) -> No
                "TAIL": "constexpr"}
     for fn, sig, cs in ((rk._film_block_in_kernel, sig_in, consts),
                         (rk._film_block_out_kernel, sig_out, {**consts, "SKIP_LINEAR": skip, "TAIL": tail})):
-        ptx = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cs), target=GPUTarget("cuda", 90, 32),
-                             options={"num_warps": launch["num_warps"]}).asm["ptx"]
-        assert "wgmma" in ptx, fn
-        assert "st.local" not in ptx and "ld.local" not in ptx, fn
+        for kernel in compile_sm90(fn, sig, cs, launch["num_warps"]):
+            ptx = kernel.asm["ptx"]
+            assert "wgmma" in ptx, fn
+            assert "st.local" not in ptx and "ld.local" not in ptx, fn
     # the norm-only forms (film_norm_in / film_norm_out) with their launch: no matmul, no local memory
     consts.update(BM=rk.NORM_LAUNCH["block_rows"], GEMM=False)
     for fn, sig, cs in ((rk._film_block_in_kernel, sig_in, consts),
                         (rk._film_block_out_kernel, sig_out, {**consts, "SKIP_LINEAR": False, "TAIL": tail})):
-        ptx = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cs), target=GPUTarget("cuda", 90, 32),
-                             options={"num_warps": rk.NORM_LAUNCH["num_warps"]}).asm["ptx"]
-        assert "wgmma" not in ptx and "mma.sync" not in ptx, fn
-        assert "st.local" not in ptx and "ld.local" not in ptx, fn
+        for kernel in compile_sm90(fn, sig, cs, rk.NORM_LAUNCH["num_warps"]):
+            ptx = kernel.asm["ptx"]
+            assert "wgmma" not in ptx and "mma.sync" not in ptx, fn
+            assert "st.local" not in ptx and "ld.local" not in ptx, fn

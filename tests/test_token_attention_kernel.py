@@ -301,12 +301,10 @@ def test_attention_output_kernel_compiles_for_sm90_with_the_installed_triton(n: 
     """`_attention_output_kernel` compiled ahead of time (no GPU needed) for sm_90 in bf16 with the launch that
     `attention_output` picks for n output columns from k input columns, with or without the residual and a tail
     (the attention blocks; the up MLPs' output Linear with its skip): it builds, multiplies with Hopper's wgmma and
-    keeps no arrays in local memory. Catches a Triton API change before a user's GPU does."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+    keeps no arrays in local memory, plain and as a launch with aligned pointers and strides (`tests/_triton_aot.py`),
+    which fits an H100's shared memory. Catches a Triton API change before a user's GPU does."""
     from ofer.models import token_attention_kernel as tak
+    from tests._triton_aot import compile_sm90
 
     bn = tak._output_block_cols(n)
     consts = {"K": k, "KP": tak._padded_width(k), "BM": tak.OUTPUT_LAUNCH["block_rows"], "BN": bn,
@@ -314,11 +312,10 @@ def test_attention_output_kernel_compiles_for_sm90_with_the_installed_triton(n: 
     sig = {"p_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*fp32", "x_ptr": "*bf16", "t_ptr": "*bf16",
            "out_ptr": "*bf16", "M": "i32", "N": "i32", "T": "i32", "stride_x": "i32", "stride_t": "i32",
            **{c: "constexpr" for c in consts}}
-    ptx = triton.compile(ASTSource(fn=tak._attention_output_kernel, signature=sig, constexprs=consts),
-                         target=GPUTarget("cuda", 90, 32),
-                         options={"num_warps": tak.OUTPUT_LAUNCH["num_warps"]}).asm["ptx"]
-    assert "wgmma" in ptx  # 64 rows per warp group: Hopper's asynchronous MMA
-    assert "st.local" not in ptx and "ld.local" not in ptx
+    for kernel in compile_sm90(tak._attention_output_kernel, sig, consts, tak.OUTPUT_LAUNCH["num_warps"]):
+        ptx = kernel.asm["ptx"]
+        assert "wgmma" in ptx  # 64 rows per warp group: Hopper's asynchronous MMA
+        assert "st.local" not in ptx and "ld.local" not in ptx
 
 
 def test_project_layout_follows_the_kernel_settings() -> None:
@@ -451,56 +448,49 @@ def test_weight_fragments_invert_the_kernels_permutation(c: int, cp: int, chunks
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton not installed; covered by the GPU tests")
 @pytest.mark.parametrize("cp", [16, 32, 64])
 def test_projecting_backward_compiles_for_sm90_with_the_installed_triton(cp: int) -> None:
-    """`_project_pool_bwd_kernel` compiled ahead of time (no GPU needed) for sm_90 in bf16 with its launch: it
-    builds, multiplies with mma.sync, keeps no arrays in local memory, and Triton's own ptxas allocates it without
-    spilling. Pointers and the row count are compiled as 16-byte aligned / divisible by 16, as Triton specializes
-    every real launch (an unaligned compile neither vectorizes nor pipelines, and once hid a form that asked for
-    434 KB of shared memory, commit 3712be2), and the kernel must fit an H100's 227 KB of shared memory per block.
-    Catches a Triton change that would slow or break this kernel before a GPU run does."""
+    """`_project_pool_bwd_kernel` compiled ahead of time (no GPU needed) for sm_90 in bf16 with its launch, plain
+    and as a launch with aligned pointers and a row count divisible by 16 (`tests/_triton_aot.py`; a compile without
+    that once hid a form that asked for 434 KB of shared memory, commit 3712be2): it builds, multiplies with
+    mma.sync, keeps no arrays in local memory, fits an H100's shared memory, and Triton's own ptxas allocates it
+    without spilling. Catches a Triton change that would slow or break this kernel before a GPU run does."""
     import subprocess
 
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from ofer.models import token_attention_kernel as tak
+    from tests._triton_aot import compile_sm90
 
     launch = tak.PROJECT_BACKWARD_LAUNCH[cp]
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     consts = {"T": 16, "H": 4, "DH": 32, "C": cp, "CP": cp, "BLOCK_R": launch["block_rows"]}
     sig = {"x_ptr": "*bf16", "wp_ptr": "*bf16", "w_ptr": "*fp32", "g_ptr": "*bf16", "dqkv_ptr": "*bf16",
            "dw_ptr": "*fp32", "R": "i32", "scale": "fp32", **{c: "constexpr" for c in consts}}
-    aligned = {(i,): [["tt.divisibility", 16]] for i in range(7)}  # the 6 pointers and R
-    kernel = triton.compile(ASTSource(fn=tak._project_pool_bwd_kernel, signature=sig, constexprs=consts,
-                                      attrs=aligned),
-                            target=GPUTarget("cuda", 90, 32), options={"num_warps": launch["num_warps"]})
-    assert kernel.metadata.shared <= 232448, (cp, kernel.metadata.shared)
-    ptx = kernel.asm["ptx"]
-    assert "mma.sync" in ptx
-    assert "st.local" not in ptx and "ld.local" not in ptx
-    if not ptxas.is_file():
-        return
-    src = Path(tempfile.mkdtemp()) / "bwd.ptx"
-    src.write_text(ptx)
-    info = subprocess.run([str(ptxas), "-v", "--gpu-name", "sm_90a", str(src), "-o", os.devnull],
-                          capture_output=True, text=True, check=True).stderr
-    assert "0 bytes spill stores, 0 bytes spill loads" in info, (cp, info)
+    for kernel in compile_sm90(tak._project_pool_bwd_kernel, sig, consts, launch["num_warps"]):
+        ptx = kernel.asm["ptx"]
+        assert "mma.sync" in ptx
+        assert "st.local" not in ptx and "ld.local" not in ptx
+        if not ptxas.is_file():
+            continue
+        src = Path(tempfile.mkdtemp()) / "bwd.ptx"
+        src.write_text(ptx)
+        info = subprocess.run([str(ptxas), "-v", "--gpu-name", "sm_90a", str(src), "-o", os.devnull],
+                              capture_output=True, text=True, check=True).stderr
+        assert "0 bytes spill stores, 0 bytes spill loads" in info, (cp, info)
 
 
 @pytest.mark.parametrize("arch, cp, launch", [(90, 16, "32x4"), (90, 64, "32x4x2x168"), (80, 32, "32x4")])
 def test_gluon_kernel_compiles_with_the_installed_triton(arch: int, cp: int, launch: str) -> None:
     """The Gluon projecting kernel compiled ahead of time (no GPU needed) for sm_90 / sm_80 with the installed
     Triton (the GPU tests run another Triton version): it builds, reads the staged q/k with ldmatrix, multiplies
-    with mma.sync and keeps no arrays in local memory; with weight fragments (the default) fewer shared-memory
-    stores and ldmatrix loads than with the weights converted through shared memory (the fragments' conversion to
-    the operand layout stays in registers). Catches a Gluon API change before a user's GPU does."""
+    with mma.sync and keeps no arrays in local memory, plain and as a launch with aligned pointers and row count
+    (`tests/_triton_aot.py`), which fits the card's shared memory; with weight fragments (the default) fewer
+    shared-memory stores and ldmatrix loads than with the weights converted through shared memory (the fragments'
+    conversion to the operand layout stays in registers). Catches a Gluon API change before a user's GPU does."""
     from ofer.models import token_attention_kernel as tak
 
     if tak.gluon is None:
         pytest.skip("Gluon not available in this Triton")
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
+    from tests._triton_aot import compile_sm90
 
     saved = ({k: dict(v) for k, v in tak.PROJECT_GLUON_LAUNCH.items()}, tak.PROJECT_WEIGHT_FRAGMENTS)
     ptx = {}
@@ -513,17 +503,17 @@ def test_gluon_kernel_compiles_with_the_installed_triton(arch: int, cp: int, lau
             sig = {"x_ptr": "*bf16", "wp_ptr": "*bf16", "w_ptr": "*fp32", "out_ptr": "*fp32", "R": "i32",
                    "scale": "fp32"}
             sig.update({k: "constexpr" for k in consts})
-            src = GluonASTSource(fn=tak._project_pool_gluon_kernel, signature=sig, constexprs=consts,
-                                 attrs={(i,): [["tt.divisibility", 16]] for i in range(4)})
-            ptx[frag] = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts).asm["ptx"]
+            ptx[frag] = [kernel.asm["ptx"] for kernel in compile_sm90(
+                tak._project_pool_gluon_kernel, sig, consts, opts["num_warps"], arch=arch,
+                options={k: v for k, v in opts.items() if k != "num_warps"})]
     finally:
         tak.PROJECT_GLUON_LAUNCH.update(saved[0])
         tak.PROJECT_WEIGHT_FRAGMENTS = saved[1]
-    for code in ptx.values():
+    for code in ptx[True] + ptx[False]:
         assert "ldmatrix" in code and "mma.sync" in code
         assert "st.local" not in code and "ld.local" not in code
-    for op in ("st.shared", "ldmatrix"):
-        assert ptx[True].count(op) < ptx[False].count(op), op
+    for op in ("st.shared", "ldmatrix"):  # the specialized forms, as a real launch runs
+        assert ptx[True][1].count(op) < ptx[False][1].count(op), op
 
 
 @pytest.mark.parametrize("block_rows", [8, 16, 32, 64])
