@@ -446,6 +446,40 @@ def test_weight_fragments_invert_the_kernels_permutation(c: int, cp: int, chunks
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton not installed; covered by the GPU tests")
+@pytest.mark.parametrize("kernel", ["pool", "pool_backward", "project_16", "project_32", "project_64"])
+def test_attention_kernels_compile_for_sm90_with_the_installed_triton(kernel: str) -> None:
+    """The attention kernels after a separate projection (`token_attention_pool` and its backward, bf16 q/k/v, with
+    `LAUNCH` / `BACKWARD_LAUNCH` at 65,536 rows) and the Triton projecting kernel (`PROJECT_LAUNCH`, float32 inputs
+    and the CPU interpreter's path) compiled ahead of time for sm_90, plain and as a launch with aligned pointers and
+    integers (`tests/_triton_aot.py`): they build, keep no arrays in local memory and fit an H100's shared memory
+    (the pool kernels pipeline their row blocks, `STAGES`). Catches a Triton change or a launch setting that would
+    break them before a GPU run does."""
+    from ofer.models import token_attention_kernel as tak
+    from tests._triton_aot import compile_sm90
+
+    shape = {"T": 16, "H": 4, "DH": 32}
+    if kernel.startswith("pool"):
+        backward = kernel == "pool_backward"
+        _, meta = tak._launch_meta(tak.BACKWARD_LAUNCH if backward else tak.LAUNCH, 65_536)
+        warps = meta.pop("num_warps")
+        fn = tak._token_attention_pool_bwd_kernel if backward else tak._token_attention_pool_kernel
+        sig = {"qkv_ptr": "*bf16", "w_ptr": "*fp32",
+               **({"g_ptr": "*bf16", "dqkv_ptr": "*bf16", "dw_ptr": "*fp32"} if backward else {"out_ptr": "*bf16"}),
+               "R": "i32", "stride_row": "i32", "scale": "fp32", "n_prog_r": "i32"}
+        consts = {**shape, **meta}
+    else:
+        cp = int(kernel.split("_")[1])
+        launch = tak.PROJECT_LAUNCH[cp]
+        warps, fn = launch["num_warps"], tak._project_pool_kernel
+        sig = {"x_ptr": "*fp32", "wp_ptr": "*fp32", "w_ptr": "*fp32", "out_ptr": "*fp32", "R": "i32", "scale": "fp32"}
+        consts = {**shape, "C": cp, "CP": cp, "BLOCK_R": launch["block_rows"]}
+    sig.update({c: "constexpr" for c in consts})
+    for compiled in compile_sm90(fn, sig, consts, warps):
+        ptx = compiled.asm["ptx"]
+        assert "st.local" not in ptx and "ld.local" not in ptx, kernel
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton not installed; covered by the GPU tests")
 @pytest.mark.parametrize("cp", [16, 32, 64])
 def test_projecting_backward_compiles_for_sm90_with_the_installed_triton(cp: int) -> None:
     """`_project_pool_bwd_kernel` compiled ahead of time (no GPU needed) for sm_90 in bf16 with its launch, plain
