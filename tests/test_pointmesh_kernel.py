@@ -298,3 +298,21 @@ def test_refine_alignment_triton_matches_torch_on_cuda(compile: bool) -> None:
     np.testing.assert_array_equal(out.iterations, ref.iterations)
     for a, b in zip(out.distances, ref.distances):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton not installed; covered by the GPU tests")
+def test_search_kernel_compiles_for_sm90_with_the_installed_triton() -> None:
+    """`_search_groups_kernel` compiled ahead of time (no GPU needed) for sm_90 with `LAUNCH`, plain and as a launch
+    with aligned pointers and integers (`tests/_triton_aot.py`): it builds in float64, keeps no arrays in local
+    memory and fits an H100's shared memory. Catches a Triton change before a user's GPU does (the GPU tests run
+    another Triton version)."""
+    from tests._triton_aot import compile_sm90
+
+    sig = {"p_ptr": "*fp64", "gidx_ptr": "*i64", "tri_ptr": "*fp64", "valid_ptr": "*u8", "sq_ptr": "*fp64",
+           "q_ptr": "*fp64", "slot_ptr": "*i64", "Pc": "i32", "K": "i32", "G": "i32", "S": "i32", "BLOCK": "constexpr"}
+    launch = pointmesh_kernel.LAUNCH
+    for compiled in compile_sm90(pointmesh_kernel._search_groups_kernel, sig, {"BLOCK": launch["block"]},
+                                 launch["num_warps"]):
+        ptx = compiled.asm["ptx"]
+        assert ".f64" in ptx
+        assert "st.local" not in ptx and "ld.local" not in ptx
