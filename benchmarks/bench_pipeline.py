@@ -161,7 +161,7 @@ def main() -> None:
     flop_per_image = 100 * (1000 * 2 * 12.45e6 + 1000 * 2 * 3.16e6)
     floor_ips = tflops * 1e12 / flop_per_image
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "bf16_gemm_tflops": tflops,
-           "floor_images_per_s": floor_ips, "attention_launch": dict(tak.LAUNCH),
+           "floor_images_per_s": floor_ips, "attention_launch": dict(tak.current_launch(torch.device(device))),
            "project_max_width": tak.PROJECT_MAX_WIDTH, "project_kernel": tak.PROJECT_KERNEL,
            "project_launch": dict(tak.PROJECT_LAUNCH),
            "project_gluon_launch": {k: dict(v) for k, v in tak.PROJECT_GLUON_LAUNCH.items()},

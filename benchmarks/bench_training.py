@@ -211,8 +211,9 @@ def main() -> None:
     ap.add_argument("--compile-impls", default="auto",
                     help="attention kernels of the compiled rows (training 'auto' = 'triton' on CUDA), e.g. auto,math")
     ap.add_argument("--inductor", action="append", default=None,
-                    help="inductor options of the compiled rows: 'default' (fast_sampling.COMPILE_OPTIONS, as "
-                         "trainer.compile), 'none' (inductor's defaults) or 'key=value,...'; repeat to compare")
+                    help="inductor options of the compiled rows: 'default' (as the trainer compiles: "
+                         "fast_sampling.COMPILE_OPTIONS, plus LOSS_SCOPE_OPTIONS for --compile-scope loss), 'none' "
+                         "(inductor's defaults) or 'key=value,...' (used as given); repeat to compare")
     ap.add_argument("--no-idrank", action="store_true", help="skip the IdRank rows (re-sampling takes minutes)")
     ap.add_argument("--no-graph", action="store_true", help="skip the whole-step CUDA-graph rows (with --compile: "
                     "eager and compiled steps captured whole)")
@@ -262,6 +263,8 @@ def main() -> None:
         project_training = project_training_widths(args.project_training)
         jobs = comma_choices(args.jobs, ("idgen", "expgen"), "--jobs")
         scopes = comma_choices(args.compile_scope, ("model", "loss"), "--compile-scope")
+        for spec in args.inductor or []:
+            parse_compile_options(spec)  # a malformed spec fails here, before any timing
     except ValueError as exc:
         ap.error(str(exc))
     if args.optimize_ddp is not None:
@@ -277,7 +280,8 @@ def main() -> None:
                                      for w in project_training):
             set_project_training(ptw)
             step, _ = generator_step(kind, args.rows[0], True, False, compile=True, impl=impl,
-                                     inductor=parse_compile_options("default"), pad=pad, scope=scopes[0])
+                                     inductor=parse_compile_options("default", loss_scope=scopes[0] == "loss"),
+                                     pad=pad, scope=scopes[0])
             time_steps(step, n=2, warmup=5)
             acts = [torch.profiler.ProfilerActivity.CUDA]
             acts += [torch.profiler.ProfilerActivity.CPU] if args.trace else []
@@ -325,7 +329,8 @@ def main() -> None:
                          "precision": ("bf16" if bf16 else "fp32") + (" + compile" if comp else ""),
                          "world_size": world, "s_per_step": s, "samples_per_s": rows * world / s, "mfu": mfu,
                          **({"inductor": opts} if comp else {}),
-                         "attention_launch": dict(tak.LAUNCH), "backward_launch": dict(tak.BACKWARD_LAUNCH),
+                         "attention_launch": dict(tak.current_launch(torch.device(DEVICE))),
+                         "backward_launch": dict(tak.current_launch(torch.device(DEVICE), backward=True)),
                          "project_max_width": tak.PROJECT_MAX_WIDTH,
                          "project_training_max_width": tak.PROJECT_TRAINING_MAX_WIDTH,
                          "optimize_ddp": torch._dynamo.config.optimize_ddp,
@@ -335,13 +340,15 @@ def main() -> None:
     if not ddp and not args.cpu and not args.no_graph:
         # eager steps with explicit attention math; with --compile also the compiled steps (attention 'auto', the
         # inductor options of each --inductor) captured whole
-        graphs = [] if args.graph_only and args.compile else [(False, "math", {})]
+        graphs = [] if args.graph_only and args.compile else [(False, "math", "none")]
         if args.compile:
-            graphs += [(True, "auto", parse_compile_options(s)) for s in args.inductor or ["default"]]
-        for comp, impl, opts in graphs:
+            graphs += [(True, "auto", s) for s in args.inductor or ["default"]]
+        for comp, impl, spec in graphs:
             for kind, rows, pad, ptw, scope in ((k, r, p, w, c) for k in jobs for r in args.rows for p in pads
                                                 for w in project_training
                                                 for c in (scopes if comp else ["model"])):
+                    # "default": the trainer's options for this scope (compile_scope=loss adds LOSS_SCOPE_OPTIONS)
+                    opts = parse_compile_options(spec, loss_scope=scope == "loss") if comp else {}
                     label = (f"bf16 + compile ({scope}) + CUDA graph" if comp else "bf16 + CUDA graph")
                     set_project_training(ptw)
                     try:

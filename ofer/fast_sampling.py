@@ -27,7 +27,8 @@ from torch import nn
 from ofer.diffusion import GaussianDiffusion, denoise_step
 from ofer.models.unet1d import paddable
 
-__all__ = ["COMPILE_OPTIONS", "PAD_WIDTHS", "GraphedSampler", "parse_compile_options", "parse_key_values"]
+__all__ = ["COMPILE_OPTIONS", "LOSS_SCOPE_OPTIONS", "PAD_WIDTHS", "GraphedSampler", "parse_compile_options",
+           "parse_key_values"]
 
 # Inductor options of the compiled trunk (`torch.compile(..., options=COMPILE_OPTIONS)`). force_shape_pad: pad
 # every matmul operand to aligned sizes (IdGen's 300 channels are not a multiple of 8, so cuBLAS ran them with
@@ -42,17 +43,25 @@ __all__ = ["COMPILE_OPTIONS", "PAD_WIDTHS", "GraphedSampler", "parse_compile_opt
 # loss in one CUDA graph, two calls: IdGen training step 24.09 -> 23.91 and 24.09 -> 23.90 ms, ExpGen 15.02 -> 15.02 ms
 # (BENCHMARKS.md, "Session of 2026-11-28"). Module-level so the benchmarks can compare.
 COMPILE_OPTIONS: dict = {"force_shape_pad": True, "comprehensive_padding": False, "triton.mix_order_reduction": False}
+# Options the trainer adds to COMPILE_OPTIONS where it compiles the task's whole loss (trainer.compile_scope=loss,
+# one process). combo_kernels limited to pointwise kernels: inductor runs independent pointwise kernels of one
+# graph side by side as one launch (an IdGen training step has about 600 kernels, half of them under 6 us, such as
+# the per-step bf16 casts of the weights under autocast). Same function: pointwise kernels are only grouped. H200,
+# 65,536 rows, compiled loss in one CUDA graph: IdGen training step 21.24-21.30 -> 21.05 ms (BENCHMARKS.md,
+# "Session of 2026-11-28, third"). Without the pointwise limit (H100): 23.94 -> 39.40 ms ("second").
+LOSS_SCOPE_OPTIONS: dict = {"combo_kernels": True, "combo_kernels_pointwise_only": True}
 
 # GraphedSampler's default for `pad_widths`: sample with `Denoiser.padded()` (widths rounded up to multiples of 8,
 # the same function), so no 300-wide matmul needs a padding copy. Module-level so the benchmarks can compare.
 PAD_WIDTHS = True
 
 
-def parse_compile_options(spec: str) -> dict:
+def parse_compile_options(spec: str, *, loss_scope: bool = False) -> dict:
     """Inductor options from "key=value,key=value" (values: integers, floats, true/false); "default" -> the
-    module's `COMPILE_OPTIONS`, "none" -> {} (inductor's own defaults). For the benchmarks' --inductor."""
+    module's `COMPILE_OPTIONS` (with `loss_scope`, plus `LOSS_SCOPE_OPTIONS`, as the trainer compiles its
+    compile_scope=loss), "none" -> {} (inductor's own defaults). For the benchmarks' --inductor."""
     if spec in ("default", "none"):
-        return dict(COMPILE_OPTIONS) if spec == "default" else {}
+        return {**COMPILE_OPTIONS, **(LOSS_SCOPE_OPTIONS if loss_scope else {})} if spec == "default" else {}
     return parse_key_values(spec, "--inductor", "padding_stride_threshold=256")
 
 

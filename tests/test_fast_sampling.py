@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from ofer.diffusion import GaussianDiffusion
-from ofer.fast_sampling import COMPILE_OPTIONS, GraphedSampler, parse_compile_options, parse_key_values
+from ofer.fast_sampling import (COMPILE_OPTIONS, LOSS_SCOPE_OPTIONS, GraphedSampler, parse_compile_options,
+                                parse_key_values)
 from ofer.models.unet1d import Denoiser
 
 
@@ -122,25 +123,30 @@ def test_graphed_runs_a_model_without_the_split_film_methods(compile):
     torch.testing.assert_close(graphed(cond, num_samples=4, x_T=x_T), eager, atol=2e-4, rtol=1e-4)
 
 
-def test_compile_options_are_options_of_the_installed_inductor():
-    """Every key of COMPILE_OPTIONS (dotted keys name a sub-config, e.g. triton.mix_order_reduction) is an option
-    of this torch's inductor with a value of the option's type: torch.compile rejects unknown keys only when it
-    compiles, deep inside a training or sampling run."""
+@pytest.mark.parametrize("name", ["COMPILE_OPTIONS", "LOSS_SCOPE_OPTIONS"])
+def test_compile_options_are_options_of_the_installed_inductor(name: str):
+    """Every key of COMPILE_OPTIONS and LOSS_SCOPE_OPTIONS (dotted keys name a sub-config, e.g.
+    triton.mix_order_reduction) is an option of this torch's inductor with a value of the option's type: torch.compile
+    rejects unknown keys only when it compiles, deep inside a training or sampling run."""
     import torch._inductor.config as inductor_config
 
-    for key, value in COMPILE_OPTIONS.items():
+    for key, value in {"COMPILE_OPTIONS": COMPILE_OPTIONS, "LOSS_SCOPE_OPTIONS": LOSS_SCOPE_OPTIONS}[name].items():
         node = inductor_config
         for part in key.split("."):
-            assert hasattr(node, part), f"COMPILE_OPTIONS key {key!r}: torch {torch.__version__}'s inductor has no " \
-                                        f"{part!r}"
+            assert hasattr(node, part), f"{name} key {key!r}: torch {torch.__version__}'s inductor has no {part!r}"
             node = getattr(node, part)
-        assert type(node) is type(value), f"COMPILE_OPTIONS[{key!r}] = {value!r}, inductor's default is {node!r}"
+        assert type(node) is type(value), f"{name}[{key!r}] = {value!r}, inductor's default is {node!r}"
 
 
 def test_parse_compile_options():
     assert parse_compile_options("none") == {}
     assert parse_compile_options("default") == COMPILE_OPTIONS
     assert parse_compile_options("default") is not COMPILE_OPTIONS  # a copy: callers may edit it
+    # as the trainer compiles its loss scope: both dicts, the loss scope's keys added
+    assert parse_compile_options("default", loss_scope=True) == {**COMPILE_OPTIONS, **LOSS_SCOPE_OPTIONS}
+    assert set(LOSS_SCOPE_OPTIONS) - set(COMPILE_OPTIONS)
+    assert parse_compile_options("none", loss_scope=True) == {}
+    assert parse_compile_options("force_shape_pad=true", loss_scope=True) == {"force_shape_pad": True}  # as given
     assert parse_compile_options("force_shape_pad=true,padding_stride_threshold=256,x=0.5,y=False") == {
         "force_shape_pad": True, "padding_stride_threshold": 256, "x": 0.5, "y": False}
     for bad in ("force_shape_pad", "=1", "a=1,b"):

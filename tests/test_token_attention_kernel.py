@@ -446,21 +446,25 @@ def test_weight_fragments_invert_the_kernels_permutation(c: int, cp: int, chunks
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton not installed; covered by the GPU tests")
-@pytest.mark.parametrize("kernel", ["pool", "pool_backward", "project_16", "project_32", "project_64"])
+@pytest.mark.parametrize("kernel", ["pool", "pool_backward", "pool_H200", "pool_backward_H200", "project_16",
+                                    "project_32", "project_64"])
 def test_attention_kernels_compile_for_sm90_with_the_installed_triton(kernel: str) -> None:
     """The attention kernels after a separate projection (`token_attention_pool` and its backward, bf16 q/k/v, with
-    `LAUNCH` / `BACKWARD_LAUNCH` at 65,536 rows) and the Triton projecting kernel (`PROJECT_LAUNCH`, float32 inputs
-    and the CPU interpreter's path) compiled ahead of time for sm_90, plain and as a launch with aligned pointers and
-    integers (`tests/_triton_aot.py`): they build, keep no arrays in local memory and fit an H100's shared memory
-    (the pool kernels pipeline their row blocks, `STAGES`). Catches a Triton change or a launch setting that would
-    break them before a GPU run does."""
+    `LAUNCH` / `BACKWARD_LAUNCH` and with the H200's `CARD_LAUNCHES` at 65,536 rows) and the Triton projecting kernel
+    (`PROJECT_LAUNCH`, float32 inputs and the CPU interpreter's path) compiled ahead of time for sm_90, plain and as
+    a launch with aligned pointers and integers (`tests/_triton_aot.py`): they build, keep no arrays in local memory
+    and fit an H100's shared memory (the pool kernels pipeline their row blocks, `STAGES`; an H200 has the same
+    228 KB per SM). Catches a Triton change or a launch setting that would break them before a GPU run does."""
     from ofer.models import token_attention_kernel as tak
     from tests._triton_aot import compile_sm90
 
     shape = {"T": 16, "H": 4, "DH": 32}
     if kernel.startswith("pool"):
-        backward = kernel == "pool_backward"
-        _, meta = tak._launch_meta(tak.BACKWARD_LAUNCH if backward else tak.LAUNCH, 65_536)
+        backward = kernel.startswith("pool_backward")
+        launch = tak.BACKWARD_LAUNCH if backward else tak.LAUNCH
+        if kernel.endswith("H200"):
+            launch = tak.CARD_LAUNCHES["H200"]["backward" if backward else "forward"]
+        _, meta = tak._launch_meta(launch, 65_536)
         warps = meta.pop("num_warps")
         fn = tak._token_attention_pool_bwd_kernel if backward else tak._token_attention_pool_kernel
         sig = {"qkv_ptr": "*bf16", "w_ptr": "*fp32",
@@ -987,9 +991,39 @@ def test_kernel_backward_on_cuda_matches_float64_and_trains_like_math() -> None:
     assert (grads("auto", True) - grads("triton", True)).abs().max() == 0  # "auto" trains with the kernel on CUDA
 
 
-def test_set_launch_parses_and_rejects_bad_specs() -> None:
+def test_current_launch_takes_the_cards_launch_unless_one_was_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`current_launch` gives a CUDA device whose name contains a `CARD_LAUNCHES` key that card's launches, while
+    `LAUNCH` / `BACKWARD_LAUNCH` hold their defaults; other cards, the CPU, a changed module launch and a launch
+    chosen with `set_launch` (even one equal to the default: the benchmarks' baselines) use the module's. The card
+    name is faked: no GPU needed."""
     from ofer.models import token_attention_kernel as tak
 
+    names = {0: "NVIDIA H200", 1: "NVIDIA H100 80GB HBM3"}
+    monkeypatch.setattr(tak, "_card_name", lambda index: names[index])
+    monkeypatch.setattr(tak, "_SET_LAUNCHES", set())
+    monkeypatch.setattr(tak, "LAUNCH", dict(tak._DEFAULT_LAUNCHES["forward"]))
+    monkeypatch.setattr(tak, "BACKWARD_LAUNCH", dict(tak._DEFAULT_LAUNCHES["backward"]))
+    h200, h100 = torch.device("cuda", 0), torch.device("cuda", 1)
+    card = tak.CARD_LAUNCHES["H200"]
+    assert card["forward"] != tak.LAUNCH and card["backward"] != tak.BACKWARD_LAUNCH  # the test can tell them apart
+    assert tak.current_launch(h200) == card["forward"]
+    assert tak.current_launch(h200, backward=True) == card["backward"]
+    assert tak.current_launch(h100) is tak.LAUNCH and tak.current_launch(h100, backward=True) is tak.BACKWARD_LAUNCH
+    assert tak.current_launch(torch.device("cpu")) is tak.LAUNCH
+    tak.LAUNCH["tiles"] = 8  # changed in place (as GPU tests sweeping launches do): used on every card
+    assert tak.current_launch(h200) is tak.LAUNCH
+    assert tak.current_launch(h200, backward=True) == card["backward"]  # the backward's still the card's
+    tak.LAUNCH.update(tak._DEFAULT_LAUNCHES["forward"])
+    assert tak.current_launch(h200) == card["forward"]
+    tak.set_launch("4x2x2x4", backward=True)  # chosen explicitly, equal to the default: used on every card
+    assert tak.current_launch(h200, backward=True) is tak.BACKWARD_LAUNCH == tak._DEFAULT_LAUNCHES["backward"]
+    assert tak.current_launch(h200) == card["forward"]
+
+
+def test_set_launch_parses_and_rejects_bad_specs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ofer.models import token_attention_kernel as tak
+
+    monkeypatch.setattr(tak, "_SET_LAUNCHES", set())
     saved, saved_bwd = dict(tak.LAUNCH), dict(tak.BACKWARD_LAUNCH)
     try:
         assert tak.set_launch("2x8x3x1:row") == {"block_rows": 2, "tiles": 8, "stages": 3, "num_warps": 1,

@@ -578,6 +578,30 @@ def test_compiled_loss_trains_like_eager_on_cpu(tmp_path: Path) -> None:
     assert not torch.equal(weights["loss"][0], start[0])  # it did train
 
 
+def test_trainer_compiles_each_scope_with_its_inductor_options(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """trainer.compile_scope=loss compiles the loss with COMPILE_OPTIONS, LOSS_SCOPE_OPTIONS and fallback_random; the
+    model scope compiles with COMPILE_OPTIONS only (LOSS_SCOPE_OPTIONS were measured in the loss scope). torch.compile
+    is replaced by a recorder that returns the function uncompiled."""
+    from ofer.fast_sampling import COMPILE_OPTIONS, LOSS_SCOPE_OPTIONS
+
+    calls = []
+
+    def record(fn, **kwargs):
+        calls.append(kwargs.get("options"))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", record)
+    expected = {"loss": [{**COMPILE_OPTIONS, **LOSS_SCOPE_OPTIONS, "fallback_random": True}],
+                "model": [dict(COMPILE_OPTIONS)]}
+    for scope, options in expected.items():
+        calls.clear()
+        cfg = toy_trainer_cfg(max_steps=1, compile=True, compile_scope=scope)
+        train(make_task(0, hidden=8), cfg, run_dir=tmp_path / scope, device="cpu",
+              resolved_config=resolved(cfg, hidden=8))
+        assert calls == options, scope
+
+
 class _NoisyDataset(ToyDataset):
     """The toy points with noise drawn from the global torch RNG in __getitem__, as a dataset's random image
     sampling does (the MICA datasets' `sampling: random`)."""

@@ -121,6 +121,16 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LAUNCH = {"block_rows": 2, "tiles": 2, "stages": 3, "num_warps": 2, "order": "head"}
 # The backward kernel's launch, same fields.
 BACKWARD_LAUNCH = {"block_rows": 4, "tiles": 2, "stages": 2, "num_warps": 4, "order": "head"}
+# Launches measured faster on one card, keyed by a substring of its name (torch.cuda.get_device_name): the kernels
+# use them there while LAUNCH / BACKWARD_LAUNCH hold their defaults above and `set_launch` was not called
+# (`current_launch`). H200 (BENCHMARKS.md, "Session of 2026-11-28, third"; `bench_token_attention.py --rows 65536`,
+# two calls): forward 2x4x3x2 254-256 us against 282-285 us for LAUNCH, backward 2x2x3x2 428 us against 446-449 us
+# for BACKWARD_LAUNCH; a compiled bf16 IdGen training step 21.24-21.30 -> 21.00 ms. On an H100 the forward's sweep
+# had LAUNCH fastest (2x4x2x2: 280 vs 240 us, "fifth"); these two launches were not timed on an H100.
+CARD_LAUNCHES = {"H200": {"forward": {"block_rows": 2, "tiles": 4, "stages": 3, "num_warps": 2, "order": "head"},
+                          "backward": {"block_rows": 2, "tiles": 2, "stages": 3, "num_warps": 2, "order": "head"}}}
+_DEFAULT_LAUNCHES = {"forward": dict(LAUNCH), "backward": dict(BACKWARD_LAUNCH)}
+_SET_LAUNCHES: set[str] = set()  # "forward" / "backward" once `set_launch` chose them: used on every card
 # The kernel with the projection inside (`token_attention_project_pool`): rows per program and warps, and the
 # widest attention input it takes (wider inputs: the cuBLAS projection, then `token_attention_pool`).
 # Per padded width (16, 32, 64 channels).
@@ -190,7 +200,28 @@ def set_launch(spec: str, *, backward: bool = False) -> dict:
     rows, tiles, stages, warps = (int(p) for p in parts)
     launch = BACKWARD_LAUNCH if backward else LAUNCH
     launch.update(block_rows=rows, tiles=tiles, stages=stages, num_warps=warps, order=order or "head")
+    _SET_LAUNCHES.add("backward" if backward else "forward")
     return launch
+
+
+def current_launch(device: torch.device, *, backward: bool = False) -> dict:
+    """The launch the attention kernel (the backward kernel with backward=True) runs with on `device`: the card's
+    entry of `CARD_LAUNCHES` on a CUDA device whose name contains its key, while `LAUNCH` (`BACKWARD_LAUNCH`) holds
+    its default and `set_launch` was not called; otherwise `LAUNCH` (`BACKWARD_LAUNCH`) itself."""
+    which = "backward" if backward else "forward"
+    launch = BACKWARD_LAUNCH if backward else LAUNCH
+    if device.type != "cuda" or which in _SET_LAUNCHES or launch != _DEFAULT_LAUNCHES[which]:
+        return launch
+    name = _card_name(device.index if device.index is not None else torch.cuda.current_device())
+    for key, launches in CARD_LAUNCHES.items():
+        if key in name:
+            return launches[which]
+    return launch
+
+
+@functools.cache
+def _card_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
 
 
 def set_project_launch(spec: str, widths: tuple[int, ...] = (16, 32, 64), *, kernel: str = "triton") -> dict:
@@ -572,15 +603,14 @@ def token_attention_pool(qkv: torch.Tensor, w: torch.Tensor, tokens: int, heads:
     out = torch.empty(R, heads * head_dim, device=qkv.device, dtype=out_dtype)
     if R == 0:
         return out
-    n_prog_r, meta = _launch_meta(LAUNCH, R)
+    n_prog_r, meta = _launch_meta(current_launch(qkv.device), R)
     _token_attention_pool_kernel[(n_prog_r * heads,)](qkv, w.contiguous(), out, R, qkv.stride(0), head_dim**-0.5,
                                                       n_prog_r, T=tokens, H=heads, DH=head_dim, **meta)
     return out
 
 
 def _launch_meta(launch: dict, R: int) -> tuple[int, dict]:
-    """Row-block programs per head for R rows, and the kernel's launch keywords, from `LAUNCH` or
-    `BACKWARD_LAUNCH`."""
+    """Row-block programs per head for R rows, and the kernel's launch keywords, from a launch (`current_launch`)."""
     n_prog_r = triton.cdiv(triton.cdiv(R, launch["block_rows"]), launch["tiles"])
     return n_prog_r, {"BLOCK_R": launch["block_rows"], "TILES": launch["tiles"], "STAGES": launch["stages"],
                       "HEAD_FASTEST": launch["order"] == "head", "num_warps": launch["num_warps"]}
@@ -614,7 +644,7 @@ def token_attention_pool_backward(qkv: torch.Tensor, w: torch.Tensor, grad: torc
         return _grads_torch(qkv, w, grad.float(), tokens, heads, head_dim)
     qkv = qkv.contiguous()  # a row-strided view: dqkv below is written with qkv's row stride
     dqkv = qkv.new_empty(qkv.shape)
-    n_prog_r, meta = _launch_meta(BACKWARD_LAUNCH, R)
+    n_prog_r, meta = _launch_meta(current_launch(qkv.device, backward=True), R)
     dw_part = torch.empty(n_prog_r, heads, tokens, device=qkv.device, dtype=torch.float32)
     if R > 0:
         _token_attention_pool_bwd_kernel[(n_prog_r * heads,)](qkv, w.contiguous(), grad, dqkv, dw_part, R,

@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from ofer.fast_sampling import COMPILE_OPTIONS
+from ofer.fast_sampling import COMPILE_OPTIONS, LOSS_SCOPE_OPTIONS
 from ofer.training.checkpoint import (
     CheckpointStore,
     ConfigMismatchError,
@@ -361,8 +361,9 @@ class _Trainer:
             # the task's loss around the model as one graph (the diffusion tasks' q_sample and L1 loss, eager
             # around a compiled model: 0.74 ms of a 25.4 ms IdGen step on an H100, BENCHMARKS.md "Next: goal 4").
             # fallback_random: random draws stay ATen's, so the RNG stream (and exact resume) are eager's.
+            # LOSS_SCOPE_OPTIONS: small pointwise kernels grouped into one launch (measured in this scope only)
             self._loss = torch.compile(self._task_loss, dynamic=False,
-                                       options={**COMPILE_OPTIONS, "fallback_random": True})
+                                       options={**COMPILE_OPTIONS, **LOSS_SCOPE_OPTIONS, "fallback_random": True})
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         # every module of the training model, to check its mode each step (`_train_step`); the tree is built by now
         self._model_modules = list(self.ddp.modules())
