@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -60,6 +61,31 @@ def gemm_tflops() -> float:
 
 def count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def flat_adamw(model: torch.nn.Module, **kwargs) -> tuple[torch.optim.AdamW, Callable[[], None]]:
+    """AdamW (`kwargs`: its options) over one flat float32 buffer that holds all of `model`'s parameters (each
+    parameter becomes a view of it), and a function that copies the parameters' gradients into the buffer's
+    gradient (one multi-tensor copy); call it between backward and `step()`, and clear gradients with
+    `model.zero_grad()`, not the optimizer's (the buffer's gradient stays). PyTorch's multi-tensor AdamW launches
+    at most 36 tensors at a time, one block per 65,536-element chunk: IdGen's 160 tensors take 5 launches of about
+    70 blocks each. Over one tensor it is one launch. The update is that of AdamW over the parameters, for
+    parameters that share the options and all have a gradient (a parameter without one would be decayed here and
+    skipped there); the benchmark's denoisers train every parameter. For the graphed rows' `--optimizer flat`."""
+    params = list(model.parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    sizes = [p.numel() for p in params]
+    with torch.no_grad():
+        for p, view in zip(params, flat.split(sizes), strict=True):
+            p.data = view.view_as(p)
+    buffer = torch.nn.Parameter(flat)  # the same storage as the parameters' views
+    buffer.grad = torch.zeros_like(flat)
+    grads = [g.view_as(p) for g, p in zip(buffer.grad.split(sizes), params, strict=True)]
+
+    def gather() -> None:
+        torch._foreach_copy_(grads, [p.grad for p in params])
+
+    return torch.optim.AdamW([buffer], **kwargs), gather
 
 
 def time_steps(step, n: int = 20, warmup: int = 3) -> float:
@@ -125,18 +151,25 @@ def generator_step(kind: str, rows: int, bf16: bool, ddp: bool, compile: bool = 
 
 
 def graphed_generator_step(kind: str, rows: int, compile: bool = False, impl: str = "math",
-                           inductor: dict | None = None, pad: bool = False, scope: str = "model"):
+                           inductor: dict | None = None, pad: bool = False, scope: str = "model",
+                           optimizer: str = "per-tensor"):
     """The same bf16 step captured whole (forward, backward, fused AdamW) into one CUDA graph and replayed:
     no Python or launch overhead per step. Timesteps and noise are drawn inside the graph (CUDA RNG), the
     batch is copied into static buffers before each replay, as a training loop would. With `compile`, the
     model (`scope` model) or the whole loss around it (`scope` loss: q_sample and the L1 loss too, random draws
     ATen's) is torch.compile'd first, as trainer.compile_scope (compiled during the warm-up steps, then its kernels
-    captured). Static shapes, as the trainer: the jobs share the denoiser's code."""
+    captured). Static shapes, as the trainer: the jobs share the denoiser's code. `optimizer` "flat": AdamW over
+    one buffer of all parameters (`flat_adamw`), else over the parameter tensors, as the trainer."""
     dim, cond, widths = SHAPES[kind]
     # Default: explicit attention math (cuDNN's fused attention backward fails inside graph capture, seen on an
     # H200); our Triton kernels ('auto' in training) can be captured.
     model, params = build_model(kind, impl, pad)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4, fused=True, capturable=True)
+    adamw = {"lr": 1e-3, "weight_decay": 1e-4, "fused": True, "capturable": True}
+    if optimizer == "flat":
+        opt, gather = flat_adamw(model, **adamw)
+    else:
+        opt, gather = torch.optim.AdamW(model.parameters(), **adamw), None
+    training_model = model
     if compile and scope == "model":
         model = torch.compile(model, dynamic=False, options=inductor or None)
     diff = GaussianDiffusion().to(DEVICE)
@@ -150,6 +183,8 @@ def graphed_generator_step(kind: str, rows: int, compile: bool = False, impl: st
         with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
             loss = losses().mean()
         loss.backward()
+        if gather is not None:
+            gather()
         opt.step()
         return loss
 
@@ -157,11 +192,11 @@ def graphed_generator_step(kind: str, rows: int, compile: bool = False, impl: st
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(3):  # warm-up outside capture (allocates grads and optimizer state)
-            opt.zero_grad(set_to_none=True)
+            training_model.zero_grad(set_to_none=True)
             body()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    opt.zero_grad(set_to_none=True)
+    training_model.zero_grad(set_to_none=True)  # the parameters' (a flat optimizer's buffer keeps its gradient)
     with torch.cuda.graph(graph):
         static_loss = body()
 
@@ -252,6 +287,9 @@ def main() -> None:
     ap.add_argument("--pad-widths", default="false", metavar="false|true|false,true",
                     help="train the denoisers' padded() copies (widths rounded up to multiples of 8; the same "
                          "function, zero gradients on the padding): every generator row for each value given")
+    ap.add_argument("--optimizer", default="per-tensor", metavar="per-tensor|flat|per-tensor,flat",
+                    help="AdamW of the graphed rows: over the parameter tensors (as the trainer), or over one flat "
+                         "buffer of all parameters (flat_adamw: one launch); every graphed row for each value")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     try:
@@ -263,6 +301,7 @@ def main() -> None:
         project_training = project_training_widths(args.project_training)
         jobs = comma_choices(args.jobs, ("idgen", "expgen"), "--jobs")
         scopes = comma_choices(args.compile_scope, ("model", "loss"), "--compile-scope")
+        optimizers = comma_choices(args.optimizer, ("per-tensor", "flat"), "--optimizer")
         for spec in args.inductor or []:
             parse_compile_options(spec)  # a malformed spec fails here, before any timing
     except ValueError as exc:
@@ -344,25 +383,27 @@ def main() -> None:
         if args.compile:
             graphs += [(True, "auto", s) for s in args.inductor or ["default"]]
         for comp, impl, spec in graphs:
-            for kind, rows, pad, ptw, scope in ((k, r, p, w, c) for k in jobs for r in args.rows for p in pads
-                                                for w in project_training
-                                                for c in (scopes if comp else ["model"])):
+            for kind, rows, pad, ptw, scope, optim in ((k, r, p, w, c, o) for k in jobs for r in args.rows
+                                                       for p in pads for w in project_training
+                                                       for c in (scopes if comp else ["model"])
+                                                       for o in optimizers):
                     # "default": the trainer's options for this scope (compile_scope=loss adds LOSS_SCOPE_OPTIONS)
                     opts = parse_compile_options(spec, loss_scope=scope == "loss") if comp else {}
                     label = (f"bf16 + compile ({scope}) + CUDA graph" if comp else "bf16 + CUDA graph")
                     set_project_training(ptw)
                     try:
                         step, params = graphed_generator_step(kind, rows, compile=comp, impl=impl, inductor=opts,
-                                                              pad=pad, scope=scope)
+                                                              pad=pad, scope=scope, optimizer=optim)
                         s = time_steps(step)
                     except Exception as exc:  # noqa: BLE001 -- reported, the other rows go on
                         rows_out.append({"job": kind, "rows_per_gpu": rows, "precision": label, "attention": impl,
-                                         "pad_widths": pad, "project_training_max_width": ptw,
+                                         "pad_widths": pad, "project_training_max_width": ptw, "optimizer": optim,
                                          "error": f"{type(exc).__name__}: {exc}"})
                         print(json.dumps(rows_out[-1]), flush=True)
                         continue
                     rows_out.append({"job": kind, "rows_per_gpu": rows, "precision": label, "attention": impl,
-                                     "pad_widths": pad, "project_training_max_width": ptw, "world_size": 1,
+                                     "pad_widths": pad, "project_training_max_width": ptw, "optimizer": optim,
+                                     "world_size": 1,
                                      "s_per_step": s, "samples_per_s": rows / s,
                                      "mfu": 6 * params * rows / s / (peak * 1e12),
                                      **({"inductor": opts} if comp else {})})
