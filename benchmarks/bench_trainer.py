@@ -114,7 +114,7 @@ class PoolTask(RankerTask):
 
 
 def run(kind: str, graph: bool, args: argparse.Namespace, device: str, pad: bool = False,
-        scope: str = "model") -> dict:
+        scope: str = "model", flat: bool = True) -> dict:
     with tempfile.TemporaryDirectory() as flame_dir:
         task = (PoolTask(args.items, args.candidates, device, flame_dir) if kind == "idrank"
                 else BlockTask(kind, args.items, args.rows_per_item, device, pad))
@@ -122,7 +122,7 @@ def run(kind: str, graph: bool, args: argparse.Namespace, device: str, pad: bool
     cfg = {"max_steps": args.steps, "batch_size": args.rank_batch if kind == "idrank" else args.items_per_step,
            "ckpt_every": None, "log_every": 10 ** 6, "lr_scheduler": "constant", "precision": "bf16",
            "compile": device == "cuda" and scope != "none", "cuda_graph": graph,
-           "compile_scope": "auto" if scope == "none" else scope, "progress": False, "seed": 0}
+           "compile_scope": "auto" if scope == "none" else scope, "progress": False, "seed": 0, "flat_params": flat}
     ends: dict[int, float] = {}
     prof = None
 
@@ -154,7 +154,8 @@ def run(kind: str, graph: bool, args: argparse.Namespace, device: str, pad: bool
     # few slow steps (host hiccups, an epoch's new iterator) from a slower process
     each = sorted(ends[i + 1] - ends[i] for i in range(args.warmup, args.steps - 1))
     rows = args.rank_batch * args.candidates if kind == "idrank" else args.items_per_step * args.rows_per_item
-    return {"job": kind, "cuda_graph": graph, "pad_widths": pad, "compile_scope": scope, "rows_per_step": rows,
+    return {"job": kind, "cuda_graph": graph, "pad_widths": pad, "compile_scope": scope, "flat_params": flat,
+            "rows_per_step": rows,
             "s_per_step": s, "s_per_step_median": each[len(each) // 2], "s_per_step_min": each[0],
             "s_per_step_max": each[-1],
             "samples_per_s": rows / s, "params": params,
@@ -182,6 +183,9 @@ def main() -> None:
                     help="comma list of trainer.compile_scope values to run (model: the network compiled; loss, what "
                          "the default auto picks in one process: the task's whole loss around it, q_sample and the L1 "
                          "loss included; none: trainer.compile=false, eager)")
+    ap.add_argument("--flat-params", default="true", metavar="true|false|false,true",
+                    help="trainer.flat_params values to run (comma list; true, the default: AdamW, clipping and EMA "
+                         "over one buffer per param group)")
     ap.add_argument("--profile", action="store_true",
                     help="print the profiler tables (CPU and CUDA) of 3 steps after --warmup (those steps are timed "
                          "too: use the timings of a run without it)")
@@ -201,31 +205,31 @@ def main() -> None:
         widths = project_training_widths(args.project_training)
         scopes = comma_choices(args.compile_scope, ("model", "loss", "none"), "--compile-scope")
         jobs = comma_choices(args.jobs, ("idgen", "expgen", "idrank"), "--jobs")
+        flats = [v == "true" for v in comma_choices(args.flat_params, ("true", "false"), "--flat-params")]
     except ValueError as exc:
         ap.error(str(exc))
     rows = []
     for kind in jobs:
-        for graph, pad, ptw, scope in ((g, p, w, c) for g in ((False,) if args.cpu else tuple(v == "true" for v in
-                                                                                              args.graph.split(",")))
-                                       for p in pads for w in widths for c in scopes):
+        for graph, pad, ptw, scope, flat in ((g, p, w, c, f) for g in ((False,) if args.cpu else tuple(
+                v == "true" for v in args.graph.split(","))) for p in pads for w in widths for c in scopes for f in flats):
             set_project_training(ptw)
             try:
-                row = run(kind, graph, args, device, pad, scope)
+                row = run(kind, graph, args, device, pad, scope, flat)
                 row["project_training_max_width"] = ptw
                 if peak and kind != "idrank":  # IdRank: no MFU (its rows are candidates, its cost FLAME too)
                     row["mfu"] = 6 * row["params"] * row["rows_per_step"] / row["s_per_step"] / (peak * 1e12)
             except Exception as exc:  # noqa: BLE001 -- reported, the other rows go on
                 row = {"job": kind, "cuda_graph": graph, "pad_widths": pad, "project_training_max_width": ptw,
-                       "compile_scope": scope, "error": f"{type(exc).__name__}: {exc}"}
+                       "compile_scope": scope, "flat_params": flat, "error": f"{type(exc).__name__}: {exc}"}
             rows.append(row)
             print(json.dumps(row), flush=True)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"device: {name}  bf16 GEMM {peak or 0:.0f} TFLOP/s")
-    print(f"{'job':8} {'cuda_graph':>10} {'pad':>5} {'proj':>4} {'scope':>5} {'ms/step':>9} {'samples/s':>12} "
+    print(f"{'job':8} {'cuda_graph':>10} {'pad':>5} {'proj':>4} {'scope':>5} {'flat':>5} {'ms/step':>9} {'samples/s':>12} "
           f"{'MFU':>6} {'median':>7} {'min':>7} {'max':>7}")
     for r in rows:
         head = (f"{r['job']:8} {str(r['cuda_graph']):>10} {str(r['pad_widths']):>5} "
-                f"{r['project_training_max_width']:>4} {r['compile_scope']:>5}")
+                f"{r['project_training_max_width']:>4} {r['compile_scope']:>5} {str(r['flat_params']):>5}")
         if "error" in r:
             print(f"{head} error: {r['error'][:200]}")
         else:

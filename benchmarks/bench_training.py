@@ -17,7 +17,6 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ from ofer.jobs import training_copy  # noqa: E402
 from ofer.models import token_attention_kernel as tak  # noqa: E402
 from ofer.models.ranker import IdRanker  # noqa: E402
 from ofer.models.unet1d import Denoiser  # noqa: E402
+from ofer.training.flat import FlatParameters  # noqa: E402
 from ofer.ranking import listnet_loss, ranking_targets  # noqa: E402
 
 
@@ -61,31 +61,6 @@ def gemm_tflops() -> float:
 
 def count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def flat_adamw(model: torch.nn.Module, **kwargs) -> tuple[torch.optim.AdamW, Callable[[], None]]:
-    """AdamW (`kwargs`: its options) over one flat float32 buffer that holds all of `model`'s parameters (each
-    parameter becomes a view of it), and a function that copies the parameters' gradients into the buffer's
-    gradient (one multi-tensor copy); call it between backward and `step()`, and clear gradients with
-    `model.zero_grad()`, not the optimizer's (the buffer's gradient stays). PyTorch's multi-tensor AdamW launches
-    at most 36 tensors at a time, one block per 65,536-element chunk: IdGen's 160 tensors take 5 launches of about
-    70 blocks each. Over one tensor it is one launch. The update is that of AdamW over the parameters, for
-    parameters that share the options and all have a gradient (a parameter without one would be decayed here and
-    skipped there); the benchmark's denoisers train every parameter. For the graphed rows' `--optimizer flat`."""
-    params = list(model.parameters())
-    flat = torch.cat([p.detach().reshape(-1) for p in params])
-    sizes = [p.numel() for p in params]
-    with torch.no_grad():
-        for p, view in zip(params, flat.split(sizes), strict=True):
-            p.data = view.view_as(p)
-    buffer = torch.nn.Parameter(flat)  # the same storage as the parameters' views
-    buffer.grad = torch.zeros_like(flat)
-    grads = [g.view_as(p) for g, p in zip(buffer.grad.split(sizes), params, strict=True)]
-
-    def gather() -> None:
-        torch._foreach_copy_(grads, [p.grad for p in params])
-
-    return torch.optim.AdamW([buffer], **kwargs), gather
 
 
 def time_steps(step, n: int = 20, warmup: int = 3) -> float:
@@ -159,14 +134,15 @@ def graphed_generator_step(kind: str, rows: int, compile: bool = False, impl: st
     model (`scope` model) or the whole loss around it (`scope` loss: q_sample and the L1 loss too, random draws
     ATen's) is torch.compile'd first, as trainer.compile_scope (compiled during the warm-up steps, then its kernels
     captured). Static shapes, as the trainer: the jobs share the denoiser's code. `optimizer` "flat": AdamW over
-    one buffer of all parameters (`flat_adamw`), else over the parameter tensors, as the trainer."""
+    one buffer of all parameters (`FlatParameters`, as trainer.flat_params=true), else over the parameter tensors."""
     dim, cond, widths = SHAPES[kind]
     # Default: explicit attention math (cuDNN's fused attention backward fails inside graph capture, seen on an
     # H200); our Triton kernels ('auto' in training) can be captured.
     model, params = build_model(kind, impl, pad)
     adamw = {"lr": 1e-3, "weight_decay": 1e-4, "fused": True, "capturable": True}
-    if optimizer == "flat":
-        opt, gather = flat_adamw(model, **adamw)
+    if optimizer == "flat":  # as trainer.flat_params=true
+        flat = FlatParameters(model, [{"params": list(model.parameters())}])
+        opt, gather = torch.optim.AdamW(flat.optimizer_groups(), **adamw), flat.gather_grads
     else:
         opt, gather = torch.optim.AdamW(model.parameters(), **adamw), None
     training_model = model
@@ -288,8 +264,9 @@ def main() -> None:
                     help="train the denoisers' padded() copies (widths rounded up to multiples of 8; the same "
                          "function, zero gradients on the padding): every generator row for each value given")
     ap.add_argument("--optimizer", default="per-tensor", metavar="per-tensor|flat|per-tensor,flat",
-                    help="AdamW of the graphed rows: over the parameter tensors (as the trainer), or over one flat "
-                         "buffer of all parameters (flat_adamw: one launch); every graphed row for each value")
+                    help="AdamW of the graphed rows: over the parameter tensors (trainer.flat_params=false), or over "
+                         "one flat buffer of all parameters (FlatParameters, trainer.flat_params=true: one launch); "
+                         "every graphed row for each value")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     try:

@@ -112,12 +112,14 @@ def test_untrained_parameters_are_an_error(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------ independent reference
 
 
-def test_loop_equals_a_plain_pytorch_loop(tmp_path: Path) -> None:
-    """AdamW + EMA + clipping on the documented batch order, written out by hand, gives the same weights."""
+@pytest.mark.parametrize("flat", [True, False])
+def test_loop_equals_a_plain_pytorch_loop(tmp_path: Path, flat: bool) -> None:
+    """AdamW + EMA + clipping on the documented batch order, written out by hand, gives the same weights (also
+    with trainer.flat_params, AdamW, clipping and EMA over one buffer)."""
     steps, decay, clip = 12, 0.8, 3.0
     task = make_task(5, deterministic_loss=True)
     init = {k: v.clone() for k, v in task.model.state_dict().items()}
-    _run(task, tmp_path, max_steps=steps, ckpt_every=None, ema_decay=decay, grad_clip=clip, seed=5)
+    _run(task, tmp_path, max_steps=steps, ckpt_every=None, ema_decay=decay, grad_clip=clip, seed=5, flat_params=flat)
     got = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
 
     model = nn.Linear(4, 1)
@@ -168,6 +170,28 @@ def test_resume_with_different_model_config_names_both_values(tmp_path: Path) ->
         train(make_task(0, hidden=16), cfg, run_dir=tmp_path, device="cpu", resolved_config=resolved(cfg, hidden=16))
     message = str(info.value)
     assert "model.hidden: checkpoint has 8, current config has 16" in message and "last.pt" in message
+
+
+@pytest.mark.parametrize("first", [False, True])
+def test_resume_switching_flat_params_equals_uninterrupted_run(tmp_path: Path, reference: dict, first: bool) -> None:
+    """Checkpoints keep AdamW's state per parameter whatever trainer.flat_params: a run resumed with the other
+    setting ends as the uninterrupted reference (flat_params=true)."""
+    _run(make_task(0), tmp_path, max_steps=10, ckpt_every=5, flat_params=first)
+    saved = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["optimizer"]
+    assert sorted(saved["state"]) == [0, 1] and saved["state"][0]["exp_avg"].shape == (1, 4)  # per parameter
+    result = _run(make_task(123), tmp_path, max_steps=20, ckpt_every=5, flat_params=not first)
+    _assert_same_state(load_checkpoint(result.checkpoint), reference["ckpt"])
+    assert _events(tmp_path, "config_changed_on_resume")
+
+
+def test_flat_params_with_a_parameter_that_takes_no_part_is_an_error(tmp_path: Path) -> None:
+    task = make_task(0)
+    task.model.register_parameter("unused", nn.Parameter(torch.zeros(2)))
+    with pytest.raises(RuntimeError, match=r"parameter 'unused' got no gradient.*trainer.flat_params=false"):
+        _run(task, tmp_path / "flat", max_steps=2)
+    task = make_task(0)
+    task.model.register_parameter("unused", nn.Parameter(torch.zeros(2)))
+    assert _run(task, tmp_path / "per_tensor", max_steps=2, flat_params=False).step == 2
 
 
 def test_corrupted_last_falls_back_to_previous_and_logs_it(tmp_path: Path, reference: dict) -> None:

@@ -59,6 +59,7 @@ class TrainerConfig:
     compile: bool = False
     compile_scope: str = "auto"
     cuda_graph: bool = False
+    flat_params: bool = True
 
     def __post_init__(self) -> None:
         def choose(key: str, allowed: tuple[str, ...]) -> None:

@@ -65,6 +65,7 @@ from ofer.training.checkpoint import (
 from ofer.training.config import TrainerConfig
 from ofer.training.distributed import DistContext
 from ofer.training.ema import EMA
+from ofer.training.flat import FlatParameters
 from ofer.training.loggers import MetricsLogger, build_logger, check_logger_cfg
 from ofer.training.preemption import PreemptionWatcher, TrainingPreempted
 from ofer.training.sampler import DeterministicBatchSampler
@@ -218,7 +219,7 @@ class _StepGraphs:
         self.signature = _signature(batch)
         self.batch = _map_tensors(torch.clone, batch)
         self.stop = torch.zeros((), device=trainer.device)
-        trainer.optimizer.zero_grad(set_to_none=True)  # the captured backward allocates them (graph outputs)
+        trainer._zero_grad(set_to_none=True)  # the captured backward allocates them (graph outputs)
         torch.cuda.synchronize(trainer.device)
         self.fb_graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.fb_graph):
@@ -337,6 +338,11 @@ class _Trainer:
         self.model: nn.Module = task.model.to(self.device)
         self.groups = self._check_param_groups(task.param_groups(), self.model)
         self.params = [p for g in self.groups for p in g["params"]]
+        # trainer.flat_params: each group's parameters as views of one buffer, so that the gradient norm, clipping,
+        # AdamW and the EMA are one launch per group (ofer/training/flat.py); before DDP, compile and the EMA copy
+        self.flat = FlatParameters(self.model, self.groups) if cfg.flat_params else None
+        # what the gradient norm, clipping and AdamW see: the groups' buffers, or the parameters
+        self.update_params = self.flat.buffers if self.flat is not None else self.params
         if self.ctx.enabled:
             # DDP broadcasts rank 0's weights here, so the EMA below starts identical on all ranks
             self.ddp: nn.Module = DistributedDataParallel(
@@ -364,12 +370,12 @@ class _Trainer:
             # LOSS_SCOPE_OPTIONS: small pointwise kernels grouped into one launch (measured in this scope only)
             self._loss = torch.compile(self._task_loss, dynamic=False,
                                        options={**COMPILE_OPTIONS, **LOSS_SCOPE_OPTIONS, "fallback_random": True})
-        self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.ema = EMA(self.model, cfg.ema_decay, self.flat) if cfg.ema_decay > 0 else None
         # every module of the training model, to check its mode each step (`_train_step`); the tree is built by now
         self._model_modules = list(self.ddp.modules())
         self.use_graphs = cfg.cuda_graph and self.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(  # fused: one kernel for all parameters on CUDA (as bench_training)
-            self.groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=self.device.type == "cuda",
+        self.optimizer = torch.optim.AdamW(  # fused: one kernel per <= 36 tensors on CUDA (as bench_training)
+            self.flat.optimizer_groups() if self.flat is not None else self.groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=self.device.type == "cuda",
             capturable=self.use_graphs,
         )
         self.dataset = task.train_dataset()
@@ -409,10 +415,16 @@ class _Trainer:
             if ckpt.get("ema") is not None:
                 self.ema.load_state_dict(ckpt["ema"])
             else:
-                self.ema = EMA(self.model, self.cfg.ema_decay)
+                self.ema = EMA(self.model, self.cfg.ema_decay, self.flat)
                 self._event("ema_started_on_resume", path=found_path)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
         self._check_optimizer_shapes(Path(found_path), ckpt)
+        state = ckpt["optimizer"]
+        if self.flat is not None:
+            try:
+                state = self.flat.flat_state(state, where=f"cannot resume from {found_path}")
+            except ValueError as exc:
+                raise ConfigMismatchError(str(exc)) from None
+        self.optimizer.load_state_dict(state)
         loop = ckpt["loop"]
         if loop["lr_scheduler"] == self.cfg.lr_scheduler:
             self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -434,19 +446,38 @@ class _Trainer:
         self._event("resume", path=found_path, epoch=self.position[0], batch_in_epoch=self.position[1])
 
     def _check_optimizer_shapes(self, path: Path, ckpt: Mapping[str, Any]) -> None:
-        """The optimizer state must have the parameters' shapes. It has not when the model's weights load (the
-        model keys match) but its parameters changed shape: a generator run resumed with another `pad_widths`
-        (the padded copy saves its weights in the original layout, its AdamW moments in its own)."""
+        """The checkpoint's optimizer state (per parameter, in param-group order, whatever trainer.flat_params)
+        must have the parameters' shapes. It has not when the model's weights load (the model keys match) but its
+        parameters changed shape: a generator run resumed with another `pad_widths` (the padded copy saves its
+        weights in the original layout, its AdamW moments in its own)."""
         names = {id(p): n for n, p in self.model.named_parameters()}
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                for key, v in self.optimizer.state.get(p, {}).items():
-                    if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != p.shape:
-                        raise ConfigMismatchError(
-                            f"cannot resume from {path}: its optimizer state {key!r} of parameter "
-                            f"{names.get(id(p), '?')!r} has shape {tuple(v.shape)}, the parameter has shape "
-                            f"{tuple(p.shape)}; was it written with another pad_widths (there: "
-                            f"{ckpt.get('config', {}).get('pad_widths', 'not set')})? Resume with the same setting")
+        saved = ckpt["optimizer"]
+        ids = [i for g in saved["param_groups"] for i in g["params"]]
+        if len(ids) != len(self.params):
+            raise ConfigMismatchError(f"cannot resume from {path}: its optimizer state holds {len(ids)} parameters, "
+                                      f"this run trains {len(self.params)}")
+        for i, p in zip(ids, self.params, strict=True):
+            for key, v in saved["state"].get(i, {}).items():
+                if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != p.shape:
+                    raise ConfigMismatchError(
+                        f"cannot resume from {path}: its optimizer state {key!r} of parameter "
+                        f"{names.get(id(p), '?')!r} has shape {tuple(v.shape)}, the parameter has shape "
+                        f"{tuple(p.shape)}; was it written with another pad_widths (there: "
+                        f"{ckpt.get('config', {}).get('pad_widths', 'not set')})? Resume with the same setting")
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        """The optimizer's state dict as AdamW over the groups' parameters (the checkpoint format, also with
+        trainer.flat_params)."""
+        state = self.optimizer.state_dict()
+        return self.flat.per_parameter_state(state) if self.flat is not None else state
+
+    def _zero_grad(self, set_to_none: bool) -> None:
+        """The trained parameters' gradients set to None or zeroed (with trainer.flat_params the optimizer's own
+        parameters, the groups' buffers, keep theirs: `FlatParameters.gather_grads` fills them)."""
+        if self.flat is not None:
+            self.flat.zero_grad(set_to_none)
+        else:
+            self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def _check_compatible(self, path: Path, ckpt: Mapping[str, Any]) -> None:
         if ckpt["task_name"] != self.task.name:
@@ -495,7 +526,7 @@ class _Trainer:
             },
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
-            "optimizer": _float_lrs(self.optimizer.state_dict()),
+            "optimizer": _float_lrs(self._optimizer_state()),
             "scheduler": _float_lrs(self.scheduler.state_dict()),
             "rng": rng,
             "world_size": self.ctx.world_size,
@@ -588,7 +619,7 @@ class _Trainer:
                 batch_indices=indices,
             )
         if self._graphs is None:  # graph-owned gradients stay allocated (the next step overwrites them)
-            self.optimizer.zero_grad(set_to_none=True)
+            self._zero_grad(set_to_none=True)
         self.skipped_total += 1
         self.consecutive_skips += 1
         self.step = step
@@ -620,9 +651,11 @@ class _Trainer:
         loss = terms["loss"].float().mean()
         if not capturing:  # captured: the gradients are None before capture and the graph's outputs after
             # once graphs exist, zero their gradients in place (the update graph reads those tensors)
-            self.optimizer.zero_grad(set_to_none=self._graphs is None)
+            self._zero_grad(set_to_none=self._graphs is None)
         loss.backward()
-        grads = [p.grad for p in self.params if p.grad is not None]
+        if self.flat is not None:
+            self.flat.gather_grads()
+        grads = [p.grad for p in self.update_params if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
         stats_t = self.ctx.all_reduce_sum(self._stats(terms, loss, grad_norm, stop))
         return terms, grad_norm, stats_t
@@ -630,7 +663,7 @@ class _Trainer:
     def _update(self, grad_norm: Tensor) -> None:
         """Clip, AdamW, EMA: device work only (captured as one CUDA graph with trainer.cuda_graph)."""
         if self.cfg.clip_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(self.params, self.cfg.clip_norm, grad_norm)
+            torch.nn.utils.clip_grads_with_norm_(self.update_params, self.cfg.clip_norm, grad_norm)
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model)
@@ -696,7 +729,7 @@ class _Trainer:
         except Exception as exc:  # noqa: BLE001 -- reported, training goes on eagerly
             self._graphs = None
             self.use_graphs = False
-            self.optimizer.zero_grad(set_to_none=True)  # drop gradients a failed capture may have left
+            self._zero_grad(set_to_none=True)  # drop gradients a failed capture may have left
             self._event("cuda_graph_failed", error=f"{type(exc).__name__}: {exc}"[:500])
             return
         captured = self._graphs.batch
