@@ -672,6 +672,41 @@ def test_resume_is_exact_when_loading_draws_random_numbers(tmp_path: Path) -> No
         assert torch.equal(a, b)
 
 
+def test_next_batch_loads_while_the_step_runs_but_not_before_a_checkpoint(tmp_path: Path) -> None:
+    """In one process the loop loads batch s+1 once step s is launched, before step s's stats are read (the host
+    work overlaps the device's), except when a checkpoint, an evaluation or the end follows step s: there the
+    loading waits, so the checkpoint's RNG states are those the next batch's loading starts from."""
+    order: list[tuple[str, int]] = []
+
+    class Logged(ToyDataset):
+        def __getitem__(self, i: int) -> dict[str, Any]:
+            order.append(("load", i))
+            return super().__getitem__(i)
+
+    task = make_task(0)
+    task.train_dataset = lambda: Logged(task.num_items)
+    loss = task.loss
+
+    def logged_loss(model: nn.Module, batch: dict) -> dict[str, Tensor]:
+        order.append(("loss", int(batch["index"][0])))
+        return loss(model, batch)
+
+    task.loss = logged_loss
+    cfg = toy_trainer_cfg(max_steps=7, ckpt_every=3, eval_every=5)
+    train(task, cfg, run_dir=tmp_path, device="cpu", resolved_config=resolved(cfg),
+          on_step_end=lambda s: order.append(("end", s)))
+    loads_before_end = {}
+    for k, (kind, value) in enumerate(order):
+        if kind == "end":
+            loads_before_end[value] = sum(1 for e in order[:k] if e[0] == "load")
+    # 8 items per batch: when step s ends, its s batches were loaded, and the next one too if it was prefetched
+    assert all(loads_before_end[s] in (8 * s, 8 * (s + 1)) for s in range(1, 8)), loads_before_end
+    prefetched = [s for s in range(1, 8) if loads_before_end[s] == 8 * (s + 1)]
+    assert prefetched == [1, 2, 4], loads_before_end  # not before the checkpoints (steps 3, 6), eval (5) or end (7)
+    # ... and each batch was loaded before its loss
+    assert [e for e in order if e[0] == "loss"] == [("loss", b[0]) for b in task.seen]
+
+
 def test_batch_signature_and_float_lrs() -> None:
     from ofer.training.loop import _float_lrs, _signature
 
@@ -703,13 +738,14 @@ def _cuda_run(task: ToyTask, run_dir: Path, **overrides: Any) -> Any:
 def test_cuda_graph_training_matches_eager_on_cuda(tmp_path: Path, compile: bool) -> None:
     """trainer.cuda_graph=true trains the same weights, EMA and optimizer state as the eager step (fp32,
     deterministic loss): the batches reach the graph (a different batch every step), the cosine schedule with
-    warm-up changes the captured learning rate, clipping and EMA run in the graph; checkpoints hold float lrs."""
+    warm-up changes the captured learning rate, clipping and EMA run in the graph; checkpoints hold float lrs. The
+    graphed run has trainer.flat_params (fused AdamW, clipping, EMA over one buffer), the eager one not."""
     overrides = dict(max_steps=12, ckpt_every=None, lr_scheduler="cosine", warmup_steps=3, grad_clip=0.5,
                      compile=compile)
     states = {}
     for graph in (False, True):
         task = make_task(0, deterministic_loss=True, record_seen=False)
-        _cuda_run(task, tmp_path / str(graph), cuda_graph=graph, **overrides)
+        _cuda_run(task, tmp_path / str(graph), cuda_graph=graph, flat_params=graph, **overrides)
         states[graph] = load_checkpoint(tmp_path / str(graph) / "checkpoints" / "last.pt")
     assert _events(tmp_path / "True", "cuda_graph_captured") and not _events(tmp_path / "True", "cuda_graph_failed")
     assert not _events(tmp_path / "False", "cuda_graph_captured")

@@ -668,8 +668,22 @@ class _Trainer:
         if self.ema is not None:
             self.ema.update(self.model)
 
-    def _train_step(self, batch: Mapping[str, Any], stop: bool) -> tuple[bool, bool]:
-        """One step; returns (stepped, stop requested on any rank)."""
+    def _may_prefetch(self, stop: bool) -> bool:
+        """Whether the next batch may be loaded while this step runs on the device, before the host reads its stats
+        (with trainer.cuda_graph the update graph is short: host work between the update and the next step would
+        leave the GPU idle). Only in one process, where `stop` is this process's own request (under DDP another
+        rank's can stop the run), and not before the end, an evaluation or a checkpoint: their RNG state must not
+        include the next batch's loading (a resumed run loads that batch itself), so the random draws stay in the
+        order of a run without prefetching."""
+        cfg, after = self.cfg, self.step + 1
+        return (not self.ctx.enabled and not stop and after < cfg.max_steps
+                and not (cfg.eval_every and after % cfg.eval_every == 0)
+                and not (cfg.ckpt_every and after % cfg.ckpt_every == 0))
+
+    def _train_step(self, batch: Mapping[str, Any], stop: bool,
+                    prefetch: Callable[[], None] | None = None) -> tuple[bool, bool]:
+        """One step; returns (stepped, stop requested on any rank). `prefetch` (see `_may_prefetch`) runs once the
+        step's device work is launched, before its one host sync."""
         epoch, b = self.position
         # training mode for the whole model, as train() sets it, but only when some module is not in it: train()
         # walks the tree in Python (~0.2 ms per step for IdGen's 130 modules on this project's CPU machine, host
@@ -688,6 +702,8 @@ class _Trainer:
         else:
             terms, grad_norm, stats_t = self._forward_backward(batch, stop)
             self._eager_left = max(self._eager_left - 1, 0)
+        if prefetch is not None:
+            prefetch()
         stats = stats_t.tolist()  # the one host sync of the step
         stop_any = stats[4] > 0
         self.position = self.sampler.advance(epoch, b)
@@ -853,10 +869,17 @@ class _Trainer:
 
                 self.pbar = tqdm(total=cfg.max_steps, initial=self.step, dynamic_ncols=True, desc=self.task.name)
             data_iter = iter(loader)
+            batch = None
             with PreemptionWatcher(cfg.preempt_signals) as watcher:
                 while self.step < cfg.max_steps:
-                    batch = _move(next(data_iter), self.device)
-                    stepped, stop = self._train_step(batch, watcher.requested)
+                    if batch is None:
+                        batch = _move(next(data_iter), self.device)
+                    requested = watcher.requested
+                    ahead: list[Any] = []
+                    fetch = ((lambda: ahead.append(_move(next(data_iter), self.device)))
+                             if self._may_prefetch(requested) else None)
+                    stepped, stop = self._train_step(batch, requested, fetch)
+                    batch = ahead[0] if ahead else None
                     if self.pbar is not None:
                         self.pbar.update(1)
                     final = self.step >= cfg.max_steps
