@@ -210,8 +210,9 @@ def main() -> None:
         ap.error(str(exc))
     rows = []
     for kind in jobs:
-        for graph, pad, ptw, scope, flat in ((g, p, w, c, f) for g in ((False,) if args.cpu else tuple(
-                v == "true" for v in args.graph.split(","))) for p in pads for w in widths for c in scopes for f in flats):
+        graphs = (False,) if args.cpu else tuple(v == "true" for v in args.graph.split(","))
+        for graph, pad, ptw, scope, flat in ((g, p, w, c, f) for g in graphs for p in pads for w in widths
+                                             for c in scopes for f in flats):
             set_project_training(ptw)
             try:
                 row = run(kind, graph, args, device, pad, scope, flat)
@@ -225,8 +226,8 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"device: {name}  bf16 GEMM {peak or 0:.0f} TFLOP/s")
-    print(f"{'job':8} {'cuda_graph':>10} {'pad':>5} {'proj':>4} {'scope':>5} {'flat':>5} {'ms/step':>9} {'samples/s':>12} "
-          f"{'MFU':>6} {'median':>7} {'min':>7} {'max':>7}")
+    print(f"{'job':8} {'cuda_graph':>10} {'pad':>5} {'proj':>4} {'scope':>5} {'flat':>5} {'ms/step':>9} "
+          f"{'samples/s':>12} {'MFU':>6} {'median':>7} {'min':>7} {'max':>7}")
     for r in rows:
         head = (f"{r['job']:8} {str(r['cuda_graph']):>10} {str(r['pad_widths']):>5} "
                 f"{r['project_training_max_width']:>4} {r['compile_scope']:>5} {str(r['flat_params']):>5}")

@@ -63,11 +63,7 @@ class FlatParameters:
                 end += -(-p.numel() // align) * align
             ref = params[0] if params else torch.empty(0)
             flat = torch.zeros(end, device=ref.device, dtype=ref.dtype)
-            with torch.no_grad():
-                for p, (o, n) in zip(params, spans, strict=True):
-                    view = flat[o:o + n].view_as(p)
-                    view.copy_(p)
-                    p.data = view
+            _lay_out(params, spans, flat)
             buffer = nn.Parameter(flat)  # the parameters' storage
             buffer.grad = torch.zeros_like(flat)
             self._grad_views += [buffer.grad[o:o + n].view_as(p) for p, (o, n) in zip(params, spans, strict=True)]
@@ -125,13 +121,8 @@ class FlatParameters:
         k = 0
         for buffer, spans in zip(self.buffers, self.layout, strict=True):
             flat = buffer.detach().clone()
-            with torch.no_grad():
-                for o, n in spans:
-                    p = own[self.names[k]]
-                    view = flat[o:o + n].view_as(p)
-                    view.copy_(p)
-                    p.data = view
-                    k += 1
+            _lay_out([own[n] for n in self.names[k:k + len(spans)]], spans, flat)
+            k += len(spans)
             pairs.append((flat, buffer.detach()))
         return pairs
 
@@ -206,6 +197,15 @@ class FlatParameters:
                 out_state[g] = merged
             k += len(spans)
         return {"state": out_state, "param_groups": groups}
+
+
+def _lay_out(params: Sequence[Tensor], spans: Sequence[tuple[int, int]], flat: Tensor) -> None:
+    """Copy each parameter into ``flat`` at its (offset, numel) span and make it the view there."""
+    with torch.no_grad():
+        for p, (o, n) in zip(params, spans, strict=True):
+            view = flat[o:o + n].view_as(p)
+            view.copy_(p)
+            p.data = view
 
 
 def _is_flat(v: Any, buffer: Tensor) -> bool:

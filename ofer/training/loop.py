@@ -42,7 +42,7 @@ import re
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -375,8 +375,8 @@ class _Trainer:
         self._model_modules = list(self.ddp.modules())
         self.use_graphs = cfg.cuda_graph and self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(  # fused: one kernel per <= 36 tensors on CUDA (as bench_training)
-            self.flat.optimizer_groups() if self.flat is not None else self.groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=self.device.type == "cuda",
-            capturable=self.use_graphs,
+            self.flat.optimizer_groups() if self.flat is not None else self.groups, lr=cfg.lr, betas=cfg.betas,
+            weight_decay=cfg.weight_decay, fused=self.device.type == "cuda", capturable=self.use_graphs,
         )
         self.dataset = task.train_dataset()
         self.num_items = len(self.dataset)
@@ -681,9 +681,10 @@ class _Trainer:
                 and not (cfg.ckpt_every and after % cfg.ckpt_every == 0))
 
     def _train_step(self, batch: Mapping[str, Any], stop: bool,
-                    prefetch: Callable[[], None] | None = None) -> tuple[bool, bool]:
-        """One step; returns (stepped, stop requested on any rank). `prefetch` (see `_may_prefetch`) runs once the
-        step's device work is launched, before its one host sync."""
+                    prefetch: Iterator[Any] | None = None) -> tuple[bool, bool, Any]:
+        """One step; returns (stepped, stop requested on any rank, the next batch or None). With `prefetch` (the
+        data iterator, see `_may_prefetch`) the next batch is loaded once the step's device work is launched,
+        before its one host sync."""
         epoch, b = self.position
         # training mode for the whole model, as train() sets it, but only when some module is not in it: train()
         # walks the tree in Python (~0.2 ms per step for IdGen's 130 modules on this project's CPU machine, host
@@ -702,8 +703,7 @@ class _Trainer:
         else:
             terms, grad_norm, stats_t = self._forward_backward(batch, stop)
             self._eager_left = max(self._eager_left - 1, 0)
-        if prefetch is not None:
-            prefetch()
+        ahead = _move(next(prefetch), self.device) if prefetch is not None else None
         stats = stats_t.tolist()  # the one host sync of the step
         stop_any = stats[4] > 0
         self.position = self.sampler.advance(epoch, b)
@@ -715,7 +715,7 @@ class _Trainer:
                     # without an optimizer step is intended
                     warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
                     self.scheduler.step()
-            return False, stop_any
+            return False, stop_any, ahead
         if graphed:
             self._graphs.update()
         else:
@@ -731,7 +731,7 @@ class _Trainer:
                 self.plateau_sum, self.plateau_count = 0.0, 0
         else:
             self.scheduler.step()
-        return True, stop_any
+        return True, stop_any, ahead
 
     def _capture(self, batch: Mapping[str, Any]) -> None:
         """Capture the step's two CUDA graphs (trainer.cuda_graph) on this batch's shapes; on failure (a task whose
@@ -875,11 +875,8 @@ class _Trainer:
                     if batch is None:
                         batch = _move(next(data_iter), self.device)
                     requested = watcher.requested
-                    ahead: list[Any] = []
-                    fetch = ((lambda: ahead.append(_move(next(data_iter), self.device)))
-                             if self._may_prefetch(requested) else None)
-                    stepped, stop = self._train_step(batch, requested, fetch)
-                    batch = ahead[0] if ahead else None
+                    stepped, stop, batch = self._train_step(
+                        batch, requested, data_iter if self._may_prefetch(requested) else None)
                     if self.pbar is not None:
                         self.pbar.update(1)
                     final = self.step >= cfg.max_steps
