@@ -34,6 +34,7 @@ from benchmarks.bench_training import (SHAPES, comma_choices, count, gemm_tflops
                                        project_training_widths, set_project_training)
 from ofer.jobs import training_copy  # noqa: E402
 from ofer.diffusion import GaussianDiffusion  # noqa: E402
+from ofer.fast_sampling import LOSS_SCOPE_OPTIONS, parse_key_values  # noqa: E402
 from ofer.models.unet1d import Denoiser  # noqa: E402
 from ofer.flame import FLAME  # noqa: E402
 from ofer.models.ranker import IdRanker  # noqa: E402
@@ -192,6 +193,9 @@ def main() -> None:
     ap.add_argument("--trace", type=Path, default=None, metavar="DIR",
                     help="with --profile: also record input shapes and write a Chrome trace of the 3 profiled steps "
                          "per row to DIR (read it with trace_kernels.py, which also shows where the GPU waits)")
+    ap.add_argument("--inductor", default=None, metavar="KEY=VALUE,...",
+                    help="inductor options added to the trainer's for the compiled loss (merged into "
+                         "fast_sampling.LOSS_SCOPE_OPTIONS in this process), e.g. max_autotune_pointwise=true")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.trace and not args.profile:
@@ -206,8 +210,10 @@ def main() -> None:
         scopes = comma_choices(args.compile_scope, ("model", "loss", "none"), "--compile-scope")
         jobs = comma_choices(args.jobs, ("idgen", "expgen", "idrank"), "--jobs")
         flats = [v == "true" for v in comma_choices(args.flat_params, ("true", "false"), "--flat-params")]
+        extra = parse_key_values(args.inductor, "--inductor", "max_autotune_pointwise=true") if args.inductor else {}
     except ValueError as exc:
         ap.error(str(exc))
+    LOSS_SCOPE_OPTIONS.update(extra)  # the trainer reads this dict when it compiles the loss
     rows = []
     for kind in jobs:
         graphs = (False,) if args.cpu else tuple(v == "true" for v in args.graph.split(","))
@@ -217,6 +223,7 @@ def main() -> None:
             try:
                 row = run(kind, graph, args, device, pad, scope, flat)
                 row["project_training_max_width"] = ptw
+                row["inductor_extra"] = extra
                 if peak and kind != "idrank":  # IdRank: no MFU (its rows are candidates, its cost FLAME too)
                     row["mfu"] = 6 * row["params"] * row["rows_per_step"] / row["s_per_step"] / (peak * 1e12)
             except Exception as exc:  # noqa: BLE001 -- reported, the other rows go on

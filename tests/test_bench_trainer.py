@@ -15,7 +15,7 @@ def test_bench_trainer_times_a_generator_and_idrank_on_the_cpu(tmp_path: Path) -
     out = tmp_path / "trainer.json"
     cmd = [sys.executable, "benchmarks/bench_trainer.py", "--cpu", "--jobs", "idgen,idrank", "--rows-per-item", "8",
            "--items-per-step", "4", "--items", "8", "--candidates", "6", "--rank-batch", "2", "--steps", "6",
-           "--warmup", "2", "--compile-scope", "none", "--json", str(out)]
+           "--warmup", "2", "--compile-scope", "none", "--inductor", "max_autotune_pointwise=true", "--json", str(out)]
     subprocess.run(cmd, cwd=ROOT, check=True, timeout=600, capture_output=True)
     rows = json.loads(out.read_text())["rows"]
     assert [r["job"] for r in rows] == ["idgen", "idrank"]
@@ -28,6 +28,14 @@ def test_bench_trainer_times_a_generator_and_idrank_on_the_cpu(tmp_path: Path) -
     assert rows[0]["rows_per_step"] == 4 * 8
     assert rows[1]["rows_per_step"] == 2 * 6  # images x candidates
     assert rows[1]["params"] == 59_505_986  # the paper-sized IdRanker (1,785 face vertices)
+    assert all(r["inductor_extra"] == {"max_autotune_pointwise": True} for r in rows)
+
+
+def test_bench_trainer_rejects_a_malformed_inductor_option() -> None:
+    cmd = [sys.executable, "benchmarks/bench_trainer.py", "--cpu", "--inductor", "max_autotune_pointwise"]
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, timeout=300, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "--inductor 'max_autotune_pointwise': expected key=value" in proc.stderr
 
 
 def test_bench_trainer_host_times_the_loops_own_work(tmp_path: Path) -> None:
