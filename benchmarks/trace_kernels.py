@@ -2,7 +2,8 @@
 
 Reads a trace written by `bench_training.py --profile auto --trace DIR` or `bench_trainer.py --profile --trace DIR`
 (CPU ops recorded with their input shapes) and prints the kernel time by kind (cuBLAS GEMMs, our attention
-kernels, inductor's Triton kernels, other), the kernels with the most time, the GEMM time per launching aten op
+kernels, inductor's Triton kernels, other), the kernels with the most time (with their most common launch
+shape: blocks, threads per block, registers per thread), the GEMM time per launching aten op
 and input shapes (each kernel is matched to the runtime/driver call that launched it, same correlation id, and
 that call to the innermost CPU op around it on the same thread), and where the GPU waits: its busy time, the gaps
 between kernels and what the host did meanwhile.
@@ -15,7 +16,7 @@ import argparse
 import bisect
 import gzip
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 
@@ -75,6 +76,7 @@ def summarize(events: list[dict]) -> dict:
 
     by_kind: dict = defaultdict(float)
     by_name: dict = defaultdict(lambda: [0.0, 0])
+    launch_by_name: dict = defaultdict(Counter)  # (grid, block, registers per thread) of each kernel's launches
     gemm_by_op: dict = defaultdict(lambda: [0.0, 0])
     other_by_frame: dict = defaultdict(lambda: [0.0, 0])
     for k in kernels:
@@ -83,6 +85,9 @@ def summarize(events: list[dict]) -> dict:
         by_kind[kind] += dur
         by_name[name][0] += dur
         by_name[name][1] += 1
+        args = k.get("args", {})
+        if "grid" in args and "block" in args:
+            launch_by_name[name][(tuple(args["grid"]), tuple(args["block"]), args.get("registers per thread"))] += 1
         if kind == "gemm":
             launch = launches.get(k.get("args", {}).get("correlation"))
             op = launching_op(launch) if launch else None
@@ -97,8 +102,19 @@ def summarize(events: list[dict]) -> dict:
                    frame["name"] if frame else "?")
             other_by_frame[key][0] += dur
             other_by_frame[key][1] += 1
+    launches_of = {name: c.most_common(1)[0][0] for name, c in launch_by_name.items()}
     return {"total_us": sum(by_kind.values()), "by_kind": dict(by_kind), "by_name": dict(by_name),
-            "gemm_by_op": dict(gemm_by_op), "other_by_frame": dict(other_by_frame)}
+            "launch_by_name": launches_of, "gemm_by_op": dict(gemm_by_op), "other_by_frame": dict(other_by_frame)}
+
+
+def launch_text(launch: tuple | None) -> str:
+    """'  [32768 x 32, 254 regs]' for a launch of grid (32768, 1, 1), block (32, 1, 1) and 254 registers per thread
+    (how a 1-warp inductor reduction shows up); '' where the trace has no launch shape."""
+    if launch is None:
+        return ""
+    grid, block, regs = launch
+    blocks, threads = grid[0] * grid[1] * grid[2], block[0] * block[1] * block[2]
+    return f"  [{blocks} x {threads}" + (f", {regs} regs]" if regs is not None else "]")
 
 
 def idle_gaps(events: list[dict], min_us: float = 5.0) -> dict:
@@ -141,9 +157,9 @@ def main() -> None:
     print(f"{args.trace}: {s['total_us'] / 1e3:.2f} ms of kernel time")
     for kind, us in sorted(s["by_kind"].items(), key=lambda kv: -kv[1]):
         print(f"  {kind:10s} {us / 1e3:8.2f} ms  {100 * us / total:5.1f}%")
-    print("kernels (us, calls, name):")
+    print("kernels (us, calls, name, most common launch: blocks x threads per block, registers per thread):")
     for name, (us, n) in sorted(s["by_name"].items(), key=lambda kv: -kv[1][0])[: args.top]:
-        print(f"  {us:9.0f} {n:4d}  {name[:110]}")
+        print(f"  {us:9.0f} {n:4d}  {name[:110]}{launch_text(s['launch_by_name'].get(name))}")
     print("GEMM time by launching op and input shapes (us, kernels, op, shapes):")
     for (op, dims), (us, n) in sorted(s["gemm_by_op"].items(), key=lambda kv: -kv[1][0])[: args.top]:
         print(f"  {us:9.0f} {n:4d}  {op} {dims}")

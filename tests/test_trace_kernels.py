@@ -115,3 +115,28 @@ def test_idle_gaps_by_hand() -> None:
     assert r["busy_us"] == 36 and r["span_us"] == 53
     assert r["gaps"] == [{"us": 15, "before": "b", "after": "c", "cpu_ops": ["aten::item (9 us)", "aten::add (2 us)"]}]
     assert trace_kernels.idle_gaps([]) == {"busy_us": 0.0, "span_us": 0.0, "gaps": []}
+
+
+def test_kernels_report_their_most_common_launch_shape(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-kernel table shows each kernel's most common launch (blocks x threads per block, registers per
+    thread), as the trace records it: a 1-warp reduction reads '[32768 x 32, 254 regs]'. Kernels recorded without
+    a launch shape get none."""
+    def kernel(ts: int, grid: list[int], block: list[int], regs: int) -> dict:
+        return {"cat": "kernel", "name": "triton_per_fused_norm_backward_11", "ts": ts, "dur": 200.0,
+                "args": {"grid": grid, "block": block, "registers per thread": regs}}
+
+    events = [kernel(0, [32768, 1, 1], [32, 1, 1], 254), kernel(300, [32768, 1, 1], [32, 1, 1], 254),
+              kernel(600, [8192, 2, 1], [64, 2, 1], 80),
+              {"cat": "kernel", "name": "memcpy128", "ts": 900, "dur": 5.0, "args": {}}]
+    s = trace_kernels.summarize(events)
+    assert s["launch_by_name"] == {"triton_per_fused_norm_backward_11": ((32768, 1, 1), (32, 1, 1), 254)}
+    assert trace_kernels.launch_text(((8192, 2, 1), (64, 2, 1), 80)) == "  [16384 x 128, 80 regs]"
+    assert trace_kernels.launch_text(((4, 1, 1), (128, 1, 1), None)) == "  [4 x 128]"
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    monkeypatch.setattr(sys, "argv", ["trace_kernels.py", str(path)])
+    trace_kernels.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.endswith("triton_per_fused_norm_backward_11  [32768 x 32, 254 regs]") for line in lines)
+    assert any(line.endswith("  memcpy128") for line in lines)
