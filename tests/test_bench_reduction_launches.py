@@ -1,0 +1,44 @@
+"""benchmarks/bench_reduction_launches.py's CPU parts: the --grid spec, finding inductor's persistent-reduction
+kernel files in a cache directory, and the traffic count (each tensor's storage once)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import bench_reduction_launches as brl  # noqa: E402
+
+
+def test_parse_grid_pairs_every_xblock_with_every_warp_count() -> None:
+    assert brl.parse_grid("1/2:4/8") == [(1, 4), (1, 8), (2, 4), (2, 8)]
+    assert brl.parse_grid("8:16") == [(8, 16)]
+
+
+@pytest.mark.parametrize("spec, needle", [("1/2", "XBLOCKS:WARPS"), ("1/3:4", "3 is not a power of two"),
+                                          ("a:4", "integers"), ("1:0", "0 is not a power of two")])
+def test_parse_grid_rejects_bad_specs(spec: str, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        brl.parse_grid(spec)
+
+
+def test_find_kernel_files_keeps_persistent_reductions_with_a_harness(tmp_path: Path) -> None:
+    harness = "\ndef get_args():\n    return ()\n"
+    (tmp_path / "ab").mkdir()
+    keep = tmp_path / "ab" / "keep.py"
+    keep.write_text(brl.MARKER + "\n)\n" + harness)
+    (tmp_path / "ab" / "no_harness.py").write_text(brl.MARKER + "\n)\n")
+    (tmp_path / "pointwise.py").write_text("@triton_heuristics.pointwise(\n)\n" + harness)
+    (tmp_path / "two.py").write_text(brl.MARKER + brl.MARKER + harness)  # a whole graph's output code
+    assert brl.find_kernel_files(tmp_path) == [keep]
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        brl.find_kernel_files(tmp_path / "missing")
+
+
+def test_traffic_counts_each_storage_once() -> None:
+    a = torch.zeros(10, 4, dtype=torch.bfloat16)  # 80 bytes
+    b = torch.zeros(3, dtype=torch.float32)  # 12 bytes
+    assert brl.traffic_bytes([a, b, a, 65536, 304]) == 92
