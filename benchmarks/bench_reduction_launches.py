@@ -84,24 +84,17 @@ def _load(path: Path):
 
 
 def _time_launch(fn, args, names, xnumel, xblock, warps, stages, reps: int) -> tuple[float, int, int]:
-    import torch
+    from bench_gemm_widths import time_us
 
     kw = {"XBLOCK": xblock} if "XBLOCK" in names else {}
     grid = (math.ceil(xnumel / xblock), 1, 1)
     ck = fn[grid](*args, **kw, num_warps=warps, num_stages=stages)
-    for _ in range(3):
+
+    def launch() -> None:
         fn[grid](*args, **kw, num_warps=warps, num_stages=stages)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn[grid](*args, **kw, num_warps=warps, num_stages=stages)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / reps)
-    return statistics.median(times), int(getattr(ck, "n_regs", -1)), int(getattr(ck, "n_spills", -1))
+
+    us = statistics.median(time_us(launch, reps) for _ in range(3))
+    return us, int(getattr(ck, "n_regs", -1)), int(getattr(ck, "n_spills", -1))
 
 
 def sweep(path: Path, grid: list[tuple[int, int]], *, min_rows: int, min_cols: int, max_cols: int,
@@ -127,6 +120,8 @@ def sweep(path: Path, grid: list[tuple[int, int]], *, min_rows: int, min_cols: i
         except Exception as e:  # noqa: BLE001 -- one launch the compiler refuses must not stop the sweep
             launches[f"{xblock}x{warps}"] = {"error": f"{type(e).__name__}: {e}"[:200]}
     ok = {k: v for k, v in launches.items() if "us" in v}
+    if not ok:
+        raise ValueError(f"{path}: no launch ran; own launch {own_x}x{own_w}: {launches[f'{own_x}x{own_w}']['error']}")
     best = min(ok, key=lambda k: ok[k]["us"])
     own_key = f"{own_x}x{own_w}"
     name = getattr(getattr(fn, "fn", None), "__name__", None) or path.stem
