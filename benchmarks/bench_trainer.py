@@ -123,7 +123,8 @@ def run(kind: str, graph: bool, args: argparse.Namespace, device: str, pad: bool
     cfg = {"max_steps": args.steps, "batch_size": args.rank_batch if kind == "idrank" else args.items_per_step,
            "ckpt_every": None, "log_every": 10 ** 6, "lr_scheduler": "constant", "precision": "bf16",
            "compile": device == "cuda" and scope != "none", "cuda_graph": graph,
-           "compile_scope": "auto" if scope == "none" else scope, "progress": False, "seed": 0, "flat_params": flat}
+           "compile_scope": "auto" if scope == "none" else scope, "progress": False, "seed": 0, "flat_params": flat,
+           "reduction_launch": args.reduction_launch}
     ends: dict[int, float] = {}
     prof = None
 
@@ -148,7 +149,9 @@ def run(kind: str, graph: bool, args: argparse.Namespace, device: str, pad: bool
     with tempfile.TemporaryDirectory() as run_dir:
         train(task, cfg, run_dir=run_dir, device=device, resolved_config={"model": {"kind": kind}, "trainer": cfg},
               on_step_end=on_step_end)
-        events = [json.loads(line).get("event") for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+        records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    events = [r.get("event") for r in records]
+    relaunched = [r.get("kernels") for r in records if r.get("event") == "reduction_relaunched"]
     # up to the second-last step: the last one ends with the final checkpoint (on_step_end runs after it)
     s = (ends[args.steps - 1] - ends[args.warmup]) / (args.steps - 1 - args.warmup)
     # each timed step's own duration (the step's stats read back is a host sync, so these follow the GPU): tells a
@@ -160,7 +163,8 @@ def run(kind: str, graph: bool, args: argparse.Namespace, device: str, pad: bool
             "s_per_step": s, "s_per_step_median": each[len(each) // 2], "s_per_step_min": each[0],
             "s_per_step_max": each[-1],
             "samples_per_s": rows / s, "params": params,
-            "events": sorted({e for e in events if e and e.startswith("cuda_graph")})}
+            "events": sorted({e for e in events if e and e.startswith(("cuda_graph", "reduction_launch"))}),
+            "reduction_launch": args.reduction_launch, "relaunched_kernels": relaunched[0] if relaunched else None}
 
 
 def main() -> None:
@@ -196,6 +200,9 @@ def main() -> None:
     ap.add_argument("--inductor", default=None, metavar="KEY=VALUE,...",
                     help="inductor options added to the trainer's for the compiled loss (merged into "
                          "fast_sampling.LOSS_SCOPE_OPTIONS in this process), e.g. max_autotune_pointwise=true")
+    ap.add_argument("--reduction-launch", default="one_row", choices=("one_row", "inductor"),
+                    help="trainer.reduction_launch (one_row, the default: inductor's 257-512-column norm reductions "
+                         "one row per warp); compare in separate processes with fresh TORCHINDUCTOR_CACHE_DIRs")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.trace and not args.profile:

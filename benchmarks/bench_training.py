@@ -13,6 +13,7 @@ With torchrun (WORLD_SIZE > 1) the step runs under DDP with the same per-GPU bat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -32,6 +33,7 @@ from ofer.models.ranker import IdRanker  # noqa: E402
 from ofer.models.unet1d import Denoiser  # noqa: E402
 from ofer.training.flat import FlatParameters  # noqa: E402
 from ofer.ranking import listnet_loss, ranking_targets  # noqa: E402
+from ofer.reduction_launch import one_row_per_warp  # noqa: E402
 
 
 DEVICE = "cuda"
@@ -267,6 +269,11 @@ def main() -> None:
                     help="AdamW of the graphed rows: over the parameter tensors (trainer.flat_params=false), or over "
                          "one flat buffer of all parameters (FlatParameters, trainer.flat_params=true: one launch); "
                          "every graphed row for each value")
+    ap.add_argument("--reduction-launch", default="one_row", choices=("one_row", "inductor"),
+                    help="compiled rows: inductor's 257-512-column persistent reductions one row per warp "
+                         "(ofer/reduction_launch.py, the trainer's default, kernels compiled in this process) or "
+                         "inductor's own launch; compare in separate processes with fresh TORCHINDUCTOR_CACHE_DIRs "
+                         "(compiled kernels are cached by their code, not their launch)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     try:
@@ -323,6 +330,10 @@ def main() -> None:
     if rank == 0:
         print(f"matmul rate {peak:.1f} TFLOP/s", flush=True)
     rows_out = []
+    # as the trainer (trainer.reduction_launch); open until the process ends, so every compiled row is under it
+    launch_stack = contextlib.ExitStack()  # held by this frame: the patch must outlive every row
+    relaunched = (launch_stack.enter_context(one_row_per_warp())
+                  if args.compile and not args.cpu and args.reduction_launch == "one_row" else None)
     configs = [] if args.ddp_only else [(k, 64, False, False) for k in jobs]
     configs += [(k, r, not args.cpu, False) for k in jobs for r in args.rows]
     configs = [(*c, "auto", {}) for c in configs]
@@ -419,12 +430,16 @@ def main() -> None:
     if rank == 0:
         name = torch.cuda.get_device_name() if DEVICE == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
         print(f"device: {name} x{world}  matmul {peak:.2f} TFLOP/s")
+        launch = {"reduction_launch": args.reduction_launch if args.compile else None,
+                  "relaunched_kernels": None if relaunched is None else [vars(r) for r in relaunched]}
+        print(f"reduction launch: {launch['reduction_launch']}, kernels relaunched: "
+              f"{None if relaunched is None else len(relaunched)}")
         for r in rows_out:
             print(json.dumps(r))
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps({"device": name, "world_size": world,
-                                             "bf16_gemm_tflops": peak, "rows": rows_out}, indent=1))
+            args.json.write_text(json.dumps({"device": name, "world_size": world, "bf16_gemm_tflops": peak,
+                                             **launch, "rows": rows_out}, indent=1))
     if ddp:
         dist.destroy_process_group()
 

@@ -76,6 +76,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
         ("nan_policy", "ignore", "['stop', 'skip']"),
         ("optimizer", "sgd", "['adamw']"),
         ("compile_scope", "graph", "['auto', 'model', 'loss']"),
+        ("reduction_launch", "two_rows", "['one_row', 'inductor']"),
     ],
 )
 def test_bad_config_values_fail_at_construction(key: str, value: str, allowed: str) -> None:

@@ -17,6 +17,7 @@ OPTIMIZERS = ("adamw",)
 PRECISIONS = ("fp32", "bf16")
 NAN_POLICIES = ("stop", "skip")
 COMPILE_SCOPES = ("auto", "model", "loss")
+REDUCTION_LAUNCHES = ("one_row", "inductor")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,6 +61,7 @@ class TrainerConfig:
     compile_scope: str = "auto"
     cuda_graph: bool = False
     flat_params: bool = True
+    reduction_launch: str = "one_row"
 
     def __post_init__(self) -> None:
         def choose(key: str, allowed: tuple[str, ...]) -> None:
@@ -81,6 +83,7 @@ class TrainerConfig:
         choose("precision", PRECISIONS)
         choose("nan_policy", NAN_POLICIES)
         choose("compile_scope", COMPILE_SCOPES)
+        choose("reduction_launch", REDUCTION_LAUNCHES)
         positive("max_steps")
         positive("batch_size")
         positive("num_workers", allow_zero=True)
