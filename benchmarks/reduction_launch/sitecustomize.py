@@ -11,7 +11,9 @@ launch, `XBLOCK` rows per program with `WARPS` warps, and appends one line per k
       TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python benchmarks/bench_training.py --compile --graph-only \\
       --no-idrank --jobs idgen --rows 65536 --optimizer flat --pad-widths true
 
-Not used by the package; does nothing without OFER_PR_LAUNCH.
+Not used by the package; does nothing without OFER_PR_LAUNCH. The package's form of the one-row-per-warp launch
+is `ofer/reduction_launch.py` (`trainer.reduction_launch=one_row`, `--reduction-launch` of the training benchmarks);
+this file stays for other (XBLOCK, WARPS) experiments.
 """
 import os
 
