@@ -271,7 +271,7 @@ def main() -> None:
                          "every graphed row for each value")
     ap.add_argument("--reduction-launch", default="one_row", choices=("one_row", "inductor"),
                     help="compiled rows: inductor's 257-512-column persistent reductions one row per warp "
-                         "(ofer/reduction_launch.py, the trainer's default, kernels compiled in this process) or "
+                         "(ofer/reduction_launch.py, the trainer's default; those kernels compiled in this process) or "
                          "inductor's own launch; compare in separate processes with fresh TORCHINDUCTOR_CACHE_DIRs "
                          "(compiled kernels are cached by their code, not their launch)")
     ap.add_argument("--json", type=Path, default=None)

@@ -824,7 +824,7 @@ class _Trainer:
     def _reduction_launch(self) -> Iterator[None]:
         """trainer.reduction_launch=one_row with trainer.compile on CUDA: inductor's 257-512-column persistent
         reductions (the 300-304-wide norms) one row per warp while the steps run (ofer/reduction_launch.py; H200,
-        IdGen step 20.46-20.50 -> 20.14-20.26 ms). Events: ``reduction_launch`` (unavailable in this torch), and
+        bare IdGen step 20.44 -> 20.15 ms, BENCHMARKS.md). Events: ``reduction_launch`` (unavailable in this torch), and
         ``reduction_relaunched`` with the number of kernels changed once the loop ends."""
         if not (self.cfg.compile and self.device.type == "cuda" and self.cfg.reduction_launch == "one_row"):
             yield
