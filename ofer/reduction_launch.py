@@ -37,8 +37,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["MIN_ROWS", "REDUCTION_HINT", "Relaunch", "may_relaunch", "one_row_per_warp", "relaunch_for",
-           "wrap_heuristic", "wrap_triton_compile"]
+__all__ = ["MIN_ROWS", "REDUCTION_HINT", "Relaunch", "may_relaunch", "one_row_per_warp", "reduction_numel",
+           "relaunch_for", "wrap_heuristic", "wrap_triton_compile"]
 
 # The reduction size hint whose launch we change (inductor rounds a row of 257-512 columns up to 512). Rows of
 # 513-1,024 columns inductor already launches with XBLOCK 1 and 1 warp; narrower rows were not measured.
@@ -66,7 +66,7 @@ class Relaunch:
     reductions: int | None = None
 
 
-def _reduction_numel(size_hints: Mapping[str, int]) -> int:
+def reduction_numel(size_hints: Mapping[str, int]) -> int:
     """Product of the reduction dimensions' size hints (keys "r", "r0_", "r1_", ... by torch version)."""
     n = 1
     for key, value in size_hints.items():
@@ -81,7 +81,7 @@ def relaunch_for(size_hints: Mapping[str, int], launches: Sequence[tuple[int, in
     config of XBLOCK 2 and 1 warp, reduction hint `REDUCTION_HINT`, at least `MIN_ROWS` rows."""
     if len(launches) != 1 or tuple(launches[0]) != _INDUCTOR_LAUNCH:
         return None
-    if _reduction_numel(size_hints) != REDUCTION_HINT or int(size_hints.get("x", 0)) < MIN_ROWS:
+    if reduction_numel(size_hints) != REDUCTION_HINT or int(size_hints.get("x", 0)) < MIN_ROWS:
         return None
     return _ONE_ROW
 
@@ -134,7 +134,7 @@ def wrap_heuristic(original, records: list[Relaunch]):
         config.num_warps = new[1]
         meta = inductor_meta or {}
         records.append(Relaunch(kernel=str(meta.get("kernel_name", "?")), rows=int(size_hints.get("x", 0)),
-                                columns=_reduction_numel(size_hints), before=launches[0], after=new,
+                                columns=reduction_numel(size_hints), before=launches[0], after=new,
                                 loads=meta.get("num_load"), reductions=meta.get("num_reduction")))
         return [config]
 

@@ -9,9 +9,13 @@ launch, `XBLOCK` rows per program with `WARPS` warps, and appends one line per k
 
     PYTHONPATH=benchmarks/reduction_launch:$PYTHONPATH OFER_PR_LAUNCH=1,1 TORCHINDUCTOR_COMPILE_THREADS=1 \\
       TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python benchmarks/bench_training.py --compile --graph-only \\
-      --no-idrank --jobs idgen --rows 65536 --optimizer flat --pad-widths true
+      --no-idrank --jobs idgen --rows 65536 --optimizer flat --pad-widths true --reduction-launch inductor
 
-Not used by the package; does nothing without OFER_PR_LAUNCH. The package's form of the one-row-per-warp launch
+(`--reduction-launch inductor` since the package's own rule became the default: it would otherwise turn an
+`OFER_PR_LAUNCH=2,1` launch into one row per warp; session 29's runs predate that option.)
+
+Not used by the package; does nothing without OFER_PR_LAUNCH; with it, imports `ofer.reduction_launch` (the
+package installed or on PYTHONPATH, as for the benchmarks). The package's form of the one-row-per-warp launch
 is `ofer/reduction_launch.py` (`trainer.reduction_launch=one_row`, `--reduction-launch` of the training benchmarks);
 this file stays for other (XBLOCK, WARPS) experiments.
 """
@@ -33,12 +37,11 @@ if _spec:
                          "triton_heuristics._persistent_reduction_configs to override")
     import triton
 
+    from ofer.reduction_launch import reduction_numel
+
     def _patched(size_hints, reduction_hint=False, inductor_meta=None, triton_meta=None, *a, **k):
         configs = _orig(size_hints, reduction_hint, inductor_meta, triton_meta, *a, **k)
-        r = 1
-        for key, v in size_hints.items():
-            if key.startswith("r"):
-                r *= v
+        r = reduction_numel(size_hints)
         if not (256 < r <= 1024 and size_hints.get("x", 0) >= 4096):
             return configs
         name = (inductor_meta or {}).get("kernel_name", "?")
