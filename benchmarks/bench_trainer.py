@@ -30,8 +30,9 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bench_training import (SHAPES, comma_choices, count, gemm_tflops,  # noqa: E402
+from benchmarks.bench_training import (SHAPES, comma_choices, count, gemm_tflops, set_min_reductions,  # noqa: E402
                                        project_training_widths, set_project_training)
+from ofer import reduction_launch  # noqa: E402
 from ofer.jobs import training_copy  # noqa: E402
 from ofer.diffusion import GaussianDiffusion  # noqa: E402
 from ofer.fast_sampling import LOSS_SCOPE_OPTIONS, parse_key_values  # noqa: E402
@@ -164,7 +165,8 @@ def run(kind: str, graph: bool, args: argparse.Namespace, device: str, pad: bool
             "s_per_step_max": each[-1],
             "samples_per_s": rows / s, "params": params,
             "events": sorted({e for e in events if e and e.startswith(("cuda_graph", "reduction_launch"))}),
-            "reduction_launch": args.reduction_launch, "relaunched_kernels": relaunched[0] if relaunched else None}
+            "reduction_launch": args.reduction_launch, "min_reductions": reduction_launch.MIN_REDUCTIONS,
+            "relaunched_kernels": relaunched[0] if relaunched else None}
 
 
 def main() -> None:
@@ -202,13 +204,19 @@ def main() -> None:
                          "fast_sampling.LOSS_SCOPE_OPTIONS in this process), e.g. max_autotune_pointwise=true")
     ap.add_argument("--reduction-launch", default="one_row", choices=("one_row", "inductor"),
                     help="trainer.reduction_launch (one_row, the default: inductor's 257-512-column norm reductions "
-                         "one row per warp); compare in separate processes with fresh TORCHINDUCTOR_CACHE_DIRs")
+                         "with >= 3 reductions one row per warp); compare in separate processes with fresh "
+                         "TORCHINDUCTOR_CACHE_DIRs")
+    ap.add_argument("--min-reductions", type=int, default=None, metavar="N",
+                    help="with --reduction-launch one_row: relaunch kernels with >= N reductions (sets "
+                         "ofer.reduction_launch.MIN_REDUCTIONS in this process; default: the module's, 3; 0 is the "
+                         "rule before the reduction count, every 257-512-column kernel)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.trace and not args.profile:
         ap.error("--trace needs --profile")
     if not 0 < args.warmup < args.steps - 1:
         ap.error(f"need 0 < --warmup < --steps - 1, got {args.warmup} and {args.steps}")
+    set_min_reductions(ap, args)
     device = "cpu" if args.cpu else "cuda"
     peak = gemm_tflops() if device == "cuda" else None  # bf16 8192^3, as bench_training.py
     try:

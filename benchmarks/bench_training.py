@@ -33,6 +33,7 @@ from ofer.models.ranker import IdRanker  # noqa: E402
 from ofer.models.unet1d import Denoiser  # noqa: E402
 from ofer.training.flat import FlatParameters  # noqa: E402
 from ofer.ranking import listnet_loss, ranking_targets  # noqa: E402
+from ofer import reduction_launch  # noqa: E402
 from ofer.reduction_launch import one_row_per_warp  # noqa: E402
 
 
@@ -216,6 +217,17 @@ def set_project_training(width: int) -> None:
         torch._dynamo.reset()
 
 
+def set_min_reductions(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--min-reductions: the fewest reductions per kernel that reduction_launch relaunches, in this process."""
+    if args.min_reductions is None:
+        return
+    if args.min_reductions < 0:
+        ap.error(f"--min-reductions must be >= 0, got {args.min_reductions}")
+    if args.reduction_launch != "one_row":
+        ap.error("--min-reductions needs --reduction-launch one_row")
+    reduction_launch.MIN_REDUCTIONS = args.min_reductions
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, nargs="+", default=[4096, 16384])
@@ -270,12 +282,17 @@ def main() -> None:
                          "one flat buffer of all parameters (FlatParameters, trainer.flat_params=true: one launch); "
                          "every graphed row for each value")
     ap.add_argument("--reduction-launch", default="one_row", choices=("one_row", "inductor"),
-                    help="compiled rows: inductor's 257-512-column persistent reductions one row per warp "
-                         "(ofer/reduction_launch.py, the trainer's default; those kernels compiled in this process) or "
-                         "inductor's own launch; compare in separate processes with fresh TORCHINDUCTOR_CACHE_DIRs "
-                         "(compiled kernels are cached by their code, not their launch)")
+                    help="compiled rows: inductor's 257-512-column persistent reductions with >= 3 reductions one "
+                         "row per warp (ofer/reduction_launch.py, the trainer's default; those kernels compiled in "
+                         "this process) or inductor's own launch; compare in separate processes with fresh "
+                         "TORCHINDUCTOR_CACHE_DIRs (compiled kernels are cached by their code, not their launch)")
+    ap.add_argument("--min-reductions", type=int, default=None, metavar="N",
+                    help="with --reduction-launch one_row: relaunch kernels with >= N reductions (sets "
+                         "ofer.reduction_launch.MIN_REDUCTIONS in this process; default: the module's, 3; 0 is the "
+                         "rule before the reduction count, every 257-512-column kernel)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    set_min_reductions(ap, args)
     try:
         ddp_kwargs = parse_key_values(args.ddp_kwargs, "--ddp-kwargs", "bucket_cap_mb=100") if args.ddp_kwargs else {}
     except ValueError as exc:
@@ -431,6 +448,7 @@ def main() -> None:
         name = torch.cuda.get_device_name() if DEVICE == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
         print(f"device: {name} x{world}  matmul {peak:.2f} TFLOP/s")
         launch = {"reduction_launch": args.reduction_launch if args.compile else None,
+                  "min_reductions": reduction_launch.MIN_REDUCTIONS,
                   "relaunched_kernels": None if relaunched is None else [vars(r) for r in relaunched]}
         print(f"reduction launch: {launch['reduction_launch']}, kernels relaunched: "
               f"{None if relaunched is None else len(relaunched)}")

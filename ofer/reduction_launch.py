@@ -8,24 +8,27 @@ reductions with at least 1,024 rows). The large backward kernels (11 loads, 3 st
 186-255 registers per thread and run 1.5-1.7x slower than with one row per program. Measured on an H200 with the
 15 such kernels of the IdGen step at 65,536 rows, each launched alone (`benchmarks/bench_reduction_launches.py`,
 BENCHMARKS.md, "Session of 2026-11-29"): 1,656 us per step at inductor's launch, 1,359 us with one row and one
-warp each; the forward norm kernels alone are ~8 us faster at inductor's launch. The whole compiled step in one CUDA
-graph with this module (H200, alternating processes, BENCHMARKS.md "Session of 2026-11-29, second"): 20.44 / 20.44
--> 20.15 / 20.16 ms; the training loop 0.27 ms faster on average over four pairs (noisy: -0.61 to +0.07 ms).
+warp each; the forward norm kernels (2 reductions each) are 7-9 us faster at inductor's launch, hence
+`MIN_REDUCTIONS`. The whole compiled step in one CUDA graph with this module (H200, alternating processes,
+BENCHMARKS.md "Session of 2026-11-29, third"): 20.49 -> 19.95-20.11 ms (20.12-20.17 ms relaunching all 15 kernels);
+the training loop 20.31-20.56 -> 20.10-20.22 ms.
 
 `one_row_per_warp()` is a context manager that, while active, wraps inductor's heuristic so that a reduction which
-it would launch as one config of XBLOCK 2 and 1 warp, with a reduction size hint of 512 and at least `MIN_ROWS` rows
-(hint), gets XBLOCK 1 and 1 warp instead: the same kernel code, only its launch changes (results equal up to the
-order of float additions within a row). Nothing else is touched. Inductor runs its heuristics where it compiles
-Triton kernels, by default in a pool of worker processes that do not see the wrapper, so the context also wraps
-`AsyncCompile.triton`: a persistent reduction whose size hints (read from its source as inductor does) match is
-compiled in this process (`compile_threads=1` for that call), every other kernel as before. For the IdGen loss that
-is 15 kernels, and first compilations take no measurably longer (H200 machine, 16 cores: bare-step benchmark
-processes 66 and 74 s against 63 and 67 s without the module; with every kernel compiled in this process, 99 s
-against 49 s). Kernels inductor takes from its caches (a warm FX graph cache, a kernel compiled earlier in the
-process) keep the launch they were compiled with. It yields a list to which each changed kernel adds one `Relaunch`
-record. On a torch without the heuristic function (`triton_heuristics._persistent_reduction_configs`, present in
-2.11-2.14) the context changes nothing and yields None; without `AsyncCompile.triton` it compiles every kernel in
-this process. The trainer enters it for compiled CUDA runs (`trainer.reduction_launch=one_row`, the default).
+it would launch as one config of XBLOCK 2 and 1 warp, with a reduction size hint of 512, at least `MIN_ROWS` rows
+(hint) and at least `MIN_REDUCTIONS` (3) reductions in the kernel (inductor's count: the backward norm kernels; the
+forward ones, with 2, are faster at inductor's launch), gets XBLOCK 1 and 1 warp instead: the same kernel code, only
+its launch changes (results equal up to the order of float additions within a row). Nothing else is touched.
+Inductor runs its heuristics where it compiles Triton kernels, by default in a pool of worker processes that do not
+see the wrapper, so the context also wraps `AsyncCompile.triton`: a persistent reduction whose size hints and
+reduction count (read from its source) match is compiled in this process (`compile_threads=1` for that call), every
+other kernel as before. For the IdGen loss that is 8 kernels (15 before the reduction count was part of the rule),
+and first compilations take no measurably longer (H200 machine, 16 cores: bare-step benchmark processes 66 and 74 s
+against 63 and 67 s without the module; with every kernel compiled in this process, 99 s against 49 s). Kernels
+inductor takes from its caches (a warm FX graph cache, a kernel compiled earlier in the process) keep the launch
+they were compiled with. It yields a list to which each changed kernel adds one `Relaunch` record. On a torch
+without the heuristic function (`triton_heuristics._persistent_reduction_configs`, present in 2.11-2.14) the context
+changes nothing and yields None; without `AsyncCompile.triton` it compiles every kernel in this process. The trainer
+enters it for compiled CUDA runs (`trainer.reduction_launch=one_row`, the default).
 """
 from __future__ import annotations
 
@@ -37,8 +40,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["MIN_ROWS", "REDUCTION_HINT", "Relaunch", "may_relaunch", "one_row_per_warp", "reduction_numel",
-           "relaunch_for", "wrap_heuristic", "wrap_triton_compile"]
+__all__ = ["MIN_REDUCTIONS", "MIN_ROWS", "REDUCTION_HINT", "Relaunch", "may_relaunch", "one_row_per_warp",
+           "reduction_numel", "relaunch_for", "wrap_heuristic", "wrap_triton_compile"]
 
 # The reduction size hint whose launch we change (inductor rounds a row of 257-512 columns up to 512). Rows of
 # 513-1,024 columns inductor already launches with XBLOCK 1 and 1 warp; narrower rows were not measured.
@@ -48,8 +51,15 @@ REDUCTION_HINT = 512
 MIN_ROWS = 4096
 _INDUCTOR_LAUNCH = (2, 1)  # (XBLOCK, num_warps) that inductor picks here
 _ONE_ROW = (1, 1)
-# the persistent-reduction decorator's size hints in a generated kernel's source (inductor reads them the same way)
+# Fewest reductions in one kernel (inductor's `num_reduction`) for which the change applies. Measured per kernel
+# (H200, 65,536 x 304, BENCHMARKS.md "Session of 2026-11-29"): the forward norm kernels with 2 reductions run
+# 82-84 us at inductor's launch and 90-91 us at one row per warp; the backward ones with 3-4 reductions (168-255
+# registers per thread at two rows per warp) 71-219 us against 63-132 us.
+MIN_REDUCTIONS = 3
+# the persistent-reduction decorator's size hints in a generated kernel's source (inductor reads them the same way),
+# and the reduction count in its inductor_meta (a dict literal only in part: it can hold `set()`)
 _SIZE_HINTS = re.compile(r"size_hints=(\{.*?\})")
+_NUM_REDUCTION = re.compile(r"""['"]num_reduction['"]\s*:\s*(\d+)""")
 
 
 @dataclass(frozen=True)
@@ -75,13 +85,17 @@ def reduction_numel(size_hints: Mapping[str, int]) -> int:
     return n
 
 
-def relaunch_for(size_hints: Mapping[str, int], launches: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
+def relaunch_for(size_hints: Mapping[str, int], launches: Sequence[tuple[int, int]],
+                 reductions: int | None = None) -> tuple[int, int] | None:
     """The (XBLOCK, num_warps) to launch a persistent reduction with instead of `launches` (inductor's configs as
     (XBLOCK, num_warps) pairs), or None to keep inductor's choice. Changes only the one case measured: a single
-    config of XBLOCK 2 and 1 warp, reduction hint `REDUCTION_HINT`, at least `MIN_ROWS` rows."""
+    config of XBLOCK 2 and 1 warp, reduction hint `REDUCTION_HINT`, at least `MIN_ROWS` rows, and at least
+    `MIN_REDUCTIONS` reductions in the kernel (`reductions`, inductor's count; None: not known, changed)."""
     if len(launches) != 1 or tuple(launches[0]) != _INDUCTOR_LAUNCH:
         return None
     if reduction_numel(size_hints) != REDUCTION_HINT or int(size_hints.get("x", 0)) < MIN_ROWS:
+        return None
+    if reductions is not None and int(reductions) < MIN_REDUCTIONS:
         return None
     return _ONE_ROW
 
@@ -98,7 +112,10 @@ def may_relaunch(source_code: str) -> bool:
         size_hints = ast.literal_eval(match.group(1))
     except (ValueError, SyntaxError):
         return False
-    return isinstance(size_hints, dict) and relaunch_for(size_hints, [_INDUCTOR_LAUNCH]) is not None
+    if not isinstance(size_hints, dict):
+        return False
+    count = _NUM_REDUCTION.search(source_code)
+    return relaunch_for(size_hints, [_INDUCTOR_LAUNCH], None if count is None else int(count.group(1))) is not None
 
 
 def wrap_triton_compile(original, inductor_config):
@@ -126,13 +143,14 @@ def wrap_heuristic(original, records: list[Relaunch]):
             launches = [(int(c.kwargs.get("XBLOCK", 0)), int(c.num_warps)) for c in configs]
         except (AttributeError, TypeError, ValueError):  # not the configs this rule knows: leave them
             return configs
-        new = relaunch_for(size_hints, launches)
+        meta = inductor_meta or {}
+        count = meta.get("num_reduction")
+        new = relaunch_for(size_hints, launches, count if isinstance(count, int) else None)
         if new is None:
             return configs
         config = copy.copy(configs[0])
         config.kwargs = {**configs[0].kwargs, "XBLOCK": new[0]}
         config.num_warps = new[1]
-        meta = inductor_meta or {}
         records.append(Relaunch(kernel=str(meta.get("kernel_name", "?")), rows=int(size_hints.get("x", 0)),
                                 columns=reduction_numel(size_hints), before=launches[0], after=new,
                                 loads=meta.get("num_load"), reductions=meta.get("num_reduction")))

@@ -38,6 +38,23 @@ def test_bench_trainer_rejects_a_malformed_inductor_option() -> None:
     assert "--inductor 'max_autotune_pointwise': expected key=value" in proc.stderr
 
 
+def test_bench_trainer_min_reductions_is_checked_and_recorded(tmp_path: Path) -> None:
+    """--min-reductions (benchmark-only: the relaunch rule's threshold in the benchmark's process) rejects a negative
+    count and a launch it does not apply to, and the JSON records the threshold the run used."""
+    base = [sys.executable, "benchmarks/bench_trainer.py", "--cpu", "--jobs", "idgen"]
+    for extra, message in ((["--min-reductions", "-1"], "--min-reductions must be >= 0, got -1"),
+                           (["--min-reductions", "0", "--reduction-launch", "inductor"],
+                            "--min-reductions needs --reduction-launch one_row")):
+        proc = subprocess.run(base + extra, check=False, cwd=ROOT, timeout=300, capture_output=True, text=True)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    out = tmp_path / "trainer.json"
+    cmd = base + ["--rows-per-item", "8", "--items-per-step", "2", "--items", "4", "--steps", "4", "--warmup", "1",
+                  "--graph", "false", "--min-reductions", "0", "--json", str(out)]
+    subprocess.run(cmd, cwd=ROOT, check=True, timeout=600, capture_output=True)
+    data = json.loads(out.read_text())
+    assert data["args"]["min_reductions"] == 0 and data["rows"][0]["min_reductions"] == 0
+
+
 def test_bench_trainer_host_times_the_loops_own_work(tmp_path: Path) -> None:
     """benchmarks/bench_trainer_host.py (the trainer's host work per step, the model's work stubbed out) runs on the
     CPU and reports one positive time per job; it fails if the trainer methods it stubs are renamed."""

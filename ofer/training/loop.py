@@ -30,9 +30,9 @@ they are the eager run's numbers, and the checkpointed RNG state restores them o
 default ``compile_scope=auto`` is ``loss`` in one process and ``model`` under DDP (event ``compile`` names it):
 IdGen 27.22 -> 26.37 ms and ExpGen 17.87 -> 16.15 ms per step with the loss compiled (H100, 65,536 rows, bf16,
 CUDA graphs; BENCHMARKS.md). With ``trainer.reduction_launch=one_row`` (the default) a compiled CUDA run launches
-inductor's 257-512-column norm reductions one row per warp instead of two (``ofer/reduction_launch.py``; events
-``reduction_relaunched`` with the number of kernels, or ``reduction_launch`` where this torch has no heuristic to
-wrap): IdGen's bare step 20.44 -> 20.15 ms on an H200.
+inductor's 257-512-column norm reductions with >= 3 reductions per kernel one row per warp instead of two
+(``ofer/reduction_launch.py``; events ``reduction_relaunched`` with the number of kernels, or ``reduction_launch``
+where this torch has no heuristic to wrap): IdGen's bare step 20.49 -> 19.95-20.11 ms on an H200.
 """
 
 from __future__ import annotations
@@ -823,9 +823,10 @@ class _Trainer:
     @contextlib.contextmanager
     def _reduction_launch(self) -> Iterator[None]:
         """trainer.reduction_launch=one_row with trainer.compile on CUDA: inductor's 257-512-column persistent
-        reductions (the 300-304-wide norms) one row per warp while the steps run (ofer/reduction_launch.py; H200,
-        bare IdGen step 20.44 -> 20.15 ms, BENCHMARKS.md). Events: ``reduction_launch`` (unavailable in this torch), and
-        ``reduction_relaunched`` with the number of kernels changed once the loop ends."""
+        reductions with >= 3 reductions (the 300-304-wide norms' backward kernels) one row per warp while the steps
+        run (ofer/reduction_launch.py; H200, bare IdGen step 20.49 -> 19.95-20.11 ms, BENCHMARKS.md). Events:
+        ``reduction_launch`` (unavailable in this torch), and ``reduction_relaunched`` with the number of kernels
+        changed once the loop ends."""
         if not (self.cfg.compile and self.device.type == "cuda" and self.cfg.reduction_launch == "one_row"):
             yield
             return
