@@ -6,11 +6,14 @@ compiled step, from an inductor cache directory compiled with `TORCHINDUCTOR_BEN
 file then carries `get_args()`, random inputs of the kernel's real shapes and strides), and launches every
 selected kernel directly through Triton at its own launch and at each (XBLOCK, warps) of `--grid`, timed with
 CUDA events in one process. It prints a table (kernel, rows x columns, traffic, own launch and time, best launch
-and time, registers and spills) and writes JSON. Traffic counts each tensor argument once, so GB/s is a lower
-bound on what the kernel moves.
+and time, registers and spills, inductor's reduction count, and the launch and time under the product's rule,
+`ofer/reduction_launch.py`) and writes JSON. Traffic counts each tensor argument once, so GB/s is a lower bound on
+what the kernel moves. Compile the cache with inductor's own launches (`--reduction-launch inductor`; the trainer's
+default rule would otherwise have changed some launches already, and "own" would not be inductor's):
 
     TORCHINDUCTOR_CACHE_DIR=/tmp/ic TORCHINDUCTOR_BENCHMARK_KERNEL=1 python benchmarks/bench_training.py \\
-        --compile --graph-only --no-idrank --jobs idgen --rows 65536 --optimizer flat --pad-widths true
+        --compile --graph-only --no-idrank --jobs idgen --rows 65536 --optimizer flat --pad-widths true \\
+        --reduction-launch inductor
     python benchmarks/bench_reduction_launches.py --cache /tmp/ic --min-rows 65536 --json out.json
 
 A kernel whose file cannot be loaded or launched is reported as an error row; the others still run.
@@ -22,7 +25,12 @@ import importlib.util
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ofer.reduction_launch import kernel_hints, relaunch_for  # noqa: E402
 
 MARKER = "@triton_heuristics.persistent_reduction("
 
@@ -59,6 +67,15 @@ def find_kernel_files(cache: Path) -> list[Path]:
         if text.count(MARKER) == 1 and "def get_args(" in text:
             files.append(path)
     return files
+
+
+def rule_launch(source_code: str, own: tuple[int, int]) -> tuple[str, int | None]:
+    """The launch ("XBLOCKxWARPS") the product's rule (ofer/reduction_launch.py) gives a kernel whose source is
+    `source_code` and whose own launch is `own`, and inductor's reduction count (None where the source has none)."""
+    size_hints, reductions = kernel_hints(source_code)
+    new = relaunch_for(size_hints, [own], reductions) if size_hints is not None else None
+    xblock, warps = new if new is not None else own
+    return f"{xblock}x{warps}", reductions
 
 
 def traffic_bytes(args) -> int:
@@ -124,10 +141,12 @@ def sweep(path: Path, grid: list[tuple[int, int]], *, min_rows: int, min_cols: i
         raise ValueError(f"{path}: no launch ran; own launch {own_x}x{own_w}: {launches[f'{own_x}x{own_w}']['error']}")
     best = min(ok, key=lambda k: ok[k]["us"])
     own_key = f"{own_x}x{own_w}"
+    rule, reductions = rule_launch(path.read_text(), (own_x, own_w))
     name = getattr(getattr(fn, "fn", None), "__name__", None) or path.stem
     return {"kernel": name, "file": str(path),
             "rows": xnumel, "cols": rnumel, "bytes": nbytes, "own": own_key, "best": best,
-            "own_us": ok.get(own_key, {}).get("us"), "best_us": ok[best]["us"], "launches": launches}
+            "own_us": ok.get(own_key, {}).get("us"), "best_us": ok[best]["us"], "reductions": reductions,
+            "rule": rule, "rule_us": ok.get(rule, {}).get("us"), "launches": launches}
 
 
 def main() -> None:
@@ -159,19 +178,24 @@ def main() -> None:
     rows.sort(key=lambda r: -(r["own_us"] or 0))
     print(f"{len(files)} persistent-reduction files, {len(rows)} in range, {len(errors)} errors; "
           f"card {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print(f"{'kernel':60s} {'rows x cols':>12s} {'MB':>6s} {'own':>6s} {'us':>7s} {'GB/s':>6s} {'regs/spill':>10s}"
-          f" {'best':>6s} {'us':>7s} {'GB/s':>6s} {'regs/spill':>10s}")
-    tot_own = tot_best = 0.0
+    print(f"{'kernel':60s} {'rows x cols':>12s} {'MB':>6s} {'red':>3s} {'own':>6s} {'us':>7s} {'GB/s':>6s}"
+          f" {'regs/spill':>10s} {'best':>6s} {'us':>7s} {'GB/s':>6s} {'regs/spill':>10s} {'rule':>6s} {'us':>7s}")
+    tot_own = tot_best = tot_rule = 0.0
     for r in rows:
         o, b = r["launches"].get(r["own"], {}), r["launches"][r["best"]]
         own_us = r["own_us"] or float("nan")
         tot_own += r["own_us"] or 0.0
         tot_best += r["best_us"]
-        print(f"{r['kernel'][:60]:60s} {r['rows']:>6d} x {r['cols']:<4d} {r['bytes'] / 1e6:6.0f} {r['own']:>6s}"
-              f" {own_us:7.1f} {r['bytes'] / own_us / 1e3:6.0f} {o.get('regs', -1):>5d}/{o.get('spills', -1):<4d}"
+        rule_us = r["rule_us"] if r["rule_us"] is not None else float("nan")
+        tot_rule += rule_us
+        red = "-" if r["reductions"] is None else str(r["reductions"])
+        print(f"{r['kernel'][:60]:60s} {r['rows']:>6d} x {r['cols']:<4d} {r['bytes'] / 1e6:6.0f} {red:>3s}"
+              f" {r['own']:>6s} {own_us:7.1f} {r['bytes'] / own_us / 1e3:6.0f}"
+              f" {o.get('regs', -1):>5d}/{o.get('spills', -1):<4d}"
               f" {r['best']:>6s} {r['best_us']:7.1f} {r['bytes'] / r['best_us'] / 1e3:6.0f}"
-              f" {b['regs']:>5d}/{b['spills']:<4d}")
-    print(f"sum over kernels (one launch each): own {tot_own:.1f} us, best {tot_best:.1f} us")
+              f" {b['regs']:>5d}/{b['spills']:<4d} {r['rule']:>6s} {rule_us:7.1f}")
+    print(f"sum over kernels (one launch each): own {tot_own:.1f} us, best {tot_best:.1f} us, product's rule "
+          f"{tot_rule:.1f} us (nan: a rule launch outside --grid)")
     for e in errors:
         print(f"error: {e['file']}: {e['error']}")
     if args.json:

@@ -10,8 +10,8 @@ reductions with at least 1,024 rows). The large backward kernels (11 loads, 3 st
 BENCHMARKS.md, "Session of 2026-11-29"): 1,656 us per step at inductor's launch, 1,359 us with one row and one
 warp each; the forward norm kernels (2 reductions each) are 7-9 us faster at inductor's launch, hence
 `MIN_REDUCTIONS`. The whole compiled step in one CUDA graph with this module (H200, alternating processes,
-BENCHMARKS.md "Session of 2026-11-29, third"): 20.49 -> 19.95-20.11 ms (20.12-20.17 ms relaunching all 15 kernels);
-the training loop 20.31-20.56 -> 20.10-20.22 ms.
+BENCHMARKS.md "Session of 2026-11-29, third"): 20.49 -> 19.95-20.33 ms (20.12-20.23 ms relaunching all 15 kernels: no
+difference that separate processes resolve); the training loop 20.31-20.56 -> 20.10-20.22 ms.
 
 `one_row_per_warp()` is a context manager that, while active, wraps inductor's heuristic so that a reduction which
 it would launch as one config of XBLOCK 2 and 1 warp, with a reduction size hint of 512, at least `MIN_ROWS` rows
@@ -40,8 +40,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["MIN_REDUCTIONS", "MIN_ROWS", "REDUCTION_HINT", "Relaunch", "may_relaunch", "one_row_per_warp",
-           "reduction_numel", "relaunch_for", "wrap_heuristic", "wrap_triton_compile"]
+__all__ = ["MIN_REDUCTIONS", "MIN_ROWS", "REDUCTION_HINT", "Relaunch", "kernel_hints", "may_relaunch",
+           "one_row_per_warp", "reduction_numel", "relaunch_for", "wrap_heuristic", "wrap_triton_compile"]
 
 # The reduction size hint whose launch we change (inductor rounds a row of 257-512 columns up to 512). Rows of
 # 513-1,024 columns inductor already launches with XBLOCK 1 and 1 warp; narrower rows were not measured.
@@ -100,22 +100,33 @@ def relaunch_for(size_hints: Mapping[str, int], launches: Sequence[tuple[int, in
     return _ONE_ROW
 
 
+def kernel_hints(source_code: str) -> tuple[dict[str, int] | None, int | None]:
+    """A generated persistent reduction's size hints and reduction count (inductor's `num_reduction`), read from
+    its source as inductor writes it (torch 2.11-2.14); None for what the source does not state as a literal."""
+    if "persistent_reduction(" not in source_code:
+        return None, None
+    size_hints = None
+    match = _SIZE_HINTS.search(source_code)
+    if match is not None:
+        try:
+            size_hints = ast.literal_eval(match.group(1))
+        except (ValueError, SyntaxError):
+            size_hints = None
+    count = _NUM_REDUCTION.search(source_code)
+    return (size_hints if isinstance(size_hints, dict) else None), (None if count is None else int(count.group(1)))
+
+
 def may_relaunch(source_code: str) -> bool:
     """Whether a generated Triton kernel (its source, as inductor hands it to `AsyncCompile.triton`) is a persistent
-    reduction whose size hints `relaunch_for` could change: it must then be compiled where the wrapper runs."""
-    if "persistent_reduction(" not in source_code:
-        return False
-    match = _SIZE_HINTS.search(source_code)
-    if match is None:
+    reduction whose size hints and reduction count `relaunch_for` could change: it must then be compiled where the
+    wrapper runs."""
+    size_hints, reductions = kernel_hints(source_code)
+    if size_hints is None:
         return False
     try:
-        size_hints = ast.literal_eval(match.group(1))
-    except (ValueError, SyntaxError):
+        return relaunch_for(size_hints, [_INDUCTOR_LAUNCH], reductions) is not None
+    except (TypeError, ValueError):  # a hint that is not a number: leave it to inductor
         return False
-    if not isinstance(size_hints, dict):
-        return False
-    count = _NUM_REDUCTION.search(source_code)
-    return relaunch_for(size_hints, [_INDUCTOR_LAUNCH], None if count is None else int(count.group(1))) is not None
 
 
 def wrap_triton_compile(original, inductor_config):

@@ -1,5 +1,6 @@
 """benchmarks/bench_reduction_launches.py's CPU parts: the --grid spec, finding inductor's persistent-reduction
-kernel files in a cache directory, and the traffic count (each tensor's storage once)."""
+kernel files in a cache directory, the traffic count (each tensor's storage once), and the launch the product's rule
+gives each kernel."""
 from __future__ import annotations
 
 import sys
@@ -42,3 +43,22 @@ def test_traffic_counts_each_storage_once() -> None:
     a = torch.zeros(10, 4, dtype=torch.bfloat16)  # 80 bytes
     b = torch.zeros(3, dtype=torch.float32)  # 12 bytes
     assert brl.traffic_bytes([a, b, a, 65536, 304]) == 92
+
+
+def _head(rows: int, hint: int, reductions: int | None) -> str:
+    meta = ("" if reductions is None
+            else f"    inductor_meta={{'autotune_hints': set(), 'num_reduction': {reductions}}},\n")
+    return (f"{brl.MARKER}\n    size_hints={{'x': {rows}, 'r0_': {hint}}},\n    reduction_hint=ReductionHint.INNER,\n"
+            f"{meta})\n")
+
+
+@pytest.mark.parametrize(("head", "own", "expected"), [
+    (_head(65536, 512, 4), (2, 1), ("1x1", 4)),  # a backward norm kernel: one row per warp
+    (_head(65536, 512, 2), (2, 1), ("2x1", 2)),  # a forward norm kernel: inductor's launch kept
+    (_head(65536, 512, None), (2, 1), ("1x1", None)),  # no count in the source: changed, as in the trainer
+    (_head(65536, 1024, 4), (1, 1), ("1x1", 4)),  # another width: its own launch
+    (_head(65536, 512, 4), (1, 1), ("1x1", 4)),  # a cache compiled under the rule already: own is the rule's
+    ("@triton_heuristics.pointwise(size_hints={'x': 8})\n", (4, 2), ("4x2", None)),
+])
+def test_rule_launch_is_the_products(head: str, own: tuple[int, int], expected: tuple[str, int | None]) -> None:
+    assert brl.rule_launch(head, own) == expected

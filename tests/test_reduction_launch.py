@@ -122,6 +122,14 @@ def test_kernels_compiled_in_process_are_the_ones_the_rule_may_change() -> None:
     assert not rl.may_relaunch(_source(rows="ks0"))  # not a literal: leave it to inductor
 
 
+def test_kernel_hints_read_the_size_hints_and_reduction_count() -> None:
+    assert rl.kernel_hints(_source(reductions=3)) == ({"x": 65536, "r0_": 512}, 3)
+    assert rl.kernel_hints(_source().replace("'num_reduction': 4", "'num_store': 4")) == ({"x": 65536, "r0_": 512},
+                                                                                          None)
+    assert rl.kernel_hints(_source(rows="ks0")) == (None, 4)
+    assert rl.kernel_hints(_source().replace("persistent_reduction(", "reduction(")) == (None, None)
+
+
 def test_triton_compile_wrapper_compiles_only_those_in_process() -> None:
     """The wrapped AsyncCompile.triton runs inductor's with compile_threads 1 (no worker pool) for a kernel the rule
     may change and with the configured threads for any other, and restores the setting after the call."""

@@ -32,7 +32,7 @@ IdGen 27.22 -> 26.37 ms and ExpGen 17.87 -> 16.15 ms per step with the loss comp
 CUDA graphs; BENCHMARKS.md). With ``trainer.reduction_launch=one_row`` (the default) a compiled CUDA run launches
 inductor's 257-512-column norm reductions with >= 3 reductions per kernel one row per warp instead of two
 (``ofer/reduction_launch.py``; events ``reduction_relaunched`` with the number of kernels, or ``reduction_launch``
-where this torch has no heuristic to wrap): IdGen's bare step 20.49 -> 19.95-20.11 ms on an H200.
+where this torch has no heuristic to wrap): IdGen's bare step 20.49 -> 19.95-20.33 ms on an H200.
 """
 
 from __future__ import annotations
@@ -824,7 +824,7 @@ class _Trainer:
     def _reduction_launch(self) -> Iterator[None]:
         """trainer.reduction_launch=one_row with trainer.compile on CUDA: inductor's 257-512-column persistent
         reductions with >= 3 reductions (the 300-304-wide norms' backward kernels) one row per warp while the steps
-        run (ofer/reduction_launch.py; H200, bare IdGen step 20.49 -> 19.95-20.11 ms, BENCHMARKS.md). Events:
+        run (ofer/reduction_launch.py; H200, bare IdGen step 20.49 -> 19.95-20.33 ms, BENCHMARKS.md). Events:
         ``reduction_launch`` (unavailable in this torch), and ``reduction_relaunched`` with the number of kernels
         changed once the loop ends."""
         if not (self.cfg.compile and self.device.type == "cuda" and self.cfg.reduction_launch == "one_row"):
