@@ -30,8 +30,8 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bench_training import (SHAPES, comma_choices, count, gemm_tflops, set_min_reductions,  # noqa: E402
-                                       project_training_widths, set_project_training)
+from benchmarks.bench_training import (SHAPES, add_min_reductions, comma_choices, count, gemm_tflops,  # noqa: E402
+                                       project_training_widths, set_min_reductions, set_project_training)
 from ofer import reduction_launch  # noqa: E402
 from ofer.jobs import training_copy  # noqa: E402
 from ofer.diffusion import GaussianDiffusion  # noqa: E402
@@ -206,10 +206,7 @@ def main() -> None:
                     help="trainer.reduction_launch (one_row, the default: inductor's 257-512-column norm reductions "
                          "with >= 3 reductions one row per warp); compare in separate processes with fresh "
                          "TORCHINDUCTOR_CACHE_DIRs")
-    ap.add_argument("--min-reductions", type=int, default=None, metavar="N",
-                    help="with --reduction-launch one_row: relaunch kernels with >= N reductions (sets "
-                         "ofer.reduction_launch.MIN_REDUCTIONS in this process; default: the module's, 3; 0 is the "
-                         "rule before the reduction count, every 257-512-column kernel)")
+    add_min_reductions(ap)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.trace and not args.profile:

@@ -217,6 +217,15 @@ def set_project_training(width: int) -> None:
         torch._dynamo.reset()
 
 
+def add_min_reductions(ap: argparse.ArgumentParser) -> None:
+    """--min-reductions N (benchmark-only): the relaunch rule's threshold in this process; `set_min_reductions`
+    applies it after parsing."""
+    ap.add_argument("--min-reductions", type=int, default=None, metavar="N",
+                    help="with --reduction-launch one_row: relaunch kernels with >= N reductions (sets "
+                         "ofer.reduction_launch.MIN_REDUCTIONS in this process; default: the module's, 3; 0 is the "
+                         "rule before the reduction count, every 257-512-column kernel)")
+
+
 def set_min_reductions(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """--min-reductions: the fewest reductions per kernel that reduction_launch relaunches, in this process."""
     if args.min_reductions is None:
@@ -286,10 +295,7 @@ def main() -> None:
                          "row per warp (ofer/reduction_launch.py, the trainer's default; those kernels compiled in "
                          "this process) or inductor's own launch; compare in separate processes with fresh "
                          "TORCHINDUCTOR_CACHE_DIRs (compiled kernels are cached by their code, not their launch)")
-    ap.add_argument("--min-reductions", type=int, default=None, metavar="N",
-                    help="with --reduction-launch one_row: relaunch kernels with >= N reductions (sets "
-                         "ofer.reduction_launch.MIN_REDUCTIONS in this process; default: the module's, 3; 0 is the "
-                         "rule before the reduction count, every 257-512-column kernel)")
+    add_min_reductions(ap)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     set_min_reductions(ap, args)
