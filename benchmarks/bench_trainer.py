@@ -42,6 +42,7 @@ from ofer.models.ranker import IdRanker  # noqa: E402
 from ofer.synthetic.assets import ensure_synthetic_flame  # noqa: E402
 from ofer.tasks.ranker import RankerTask  # noqa: E402
 from ofer.training import train  # noqa: E402
+from ofer.training.config import REDUCTION_LAUNCHES  # noqa: E402
 
 
 class _Indices(torch.utils.data.Dataset):
@@ -202,7 +203,7 @@ def main() -> None:
     ap.add_argument("--inductor", default=None, metavar="KEY=VALUE,...",
                     help="inductor options added to the trainer's for the compiled loss (merged into "
                          "fast_sampling.LOSS_SCOPE_OPTIONS in this process), e.g. max_autotune_pointwise=true")
-    ap.add_argument("--reduction-launch", default="one_row", choices=("one_row", "inductor"),
+    ap.add_argument("--reduction-launch", default="one_row", choices=REDUCTION_LAUNCHES,
                     help="trainer.reduction_launch (one_row, the default: inductor's 257-512-column norm reductions "
                          "with >= 3 reductions one row per warp); compare in separate processes with fresh "
                          "TORCHINDUCTOR_CACHE_DIRs")

@@ -32,6 +32,7 @@ from ofer.models import token_attention_kernel as tak  # noqa: E402
 from ofer.models.ranker import IdRanker  # noqa: E402
 from ofer.models.unet1d import Denoiser  # noqa: E402
 from ofer.training.flat import FlatParameters  # noqa: E402
+from ofer.training.config import REDUCTION_LAUNCHES  # noqa: E402
 from ofer.ranking import listnet_loss, ranking_targets  # noqa: E402
 from ofer import reduction_launch  # noqa: E402
 from ofer.reduction_launch import one_row_per_warp  # noqa: E402
@@ -290,7 +291,7 @@ def main() -> None:
                     help="AdamW of the graphed rows: over the parameter tensors (trainer.flat_params=false), or over "
                          "one flat buffer of all parameters (FlatParameters, trainer.flat_params=true: one launch); "
                          "every graphed row for each value")
-    ap.add_argument("--reduction-launch", default="one_row", choices=("one_row", "inductor"),
+    ap.add_argument("--reduction-launch", default="one_row", choices=REDUCTION_LAUNCHES,
                     help="compiled rows: inductor's 257-512-column persistent reductions with >= 3 reductions one "
                          "row per warp (ofer/reduction_launch.py, the trainer's default; those kernels compiled in "
                          "this process) or inductor's own launch; compare in separate processes with fresh "
