@@ -29,7 +29,6 @@ from ofer.diffusion import GaussianDiffusion  # noqa: E402
 from ofer.fast_sampling import parse_compile_options, parse_key_values  # noqa: E402
 from ofer.jobs import training_copy  # noqa: E402
 from ofer.models import token_attention_kernel as tak  # noqa: E402
-from ofer.models import unet1d  # noqa: E402
 from ofer.models.ranker import IdRanker  # noqa: E402
 from ofer.models.unet1d import Denoiser  # noqa: E402
 from ofer.training.flat import FlatParameters  # noqa: E402
@@ -298,14 +297,9 @@ def main() -> None:
                          "this process) or inductor's own launch; compare in separate processes with fresh "
                          "TORCHINDUCTOR_CACHE_DIRs (compiled kernels are cached by their code, not their launch)")
     add_min_reductions(ap)
-    ap.add_argument("--unfused-bias", default=None, choices=("true", "false"),
-                    help="compiled CUDA steps: the FiLM blocks' and attention outputs' Linears as matmuls with the "
-                         "bias added by the kernel after them (unet1d.UNFUSED_BIAS; default: the module's)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     set_min_reductions(ap, args)
-    if args.unfused_bias is not None:
-        unet1d.UNFUSED_BIAS = args.unfused_bias == "true"
     try:
         ddp_kwargs = parse_key_values(args.ddp_kwargs, "--ddp-kwargs", "bucket_cap_mb=100") if args.ddp_kwargs else {}
     except ValueError as exc:
@@ -461,10 +455,10 @@ def main() -> None:
         name = torch.cuda.get_device_name() if DEVICE == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
         print(f"device: {name} x{world}  matmul {peak:.2f} TFLOP/s")
         launch = {"reduction_launch": args.reduction_launch if args.compile else None,
-                  "min_reductions": reduction_launch.MIN_REDUCTIONS, "unfused_bias": unet1d.UNFUSED_BIAS,
+                  "min_reductions": reduction_launch.MIN_REDUCTIONS,
                   "relaunched_kernels": None if relaunched is None else [vars(r) for r in relaunched]}
         print(f"reduction launch: {launch['reduction_launch']}, kernels relaunched: "
-              f"{None if relaunched is None else len(relaunched)}, unfused bias: {unet1d.UNFUSED_BIAS}")
+              f"{None if relaunched is None else len(relaunched)}")
         for r in rows_out:
             print(json.dumps(r))
         if args.json:

@@ -34,12 +34,6 @@ __all__ = ["ATTENTION_IMPLS", "Denoiser", "FiLMResBlock", "PaddedGroupNorm", "To
            "sinusoidal_embedding"]
 
 ATTENTION_IMPLS = ("auto", "math", "reduce", "sdpa", "triton")
-# Compiled training on CUDA: a FiLM block's Linears run as matmuls without their bias, which is added in float32 by
-# the norm (or the residual add) that reads the matmul's output. With the bias in the matmul, inductor calls
-# cuBLAS's addmm with a bias epilogue, which at 65,536 x 304 -> 304 takes ~50 us against ~30 us for the plain
-# matmul (BENCHMARKS.md, "Session of 2026-11-29, fourth"). Eager steps, sampling and the CPU are unchanged.
-# Measured slower end to end (IdGen step 20.71-20.78 ms against 20.40-20.52 ms, H200): off, removed after this.
-UNFUSED_BIAS = False
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, *, theta: float = 10000.0) -> torch.Tensor:
@@ -167,10 +161,6 @@ class TokenSelfAttention(nn.Module):
                                                           tail if fuse else None)
             if fuse or tail is None:
                 return out
-        elif _unfused_bias(x):  # the bias added in float32 with the residual, not in the matmul (UNFUSED_BIAS)
-            y = F.linear(pooled, wout)
-            ft = torch.promote_types(y.dtype, torch.float32)
-            out = (x + (y.to(ft) + bias.to(ft))).to(torch.promote_types(x.dtype, y.dtype))
         else:
             out = x + F.linear(pooled, wout, bias)
         return out if tail is None else torch.cat((out, tail), dim=-1)
@@ -296,25 +286,21 @@ class FiLMResBlock(nn.Module):
 
     def _torch_forward(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         """forward() in PyTorch (training, CPU, kernels off)."""
-        unfused = _unfused_bias(x)
-        h = _linear(self.lin1, x, unfused)
+        h = self.lin1(x)
         # Under autocast GroupNorm computes (and returns) float32; its output goes back to the Linear's dtype
         # (bf16), so FiLM, SiLU and every tensor of the backward stay bf16 like the rest of the trunk instead of
         # float32 (half the memory traffic of these fused kernels); the residual stream is then bf16 too. Without
         # autocast this is a no-op.
-        hn = self.norm1(_biased(h, self.lin1, unfused)).to(h.dtype)
+        hn = self.norm1(h).to(h.dtype)
         if scale.shape[0] != h.shape[0]:  # grouped FiLM rows: broadcast over each group's views, nothing copied
             g = scale.shape[0]
             hn = hn.view(g, -1, hn.shape[1]) * (1 + scale[:, None]) + shift[:, None]
             h = F.silu(hn.view(h.shape))
         else:
             h = F.silu(hn * (1 + scale) + shift)
-        h = _linear(self.lin2, h, unfused)
-        h = F.silu(self.norm2(_biased(h, self.lin2, unfused)).to(h.dtype))
-        if not (unfused and isinstance(self.skip, nn.Linear)):
-            return h + self.skip(x)
-        s = _linear(self.skip, x, True)
-        return (_biased(s, self.skip, True) + h).to(h.dtype)
+        h = self.lin2(h)
+        h = F.silu(self.norm2(h).to(h.dtype))
+        return h + self.skip(x)
 
     def _kernel_dtype(self, x: torch.Tensor, scale: torch.Tensor) -> torch.dtype | None:
         """The compute dtype of the kernel path, or None where the block runs its PyTorch form: kernels switched
@@ -386,26 +372,6 @@ class FiLMResBlock(nn.Module):
         if skip.stride(1) != 1:
             skip = skip.contiguous()
         return resblock_kernel.film_norm_out(h, skip, n2.weight.float(), n2.bias.float(), c2, n2.eps, tail)
-
-
-def _unfused_bias(x: torch.Tensor) -> bool:
-    """Whether the Linears reading x leave their bias out of the matmul (UNFUSED_BIAS: compiled, on CUDA)."""
-    return UNFUSED_BIAS and x.is_cuda and torch.compiler.is_compiling()
-
-
-def _linear(lin: nn.Linear, x: torch.Tensor, unfused: bool) -> torch.Tensor:
-    """lin(x), or with `unfused` the matmul alone (in the autocast dtype), its bias left to `_biased`."""
-    return F.linear(x, lin.weight) if unfused else lin(x)
-
-
-def _biased(h: torch.Tensor, lin: nn.Linear, unfused: bool) -> torch.Tensor:
-    """h + lin's bias in float32 (or wider) when `_linear` left it out (for a norm that computes in float32 anyway:
-    inductor then adds it in the kernel that reads h, and does not fold it back into the matmul as it does an
-    add of the matmul's own dtype), else h unchanged."""
-    if not unfused:
-        return h
-    ft = torch.promote_types(h.dtype, torch.float32)
-    return h.to(ft) + lin.bias.to(ft)
 
 
 def paddable(model: nn.Module) -> bool:
