@@ -7,8 +7,10 @@ file then carries `get_args()`, random inputs of the kernel's real shapes and st
 selected kernel directly through Triton at its own launch and at each (XBLOCK, warps) of `--grid`, timed with
 CUDA events in one process. It prints a table (kernel, rows x columns, traffic, own launch and time, best launch
 and time, registers and spills, inductor's reduction count, and the launch and time under the product's rule,
-`ofer/reduction_launch.py`) and writes JSON. Traffic counts each tensor argument once, so GB/s is a lower bound on
-what the kernel moves. Compile the cache with inductor's own launches (`--reduction-launch inductor`; the trainer's
+`ofer/reduction_launch.py`) and writes JSON. Traffic counts the whole of each tensor argument once: GB/s is too low
+for a kernel that reads an argument more than once, and too high for one that reads a slice of a larger buffer
+(IdGen's forward norm kernels, `split_with_sizes` in their names, show ~7.8 TB/s, above an H200's memory rate).
+Compile the cache with inductor's own launches (`--reduction-launch inductor`; the trainer's
 default rule would otherwise have changed some launches already, and "own" would not be inductor's):
 
     TORCHINDUCTOR_CACHE_DIR=/tmp/ic TORCHINDUCTOR_BENCHMARK_KERNEL=1 python benchmarks/bench_training.py \\
@@ -194,8 +196,9 @@ def main() -> None:
               f" {o.get('regs', -1):>5d}/{o.get('spills', -1):<4d}"
               f" {r['best']:>6s} {r['best_us']:7.1f} {r['bytes'] / r['best_us'] / 1e3:6.0f}"
               f" {b['regs']:>5d}/{b['spills']:<4d} {r['rule']:>6s} {rule_us:7.1f}")
+    note = " (nan: a rule launch outside --grid)" if math.isnan(tot_rule) else ""
     print(f"sum over kernels (one launch each): own {tot_own:.1f} us, best {tot_best:.1f} us, product's rule "
-          f"{tot_rule:.1f} us (nan: a rule launch outside --grid)")
+          f"{tot_rule:.1f} us{note}")
     for e in errors:
         print(f"error: {e['file']}: {e['error']}")
     if args.json:
