@@ -151,6 +151,17 @@ def sweep(path: Path, grid: list[tuple[int, int]], *, min_rows: int, min_cols: i
             "rule": rule, "rule_us": ok.get(rule, {}).get("us"), "launches": launches}
 
 
+def sum_line(rows: list[dict]) -> str:
+    """The table's last line: each kernel's time summed at its own launch, its best launch and the product's rule
+    (nan, with a note, when a kernel's rule launch was not among those timed)."""
+    own = sum(r["own_us"] or 0.0 for r in rows)
+    best = sum(r["best_us"] for r in rows)
+    rule = sum(r["rule_us"] if r["rule_us"] is not None else float("nan") for r in rows)
+    note = " (nan: a rule launch outside --grid)" if math.isnan(rule) else ""
+    return (f"sum over kernels (one launch each): own {own:.1f} us, best {best:.1f} us, product's rule "
+            f"{rule:.1f} us{note}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", type=Path, required=True, help="inductor cache dir (TORCHINDUCTOR_CACHE_DIR)")
@@ -182,23 +193,17 @@ def main() -> None:
           f"card {torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(f"{'kernel':60s} {'rows x cols':>12s} {'MB':>6s} {'red':>3s} {'own':>6s} {'us':>7s} {'GB/s':>6s}"
           f" {'regs/spill':>10s} {'best':>6s} {'us':>7s} {'GB/s':>6s} {'regs/spill':>10s} {'rule':>6s} {'us':>7s}")
-    tot_own = tot_best = tot_rule = 0.0
     for r in rows:
         o, b = r["launches"].get(r["own"], {}), r["launches"][r["best"]]
         own_us = r["own_us"] or float("nan")
-        tot_own += r["own_us"] or 0.0
-        tot_best += r["best_us"]
         rule_us = r["rule_us"] if r["rule_us"] is not None else float("nan")
-        tot_rule += rule_us
         red = "-" if r["reductions"] is None else str(r["reductions"])
         print(f"{r['kernel'][:60]:60s} {r['rows']:>6d} x {r['cols']:<4d} {r['bytes'] / 1e6:6.0f} {red:>3s}"
               f" {r['own']:>6s} {own_us:7.1f} {r['bytes'] / own_us / 1e3:6.0f}"
               f" {o.get('regs', -1):>5d}/{o.get('spills', -1):<4d}"
               f" {r['best']:>6s} {r['best_us']:7.1f} {r['bytes'] / r['best_us'] / 1e3:6.0f}"
               f" {b['regs']:>5d}/{b['spills']:<4d} {r['rule']:>6s} {rule_us:7.1f}")
-    note = " (nan: a rule launch outside --grid)" if math.isnan(tot_rule) else ""
-    print(f"sum over kernels (one launch each): own {tot_own:.1f} us, best {tot_best:.1f} us, product's rule "
-          f"{tot_rule:.1f} us{note}")
+    print(sum_line(rows))
     for e in errors:
         print(f"error: {e['file']}: {e['error']}")
     if args.json:

@@ -62,3 +62,11 @@ def _head(rows: int, hint: int, reductions: int | None) -> str:
 ])
 def test_rule_launch_is_the_products(head: str, own: tuple[int, int], expected: tuple[str, int | None]) -> None:
     assert brl.rule_launch(head, own) == expected
+
+
+def test_sum_line_notes_a_nan_only_when_a_rule_launch_was_not_timed() -> None:
+    rows = [{"own_us": 80.0, "best_us": 70.0, "rule_us": 75.0}, {"own_us": None, "best_us": 10.0, "rule_us": 12.5}]
+    line = brl.sum_line(rows)
+    assert "own 80.0 us, best 80.0 us, product's rule 87.5 us" in line and "nan" not in line
+    rows[1]["rule_us"] = None
+    assert brl.sum_line(rows).endswith("product's rule nan us (nan: a rule launch outside --grid)")
