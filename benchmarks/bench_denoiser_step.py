@@ -108,7 +108,8 @@ def main() -> None:
     ap.add_argument("--impls", default="math,reduce,triton",
                     help="attention kernels (Denoiser.set_attention_impl); sampling 'auto' = 'triton' on CUDA")
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--profile-compiled", action="store_true", help="kernel table of one compiled step with the default ('auto') attention")
+    ap.add_argument("--profile-compiled", action="store_true",
+                    help="kernel table of one compiled step with the default ('auto') attention")
     ap.add_argument("--only-profile", action="store_true")
     ap.add_argument("--trace", type=Path, default=None, metavar="DIR",
                     help="with --profile-compiled: also write Chrome traces there (for trace_kernels.py)")
@@ -143,8 +144,8 @@ def main() -> None:
                          "NORM_KERNELS) or inductor's; default: the module's")
     ap.add_argument("--inductor", action="append", default=None,
                     help="inductor options of the compiled rows: 'default' (fast_sampling.COMPILE_OPTIONS), 'none' "
-                         "(inductor's defaults) or 'key=value,...'; repeat to compare (--inductor none "
-                         "--inductor default)")
+                         "(inductor's defaults), 'default,key=value,...' (the defaults with these keys set) or "
+                         "'key=value,...'; repeat to compare (--inductor none --inductor default)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     blas_libs = args.blas.split(",") if args.blas else [None]

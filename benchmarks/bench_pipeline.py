@@ -122,7 +122,8 @@ def main() -> None:
                          "default: the module's token_attention_kernel.PROJECT_MAX_WIDTH)")
     ap.add_argument("--inductor", default="default",
                     help="inductor options of the compiled steps: 'default' (fast_sampling.COMPILE_OPTIONS), 'none' "
-                         "(inductor's defaults) or key=value,...")
+                         "(inductor's defaults), 'default,key=value,...' (the defaults with these keys set) or "
+                         "key=value,...")
     ap.add_argument("--pad-widths", choices=("true", "false"), default=None,
                     help="fast_sampling.PAD_WIDTHS: sample through Denoiser.padded() (widths rounded up to multiples "
                          "of 8; default: the module's, true)")

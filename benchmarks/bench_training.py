@@ -248,7 +248,8 @@ def main() -> None:
     ap.add_argument("--inductor", action="append", default=None,
                     help="inductor options of the compiled rows: 'default' (as the trainer compiles: "
                          "fast_sampling.COMPILE_OPTIONS, plus LOSS_SCOPE_OPTIONS for --compile-scope loss), 'none' "
-                         "(inductor's defaults) or 'key=value,...' (used as given); repeat to compare")
+                         "(inductor's defaults), 'default,key=value,...' (those with these keys set) or "
+                         "'key=value,...' (used as given); repeat to compare")
     ap.add_argument("--no-idrank", action="store_true", help="skip the IdRank rows (re-sampling takes minutes)")
     ap.add_argument("--no-graph", action="store_true", help="skip the whole-step CUDA-graph rows (with --compile: "
                     "eager and compiled steps captured whole)")

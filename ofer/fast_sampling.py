@@ -59,9 +59,13 @@ PAD_WIDTHS = True
 def parse_compile_options(spec: str, *, loss_scope: bool = False) -> dict:
     """Inductor options from "key=value,key=value" (values: integers, floats, true/false); "default" -> the
     module's `COMPILE_OPTIONS` (with `loss_scope`, plus `LOSS_SCOPE_OPTIONS`, as the trainer compiles its
-    compile_scope=loss), "none" -> {} (inductor's own defaults). For the benchmarks' --inductor."""
+    compile_scope=loss), "none" -> {} (inductor's own defaults), "default,key=value,..." -> the defaults with
+    those keys set. For the benchmarks' --inductor."""
     if spec in ("default", "none"):
         return {**COMPILE_OPTIONS, **(LOSS_SCOPE_OPTIONS if loss_scope else {})} if spec == "default" else {}
+    if spec.startswith("default,"):
+        return {**parse_compile_options("default", loss_scope=loss_scope),
+                **parse_key_values(spec[len("default,"):], "--inductor", "default,max_autotune_gemm=true")}
     return parse_key_values(spec, "--inductor", "padding_stride_threshold=256")
 
 

@@ -149,6 +149,11 @@ def test_parse_compile_options():
     assert parse_compile_options("force_shape_pad=true", loss_scope=True) == {"force_shape_pad": True}  # as given
     assert parse_compile_options("force_shape_pad=true,padding_stride_threshold=256,x=0.5,y=False") == {
         "force_shape_pad": True, "padding_stride_threshold": 256, "x": 0.5, "y": False}
+    # the defaults with some keys changed or added
+    assert parse_compile_options("default,force_shape_pad=false,max_autotune_gemm=true", loss_scope=True) == {
+        **COMPILE_OPTIONS, **LOSS_SCOPE_OPTIONS, "force_shape_pad": False, "max_autotune_gemm": True}
+    with pytest.raises(ValueError, match=r"--inductor 'x': expected key=value.*e.g. default,max_autotune_gemm=true"):
+        parse_compile_options("default,x")
     for bad in ("force_shape_pad", "=1", "a=1,b"):
         with pytest.raises(ValueError, match="expected key=value"):
             parse_compile_options(bad)
