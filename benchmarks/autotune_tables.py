@@ -6,7 +6,7 @@ fastest choices first, at most `autotune_num_choices_displayed` of them). This s
 .gz) and prints one line per table: the GEMM, how many choices there were, cuBLAS's best time (or, when no cuBLAS
 choice is among those shown, the slowest time shown, which cuBLAS exceeds), the best template's time and the winner.
 
-    python benchmarks/bench_training.py ... --inductor <options>,max_autotune_gemm=true 2> autotune.log
+    python benchmarks/bench_training.py ... --inductor default,max_autotune_gemm=true 2> autotune.log
     python benchmarks/autotune_tables.py docs/bench/train_autotune_gemm_idgen_h200_s32.log.gz
 """
 from __future__ import annotations
@@ -80,6 +80,7 @@ def main() -> None:
         n = "?" if r["num_choices"] is None else str(r["num_choices"])
         print(f"{r['gemm'][:62]:62s} {n:>7s} {cub:>10s} {tpl:>11s}  {r['winner']}")
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=1))
 
 
