@@ -156,7 +156,8 @@ def wrap_heuristic(original, records: list[Relaunch]):
             return configs
         meta = inductor_meta or {}
         count = meta.get("num_reduction")
-        new = relaunch_for(size_hints, launches, count if isinstance(count, int) else None)
+        count = count if isinstance(count, int) else None
+        new = relaunch_for(size_hints, launches, count)
         if new is None:
             return configs
         config = copy.copy(configs[0])
@@ -164,7 +165,7 @@ def wrap_heuristic(original, records: list[Relaunch]):
         config.num_warps = new[1]
         records.append(Relaunch(kernel=str(meta.get("kernel_name", "?")), rows=int(size_hints.get("x", 0)),
                                 columns=reduction_numel(size_hints), before=launches[0], after=new,
-                                loads=meta.get("num_load"), reductions=meta.get("num_reduction")))
+                                loads=meta.get("num_load"), reductions=count))
         return [config]
 
     persistent_reduction_configs.__wrapped__ = original
