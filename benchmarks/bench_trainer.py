@@ -170,6 +170,15 @@ def run(kind: str, graph: bool, args: argparse.Namespace, device: str, pad: bool
             "relaunched_kernels": relaunched[0] if relaunched else None}
 
 
+def inductor_extra(spec: str | None) -> dict:
+    """The inductor options that --inductor adds to the trainer's: none for None or 'default', the keys of
+    'default,key=value,...' or of 'key=value,...' (the same here); ValueError names the option and the form."""
+    if not spec or spec == "default":
+        return {}
+    body = spec[len("default,"):] if spec.startswith("default,") else spec
+    return parse_key_values(body, "--inductor", "default,max_autotune_pointwise=true")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--jobs", default="idgen,expgen", help="comma list of idgen, expgen, idrank")
@@ -200,9 +209,12 @@ def main() -> None:
     ap.add_argument("--trace", type=Path, default=None, metavar="DIR",
                     help="with --profile: also record input shapes and write a Chrome trace of the 3 profiled steps "
                          "per row to DIR (read it with trace_kernels.py, which also shows where the GPU waits)")
-    ap.add_argument("--inductor", default=None, metavar="KEY=VALUE,...",
-                    help="inductor options added to the trainer's for the compiled loss (merged into "
-                         "fast_sampling.LOSS_SCOPE_OPTIONS in this process), e.g. max_autotune_pointwise=true")
+    ap.add_argument("--inductor", default=None, metavar="default[,KEY=VALUE,...]",
+                    help="inductor options of the compiled loss: 'default' (the trainer's own) or "
+                         "'default,key=value,...' (those with these keys set, merged into "
+                         "fast_sampling.LOSS_SCOPE_OPTIONS in this process), as bench_training.py reads them, e.g. "
+                         "default,max_autotune_pointwise=true; 'key=value,...' alone is read as "
+                         "'default,key=value,...' here (the trainer's options cannot be replaced whole)")
     ap.add_argument("--reduction-launch", default="one_row", choices=REDUCTION_LAUNCHES,
                     help="trainer.reduction_launch (one_row, the default: inductor's 257-512-column norm reductions "
                          "with >= 3 reductions one row per warp); compare in separate processes with fresh "
@@ -223,7 +235,7 @@ def main() -> None:
         scopes = comma_choices(args.compile_scope, ("model", "loss", "none"), "--compile-scope")
         jobs = comma_choices(args.jobs, ("idgen", "expgen", "idrank"), "--jobs")
         flats = [v == "true" for v in comma_choices(args.flat_params, ("true", "false"), "--flat-params")]
-        extra = parse_key_values(args.inductor, "--inductor", "max_autotune_pointwise=true") if args.inductor else {}
+        extra = inductor_extra(args.inductor)
     except ValueError as exc:
         ap.error(str(exc))
     LOSS_SCOPE_OPTIONS.update(extra)  # the trainer reads this dict when it compiles the loss
@@ -232,7 +244,7 @@ def main() -> None:
         graphs = (False,) if args.cpu else tuple(v == "true" for v in args.graph.split(","))
         for graph, pad, ptw, scope, flat in ((g, p, w, c, f) for g in graphs for p in pads for w in widths
                                              for c in scopes for f in flats):
-            set_project_training(ptw)
+            ptw = set_project_training(ptw, device)
             try:
                 row = run(kind, graph, args, device, pad, scope, flat)
                 row["project_training_max_width"] = ptw

@@ -199,23 +199,30 @@ def comma_choices(value: str, allowed: tuple[str, ...], option: str) -> list[str
     return values
 
 
-def project_training_widths(value: str | None) -> list[int]:
-    """The values of a --project-training option (comma list of integers; None: the module's current value);
-    ValueError names the option and what it expected."""
+def project_training_widths(value: str | None) -> list[int | None]:
+    """The values of a --project-training option (comma list of integers; None: [None], the module's setting, which
+    on a CUDA card may be the card's default, see token_attention_kernel.project_training_max_width); ValueError
+    names the option and what it expected."""
     if not value:
-        return [tak.PROJECT_TRAINING_MAX_WIDTH]
+        return [None]
     try:
-        return [int(v) for v in value.split(",")]
+        widths = [int(v) for v in value.split(",")]
     except ValueError:
-        raise ValueError(f"--project-training {value!r}: expected a comma list of integers") from None
+        widths = [-1]
+    if min(widths) < 0:
+        raise ValueError(f"--project-training {value!r}: expected a comma list of integers >= 0")
+    return widths
 
 
-def set_project_training(width: int) -> None:
-    """token_attention_kernel.PROJECT_TRAINING_MAX_WIDTH for the next row; a change drops torch.compile's caches
-    (the compiled forward read the old value)."""
-    if tak.PROJECT_TRAINING_MAX_WIDTH != width:
-        tak.PROJECT_TRAINING_MAX_WIDTH = width
+def set_project_training(width: int | None, device: str) -> int:
+    """token_attention_kernel.PROJECT_TRAINING_MAX_WIDTH for the next row (None: leave the module's setting); a
+    change drops torch.compile's caches (the compiled forward read the old value). Returns the width in use on
+    `device` (the card's default where none was set), which the rows record."""
+    dev = torch.device(device)
+    if width is not None and tak.project_training_max_width(dev) != width:
+        tak.set_project_training_max_width(width)
         torch._dynamo.reset()
+    return tak.project_training_max_width(dev)
 
 
 def add_min_reductions(ap: argparse.ArgumentParser) -> None:
@@ -326,7 +333,7 @@ def main() -> None:
     if args.profile:
         for impl, kind, pad, ptw in ((i, k, p, w) for i in args.profile.split(",") for k in jobs for p in pads
                                      for w in project_training):
-            set_project_training(ptw)
+            ptw = set_project_training(ptw, "cuda")  # profiles run on the GPU
             step, _ = generator_step(kind, args.rows[0], True, False, compile=True, impl=impl,
                                      inductor=parse_compile_options("default", loss_scope=scopes[0] == "loss"),
                                      pad=pad, scope=scopes[0])
@@ -372,7 +379,7 @@ def main() -> None:
             ap.error("--graph-only: the graph rows run on one GPU, without --no-graph or --cpu")
         configs = []
     for kind, rows, bf16, comp, impl, opts, pad, ptw in configs:
-        set_project_training(ptw)
+        ptw = set_project_training(ptw, DEVICE)
         step, params = generator_step(kind, rows, bf16, ddp, compile=comp, impl=impl, inductor=opts,
                                       ddp_kwargs=ddp_kwargs, pad=pad)
         s = time_steps(step, warmup=5 if comp else 3)
@@ -384,7 +391,7 @@ def main() -> None:
                          "attention_launch": dict(tak.current_launch(torch.device(DEVICE))),
                          "backward_launch": dict(tak.current_launch(torch.device(DEVICE), backward=True)),
                          "project_max_width": tak.PROJECT_MAX_WIDTH,
-                         "project_training_max_width": tak.PROJECT_TRAINING_MAX_WIDTH,
+                         "project_training_max_width": ptw,
                          "optimize_ddp": torch._dynamo.config.optimize_ddp,
                          **({"ddp_kwargs": ddp_kwargs} if ddp else {})})
         if rank == 0:
@@ -403,7 +410,7 @@ def main() -> None:
                     # "default": the trainer's options for this scope (compile_scope=loss adds LOSS_SCOPE_OPTIONS)
                     opts = parse_compile_options(spec, loss_scope=scope == "loss") if comp else {}
                     label = (f"bf16 + compile ({scope}) + CUDA graph" if comp else "bf16 + CUDA graph")
-                    set_project_training(ptw)
+                    ptw = set_project_training(ptw, DEVICE)
                     try:
                         step, params = graphed_generator_step(kind, rows, compile=comp, impl=impl, inductor=opts,
                                                               pad=pad, scope=scope, optimizer=optim)

@@ -15,7 +15,8 @@ def test_bench_trainer_times_a_generator_and_idrank_on_the_cpu(tmp_path: Path) -
     out = tmp_path / "trainer.json"
     cmd = [sys.executable, "benchmarks/bench_trainer.py", "--cpu", "--jobs", "idgen,idrank", "--rows-per-item", "8",
            "--items-per-step", "4", "--items", "8", "--candidates", "6", "--rank-batch", "2", "--steps", "6",
-           "--warmup", "2", "--compile-scope", "none", "--inductor", "max_autotune_pointwise=true", "--json", str(out)]
+           "--warmup", "2", "--compile-scope", "none", "--inductor", "default,max_autotune_pointwise=true", "--json",
+           str(out)]
     subprocess.run(cmd, cwd=ROOT, check=True, timeout=600, capture_output=True)
     rows = json.loads(out.read_text())["rows"]
     assert [r["job"] for r in rows] == ["idgen", "idrank"]
@@ -32,10 +33,11 @@ def test_bench_trainer_times_a_generator_and_idrank_on_the_cpu(tmp_path: Path) -
 
 
 def test_bench_trainer_rejects_a_malformed_inductor_option() -> None:
-    cmd = [sys.executable, "benchmarks/bench_trainer.py", "--cpu", "--inductor", "max_autotune_pointwise"]
-    proc = subprocess.run(cmd, check=False, cwd=ROOT, timeout=300, capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert "--inductor 'max_autotune_pointwise': expected key=value" in proc.stderr
+    for spec in ("max_autotune_pointwise", "default,max_autotune_pointwise"):
+        cmd = [sys.executable, "benchmarks/bench_trainer.py", "--cpu", "--inductor", spec]
+        proc = subprocess.run(cmd, check=False, cwd=ROOT, timeout=300, capture_output=True, text=True)
+        assert proc.returncode == 2
+        assert "--inductor 'max_autotune_pointwise': expected key=value" in proc.stderr, proc.stderr
 
 
 def test_bench_trainer_min_reductions_is_checked_and_recorded(tmp_path: Path) -> None:
@@ -49,10 +51,12 @@ def test_bench_trainer_min_reductions_is_checked_and_recorded(tmp_path: Path) ->
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     out = tmp_path / "trainer.json"
     cmd = base + ["--rows-per-item", "8", "--items-per-step", "2", "--items", "4", "--steps", "4", "--warmup", "1",
-                  "--graph", "false", "--min-reductions", "0", "--json", str(out)]
+                  "--graph", "false", "--min-reductions", "0", "--inductor", "max_autotune_pointwise=false",
+                  "--json", str(out)]
     subprocess.run(cmd, cwd=ROOT, check=True, timeout=600, capture_output=True)
     data = json.loads(out.read_text())
     assert data["args"]["min_reductions"] == 0 and data["rows"][0]["min_reductions"] == 0
+    assert data["rows"][0]["inductor_extra"] == {"max_autotune_pointwise": False}  # key=value alone: added too
 
 
 def test_bench_trainer_host_times_the_loops_own_work(tmp_path: Path) -> None:

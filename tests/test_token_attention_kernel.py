@@ -1020,6 +1020,77 @@ def test_current_launch_takes_the_cards_launch_unless_one_was_chosen(monkeypatch
     assert tak.current_launch(h200) == card["forward"]
 
 
+def test_project_training_width_takes_the_cards_value_unless_one_was_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`project_training_max_width` gives a CUDA device whose name contains a `CARD_PROJECT_TRAINING_MAX_WIDTH` key
+    that card's width (H200: 16, so ExpGen's 25-channel blocks train with the separate projection there) while
+    PROJECT_TRAINING_MAX_WIDTH holds its default; other cards, the CPU, no device, a changed module value and one set
+    with `set_project_training_max_width` (even the default: the benchmarks' baselines) use the module's. `projects`
+    routes training by it, sampling not at all; torch.compile traces the card's value as a constant (fullgraph).
+    The card name is faked: no GPU needed."""
+    from ofer.models import token_attention_kernel as tak
+
+    names = {0: "NVIDIA H200", 1: "NVIDIA H100 80GB HBM3"}
+    monkeypatch.setattr(tak, "_card_name", lambda index: names[index])
+    monkeypatch.setattr(tak, "_SET_LAUNCHES", set())
+    monkeypatch.setattr(tak, "PROJECT_TRAINING_MAX_WIDTH", tak._DEFAULT_PROJECT_TRAINING_MAX_WIDTH)
+    h200, h100, bf16 = torch.device("cuda", 0), torch.device("cuda", 1), torch.bfloat16
+    assert tak.CARD_PROJECT_TRAINING_MAX_WIDTH["H200"] == 16 and tak.PROJECT_TRAINING_MAX_WIDTH == 32
+    assert tak.project_training_max_width(h200) == 16 and tak.project_training_max_width(h100) == 32
+    assert tak.project_training_max_width(torch.device("cpu")) == tak.project_training_max_width() == 32
+    assert tak.projects(16, bf16, h200) and not tak.projects(25, bf16, h200) and tak.projects(25, bf16, h100)
+    assert tak.projects(25, None, h200) and tak.projects(25, bf16) and tak.projects(25, bf16, torch.device("cpu"))
+
+    def route(x: torch.Tensor) -> torch.Tensor:
+        return x + 1 if tak.projects(25, bf16, torch.device("cuda", 0)) else x - 1
+
+    assert torch.equal(torch.compile(route, fullgraph=True, backend="eager")(torch.zeros(2)), -torch.ones(2))
+    tak.PROJECT_TRAINING_MAX_WIDTH = 64  # changed (as tests do): used on every card
+    assert tak.project_training_max_width(h200) == 64 and tak.projects(56, bf16, h200)
+    tak.PROJECT_TRAINING_MAX_WIDTH = 32
+    assert tak.project_training_max_width(h200) == 16
+    tak.set_project_training_max_width(32)  # set explicitly, equal to the default: used on every card
+    assert tak.project_training_max_width(h200) == 32 and tak.projects(25, bf16, h200)
+    for bad in (-1, 1.5, "16", True):
+        with pytest.raises(ValueError, match=r"PROJECT_TRAINING_MAX_WIDTH .*expected an integer >= 0"):
+            tak.set_project_training_max_width(bad)
+    assert tak.PROJECT_TRAINING_MAX_WIDTH == 32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_card_training_width_routes_a_compiled_expgen_without_graph_breaks() -> None:
+    """On CUDA: the card's training width (`project_training_max_width`, looked up by the card's real name) is what
+    the CARD_PROJECT_TRAINING_MAX_WIDTH table gives; an ExpGen-sized Denoiser trains under bf16 autocast compiled
+    with fullgraph=True (the card lookup costs no graph break), its gradients no further from the fp32 ones than
+    1.5x the eager bf16 gradients are."""
+    from ofer.models import token_attention_kernel as tak
+
+    dev = torch.device("cuda")
+    name = torch.cuda.get_device_name()
+    table = tak.CARD_PROJECT_TRAINING_MAX_WIDTH
+    want = next((w for k, w in table.items() if k in name), tak.PROJECT_TRAINING_MAX_WIDTH)
+    assert tak.project_training_max_width(dev) == want
+    gen = torch.Generator(device=dev).manual_seed(0)
+    net = Denoiser(dim=53, cond_dim=1024, widths=(53, 25, 10)).to(dev).train()
+    with torch.no_grad():
+        for p in (net.film.weight, net.film.bias, net.out_proj.weight, net.out_proj.bias):
+            p.normal_(0.0, 0.02)
+    x = torch.randn(2048, 53, device=dev, generator=gen)
+    t = torch.randint(0, 1000, (2048,), device=dev, generator=gen)
+    c = torch.randn(2048, 1024, device=dev, generator=gen)
+
+    def grads(bf16: bool, compiled: bool) -> torch.Tensor:
+        net.zero_grad(set_to_none=True)
+        fn = torch.compile(net, fullgraph=True) if compiled else net
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            fn(x, t, c).float().square().mean().backward()
+        return torch.cat([p.grad.flatten() for p in net.parameters()])
+
+    ref = grads(False, False)
+    eager16 = (grads(True, False) - ref).norm()
+    assert 0 < (grads(True, True) - ref).norm() <= 1.5 * eager16
+
+
 def test_set_launch_parses_and_rejects_bad_specs(monkeypatch: pytest.MonkeyPatch) -> None:
     from ofer.models import token_attention_kernel as tak
 

@@ -47,7 +47,8 @@ It is differentiable (`token_attention_project_pool_backward`: q/k/v recomputed 
 written, dx and dW as two cuBLAS matmuls of it). With its first, Triton forward it trained slower than the separate
 projection (H200, forward + backward at 65,536 rows: 2.98 vs 2.95 ms at 53 channels, 1.59 vs 1.88 ms at 10; a
 compiled IdGen step 28.5 vs 27.1 ms); with the Gluon forward below it is faster up to 32 channels on an H100, so
-`Denoiser` trains inputs up to `PROJECT_TRAINING_MAX_WIDTH` (32) channels through it (BENCHMARKS.md, "ninth").
+`Denoiser` trains inputs up to `PROJECT_TRAINING_MAX_WIDTH` (32) channels through it (BENCHMARKS.md, "ninth"); on an
+H200 only up to 16 (`CARD_PROJECT_TRAINING_MAX_WIDTH`: there the 32-channel block trains faster separately).
 Computing dx inside the backward kernel as well (three more (rows, 512) @ (512, C) products per head, no second
 read of dqkv) was slower on an H100 in two forms, so dx stays a cuBLAS matmul: per-head float32 partials (spilled
 registers; 16 channels: 1,637-2,500 vs 1,382 us per launch; BENCHMARKS.md "ninth", commit 23f7119), and one
@@ -130,7 +131,9 @@ BACKWARD_LAUNCH = {"block_rows": 4, "tiles": 2, "stages": 2, "num_warps": 4, "or
 CARD_LAUNCHES = {"H200": {"forward": {"block_rows": 2, "tiles": 4, "stages": 3, "num_warps": 2, "order": "head"},
                           "backward": {"block_rows": 2, "tiles": 2, "stages": 3, "num_warps": 2, "order": "head"}}}
 _DEFAULT_LAUNCHES = {"forward": dict(LAUNCH), "backward": dict(BACKWARD_LAUNCH)}
-_SET_LAUNCHES: set[str] = set()  # "forward" / "backward" once `set_launch` chose them: used on every card
+# "forward" / "backward" once `set_launch` chose them, "project_training" once `set_project_training_max_width`
+# did: used on every card
+_SET_LAUNCHES: set[str] = set()
 # The kernel with the projection inside (`token_attention_project_pool`): rows per program and warps, and the
 # widest attention input it takes (wider inputs: the cuBLAS projection, then `token_attention_pool`).
 # Per padded width (16, 32, 64 channels).
@@ -152,8 +155,17 @@ PROJECT_MAX_WIDTH = 64  # may be lowered (0: never); the kernel takes at most ma
 # 1,783 us at 16 channels, 1,563 vs 1,790 at 32, but 1,906 vs 1,821 at 56 (the backward re-reads a 56-channel
 # block's 196 KB of q/k/v weights for every 16 rows); compiled bf16 training steps in one CUDA graph, 0 -> 32:
 # IdGen 26.05 -> 25.66 ms, ExpGen 16.41 -> 15.59 ms. Benchmarks switch it (`bench_training.py` /
-# `bench_trainer.py --project-training`).
+# `bench_trainer.py --project-training`); `project_training_max_width` gives the value used on a device.
 PROJECT_TRAINING_MAX_WIDTH = 32
+# PROJECT_TRAINING_MAX_WIDTH per card, keyed by a substring of its name (torch.cuda.get_device_name), used on that
+# card while PROJECT_TRAINING_MAX_WIDTH holds its default (32) and `set_project_training_max_width` was not called.
+# H200: the 32-channel block trains faster with the separate projection (bf16 forward + backward at 65,536 rows,
+# `bench_token_attention.py --widths 16,32,56`: 1,391 vs 1,334 us; 16 channels 1,223 vs 1,357); ExpGen's compiled
+# bf16 step (bare, one CUDA graph, 65,536 rows; three pairs of alternating processes) 12.57 / 12.69 / 12.79 ms at
+# 32 against 12.43 / 12.35 / 12.56 ms at 16 (BENCHMARKS.md, "Session of 2026-11-29, fifth" point 5 and "sixth").
+# IdGen is unaffected (its attention inputs are 300, 50 and 10 wide). On an H100 32 was faster ("ninth").
+CARD_PROJECT_TRAINING_MAX_WIDTH = {"H200": 16}
+_DEFAULT_PROJECT_TRAINING_MAX_WIDTH = PROJECT_TRAINING_MAX_WIDTH
 # Which kernel the projecting op runs for bf16/fp16 inputs on a CUDA GPU with 16 tokens of 32 channels: "gluon"
 # (q and k staged through shared memory in a layout without bank conflicts, see `_staging_bases`) or "triton"
 # (`_project_pool_kernel`, whose staging layout Triton chooses; float32 inputs, other shapes and the CPU
@@ -173,18 +185,49 @@ PROJECT_GLUON_LAUNCH = {16: {"block_rows": 32, "num_warps": 4, "chunks": 1, "max
 PROJECT_WEIGHT_FRAGMENTS = True
 
 
-def projects(width: int, training_dtype: torch.dtype | None = None) -> bool:
+def projects(width: int, training_dtype: torch.dtype | None = None, device: torch.device | None = None) -> bool:
     """Whether `TokenSelfAttention` sends an attention input of `width` channels to `token_attention_project_pool`:
     width <= PROJECT_MAX_WIDTH, capped at the widest padded width the kernel has a launch for. `training_dtype` is
     the autocast dtype of a forward that autograd records (`TokenSelfAttention` passes float32 without autocast;
-    None: no gradients, e.g. sampling). Training also needs width <= PROJECT_TRAINING_MAX_WIDTH and bf16 or fp16,
-    where it was measured (the op's float32 forms, Triton's forward rather than the Gluon one, were not measured
-    in training)."""
+    None: no gradients, e.g. sampling). Training also needs bf16 or fp16, where it was measured (the op's float32
+    forms, Triton's forward rather than the Gluon one, were not measured in training), and width <=
+    `project_training_max_width(device)` (the input's device; None: PROJECT_TRAINING_MAX_WIDTH)."""
     widest = min(PROJECT_MAX_WIDTH, max(PROJECT_LAUNCH))
     if training_dtype is None:
         return 1 <= width <= widest
     low = training_dtype in (torch.bfloat16, torch.float16)
-    return low and 1 <= width <= min(widest, PROJECT_TRAINING_MAX_WIDTH)
+    return low and 1 <= width <= min(widest, project_training_max_width(device))
+
+
+def set_project_training_max_width(width: int) -> None:
+    """Set PROJECT_TRAINING_MAX_WIDTH (0: every block trains with the separate projection); from then on it holds on
+    every card, CARD_PROJECT_TRAINING_MAX_WIDTH included. Used by the benchmarks' --project-training. A model
+    compiled before keeps the value it was traced with (call torch._dynamo.reset())."""
+    global PROJECT_TRAINING_MAX_WIDTH
+    if isinstance(width, bool) or not isinstance(width, int) or width < 0:
+        raise ValueError(f"PROJECT_TRAINING_MAX_WIDTH {width!r}: expected an integer >= 0 (channels; 0: never)")
+    PROJECT_TRAINING_MAX_WIDTH = width
+    _SET_LAUNCHES.add("project_training")
+
+
+def project_training_max_width(device: torch.device | None = None) -> int:
+    """The widest attention input trained through `token_attention_project_pool` on `device`: the card's entry of
+    CARD_PROJECT_TRAINING_MAX_WIDTH on a CUDA device whose name contains its key, while PROJECT_TRAINING_MAX_WIDTH
+    holds its default and `set_project_training_max_width` was not called; otherwise PROJECT_TRAINING_MAX_WIDTH.
+    Constant for torch.compile (the card is looked up when the forward is traced, without a graph break)."""
+    if (device is None or device.type != "cuda" or "project_training" in _SET_LAUNCHES
+            or PROJECT_TRAINING_MAX_WIDTH != _DEFAULT_PROJECT_TRAINING_MAX_WIDTH):
+        return PROJECT_TRAINING_MAX_WIDTH
+    return _card_project_training_max_width(-1 if device.index is None else device.index)
+
+
+@torch.compiler.assume_constant_result
+def _card_project_training_max_width(index: int) -> int:
+    name = _card_name(index if index >= 0 else torch.cuda.current_device())
+    for key, width in CARD_PROJECT_TRAINING_MAX_WIDTH.items():
+        if key in name:
+            return width
+    return PROJECT_TRAINING_MAX_WIDTH
 
 
 def set_launch(spec: str, *, backward: bool = False) -> dict:

@@ -120,12 +120,13 @@ class TokenSelfAttention(nn.Module):
         low = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
         # training: the autocast dtype decides (without autocast it counts as float32 training)
         if (impl == "triton" and self.tokens >= 16
-                and token_attention_kernel.projects(xn.shape[1], (low or torch.float32) if grad else None)):
+                and token_attention_kernel.projects(xn.shape[1], (low or torch.float32) if grad else None,
+                                                    xn.device)):
             # Narrow input: the projection runs inside the kernel, so the (B, T * 3 * H * Dh) q/k/v tensor (384x
             # wider than a 16-channel input) is never written and read back. Same dtype as the Linear would use.
-            # In training only in bf16/fp16 up to PROJECT_TRAINING_MAX_WIDTH (32) channels: its backward
-            # recomputes q/k/v per 16 rows, re-reading the projection weights each time, and at 56 channels it is
-            # slower than the separate projection (H100, BENCHMARKS.md "ninth").
+            # In training only in bf16/fp16 up to `project_training_max_width` (32; 16 on an H200) channels: its
+            # backward recomputes q/k/v per 16 rows, re-reading the projection weights each time, and at 56
+            # channels it is slower than the separate projection (H100, BENCHMARKS.md "ninth").
             dt = low or xn.dtype
             layout = self.qkv_prepared_layout
             pooled = token_attention_kernel.token_attention_project_pool(
