@@ -195,7 +195,8 @@ def main() -> None:
                     "of true/false; true: the padded copy, the default of train_generator on CUDA)")
     ap.add_argument("--project-training", default=None, metavar="WIDTHS",
                     help="comma list of token_attention_kernel.PROJECT_TRAINING_MAX_WIDTH values to run (the widest "
-                         "attention input trained through the projecting kernel; 0: none); default: the module's")
+                         "attention input trained through the projecting kernel; 0: none); default: the module's, "
+                         "which on a card in CARD_PROJECT_TRAINING_MAX_WIDTH is that card's (H200: 16)")
     ap.add_argument("--compile-scope", default="loss",
                     help="comma list of trainer.compile_scope values to run (model: the network compiled; loss, what "
                          "the default auto picks in one process: the task's whole loss around it, q_sample and the L1 "

@@ -287,7 +287,8 @@ def main() -> None:
     ap.add_argument("--project-training", default=None, metavar="WIDTHS",
                     help="comma list of token_attention_kernel.PROJECT_TRAINING_MAX_WIDTH values: every generator "
                          "row for each (0: training projects q/k/v with cuBLAS; 64: bf16 attention inputs of up to "
-                         "64 channels project inside the kernels, forward and backward); default: the module's")
+                         "64 channels project inside the kernels, forward and backward); default: the module's, which "
+                         "on a card in CARD_PROJECT_TRAINING_MAX_WIDTH is that card's (H200: 16); rows record it")
     ap.add_argument("--jobs", default="idgen,expgen", help="comma list of the generator jobs to time")
     ap.add_argument("--compile-scope", default="loss", metavar="model|loss|model,loss",
                     help="what the compiled CUDA-graph rows compile (trainer.compile_scope): the model, or the whole "
