@@ -205,13 +205,10 @@ def project_training_widths(value: str | None) -> list[int | None]:
     names the option and what it expected."""
     if not value:
         return [None]
-    try:
-        widths = [int(v) for v in value.split(",")]
-    except ValueError:
-        widths = [-1]
-    if min(widths) < 0:
+    items = value.split(",")
+    if not all(v.strip().isdigit() for v in items):
         raise ValueError(f"--project-training {value!r}: expected a comma list of integers >= 0")
-    return widths
+    return [int(v) for v in items]
 
 
 def set_project_training(width: int | None, device: str) -> int:

@@ -223,11 +223,7 @@ def project_training_max_width(device: torch.device | None = None) -> int:
 
 @torch.compiler.assume_constant_result
 def _card_project_training_max_width(index: int) -> int:
-    name = _card_name(index if index >= 0 else torch.cuda.current_device())
-    for key, width in CARD_PROJECT_TRAINING_MAX_WIDTH.items():
-        if key in name:
-            return width
-    return PROJECT_TRAINING_MAX_WIDTH
+    return _card_entry(CARD_PROJECT_TRAINING_MAX_WIDTH, index, PROJECT_TRAINING_MAX_WIDTH)
 
 
 def set_launch(spec: str, *, backward: bool = False) -> dict:
@@ -255,16 +251,20 @@ def current_launch(device: torch.device, *, backward: bool = False) -> dict:
     launch = BACKWARD_LAUNCH if backward else LAUNCH
     if device.type != "cuda" or which in _SET_LAUNCHES or launch != _DEFAULT_LAUNCHES[which]:
         return launch
-    name = _card_name(device.index if device.index is not None else torch.cuda.current_device())
-    for key, launches in CARD_LAUNCHES.items():
-        if key in name:
-            return launches[which]
-    return launch
+    launches = _card_entry(CARD_LAUNCHES, -1 if device.index is None else device.index)
+    return launch if launches is None else launches[which]
 
 
 @functools.cache
 def _card_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
+
+
+def _card_entry(table: dict, index: int, default=None):
+    """The value of the first key of `table` (CARD_LAUNCHES, CARD_PROJECT_TRAINING_MAX_WIDTH) that CUDA device
+    `index`'s name contains (-1: the current device); `default` if none does."""
+    name = _card_name(index if index >= 0 else torch.cuda.current_device())
+    return next((value for key, value in table.items() if key in name), default)
 
 
 def set_project_launch(spec: str, widths: tuple[int, ...] = (16, 32, 64), *, kernel: str = "triton") -> dict:
