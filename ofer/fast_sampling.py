@@ -39,9 +39,10 @@ __all__ = ["COMPILE_OPTIONS", "LOSS_SCOPE_OPTIONS", "PAD_WIDTHS", "GraphedSample
 # training step 27.28 -> 26.51 ms, ExpGen 15.79 -> 15.80, sampling steps unchanged (7.155 / 7.157 ms IdGen).
 # triton.mix_order_reduction=False: in backward graphs, compute a norm's per-row gradient and its gain's column
 # sums in separate kernels instead of one "mix-order" kernel per norm (which also left 28 partial column sums per
-# IdGen step to ATen); sampling graphs have no gradient column sums (not timed with it). H100, 65,536 rows, compiled
-# loss in one CUDA graph, two calls: IdGen training step 24.09 -> 23.91 and 24.09 -> 23.90 ms, ExpGen 15.02 -> 15.02 ms
-# (BENCHMARKS.md, "Session of 2026-11-28"). Module-level so the benchmarks can compare.
+# IdGen step to ATen); sampling graphs have no gradient column sums (not timed alone; the pipeline with it and the
+# H200's attention launches ran 1.011x the code before both on an H200, "Session of 2026-11-29, seventh"). H100,
+# 65,536 rows, compiled loss in one CUDA graph, two calls: IdGen training step 24.09 -> 23.91 and 24.09 -> 23.90 ms,
+# ExpGen 15.02 -> 15.02 ms (BENCHMARKS.md, "Session of 2026-11-28"). Module-level so the benchmarks can compare.
 COMPILE_OPTIONS: dict = {"force_shape_pad": True, "comprehensive_padding": False, "triton.mix_order_reduction": False}
 # Options the trainer adds to COMPILE_OPTIONS where it compiles the task's whole loss (trainer.compile_scope=loss,
 # one process). combo_kernels limited to pointwise kernels: inductor runs independent pointwise kernels of one
