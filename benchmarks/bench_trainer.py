@@ -15,17 +15,27 @@ samples = candidates; `--compile-scope none,model,loss` compares eager with both
     python benchmarks/bench_trainer.py --json $OUT/trainer.json
     python benchmarks/bench_trainer.py --jobs idrank --graph false --compile-scope none,model,loss
     python benchmarks/bench_trainer.py --cpu --rows-per-item 8 --items-per-step 4 --steps 7 --warmup 3  # smoke
+
+Under `torchrun --nproc_per_node=W` every row trains on W processes with `--items-per-step` and `--items` per
+process (trainer.batch_size is global, so W times those), each `--grad-sync` value a row (ddp: DistributedDataParallel
+around the model; flat: one all-reduce per flat gradient buffer, the one-process step otherwise); samples/s count
+all processes, and rank 0 prints and writes the JSON:
+
+    torchrun --standalone --nproc_per_node=2 benchmarks/bench_trainer.py --jobs idgen --graph false,true \
+        --grad-sync ddp,flat --json $OUT/trainer_ddp.json
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -116,17 +126,24 @@ class PoolTask(RankerTask):
         return super().loss(model, {k: v[batch["index"]] for k, v in self.pools.items()})
 
 
+def world_size() -> int:
+    """Processes of this run (torchrun's WORLD_SIZE; 1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def run(kind: str, graph: bool, args: argparse.Namespace, device: str, pad: bool = False,
-        scope: str = "model", flat: bool = True) -> dict:
+        scope: str = "model", flat: bool = True, sync: str = "ddp") -> dict:
+    world = world_size()
     with tempfile.TemporaryDirectory() as flame_dir:
-        task = (PoolTask(args.items, args.candidates, device, flame_dir) if kind == "idrank"
-                else BlockTask(kind, args.items, args.rows_per_item, device, pad))
+        task = (PoolTask(args.items * world, args.candidates, device, flame_dir) if kind == "idrank"
+                else BlockTask(kind, args.items * world, args.rows_per_item, device, pad))
     params = task.params
-    cfg = {"max_steps": args.steps, "batch_size": args.rank_batch if kind == "idrank" else args.items_per_step,
+    per_process = args.rank_batch if kind == "idrank" else args.items_per_step
+    cfg = {"max_steps": args.steps, "batch_size": per_process * world,
            "ckpt_every": None, "log_every": 10 ** 6, "lr_scheduler": "constant", "precision": "bf16",
            "compile": device == "cuda" and scope != "none", "cuda_graph": graph,
            "compile_scope": "auto" if scope == "none" else scope, "progress": False, "seed": 0, "flat_params": flat,
-           "reduction_launch": args.reduction_launch}
+           "reduction_launch": args.reduction_launch, "grad_sync": sync}
     ends: dict[int, float] = {}
     prof = None
 
@@ -151,7 +168,8 @@ def run(kind: str, graph: bool, args: argparse.Namespace, device: str, pad: bool
     with tempfile.TemporaryDirectory() as run_dir:
         train(task, cfg, run_dir=run_dir, device=device, resolved_config={"model": {"kind": kind}, "trainer": cfg},
               on_step_end=on_step_end)
-        records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+        log = Path(run_dir) / "metrics.jsonl"  # written by rank 0 only (other ranks: no events)
+        records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     events = [r.get("event") for r in records]
     relaunched = [r.get("kernels") for r in records if r.get("event") == "reduction_relaunched"]
     # up to the second-last step: the last one ends with the final checkpoint (on_step_end runs after it)
@@ -161,10 +179,10 @@ def run(kind: str, graph: bool, args: argparse.Namespace, device: str, pad: bool
     each = sorted(ends[i + 1] - ends[i] for i in range(args.warmup, args.steps - 1))
     rows = args.rank_batch * args.candidates if kind == "idrank" else args.items_per_step * args.rows_per_item
     return {"job": kind, "cuda_graph": graph, "pad_widths": pad, "compile_scope": scope, "flat_params": flat,
-            "rows_per_step": rows,
+            "world_size": world, "grad_sync": sync, "rows_per_step": rows,  # per process
             "s_per_step": s, "s_per_step_median": each[len(each) // 2], "s_per_step_min": each[0],
             "s_per_step_max": each[-1],
-            "samples_per_s": rows / s, "params": params,
+            "samples_per_s": rows * world / s, "params": params,
             "events": sorted({e for e in events if e and e.startswith(("cuda_graph", "reduction_launch"))}),
             "reduction_launch": args.reduction_launch, "min_reductions": reduction_launch.MIN_REDUCTIONS,
             "relaunched_kernels": relaunched[0] if relaunched else None}
@@ -220,6 +238,10 @@ def main() -> None:
                     help="trainer.reduction_launch (one_row, the default: inductor's 257-512-column norm reductions "
                          "with >= 3 reductions one row per warp); compare in separate processes with fresh "
                          "TORCHINDUCTOR_CACHE_DIRs")
+    ap.add_argument("--grad-sync", default="ddp", metavar="ddp|flat|ddp,flat",
+                    help="under torchrun: trainer.grad_sync values to run (ddp: DistributedDataParallel; flat: one "
+                         "all-reduce per flat gradient buffer, with the whole loss compiled and CUDA graphs as in one "
+                         "process); one process: ignored, one row")
     add_min_reductions(ap)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -229,6 +251,13 @@ def main() -> None:
         ap.error(f"need 0 < --warmup < --steps - 1, got {args.warmup} and {args.steps}")
     set_min_reductions(ap, args)
     device = "cpu" if args.cpu else "cuda"
+    world, rank = world_size(), int(os.environ.get("RANK", "0"))
+    if world > 1:
+        if device == "cuda":  # this process's GPU, before the tasks put their data on "cuda"
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        # one process group for all rows, which the loop uses as it finds it (a group created again after
+        # destroy_process_group can read the last one's stale addresses from torchrun's store)
+        torch.distributed.init_process_group("gloo" if device == "cpu" else "nccl")
     peak = gemm_tflops() if device == "cuda" else None  # bf16 8192^3, as bench_training.py
     try:
         pads = [v == "true" for v in comma_choices(args.pad_widths, ("true", "false"), "--pad-widths")]
@@ -237,33 +266,42 @@ def main() -> None:
         jobs = comma_choices(args.jobs, ("idgen", "expgen", "idrank"), "--jobs")
         flats = [v == "true" for v in comma_choices(args.flat_params, ("true", "false"), "--flat-params")]
         extra = inductor_extra(args.inductor)
+        syncs = comma_choices(args.grad_sync, ("ddp", "flat"), "--grad-sync")
+        syncs = syncs if world > 1 else ["ddp"]  # one process: nothing to sync, one row
     except ValueError as exc:
         ap.error(str(exc))
     LOSS_SCOPE_OPTIONS.update(extra)  # the trainer reads this dict when it compiles the loss
     rows = []
     for kind in jobs:
         graphs = (False,) if args.cpu else tuple(v == "true" for v in args.graph.split(","))
-        for graph, pad, ptw, scope, flat in ((g, p, w, c, f) for g in graphs for p in pads for w in widths
-                                             for c in scopes for f in flats):
+        for graph, pad, ptw, scope, flat, sync in ((g, p, w, c, f, y) for g in graphs for p in pads for w in widths
+                                                   for c in scopes for f in flats for y in syncs):
             ptw = set_project_training(ptw, device)
             try:
-                row = run(kind, graph, args, device, pad, scope, flat)
+                row = run(kind, graph, args, device, pad, scope, flat, sync)
                 row["project_training_max_width"] = ptw
                 row["inductor_extra"] = extra
                 if peak and kind != "idrank":  # IdRank: no MFU (its rows are candidates, its cost FLAME too)
                     row["mfu"] = 6 * row["params"] * row["rows_per_step"] / row["s_per_step"] / (peak * 1e12)
             except Exception as exc:  # noqa: BLE001 -- reported, the other rows go on
                 row = {"job": kind, "cuda_graph": graph, "pad_widths": pad, "project_training_max_width": ptw,
-                       "compile_scope": scope, "flat_params": flat, "error": f"{type(exc).__name__}: {exc}"}
+                       "compile_scope": scope, "flat_params": flat, "world_size": world, "grad_sync": sync,
+                       "error": f"{type(exc).__name__}: {exc}"}
             rows.append(row)
-            print(json.dumps(row), flush=True)
+            if rank == 0:
+                print(json.dumps(row), flush=True)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    if rank != 0:
+        return
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"device: {name}  bf16 GEMM {peak or 0:.0f} TFLOP/s")
-    print(f"{'job':8} {'cuda_graph':>10} {'pad':>5} {'proj':>4} {'scope':>5} {'flat':>5} {'ms/step':>9} "
+    print(f"{'job':8} {'cuda_graph':>10} {'pad':>5} {'proj':>4} {'scope':>5} {'flat':>5} {'sync':>9} {'ms/step':>9} "
           f"{'samples/s':>12} {'MFU':>6} {'median':>7} {'min':>7} {'max':>7}")
     for r in rows:
         head = (f"{r['job']:8} {str(r['cuda_graph']):>10} {str(r['pad_widths']):>5} "
-                f"{r['project_training_max_width']:>4} {r['compile_scope']:>5} {str(r['flat_params']):>5}")
+                f"{r['project_training_max_width']:>4} {r['compile_scope']:>5} {str(r['flat_params']):>5} "
+                f"{r['grad_sync'] + ' x' + str(r['world_size']):>9}")
         if "error" in r:
             print(f"{head} error: {r['error'][:200]}")
         else:

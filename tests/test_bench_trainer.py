@@ -4,9 +4,12 @@ error and goes on, so this checks every row for one."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,3 +71,29 @@ def test_bench_trainer_host_times_the_loops_own_work(tmp_path: Path) -> None:
     subprocess.run(cmd, cwd=ROOT, check=True, timeout=600, capture_output=True)
     rows = json.loads(out.read_text())["rows"]
     assert [r["job"] for r in rows] == ["expgen"] and rows[0]["host_us_per_step"] > 0
+
+
+def test_bench_trainer_under_torchrun_runs_each_grad_sync_on_two_gloo_processes(tmp_path: Path) -> None:
+    """Two processes on the CPU: a row per --grad-sync value, each trained on both (global batch 2 x 4 items),
+    samples/s counting both; rank 0 alone writes the JSON."""
+    out = tmp_path / "trainer_ddp.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "benchmarks/bench_trainer.py", "--cpu", "--jobs", "idgen", "--rows-per-item", "8", "--items-per-step", "4",
+           "--items", "8", "--steps", "6", "--warmup", "2", "--compile-scope", "none", "--grad-sync", "ddp,flat",
+           "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, check=False, timeout=600, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["grad_sync"], r["world_size"]) for r in rows] == [("ddp", 2), ("flat", 2)]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["rows_per_step"] == 4 * 8  # per process
+        assert r["samples_per_s"] == pytest.approx(2 * r["rows_per_step"] / r["s_per_step"])
+
+
+def test_bench_trainer_rejects_a_bad_grad_sync() -> None:
+    cmd = [sys.executable, "benchmarks/bench_trainer.py", "--cpu", "--grad-sync", "ddp,nccl"]
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, timeout=300, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "--grad-sync 'ddp,nccl': expected a comma list of ddp, flat" in proc.stderr, proc.stderr

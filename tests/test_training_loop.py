@@ -504,6 +504,107 @@ def test_ddp_two_gloo_ranks_match_each_other_and_one_process(tmp_path: Path) -> 
     assert not list(ddp_dir.glob("metrics*.jsonl"))[1:]  # one log file, written by rank 0 only
 
 
+def test_flat_grad_sync_on_two_gloo_ranks_matches_ddp_and_one_process(tmp_path: Path) -> None:
+    """trainer.grad_sync=flat (no DDP wrapper, one all-reduce of the flat gradient buffer): the two ranks end
+    bitwise equal although each built its model from its own seed (rank 0's weights are broadcast at the start),
+    and equal to DDP and to one process on the whole batch (built from rank 0's seed)."""
+    torchrun = VENV_BIN / "torchrun"
+    if not torchrun.exists():
+        pytest.skip("torchrun not found next to the python executable")
+    finals = {}
+    for sync in ("flat", "ddp"):
+        run_dir = tmp_path / sync
+        cmd = [
+            str(torchrun), "--standalone", "--nproc_per_node=2", str(TOY_SCRIPT), "--run-dir", str(run_dir),
+            "--max-steps", "12", "--ckpt-every", "6", "--deterministic-loss", "--dump-final", "--rank-seeded",
+            "--grad-sync", sync,
+        ]
+        proc = subprocess.run(cmd, env=_env(), capture_output=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+        rank0 = torch.load(run_dir / "final_rank0.pt", weights_only=True)
+        rank1 = torch.load(run_dir / "final_rank1.pt", weights_only=True)
+        torch.testing.assert_close(rank0, rank1, atol=0, rtol=0)
+        finals[sync] = rank0
+    assert not torch.equal(make_task(0).model.weight, make_task(1).model.weight)  # the ranks did start apart
+    torch.testing.assert_close(finals["flat"], finals["ddp"], atol=1e-6, rtol=1e-6)
+    single = make_task(0, deterministic_loss=True)
+    _run(single, tmp_path / "single", max_steps=12, ckpt_every=6)
+    torch.testing.assert_close(finals["flat"], single.model.state_dict(), atol=1e-5, rtol=1e-5)
+    ck = load_checkpoint(tmp_path / "flat" / "checkpoints" / "last.pt")
+    assert ck["world_size"] == 2 and ck["step"] == 12
+
+
+def test_flat_grad_sync_averages_the_buffers_and_allows_the_one_process_step(tmp_path: Path) -> None:
+    """Under several processes (a real one-rank gloo group standing in for two ranks), grad_sync=flat builds no DDP
+    wrapper, compiles the whole loss under compile_scope=auto, accepts cuda_graph=true, and divides each flat
+    gradient buffer by the world size after the all-reduce (one rank: its own gradient over 2)."""
+    import torch.distributed as dist
+
+    from ofer.training.distributed import DistContext
+    from ofer.training.loop import _Trainer
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ctx = DistContext(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+        cfg = TrainerConfig.from_mapping(toy_trainer_cfg(compile=True, cuda_graph=True, grad_sync="flat"))
+        trainer = _Trainer(make_task(0), cfg, tmp_path, ctx, {}, {}, None)
+        trainer._build()
+        assert trainer.compile_scope == "loss" and trainer.ddp is trainer.model
+        assert trainer._loss is not trainer._task_loss  # the whole loss compiled
+
+        cfg = TrainerConfig.from_mapping(toy_trainer_cfg(grad_sync="flat"))
+        task = make_task(0, deterministic_loss=True)
+        trainer = _Trainer(task, cfg, tmp_path, ctx, {}, {}, None)
+        trainer._build()
+        batch = {"x": torch.randn(4, 4), "y": torch.randn(4), "index": torch.arange(4)}
+        trainer._forward_backward(batch, False)
+        synced = trainer.flat.grads()[0].clone()
+        plain = make_task(0, deterministic_loss=True)
+        plain.loss(plain.model, batch)["loss"].float().mean().backward()
+        expected = torch.cat([plain.model.weight.grad.flatten(), plain.model.bias.grad.flatten()]) / 2
+        spans = trainer.flat.layout[0]
+        got = torch.cat([synced[o:o + n] for o, n in spans])
+        torch.testing.assert_close(got, expected, atol=1e-7, rtol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_flat_grad_sync_with_cuda_graphs_on_two_gpus_matches_one_process(tmp_path: Path) -> None:
+    """grad_sync=flat under NCCL with trainer.cuda_graph=true: the all-reduces are captured with the step; the two
+    ranks end bitwise equal (each built from its own seed) and equal to one graphed process on the whole batch."""
+    torchrun = VENV_BIN / "torchrun"
+    if not torchrun.exists():
+        pytest.skip("torchrun not found next to the python executable")
+    run_dir = tmp_path / "flat"
+    cmd = [
+        str(torchrun), "--standalone", "--nproc_per_node=2", str(TOY_SCRIPT), "--run-dir", str(run_dir),
+        "--max-steps", "12", "--ckpt-every", "6", "--deterministic-loss", "--dump-final", "--rank-seeded",
+        "--grad-sync", "flat", "--cuda-graph", "--device", "cuda",
+    ]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    assert _events(run_dir, "cuda_graph_captured") and not _events(run_dir, "cuda_graph_failed")
+    rank0 = torch.load(run_dir / "final_rank0.pt", weights_only=True, map_location="cpu")
+    rank1 = torch.load(run_dir / "final_rank1.pt", weights_only=True, map_location="cpu")
+    torch.testing.assert_close(rank0, rank1, atol=0, rtol=0)
+    single = make_task(0, deterministic_loss=True, record_seen=False)
+    _cuda_run(single, tmp_path / "single", max_steps=12, ckpt_every=6, cuda_graph=True)
+    torch.testing.assert_close(rank0, {k: v.cpu() for k, v in single.model.state_dict().items()}, atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_grad_sync_config_errors() -> None:
+    with pytest.raises(ValueError, match=r"trainer.grad_sync='nccl' is not allowed; expected one of \['ddp', 'flat'\]"):
+        TrainerConfig.from_mapping(toy_trainer_cfg(grad_sync="nccl"))
+    with pytest.raises(ValueError, match=r"trainer.grad_sync='flat' all-reduces the flat gradient buffers .* "
+                                         r"set trainer.flat_params=true"):
+        TrainerConfig.from_mapping(toy_trainer_cfg(grad_sync="flat", flat_params=False))
+    with pytest.raises(ValueError, match=r"trainer.ddp_find_unused_parameters=true needs trainer.grad_sync=ddp"):
+        TrainerConfig.from_mapping(toy_trainer_cfg(grad_sync="flat", ddp_find_unused_parameters=True))
+
+
 # ------------------------------------------------------------------------------ CUDA graphs
 
 

@@ -18,6 +18,7 @@ PRECISIONS = ("fp32", "bf16")
 NAN_POLICIES = ("stop", "skip")
 COMPILE_SCOPES = ("auto", "model", "loss")
 REDUCTION_LAUNCHES = ("one_row", "inductor")
+GRAD_SYNCS = ("ddp", "flat")  # trainer.grad_sync: DistributedDataParallel, or one all-reduce per flat buffer
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,6 +56,7 @@ class TrainerConfig:
     model_keys: tuple[str, ...] = ("model",)
     ddp_find_unused_parameters: bool = False
     ddp_gradient_as_bucket_view: bool = True
+    grad_sync: str = "ddp"
     preempt_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR2")
     progress: bool = True
     compile: bool = False
@@ -84,6 +86,7 @@ class TrainerConfig:
         choose("nan_policy", NAN_POLICIES)
         choose("compile_scope", COMPILE_SCOPES)
         choose("reduction_launch", REDUCTION_LAUNCHES)
+        choose("grad_sync", GRAD_SYNCS)
         positive("max_steps")
         positive("batch_size")
         positive("num_workers", allow_zero=True)
@@ -111,6 +114,12 @@ class TrainerConfig:
                 f"trainer.warmup_steps={self.warmup_steps} is not supported with lr_scheduler='plateau'; "
                 "use 'cosine' or 'constant' for a warmup"
             )
+        if self.grad_sync == "flat" and not self.flat_params:
+            raise ValueError("trainer.grad_sync='flat' all-reduces the flat gradient buffers of trainer.flat_params; "
+                             "set trainer.flat_params=true, or trainer.grad_sync=ddp")
+        if self.grad_sync == "flat" and self.ddp_find_unused_parameters:
+            raise ValueError("trainer.grad_sync='flat' needs every parameter to get a gradient in every step; "
+                             "trainer.ddp_find_unused_parameters=true needs trainer.grad_sync=ddp")
         for name in self.preempt_signals:
             if not isinstance(name, str) or not hasattr(signal, name):
                 raise ValueError(f"trainer.preempt_signals: {name!r} is not a signal name such as 'SIGTERM'")

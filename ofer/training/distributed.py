@@ -93,6 +93,25 @@ class DistContext:
             dist.all_reduce(x, op=dist.ReduceOp.SUM)
         return x
 
+    def all_reduce_mean_(self, tensors: list[Tensor]) -> None:
+        """Each tensor in place: its mean over ranks (sum, then divided by the world size; nothing on one
+        process). Tensors must live on :attr:`device`."""
+        if self.enabled:
+            for x in tensors:
+                dist.all_reduce(x, op=dist.ReduceOp.SUM)
+                x.div_(self.world_size)
+
+    def broadcast_tensors_(self, tensors: list[Tensor]) -> None:
+        """Rank 0's values of ``tensors`` copied into them on every rank (in place; nothing on one process)."""
+        if self.enabled:
+            for x in tensors:
+                if x.is_contiguous():
+                    dist.broadcast(x, src=0)
+                else:  # the collectives take contiguous tensors
+                    y = x.contiguous()
+                    dist.broadcast(y, src=0)
+                    x.copy_(y)
+
     def broadcast_from_main(self, obj: T) -> T:
         """Rank 0's ``obj`` on every rank (picklable objects)."""
         if not self.enabled:

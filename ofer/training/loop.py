@@ -11,19 +11,20 @@ good one) exists, the run continues from it and is bitwise the same run (on CPU;
 non-deterministic kernels) as one that was never interrupted: same weights, optimizer, EMA, LR
 scheduler, RNG streams and next batch.
 
-``trainer.cuda_graph=true`` (one CUDA process): after 2 eager steps the step is captured as two CUDA graphs
-(forward + backward + stats; clip + AdamW + EMA, replayed after the host has read the stats, so non-finite steps
-are skipped as before) and replayed with each batch copied into the captured inputs. Same function as the eager
-step (tests compare weights, EMA and optimizer state); the random draws of the loss (timesteps, noise) come from
-the CUDA generator as before but need not be the same numbers, so a graphed run is not bitwise the same as an
-eager one (nor a resumed graphed run as an uninterrupted one: it runs 2 eager steps after resuming). The loss
-must depend on the batch through its tensors alone (other values, such as names, are not part of the replay). A
-batch of other tensor shapes runs eagerly (event ``cuda_graph_batch_mismatch``, once); a loss that cannot be
-captured (it syncs with the host) is logged (event ``cuda_graph_failed``) and the run goes on eagerly.
-Measured on an H100 (`benchmarks/bench_trainer.py`, 65,536 rows, bf16, compiled): ExpGen 34.98 -> 19.49 ms per
-step, IdGen 34.92 -> 30.37 ms (BENCHMARKS.md).
+``trainer.cuda_graph=true`` (one CUDA process, or several with ``trainer.grad_sync=flat``): after 2 eager steps the
+step is captured as two CUDA graphs (forward + backward + stats; clip + AdamW + EMA, replayed after the host has
+read the stats, so non-finite steps are skipped as before) and replayed with each batch copied into the captured
+inputs. Same function as the eager step (tests compare weights, EMA and optimizer state); the random draws of the
+loss (timesteps, noise) come from the CUDA generator as before but need not be the same numbers, so a graphed run is
+not bitwise the same as an eager one (nor a resumed graphed run as an uninterrupted one: it runs 2 eager steps after
+resuming). The loss must depend on the batch through its tensors alone (other values, such as names, are not part of
+the replay). A batch of other tensor shapes runs eagerly (event ``cuda_graph_batch_mismatch``, once); a loss that
+cannot be captured (it syncs with the host) is logged (event ``cuda_graph_failed``) and the run goes on eagerly.
+Measured on an H100 (`benchmarks/bench_trainer.py`, 65,536 rows, bf16, compiled): ExpGen 34.98 -> 19.49 ms per step,
+IdGen 34.92 -> 30.37 ms (BENCHMARKS.md).
 
-``trainer.compile=true`` compiles the model (``compile_scope=model``) or, with ``compile_scope=loss`` (one process),
+``trainer.compile=true`` compiles the model (``compile_scope=model``) or, with ``compile_scope=loss`` (one process, or
+several with ``trainer.grad_sync=flat``),
 the task's whole ``loss`` around it, so that what the task computes around the network (the diffusion tasks' noise
 mixing and L1 loss) fuses into the same graph. Random draws inside it stay ATen's (inductor's ``fallback_random``):
 they are the eager run's numbers, and the checkpointed RNG state restores them on resume as it does eagerly. The
@@ -33,6 +34,14 @@ CUDA graphs; BENCHMARKS.md). With ``trainer.reduction_launch=one_row`` (the defa
 inductor's 257-512-column norm reductions with >= 3 reductions per kernel one row per warp instead of two
 (``ofer/reduction_launch.py``; events ``reduction_relaunched`` with the number of kernels, or ``reduction_launch``
 where this torch has no heuristic to wrap): IdGen's bare step 20.49 -> 19.95-20.33 ms on an H200.
+
+Several processes: ``trainer.grad_sync=ddp`` (the default) wraps the model in DistributedDataParallel;
+``grad_sync=flat`` (needs ``trainer.flat_params=true``) does not wrap it: rank 0's parameters and buffers are
+broadcast once at the start, and after each backward every group's flat gradient buffer is all-reduced to its
+mean over the ranks (DDP's gradients; the buffers are not synced again, as none of OFER's networks changes one
+in training), so the step is the one-process step plus those all-reduces: the whole loss can be compiled and
+the step captured in CUDA graphs. Why: on 2 x H200 the compiled IdGen step under DDP took 34.7 ms against
+24.3 ms in one process (BENCHMARKS.md, "Session of 2026-11-29, seventh"). Not yet timed on GPUs.
 """
 
 from __future__ import annotations
@@ -329,16 +338,22 @@ class _Trainer:
 
     def _build(self) -> None:
         cfg, task = self.cfg, self.task
-        if cfg.cuda_graph and self.ctx.enabled:
+        # several processes: DistributedDataParallel around the model (trainer.grad_sync=ddp), or no wrapper and
+        # one all-reduce of each flat gradient buffer after the backward (grad_sync=flat), which leaves the step
+        # what it is in one process: the whole loss compiled, CUDA graphs (the all-reduces captured with it)
+        self.sync_flat = self.ctx.enabled and cfg.grad_sync == "flat"
+        wrapped = self.ctx.enabled and not self.sync_flat
+        if cfg.cuda_graph and wrapped:
             raise ValueError(f"trainer.cuda_graph=true captures the step of one process; this run has "
-                             f"{self.ctx.world_size} (DDP). Set trainer.cuda_graph=false for multi-process runs")
+                             f"{self.ctx.world_size} (DDP). Set trainer.cuda_graph=false or trainer.grad_sync=flat "
+                             "for multi-process runs")
         # auto: the whole loss in one process (IdGen 27.22 -> 26.37 ms, ExpGen 17.87 -> 16.15 ms per step on an
-        # H100, BENCHMARKS.md), the model under DDP
-        self.compile_scope = cfg.compile_scope if cfg.compile_scope != "auto" else (
-            "model" if self.ctx.enabled else "loss")
-        if cfg.compile and cfg.compile_scope == "loss" and self.ctx.enabled:
+        # H100, BENCHMARKS.md) and with grad_sync=flat, the model under DDP
+        self.compile_scope = cfg.compile_scope if cfg.compile_scope != "auto" else ("model" if wrapped else "loss")
+        if cfg.compile and cfg.compile_scope == "loss" and wrapped:
             raise ValueError(f"trainer.compile_scope='loss' compiles the loss of one process; this run has "
-                             f"{self.ctx.world_size} (DDP). Use trainer.compile_scope=model for DDP runs")
+                             f"{self.ctx.world_size} (DDP). Use trainer.compile_scope=model or "
+                             "trainer.grad_sync=flat for DDP runs")
         self.model: nn.Module = task.model.to(self.device)
         self.groups = self._check_param_groups(task.param_groups(), self.model)
         self.params = [p for g in self.groups for p in g["params"]]
@@ -347,7 +362,7 @@ class _Trainer:
         self.flat = FlatParameters(self.model, self.groups) if cfg.flat_params else None
         # what the gradient norm, clipping and AdamW see: the groups' buffers, or the parameters
         self.update_params = self.flat.buffers if self.flat is not None else self.params
-        if self.ctx.enabled:
+        if wrapped:
             # DDP broadcasts rank 0's weights here, so the EMA below starts identical on all ranks
             self.ddp: nn.Module = DistributedDataParallel(
                 self.model,
@@ -357,6 +372,8 @@ class _Trainer:
             )
         else:
             self.ddp = self.model
+            if self.sync_flat:  # as DDP does when it is built: rank 0's parameters and buffers on every rank
+                self.ctx.broadcast_tensors_(self._module_state_tensors())
         self._loss: Callable[[Mapping[str, Any]], dict[str, Tensor]] = self._task_loss
         # dynamic=False: every step has the same shapes (the sampler drops the incomplete tail), and a second run
         # in the same process (a Hydra multirun, IdGen then ExpGen) would otherwise recompile the shared code with
@@ -636,6 +653,16 @@ class _Trainer:
                 batch_indices=indices,
             )
 
+    def _module_state_tensors(self) -> list[Tensor]:
+        """The model's parameters and tensor buffers, each once (the flat buffers' views included)."""
+        seen: set[int] = set()
+        out = []
+        for t in [*self.model.parameters(), *self.model.buffers()]:
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                out.append(t.detach())
+        return out
+
     def _task_loss(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         return self.task.loss(self.ddp, batch)
 
@@ -659,6 +686,8 @@ class _Trainer:
         loss.backward()
         if self.flat is not None:
             self.flat.gather_grads()
+            if self.sync_flat:  # the mean over ranks, as DDP's: one all-reduce per group's buffer
+                self.ctx.all_reduce_mean_(self.flat.grads())
         grads = [p.grad for p in self.update_params if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
         stats_t = self.ctx.all_reduce_sum(self._stats(terms, loss, grad_norm, stop))
