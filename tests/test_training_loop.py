@@ -480,21 +480,28 @@ def test_train_frees_its_trainer_before_returning(tmp_path: Path, monkeypatch: p
     assert len(seen) == 1 and seen[0]() is None
 
 
-@pytest.mark.slow
-def test_ddp_two_gloo_ranks_match_each_other_and_one_process(tmp_path: Path) -> None:
+def _toy_two_ranks(run_dir: Path, *extra: str, timeout: int = 300) -> dict[str, Tensor]:
+    """The toy script on two ranks under torchrun (12 steps, deterministic loss, checkpoints at 6 and 12, `extra`
+    arguments); checks the ranks' final weights are bitwise equal and returns rank 0's (on the CPU)."""
     torchrun = VENV_BIN / "torchrun"
     if not torchrun.exists():
         pytest.skip("torchrun not found next to the python executable")
-    ddp_dir = tmp_path / "ddp"
     cmd = [
-        str(torchrun), "--standalone", "--nproc_per_node=2", str(TOY_SCRIPT), "--run-dir", str(ddp_dir),
-        "--max-steps", "12", "--ckpt-every", "6", "--deterministic-loss", "--dump-final",
+        str(torchrun), "--standalone", "--nproc_per_node=2", str(TOY_SCRIPT), "--run-dir", str(run_dir),
+        "--max-steps", "12", "--ckpt-every", "6", "--deterministic-loss", "--dump-final", *extra,
     ]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, timeout=300)
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-    rank0 = torch.load(ddp_dir / "final_rank0.pt", weights_only=True)
-    rank1 = torch.load(ddp_dir / "final_rank1.pt", weights_only=True)
+    rank0 = torch.load(run_dir / "final_rank0.pt", weights_only=True, map_location="cpu")
+    rank1 = torch.load(run_dir / "final_rank1.pt", weights_only=True, map_location="cpu")
     torch.testing.assert_close(rank0, rank1, atol=0, rtol=0)
+    return rank0
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_ranks_match_each_other_and_one_process(tmp_path: Path) -> None:
+    ddp_dir = tmp_path / "ddp"
+    rank0 = _toy_two_ranks(ddp_dir)
     ck = load_checkpoint(ddp_dir / "checkpoints" / "last.pt")
     assert ck["world_size"] == 2 and len(ck["rng"]) == 2
     # the global batch of 8 is split 4 + 4: same gradients as one process on the whole batch
@@ -504,27 +511,12 @@ def test_ddp_two_gloo_ranks_match_each_other_and_one_process(tmp_path: Path) -> 
     assert not list(ddp_dir.glob("metrics*.jsonl"))[1:]  # one log file, written by rank 0 only
 
 
+@pytest.mark.slow
 def test_flat_grad_sync_on_two_gloo_ranks_matches_ddp_and_one_process(tmp_path: Path) -> None:
     """trainer.grad_sync=flat (no DDP wrapper, one all-reduce of the flat gradient buffer): the two ranks end
     bitwise equal although each built its model from its own seed (rank 0's weights are broadcast at the start),
     and equal to DDP and to one process on the whole batch (built from rank 0's seed)."""
-    torchrun = VENV_BIN / "torchrun"
-    if not torchrun.exists():
-        pytest.skip("torchrun not found next to the python executable")
-    finals = {}
-    for sync in ("flat", "ddp"):
-        run_dir = tmp_path / sync
-        cmd = [
-            str(torchrun), "--standalone", "--nproc_per_node=2", str(TOY_SCRIPT), "--run-dir", str(run_dir),
-            "--max-steps", "12", "--ckpt-every", "6", "--deterministic-loss", "--dump-final", "--rank-seeded",
-            "--grad-sync", sync,
-        ]
-        proc = subprocess.run(cmd, env=_env(), capture_output=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-        rank0 = torch.load(run_dir / "final_rank0.pt", weights_only=True)
-        rank1 = torch.load(run_dir / "final_rank1.pt", weights_only=True)
-        torch.testing.assert_close(rank0, rank1, atol=0, rtol=0)
-        finals[sync] = rank0
+    finals = {sync: _toy_two_ranks(tmp_path / sync, "--rank-seeded", "--grad-sync", sync) for sync in ("flat", "ddp")}
     assert not torch.equal(make_task(0).model.weight, make_task(1).model.weight)  # the ranks did start apart
     torch.testing.assert_close(finals["flat"], finals["ddp"], atol=1e-6, rtol=1e-6)
     single = make_task(0, deterministic_loss=True)
@@ -574,21 +566,10 @@ def test_flat_grad_sync_averages_the_buffers_and_allows_the_one_process_step(tmp
 def test_flat_grad_sync_with_cuda_graphs_on_two_gpus_matches_one_process(tmp_path: Path) -> None:
     """grad_sync=flat under NCCL with trainer.cuda_graph=true: the all-reduces are captured with the step; the two
     ranks end bitwise equal (each built from its own seed) and equal to one graphed process on the whole batch."""
-    torchrun = VENV_BIN / "torchrun"
-    if not torchrun.exists():
-        pytest.skip("torchrun not found next to the python executable")
     run_dir = tmp_path / "flat"
-    cmd = [
-        str(torchrun), "--standalone", "--nproc_per_node=2", str(TOY_SCRIPT), "--run-dir", str(run_dir),
-        "--max-steps", "12", "--ckpt-every", "6", "--deterministic-loss", "--dump-final", "--rank-seeded",
-        "--grad-sync", "flat", "--cuda-graph", "--device", "cuda",
-    ]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    rank0 = _toy_two_ranks(run_dir, "--rank-seeded", "--grad-sync", "flat", "--cuda-graph", "--device", "cuda",
+                           timeout=600)
     assert _events(run_dir, "cuda_graph_captured") and not _events(run_dir, "cuda_graph_failed")
-    rank0 = torch.load(run_dir / "final_rank0.pt", weights_only=True, map_location="cpu")
-    rank1 = torch.load(run_dir / "final_rank1.pt", weights_only=True, map_location="cpu")
-    torch.testing.assert_close(rank0, rank1, atol=0, rtol=0)
     single = make_task(0, deterministic_loss=True, record_seen=False)
     _cuda_run(single, tmp_path / "single", max_steps=12, ckpt_every=6, cuda_graph=True)
     torch.testing.assert_close(rank0, {k: v.cpu() for k, v in single.model.state_dict().items()}, atol=1e-5,
