@@ -18,10 +18,10 @@ samples = candidates; `--compile-scope none,model,loss` compares eager with both
 
 Under `torchrun --nproc_per_node=W` every row trains on W processes with `--items-per-step` and `--items` per
 process (trainer.batch_size is global, so W times those), each `--grad-sync` value a row (ddp: DistributedDataParallel
-around the model; flat: one all-reduce per flat gradient buffer, the one-process step otherwise); samples/s count
-all processes, and rank 0 prints and writes the JSON:
+around the model; flat: one all-reduce per flat gradient buffer, the one-process step otherwise; CUDA graphs are
+one-process, so `--graph false`); samples/s count all processes, and rank 0 prints and writes the JSON:
 
-    torchrun --standalone --nproc_per_node=2 benchmarks/bench_trainer.py --jobs idgen --graph false,true \
+    torchrun --standalone --nproc_per_node=2 benchmarks/bench_trainer.py --jobs idgen --graph false \
         --grad-sync ddp,flat --json $OUT/trainer_ddp.json
 """
 from __future__ import annotations
@@ -240,8 +240,8 @@ def main() -> None:
                          "TORCHINDUCTOR_CACHE_DIRs")
     ap.add_argument("--grad-sync", default="ddp", metavar="ddp|flat|ddp,flat",
                     help="under torchrun: trainer.grad_sync values to run (ddp: DistributedDataParallel; flat: one "
-                         "all-reduce per flat gradient buffer, with the whole loss compiled and CUDA graphs as in one "
-                         "process); one process: ignored, one row")
+                         "all-reduce per flat gradient buffer, with the whole loss compiled as in one process); one "
+                         "process: ignored, one row")
     add_min_reductions(ap)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()

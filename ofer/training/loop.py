@@ -11,17 +11,17 @@ good one) exists, the run continues from it and is bitwise the same run (on CPU;
 non-deterministic kernels) as one that was never interrupted: same weights, optimizer, EMA, LR
 scheduler, RNG streams and next batch.
 
-``trainer.cuda_graph=true`` (one CUDA process, or several with ``trainer.grad_sync=flat``): after 2 eager steps the
-step is captured as two CUDA graphs (forward + backward + stats; clip + AdamW + EMA, replayed after the host has
-read the stats, so non-finite steps are skipped as before) and replayed with each batch copied into the captured
-inputs. Same function as the eager step (tests compare weights, EMA and optimizer state); the random draws of the
-loss (timesteps, noise) come from the CUDA generator as before but need not be the same numbers, so a graphed run is
-not bitwise the same as an eager one (nor a resumed graphed run as an uninterrupted one: it runs 2 eager steps after
-resuming). The loss must depend on the batch through its tensors alone (other values, such as names, are not part of
-the replay). A batch of other tensor shapes runs eagerly (event ``cuda_graph_batch_mismatch``, once); a loss that
-cannot be captured (it syncs with the host) is logged (event ``cuda_graph_failed``) and the run goes on eagerly.
-Measured on an H100 (`benchmarks/bench_trainer.py`, 65,536 rows, bf16, compiled): ExpGen 34.98 -> 19.49 ms per step,
-IdGen 34.92 -> 30.37 ms (BENCHMARKS.md).
+``trainer.cuda_graph=true`` (one CUDA process): after 2 eager steps the step is captured as two CUDA graphs
+(forward + backward + stats; clip + AdamW + EMA, replayed after the host has read the stats, so non-finite steps
+are skipped as before) and replayed with each batch copied into the captured inputs. Same function as the eager
+step (tests compare weights, EMA and optimizer state); the random draws of the loss (timesteps, noise) come from
+the CUDA generator as before but need not be the same numbers, so a graphed run is not bitwise the same as an eager
+one (nor a resumed graphed run as an uninterrupted one: it runs 2 eager steps after resuming). The loss must depend
+on the batch through its tensors alone (other values, such as names, are not part of the replay). A batch of other
+tensor shapes runs eagerly (event ``cuda_graph_batch_mismatch``, once); a loss that cannot be captured (it syncs
+with the host) is logged (event ``cuda_graph_failed``) and the run goes on eagerly. Measured on an H100
+(`benchmarks/bench_trainer.py`, 65,536 rows, bf16, compiled): ExpGen 34.98 -> 19.49 ms per step, IdGen 34.92 ->
+30.37 ms (BENCHMARKS.md).
 
 ``trainer.compile=true`` compiles the model (``compile_scope=model``) or, with ``compile_scope=loss`` (one process, or
 several with ``trainer.grad_sync=flat``),
@@ -39,8 +39,8 @@ Several processes: ``trainer.grad_sync=ddp`` (the default) wraps the model in Di
 ``grad_sync=flat`` (needs ``trainer.flat_params=true``) does not wrap it: rank 0's parameters and buffers are
 broadcast once at the start, and after each backward every group's flat gradient buffer is all-reduced to its
 mean over the ranks (DDP's gradients; the buffers are not synced again, as none of OFER's networks changes one
-in training), so the step is the one-process step plus those all-reduces: the whole loss can be compiled and
-the step captured in CUDA graphs. Why: on 2 x H200 the compiled IdGen step under DDP took 34.7 ms against
+in training), so the step is the one-process step plus those all-reduces and the whole loss can be compiled (CUDA
+graphs stay one-process: see `_build`). Why: on 2 x H200 the compiled IdGen step under DDP took 34.7 ms against
 24.3 ms in one process (BENCHMARKS.md, "Session of 2026-11-29, seventh"). Not yet timed on GPUs.
 """
 
@@ -340,13 +340,14 @@ class _Trainer:
         cfg, task = self.cfg, self.task
         # several processes: DistributedDataParallel around the model (trainer.grad_sync=ddp), or no wrapper and
         # one all-reduce of each flat gradient buffer after the backward (grad_sync=flat), which leaves the step
-        # what it is in one process: the whole loss compiled, CUDA graphs (the all-reduces captured with it)
+        # what it is in one process (the whole loss compiled). CUDA graphs stay one-process: capturing the
+        # all-reduces has not run on GPUs here, and PyTorch has open reports of hangs with captured NCCL
+        # collectives (pytorch#115388 at destroy_process_group, pytorch#196133 with host syncs after replays)
         self.sync_flat = self.ctx.enabled and cfg.grad_sync == "flat"
         wrapped = self.ctx.enabled and not self.sync_flat
-        if cfg.cuda_graph and wrapped:
+        if cfg.cuda_graph and self.ctx.enabled:
             raise ValueError(f"trainer.cuda_graph=true captures the step of one process; this run has "
-                             f"{self.ctx.world_size} (DDP). Set trainer.cuda_graph=false or trainer.grad_sync=flat "
-                             "for multi-process runs")
+                             f"{self.ctx.world_size} (DDP). Set trainer.cuda_graph=false for multi-process runs")
         # auto: the whole loss in one process (IdGen 27.22 -> 26.37 ms, ExpGen 17.87 -> 16.15 ms per step on an
         # H100, BENCHMARKS.md) and with grad_sync=flat, the model under DDP
         self.compile_scope = cfg.compile_scope if cfg.compile_scope != "auto" else ("model" if wrapped else "loss")
