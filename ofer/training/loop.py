@@ -349,7 +349,7 @@ class _Trainer:
             raise ValueError(f"trainer.cuda_graph=true captures the step of one process; this run has "
                              f"{self.ctx.world_size} (DDP). Set trainer.cuda_graph=false for multi-process runs")
         # auto: the whole loss in one process (IdGen 27.22 -> 26.37 ms, ExpGen 17.87 -> 16.15 ms per step on an
-        # H100, BENCHMARKS.md) and with grad_sync=flat, the model under DDP
+        # H100, BENCHMARKS.md) and under grad_sync=flat; the model inside DDP's wrapper (grad_sync=ddp)
         self.compile_scope = cfg.compile_scope if cfg.compile_scope != "auto" else ("model" if wrapped else "loss")
         if cfg.compile and cfg.compile_scope == "loss" and wrapped:
             raise ValueError(f"trainer.compile_scope='loss' compiles the loss of one process; this run has "
@@ -659,7 +659,7 @@ class _Trainer:
         seen: set[int] = set()
         out = []
         for t in [*self.model.parameters(), *self.model.buffers()]:
-            if t is not None and id(t) not in seen:
+            if id(t) not in seen:
                 seen.add(id(t))
                 out.append(t.detach())
         return out
