@@ -17,12 +17,16 @@ samples = candidates; `--compile-scope none,model,loss` compares eager with both
     python benchmarks/bench_trainer.py --cpu --rows-per-item 8 --items-per-step 4 --steps 7 --warmup 3  # smoke
 
 Under `torchrun --nproc_per_node=W` every row trains on W processes with `--items-per-step` and `--items` per
-process (trainer.batch_size is global, so W times those), each `--grad-sync` value a row (ddp: DistributedDataParallel
-around the model; flat: one all-reduce per flat gradient buffer, the one-process step otherwise; CUDA graphs are
-one-process, so `--graph false`); samples/s count all processes, and rank 0 prints and writes the JSON:
+process (trainer.batch_size is global, so W times those), each `--grad-sync` value a row (auto, the default: what
+the trainer picks, flat with flat params; flat: one all-reduce per flat gradient buffer, the one-process step
+otherwise; ddp: DistributedDataParallel around the model, compiled alone; CUDA graphs are one-process, so
+`--graph false`); samples/s count all processes, and rank 0 prints and writes the JSON. Goal 5 (scaling over one
+GPU at equal per-GPU batch) is the first command against the second, run in alternation:
 
-    torchrun --standalone --nproc_per_node=2 benchmarks/bench_trainer.py --jobs idgen --graph false \
-        --grad-sync ddp,flat --json $OUT/trainer_ddp.json
+    torchrun --standalone --nproc_per_node=2 benchmarks/bench_trainer.py --jobs idgen,expgen --graph false \
+        --json $OUT/trainer_x2.json
+    CUDA_VISIBLE_DEVICES=0 python benchmarks/bench_trainer.py --jobs idgen,expgen --graph false \
+        --json $OUT/trainer_x1.json
 """
 from __future__ import annotations
 
@@ -52,7 +56,7 @@ from ofer.models.ranker import IdRanker  # noqa: E402
 from ofer.synthetic.assets import ensure_synthetic_flame  # noqa: E402
 from ofer.tasks.ranker import RankerTask  # noqa: E402
 from ofer.training import train  # noqa: E402
-from ofer.training.config import REDUCTION_LAUNCHES  # noqa: E402
+from ofer.training.config import REDUCTION_LAUNCHES, TrainerConfig  # noqa: E402
 
 
 class _Indices(torch.utils.data.Dataset):
@@ -132,7 +136,7 @@ def world_size() -> int:
 
 
 def run(kind: str, graph: bool, args: argparse.Namespace, device: str, pad: bool = False,
-        scope: str = "model", flat: bool = True, sync: str = "ddp") -> dict:
+        scope: str = "auto", flat: bool = True, sync: str = "auto") -> dict:
     world = world_size()
     with tempfile.TemporaryDirectory() as flame_dir:
         task = (PoolTask(args.items * world, args.candidates, device, flame_dir) if kind == "idrank"
@@ -144,6 +148,10 @@ def run(kind: str, graph: bool, args: argparse.Namespace, device: str, pad: bool
            "compile": device == "cuda" and scope != "none", "cuda_graph": graph,
            "compile_scope": "auto" if scope == "none" else scope, "progress": False, "seed": 0, "flat_params": flat,
            "reduction_launch": args.reduction_launch, "grad_sync": sync}
+    # what the trainer resolves auto to in this run (grad_sync: only where several processes sync)
+    resolved = TrainerConfig.from_mapping(cfg)
+    scope = scope if scope == "none" else resolved.compile_scope_for(world > 1)
+    sync = resolved.grad_sync_mode if world > 1 else "none"
     ends: dict[int, float] = {}
     prof = None
 
@@ -215,10 +223,11 @@ def main() -> None:
                     help="comma list of token_attention_kernel.PROJECT_TRAINING_MAX_WIDTH values to run (the widest "
                          "attention input trained through the projecting kernel; 0: none); default: the module's, "
                          "which on a card in CARD_PROJECT_TRAINING_MAX_WIDTH is that card's (H200: 16)")
-    ap.add_argument("--compile-scope", default="loss",
-                    help="comma list of trainer.compile_scope values to run (model: the network compiled; loss, what "
-                         "the default auto picks in one process: the task's whole loss around it, q_sample and the L1 "
-                         "loss included; none: trainer.compile=false, eager)")
+    ap.add_argument("--compile-scope", default="auto",
+                    help="comma list of trainer.compile_scope values to run (auto, the default: what the trainer "
+                         "picks, loss except under DDP; model: the network compiled; loss: the task's whole loss "
+                         "around it, q_sample and the L1 loss included; none: trainer.compile=false, eager); rows "
+                         "name the scope auto resolved to")
     ap.add_argument("--flat-params", default="true", metavar="true|false|false,true",
                     help="trainer.flat_params values to run (comma list; true, the default: AdamW, clipping and EMA "
                          "over one buffer per param group)")
@@ -238,10 +247,11 @@ def main() -> None:
                     help="trainer.reduction_launch (one_row, the default: inductor's 257-512-column norm reductions "
                          "with >= 3 reductions one row per warp); compare in separate processes with fresh "
                          "TORCHINDUCTOR_CACHE_DIRs")
-    ap.add_argument("--grad-sync", default="ddp", metavar="ddp|flat|ddp,flat",
-                    help="under torchrun: trainer.grad_sync values to run (ddp: DistributedDataParallel; flat: one "
-                         "all-reduce per flat gradient buffer, with the whole loss compiled as in one process); one "
-                         "process: ignored, one row")
+    ap.add_argument("--grad-sync", default="auto", metavar="auto|ddp|flat|ddp,flat",
+                    help="under torchrun: trainer.grad_sync values to run (auto, the default: the trainer's pick, "
+                         "flat with flat params; ddp: DistributedDataParallel; flat: one all-reduce per flat gradient "
+                         "buffer, with the whole loss compiled as in one process); rows name the mode auto resolved "
+                         "to; one process: ignored, one row, grad_sync 'none'")
     add_min_reductions(ap)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -262,12 +272,12 @@ def main() -> None:
     try:
         pads = [v == "true" for v in comma_choices(args.pad_widths, ("true", "false"), "--pad-widths")]
         widths = project_training_widths(args.project_training)
-        scopes = comma_choices(args.compile_scope, ("model", "loss", "none"), "--compile-scope")
+        scopes = comma_choices(args.compile_scope, ("auto", "model", "loss", "none"), "--compile-scope")
         jobs = comma_choices(args.jobs, ("idgen", "expgen", "idrank"), "--jobs")
         flats = [v == "true" for v in comma_choices(args.flat_params, ("true", "false"), "--flat-params")]
         extra = inductor_extra(args.inductor)
-        syncs = comma_choices(args.grad_sync, ("ddp", "flat"), "--grad-sync")
-        syncs = syncs if world > 1 else ["ddp"]  # one process: nothing to sync, one row
+        syncs = comma_choices(args.grad_sync, ("auto", "ddp", "flat"), "--grad-sync")
+        syncs = syncs if world > 1 else ["auto"]  # one process: nothing to sync, one row
     except ValueError as exc:
         ap.error(str(exc))
     LOSS_SCOPE_OPTIONS.update(extra)  # the trainer reads this dict when it compiles the loss

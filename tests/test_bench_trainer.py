@@ -33,6 +33,7 @@ def test_bench_trainer_times_a_generator_and_idrank_on_the_cpu(tmp_path: Path) -
     assert rows[1]["rows_per_step"] == 2 * 6  # images x candidates
     assert rows[1]["params"] == 59_505_986  # the paper-sized IdRanker (1,785 face vertices)
     assert all(r["inductor_extra"] == {"max_autotune_pointwise": True} for r in rows)
+    assert all(r["grad_sync"] == "none" and r["world_size"] == 1 for r in rows)  # one process: nothing synced
 
 
 def test_bench_trainer_rejects_a_malformed_inductor_option() -> None:
@@ -75,17 +76,18 @@ def test_bench_trainer_host_times_the_loops_own_work(tmp_path: Path) -> None:
 
 def test_bench_trainer_under_torchrun_runs_each_grad_sync_on_two_gloo_processes(tmp_path: Path) -> None:
     """Two processes on the CPU: a row per --grad-sync value, each trained on both (global batch 2 x 4 items),
-    samples/s counting both; rank 0 alone writes the JSON."""
+    samples/s counting both; rank 0 alone writes the JSON. Rows name what auto resolved to: the sync (flat, with
+    the default flat params) and the compile scope (the whole loss, or the model alone inside DDP)."""
     out = tmp_path / "trainer_ddp.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "benchmarks/bench_trainer.py", "--cpu", "--jobs", "idgen", "--rows-per-item", "8", "--items-per-step", "4",
-           "--items", "8", "--steps", "6", "--warmup", "2", "--compile-scope", "none", "--grad-sync", "ddp,flat",
-           "--json", str(out)]
+           "--items", "8", "--steps", "6", "--warmup", "2", "--grad-sync", "auto,ddp,flat", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, check=False, timeout=600, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["grad_sync"], r["world_size"]) for r in rows] == [("ddp", 2), ("flat", 2)]
+    assert [(r["grad_sync"], r["compile_scope"], r["world_size"]) for r in rows] == [
+        ("flat", "loss", 2), ("ddp", "model", 2), ("flat", "loss", 2)]
     for r in rows:
         assert "error" not in r, r
         assert r["rows_per_step"] == 4 * 8  # per process
@@ -96,4 +98,4 @@ def test_bench_trainer_rejects_a_bad_grad_sync() -> None:
     cmd = [sys.executable, "benchmarks/bench_trainer.py", "--cpu", "--grad-sync", "ddp,nccl"]
     proc = subprocess.run(cmd, check=False, cwd=ROOT, timeout=300, capture_output=True, text=True)
     assert proc.returncode == 2
-    assert "--grad-sync 'ddp,nccl': expected a comma list of ddp, flat" in proc.stderr, proc.stderr
+    assert "--grad-sync 'ddp,nccl': expected a comma list of auto, ddp, flat" in proc.stderr, proc.stderr

@@ -524,6 +524,8 @@ def test_flat_grad_sync_on_two_gloo_ranks_matches_ddp_and_one_process(tmp_path: 
     torch.testing.assert_close(finals["flat"], single.model.state_dict(), atol=1e-5, rtol=1e-5)
     ck = load_checkpoint(tmp_path / "flat" / "checkpoints" / "last.pt")
     assert ck["world_size"] == 2 and ck["step"] == 12
+    for sync in ("flat", "ddp"):  # the mode each run used, logged once by rank 0
+        assert [(e["mode"], e["world_size"]) for e in _events(tmp_path / sync, "grad_sync")] == [(sync, 2)]
 
 
 def test_flat_grad_sync_averages_the_buffers_and_allows_the_one_process_step(tmp_path: Path) -> None:
@@ -545,7 +547,7 @@ def test_flat_grad_sync_averages_the_buffers_and_allows_the_one_process_step(tmp
         assert trainer.compile_scope == "loss" and trainer.ddp is trainer.model
         assert trainer._loss is not trainer._task_loss  # the whole loss compiled
         cfg = TrainerConfig.from_mapping(toy_trainer_cfg(cuda_graph=True, grad_sync="flat"))
-        with pytest.raises(ValueError, match=r"trainer.cuda_graph=true .* this run has 2 \(DDP\)"):
+        with pytest.raises(ValueError, match=r"trainer.cuda_graph=true .* this run has 2 processes\. Set"):
             _Trainer(make_task(0), cfg, tmp_path, ctx, {}, {}, None)._build()
 
         cfg = TrainerConfig.from_mapping(toy_trainer_cfg(grad_sync="flat"))
@@ -578,7 +580,8 @@ def test_flat_grad_sync_on_two_gpus_matches_one_process(tmp_path: Path) -> None:
 
 
 def test_grad_sync_config_errors() -> None:
-    with pytest.raises(ValueError, match=r"trainer.grad_sync='nccl' is not allowed; expected one of \['ddp', 'flat'\]"):
+    with pytest.raises(ValueError,
+                       match=r"trainer.grad_sync='nccl' is not allowed; expected one of \['auto', 'ddp', 'flat'\]"):
         TrainerConfig.from_mapping(toy_trainer_cfg(grad_sync="nccl"))
     with pytest.raises(ValueError, match=r"trainer.grad_sync='flat' all-reduces the flat gradient buffers .* "
                                          r"set trainer.flat_params=true"):
@@ -603,7 +606,8 @@ def test_cuda_graph_is_ignored_on_cpu(tmp_path: Path) -> None:
 
 
 def test_cuda_graph_with_ddp_is_a_config_error() -> None:
-    """trainer.cuda_graph=true under DDP fails before anything is built, naming the key and the world size."""
+    """trainer.cuda_graph=true under several processes (here the default grad_sync, flat) fails before anything is
+    built, naming the key and the world size."""
     from types import SimpleNamespace
 
     from ofer.training.loop import _Trainer
@@ -611,7 +615,7 @@ def test_cuda_graph_with_ddp_is_a_config_error() -> None:
     cfg = TrainerConfig.from_mapping(toy_trainer_cfg(cuda_graph=True))
     ctx = SimpleNamespace(enabled=True, world_size=2, rank=0, is_main=True, device=torch.device("cpu"))
     trainer = _Trainer(make_task(0), cfg, Path("unused"), ctx, {}, {}, None)
-    with pytest.raises(ValueError, match=r"trainer.cuda_graph=true .* this run has 2 \(DDP\)"):
+    with pytest.raises(ValueError, match=r"trainer.cuda_graph=true .* this run has 2 processes\. Set"):
         trainer._build()
 
 
@@ -621,32 +625,47 @@ def test_compile_scope_loss_with_ddp_is_a_config_error() -> None:
 
     from ofer.training.loop import _Trainer
 
-    cfg = TrainerConfig.from_mapping(toy_trainer_cfg(compile=True, compile_scope="loss"))
+    cfg = TrainerConfig.from_mapping(toy_trainer_cfg(compile=True, compile_scope="loss", grad_sync="ddp"))
     ctx = SimpleNamespace(enabled=True, world_size=2, rank=0, is_main=True, device=torch.device("cpu"))
     trainer = _Trainer(make_task(0), cfg, Path("unused"), ctx, {}, {}, None)
     with pytest.raises(ValueError, match=r"trainer.compile_scope='loss' .* this run has 2 \(DDP\)"):
         trainer._build()
 
 
-def test_compile_scope_auto_compiles_the_model_under_ddp(tmp_path: Path) -> None:
-    """The default trainer.compile_scope=auto picks the model under DDP (here a real one-rank gloo group), where an
-    explicit `loss` is an error; in one process it picks the loss (test_compiled_loss_trains_like_eager_on_cpu)."""
-    from types import SimpleNamespace
-
+@pytest.mark.parametrize(("overrides", "mode", "scope"), [
+    ({}, "flat", "loss"),  # the defaults: grad_sync=auto with flat params
+    ({"flat_params": False}, "ddp", "model"),
+    ({"ddp_find_unused_parameters": True}, "ddp", "model"),
+    ({"grad_sync": "ddp"}, "ddp", "model"),
+])
+def test_auto_grad_sync_and_compile_scope_under_several_processes(tmp_path: Path, overrides: dict, mode: str,
+                                                                   scope: str) -> None:
+    """Under several processes (a real one-rank gloo group standing in for two ranks) the default
+    trainer.grad_sync=auto trains without DDP's wrapper where flat gradient buffers exist and no unused parameters
+    are searched for (only DDP does that), and wraps the model in DDP otherwise; compile_scope=auto then compiles
+    the whole loss, or the model alone inside DDP (where an explicit `loss` is an error)."""
     import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
 
+    from ofer.training.distributed import DistContext
     from ofer.training.loop import _Trainer
 
-    cfg = TrainerConfig.from_mapping(toy_trainer_cfg(compile=True))
-    assert cfg.compile_scope == "auto"
-    ctx = SimpleNamespace(enabled=True, world_size=1, rank=0, is_main=True, device=torch.device("cpu"))
+    cfg = TrainerConfig.from_mapping(toy_trainer_cfg(compile=True, **overrides))
+    assert cfg.compile_scope == "auto" and cfg.grad_sync == overrides.get("grad_sync", "auto")
+    assert (cfg.grad_sync_mode, cfg.compile_scope_for(True), cfg.compile_scope_for(False)) == (mode, scope, "loss")
+    ctx = DistContext(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))  # one real rank of "two"
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         trainer = _Trainer(make_task(0), cfg, tmp_path, ctx, {}, {}, None)
         trainer._build()
-        assert trainer.compile_scope == "model"
-        assert isinstance(trainer.ddp, torch._dynamo.eval_frame.OptimizedModule)  # the DDP module, compiled
-        assert trainer._loss == trainer._task_loss  # the loss itself is not
+        assert trainer.compile_scope == scope
+        if mode == "ddp":
+            assert isinstance(trainer.ddp, torch._dynamo.eval_frame.OptimizedModule)  # the DDP module, compiled
+            assert isinstance(trainer.ddp._orig_mod, DistributedDataParallel)
+            assert trainer._loss == trainer._task_loss  # the loss itself is not
+        else:
+            assert trainer.ddp is trainer.model and trainer.sync_flat
+            assert trainer._loss is not trainer._task_loss  # the whole loss compiled
     finally:
         dist.destroy_process_group()
 

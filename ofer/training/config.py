@@ -18,7 +18,8 @@ PRECISIONS = ("fp32", "bf16")
 NAN_POLICIES = ("stop", "skip")
 COMPILE_SCOPES = ("auto", "model", "loss")
 REDUCTION_LAUNCHES = ("one_row", "inductor")
-GRAD_SYNCS = ("ddp", "flat")  # trainer.grad_sync: DistributedDataParallel, or one all-reduce per flat buffer
+# trainer.grad_sync: DistributedDataParallel, one all-reduce per flat buffer, or auto (flat where it applies)
+GRAD_SYNCS = ("auto", "ddp", "flat")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,7 +57,7 @@ class TrainerConfig:
     model_keys: tuple[str, ...] = ("model",)
     ddp_find_unused_parameters: bool = False
     ddp_gradient_as_bucket_view: bool = True
-    grad_sync: str = "ddp"
+    grad_sync: str = "auto"
     preempt_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR2")
     progress: bool = True
     compile: bool = False
@@ -123,6 +124,21 @@ class TrainerConfig:
         for name in self.preempt_signals:
             if not isinstance(name, str) or not hasattr(signal, name):
                 raise ValueError(f"trainer.preempt_signals: {name!r} is not a signal name such as 'SIGTERM'")
+
+    @property
+    def grad_sync_mode(self) -> str:
+        """``grad_sync`` with ``auto`` resolved: ``flat`` where it applies (``flat_params=true`` and no search for
+        unused parameters, which only DDP does), else ``ddp``. Used only when several processes train."""
+        if self.grad_sync != "auto":
+            return self.grad_sync
+        return "flat" if self.flat_params and not self.ddp_find_unused_parameters else "ddp"
+
+    def compile_scope_for(self, distributed: bool) -> str:
+        """``compile_scope`` with ``auto`` resolved for a run in one process (``distributed=False``) or several:
+        the model inside DDP's wrapper (several processes, ``grad_sync_mode`` ddp), else the task's whole loss."""
+        if self.compile_scope != "auto":
+            return self.compile_scope
+        return "model" if distributed and self.grad_sync_mode == "ddp" else "loss"
 
     @property
     def clip_norm(self) -> float | None:

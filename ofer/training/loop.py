@@ -24,24 +24,28 @@ with the host) is logged (event ``cuda_graph_failed``) and the run goes on eager
 30.37 ms (BENCHMARKS.md).
 
 ``trainer.compile=true`` compiles the model (``compile_scope=model``) or, with ``compile_scope=loss`` (one process, or
-several with ``trainer.grad_sync=flat``),
+several with ``trainer.grad_sync=flat``, the default there),
 the task's whole ``loss`` around it, so that what the task computes around the network (the diffusion tasks' noise
 mixing and L1 loss) fuses into the same graph. Random draws inside it stay ATen's (inductor's ``fallback_random``):
 they are the eager run's numbers, and the checkpointed RNG state restores them on resume as it does eagerly. The
-default ``compile_scope=auto`` is ``loss`` in one process and ``model`` under DDP (event ``compile`` names it):
+default ``compile_scope=auto`` is ``loss`` except under DDP (``grad_sync=ddp``), ``model`` there (event ``compile``
+names it):
 IdGen 27.22 -> 26.37 ms and ExpGen 17.87 -> 16.15 ms per step with the loss compiled (H100, 65,536 rows, bf16,
 CUDA graphs; BENCHMARKS.md). With ``trainer.reduction_launch=one_row`` (the default) a compiled CUDA run launches
 inductor's 257-512-column norm reductions with >= 3 reductions per kernel one row per warp instead of two
 (``ofer/reduction_launch.py``; events ``reduction_relaunched`` with the number of kernels, or ``reduction_launch``
 where this torch has no heuristic to wrap): IdGen's bare step 20.49 -> 19.95-20.33 ms on an H200.
 
-Several processes: ``trainer.grad_sync=ddp`` (the default) wraps the model in DistributedDataParallel;
-``grad_sync=flat`` (needs ``trainer.flat_params=true``) does not wrap it: rank 0's parameters and buffers are
-broadcast once at the start, and after each backward every group's flat gradient buffer is all-reduced to its
-mean over the ranks (DDP's gradients; the buffers are not synced again, as none of OFER's networks changes one
-in training), so the step is the one-process step plus those all-reduces and the whole loss can be compiled (CUDA
-graphs stay one-process: see `_build`). Why: on 2 x H200 the compiled IdGen step under DDP took 34.7 ms against
-24.3 ms in one process (BENCHMARKS.md, "Session of 2026-11-29, seventh"). Not yet timed on GPUs.
+Several processes: ``trainer.grad_sync=flat`` (what the default ``auto`` picks with ``trainer.flat_params=true``)
+does not wrap the model: rank 0's parameters and buffers are broadcast once at the start, and after each backward
+every group's flat gradient buffer is all-reduced to its mean over the ranks (DDP's gradients; the buffers are
+not synced again, as none of OFER's networks changes one in training), so the step is the one-process step plus
+those all-reduces and the whole loss can be compiled (CUDA graphs stay one-process: see `_build`).
+``grad_sync=ddp`` (what ``auto`` picks without flat params or with ``ddp_find_unused_parameters=true``) wraps the
+model in DistributedDataParallel. Event ``grad_sync`` names the mode. Measured on 2 x H200 (65,536 rows per GPU,
+bf16, compiled, `benchmarks/bench_trainer.py`; BENCHMARKS.md, "Session of 2026-11-29, eighth"): flat IdGen
+1.82-1.93x one GPU in the same call, ExpGen 1.56-2.09x; the DDP step took 2.6x (ExpGen) to 4.4x (IdGen) as long as
+flat's in the same call.
 """
 
 from __future__ import annotations
@@ -339,18 +343,19 @@ class _Trainer:
     def _build(self) -> None:
         cfg, task = self.cfg, self.task
         # several processes: DistributedDataParallel around the model (trainer.grad_sync=ddp), or no wrapper and
-        # one all-reduce of each flat gradient buffer after the backward (grad_sync=flat), which leaves the step
+        # one all-reduce of each flat gradient buffer after the backward (grad_sync=flat; what auto picks with
+        # flat params and no search for unused parameters: cfg.grad_sync_mode), which leaves the step
         # what it is in one process (the whole loss compiled). CUDA graphs stay one-process: capturing the
         # all-reduces has not run on GPUs here, and PyTorch has open reports of hangs with captured NCCL
         # collectives (pytorch#115388 at destroy_process_group, pytorch#196133 with host syncs after replays)
-        self.sync_flat = self.ctx.enabled and cfg.grad_sync == "flat"
+        self.sync_flat = self.ctx.enabled and cfg.grad_sync_mode == "flat"
         wrapped = self.ctx.enabled and not self.sync_flat
         if cfg.cuda_graph and self.ctx.enabled:
             raise ValueError(f"trainer.cuda_graph=true captures the step of one process; this run has "
-                             f"{self.ctx.world_size} (DDP). Set trainer.cuda_graph=false for multi-process runs")
+                             f"{self.ctx.world_size} processes. Set trainer.cuda_graph=false for multi-process runs")
         # auto: the whole loss in one process (IdGen 27.22 -> 26.37 ms, ExpGen 17.87 -> 16.15 ms per step on an
         # H100, BENCHMARKS.md) and under grad_sync=flat; the model inside DDP's wrapper (grad_sync=ddp)
-        self.compile_scope = cfg.compile_scope if cfg.compile_scope != "auto" else ("model" if wrapped else "loss")
+        self.compile_scope = cfg.compile_scope_for(self.ctx.enabled)
         if cfg.compile and cfg.compile_scope == "loss" and wrapped:
             raise ValueError(f"trainer.compile_scope='loss' compiles the loss of one process; this run has "
                              f"{self.ctx.world_size} (DDP). Use trainer.compile_scope=model or "
@@ -892,6 +897,8 @@ class _Trainer:
                 self._event("cuda_graph_ignored_on_cpu", device=str(self.device))
             if cfg.compile:  # what trainer.compile_scope (auto by default) compiles in this run
                 self._event("compile", scope=self.compile_scope)
+            if self.ctx.enabled:  # how the processes sync (trainer.grad_sync, auto by default)
+                self._event("grad_sync", mode="flat" if self.sync_flat else "ddp", world_size=self.ctx.world_size)
             self._resume()
             self.sampler = DeterministicBatchSampler(
                 num_items=self.num_items,
