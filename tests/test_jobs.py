@@ -3,6 +3,9 @@ training (with resume), reconstruction into the NoW layout, and the bad-input pa
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +86,34 @@ def test_idgen_trains_and_resumes(idgen_run, tiny_root):
     with pytest.raises(Exception, match="model"):
         train_generator(_cfg("train_idgen", tiny_root, run, "trainer.max_steps=8", "trainer.batch_size=2",
                              "model.widths=[300,40,10]", *SMALL_GEN), run_dir=run)
+
+
+def test_idgen_script_trains_on_two_processes_and_resumes_on_one(tiny_root, tmp_path):
+    """`torchrun --nproc_per_node=2 scripts/train_idgen.py` (gloo on the CPU), the README's two-GPU command: with the
+    default trainer.grad_sync=auto both processes train without DDP's wrapper (event grad_sync: flat, 2 processes),
+    rank 0 alone writes the log and the checkpoints, and one process resumes the run (its RNG seeded afresh, as
+    the number of processes changed)."""
+    from ofer.jobs import train_generator
+    from ofer.training import load_checkpoint
+
+    run = tmp_path / "run"
+    overrides = [f"paths.synthetic_dir={tiny_root}", f"paths.data_dir={tiny_root}", f"paths.output_dir={run}",
+                 f"hydra.run.dir={run}", "device=cpu", "trainer.max_steps=4", "trainer.batch_size=4", *SMALL_GEN]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "scripts/train_idgen.py", *overrides]
+    proc = subprocess.run(cmd, cwd=Path(CONFIGS).parent, check=False, timeout=900, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [p.name for p in run.glob("metrics*.jsonl")] == ["metrics.jsonl"]
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(x["mode"], x["world_size"]) for x in lines if x.get("event") == "grad_sync"] == [("flat", 2)]
+    ck = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert ck["world_size"] == 2 and ck["step"] == 4 and ck["task_name"] == "idgen"
+    res = train_generator(_cfg("train_idgen", tiny_root, run, "trainer.max_steps=6", "trainer.batch_size=4",
+                               *SMALL_GEN), run_dir=run)
+    assert res.step == 6
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["old_world_size"] for x in lines if x.get("event") == "rng_reseeded_on_resume"] == [2]
 
 
 def _eager_and_compiled(train_job, job, tiny_root, tmp_path, args, compiled):
