@@ -2,12 +2,12 @@
 
     python tests/_toy_train.py --run-dir X --max-steps N --ckpt-every K --seed S
         [--die-at-step M] [--sleep-per-step [SECONDS]] [--deterministic-loss] [--dump-final]
-        [--device cpu|cuda] [--precision fp32|bf16] [--grad-sync ddp|flat] [--rank-seeded]
+        [--device cpu|cuda] [--precision fp32|bf16] [--grad-sync ddp|flat] [--rank-seeded] [--cuda-graph]
 
 (also under ``torchrun --nproc_per_node=2``). ``--die-at-step M`` SIGKILLs the process right after
 step M (and its checkpoint, if one is due); ``--dump-final`` writes ``final_rank{R}.pt`` with the
 final weights of every rank. ``--rank-seeded`` builds each rank's model from seed + rank (the loop must start
-every rank from rank 0's weights).
+every rank from rank 0's weights). ``--cuda-graph`` sets trainer.cuda_graph=true (and a loss without host syncs).
 """
 
 from __future__ import annotations
@@ -145,14 +145,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--precision", default="fp32")
     p.add_argument("--grad-sync", default="ddp")
     p.add_argument("--rank-seeded", action="store_true")
+    p.add_argument("--cuda-graph", action="store_true")
     args = p.parse_args(argv)
 
     cfg = toy_trainer_cfg(
         max_steps=args.max_steps, ckpt_every=args.ckpt_every, seed=args.seed, precision=args.precision,
-        grad_sync=args.grad_sync,
+        grad_sync=args.grad_sync, cuda_graph=args.cuda_graph,
     )
     model_seed = args.seed + (int(os.environ.get("RANK", "0")) if args.rank_seeded else 0)
-    task = make_task(model_seed, deterministic_loss=args.deterministic_loss)
+    task = make_task(model_seed, deterministic_loss=args.deterministic_loss, record_seen=not args.cuda_graph)
 
     def on_step_end(step: int) -> None:
         if args.sleep_per_step:

@@ -350,9 +350,10 @@ class _Trainer:
         # collectives (pytorch#115388 at destroy_process_group, pytorch#196133 with host syncs after replays)
         self.sync_flat = self.ctx.enabled and cfg.grad_sync_mode == "flat"
         wrapped = self.ctx.enabled and not self.sync_flat
-        if cfg.cuda_graph and self.ctx.enabled:
-            raise ValueError(f"trainer.cuda_graph=true captures the step of one process; this run has "
-                             f"{self.ctx.world_size} processes. Set trainer.cuda_graph=false for multi-process runs")
+        if cfg.cuda_graph and wrapped:
+            raise ValueError(f"trainer.cuda_graph=true captures the step of one process or of trainer.grad_sync=flat "
+                             f"(the all-reduces inside the graph); this run has {self.ctx.world_size} processes under "
+                             "DDP. Set trainer.grad_sync=flat (with trainer.flat_params=true) or cuda_graph=false")
         # auto: the whole loss in one process (IdGen 27.22 -> 26.37 ms, ExpGen 17.87 -> 16.15 ms per step on an
         # H100, BENCHMARKS.md) and under grad_sync=flat; the model inside DDP's wrapper (grad_sync=ddp)
         self.compile_scope = cfg.compile_scope_for(self.ctx.enabled)
@@ -779,13 +780,20 @@ class _Trainer:
             if not isinstance(g["lr"], Tensor):
                 g["lr"] = torch.tensor(float(g["lr"]), device=self.device)
             g["capturable"] = True  # also when resumed from a checkpoint of a run without graphs
+        error = None
         try:
             self._graphs = _StepGraphs(self, batch)
         except Exception as exc:  # noqa: BLE001 -- reported, training goes on eagerly
+            error = f"{type(exc).__name__}: {exc}"[:500]
+        if self.ctx.enabled:  # every rank replays its graph (captured all-reduces included) or none does
+            failed = self.ctx.all_reduce_sum(torch.tensor(float(error is not None), device=self.device))
+            if error is None and failed.item() > 0:
+                error = "another rank's capture failed"
+        if error is not None:
             self._graphs = None
             self.use_graphs = False
             self._zero_grad(set_to_none=True)  # drop gradients a failed capture may have left
-            self._event("cuda_graph_failed", error=f"{type(exc).__name__}: {exc}"[:500])
+            self._event("cuda_graph_failed", error=error)
             return
         captured = self._graphs.batch
         shapes = {k: list(v.shape) for k, v in captured.items() if isinstance(v, Tensor)} if isinstance(
