@@ -19,8 +19,8 @@ samples = candidates; `--compile-scope none,model,loss` compares eager with both
 Under `torchrun --nproc_per_node=W` every row trains on W processes with `--items-per-step` and `--items` per
 process (trainer.batch_size is global, so W times those), each `--grad-sync` value a row (auto, the default: what
 the trainer picks, flat with flat params; flat: one all-reduce per flat gradient buffer, the one-process step
-otherwise; ddp: DistributedDataParallel around the model, compiled alone; CUDA graphs are one-process, so
-`--graph false`); samples/s count all processes, and rank 0 prints and writes the JSON. Goal 5 (scaling over one
+otherwise, CUDA graphs included; ddp: DistributedDataParallel around the model, compiled alone, no CUDA graphs, so
+`--graph false` there); samples/s count all processes, and rank 0 prints and writes the JSON. Goal 5 (scaling over one
 GPU at equal per-GPU batch) is the first command against the second, run in alternation:
 
     torchrun --standalone --nproc_per_node=2 benchmarks/bench_trainer.py --jobs idgen,expgen --graph false \

@@ -578,6 +578,51 @@ def test_flat_grad_sync_on_two_gpus_matches_one_process(tmp_path: Path) -> None:
                                rtol=1e-5)
 
 
+def test_a_failed_capture_on_any_rank_sends_every_rank_back_to_eager_steps(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under several processes the ranks agree on the capture (their graphs hold matching all-reduces): a rank whose
+    own capture failed, or whose capture worked while another rank's failed, drops its graphs with an event; all
+    ranks keep them when every capture worked. The capture itself is stubbed (CUDA only); the vote is a real gloo
+    all-reduce on a one-rank group standing in for two ranks, the other rank's vote added by hand."""
+    import torch.distributed as dist
+
+    from ofer.training import loop
+    from ofer.training.distributed import DistContext
+
+    class Captured:
+        def __init__(self, trainer: Any, batch: Any) -> None:
+            self.batch = batch
+
+    class Fails:
+        def __init__(self, trainer: Any, batch: Any) -> None:
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for stub, other_rank_failed, error in ((Captured, 0.0, None),
+                                               (Fails, 0.0, "RuntimeError: operation not permitted"),
+                                               (Captured, 1.0, "another rank's capture failed")):
+            ctx = DistContext(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+            vote = ctx.all_reduce_sum
+            monkeypatch.setattr(ctx, "all_reduce_sum", lambda x, vote=vote, o=other_rank_failed: vote(x) + o)
+            monkeypatch.setattr(loop, "_StepGraphs", stub)
+            cfg = TrainerConfig.from_mapping(toy_trainer_cfg(cuda_graph=True))
+            trainer = loop._Trainer(make_task(0), cfg, tmp_path, ctx, {}, {}, None)
+            trainer._build()
+            trainer.use_graphs = True  # as on CUDA
+            events = []
+            monkeypatch.setattr(trainer, "_event", lambda name, **info: events.append((name, info)))
+            trainer._capture({"x": torch.zeros(4, 4)})
+            if error is None:
+                assert isinstance(trainer._graphs, Captured) and trainer.use_graphs
+                assert [n for n, _ in events] == ["cuda_graph_captured"]
+            else:
+                assert trainer._graphs is None and not trainer.use_graphs
+                assert [n for n, _ in events] == ["cuda_graph_failed"] and events[0][1]["error"].startswith(error)
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_flat_grad_sync_with_cuda_graphs_on_two_gpus_matches_one_process(tmp_path: Path) -> None:

@@ -11,9 +11,9 @@ good one) exists, the run continues from it and is bitwise the same run (on CPU;
 non-deterministic kernels) as one that was never interrupted: same weights, optimizer, EMA, LR
 scheduler, RNG streams and next batch.
 
-``trainer.cuda_graph=true`` (one CUDA process): after 2 eager steps the step is captured as two CUDA graphs
-(forward + backward + stats; clip + AdamW + EMA, replayed after the host has read the stats, so non-finite steps
-are skipped as before) and replayed with each batch copied into the captured inputs. Same function as the eager
+``trainer.cuda_graph=true`` (CUDA; one process, or several with ``trainer.grad_sync=flat``): after 2 eager steps
+the step is captured as two CUDA graphs (forward + backward + stats; clip + AdamW + EMA, replayed after the host
+has read the stats, so non-finite steps are skipped as before) and replayed with each batch copied into the captured inputs. Same function as the eager
 step (tests compare weights, EMA and optimizer state); the random draws of the loss (timesteps, noise) come from
 the CUDA generator as before but need not be the same numbers, so a graphed run is not bitwise the same as an eager
 one (nor a resumed graphed run as an uninterrupted one: it runs 2 eager steps after resuming). The loss must depend
@@ -40,7 +40,8 @@ Several processes: ``trainer.grad_sync=flat`` (what the default ``auto`` picks w
 does not wrap the model: rank 0's parameters and buffers are broadcast once at the start, and after each backward
 every group's flat gradient buffer is all-reduced to its mean over the ranks (DDP's gradients; the buffers are
 not synced again, as none of OFER's networks changes one in training), so the step is the one-process step plus
-those all-reduces and the whole loss can be compiled (CUDA graphs stay one-process: see `_build`).
+those all-reduces: the whole loss can be compiled, and with ``trainer.cuda_graph`` the all-reduces are captured in
+the step's graph (all ranks capture, or none: a failed capture on one rank sends all of them back to eager steps).
 ``grad_sync=ddp`` (what ``auto`` picks without flat params or with ``ddp_find_unused_parameters=true``) wraps the
 model in DistributedDataParallel. Event ``grad_sync`` names the mode. Measured on 2 x H200 (65,536 rows per GPU,
 bf16, compiled, `benchmarks/bench_trainer.py`; BENCHMARKS.md, "Session of 2026-11-29, eighth"): flat IdGen
@@ -345,9 +346,11 @@ class _Trainer:
         # several processes: DistributedDataParallel around the model (trainer.grad_sync=ddp), or no wrapper and
         # one all-reduce of each flat gradient buffer after the backward (grad_sync=flat; what auto picks with
         # flat params and no search for unused parameters: cfg.grad_sync_mode), which leaves the step
-        # what it is in one process (the whole loss compiled). CUDA graphs stay one-process: capturing the
-        # all-reduces has not run on GPUs here, and PyTorch has open reports of hangs with captured NCCL
-        # collectives (pytorch#115388 at destroy_process_group, pytorch#196133 with host syncs after replays)
+        # what it is in one process (the whole loss compiled), so trainer.cuda_graph captures it with its
+        # all-reduces (NCCL collectives in the graph); not under DDP, whose reducer works from autograd hooks.
+        # PyTorch has open reports of hangs with captured NCCL collectives (pytorch#115388 at
+        # destroy_process_group, pytorch#196133 with host syncs after replays): GPU test
+        # test_flat_grad_sync_with_cuda_graphs_on_two_gpus_matches_one_process
         self.sync_flat = self.ctx.enabled and cfg.grad_sync_mode == "flat"
         wrapped = self.ctx.enabled and not self.sync_flat
         if cfg.cuda_graph and wrapped:
