@@ -11,17 +11,17 @@ good one) exists, the run continues from it and is bitwise the same run (on CPU;
 non-deterministic kernels) as one that was never interrupted: same weights, optimizer, EMA, LR
 scheduler, RNG streams and next batch.
 
-``trainer.cuda_graph=true`` (CUDA; one process, or several with ``trainer.grad_sync=flat``): after 2 eager steps
-the step is captured as two CUDA graphs (forward + backward + stats; clip + AdamW + EMA, replayed after the host
-has read the stats, so non-finite steps are skipped as before) and replayed with each batch copied into the captured inputs. Same function as the eager
-step (tests compare weights, EMA and optimizer state); the random draws of the loss (timesteps, noise) come from
-the CUDA generator as before but need not be the same numbers, so a graphed run is not bitwise the same as an eager
-one (nor a resumed graphed run as an uninterrupted one: it runs 2 eager steps after resuming). The loss must depend
-on the batch through its tensors alone (other values, such as names, are not part of the replay). A batch of other
-tensor shapes runs eagerly (event ``cuda_graph_batch_mismatch``, once); a loss that cannot be captured (it syncs
-with the host) is logged (event ``cuda_graph_failed``) and the run goes on eagerly. Measured on an H100
-(`benchmarks/bench_trainer.py`, 65,536 rows, bf16, compiled): ExpGen 34.98 -> 19.49 ms per step, IdGen 34.92 ->
-30.37 ms (BENCHMARKS.md).
+``trainer.cuda_graph=true`` (CUDA; one process, or several with ``trainer.grad_sync=flat``): after 2 eager steps the
+step is captured as two CUDA graphs (forward + backward + stats; clip + AdamW + EMA, replayed after the host has
+read the stats, so non-finite steps are skipped as before) and replayed with each batch copied into the captured
+inputs. Same function as the eager step (tests compare weights, EMA and optimizer state); the random draws of the
+loss (timesteps, noise) come from the CUDA generator as before but need not be the same numbers, so a graphed run is
+not bitwise the same as an eager one (nor a resumed graphed run as an uninterrupted one: it runs 2 eager steps after
+resuming). The loss must depend on the batch through its tensors alone (other values, such as names, are not part of
+the replay). A batch of other tensor shapes runs eagerly (event ``cuda_graph_batch_mismatch``, once); a loss that
+cannot be captured (it syncs with the host) is logged (event ``cuda_graph_failed``) and the run goes on eagerly.
+Measured on an H100 (`benchmarks/bench_trainer.py`, 65,536 rows, bf16, compiled): ExpGen 34.98 -> 19.49 ms per step,
+IdGen 34.92 -> 30.37 ms (BENCHMARKS.md).
 
 ``trainer.compile=true`` compiles the model (``compile_scope=model``) or, with ``compile_scope=loss`` (one process, or
 several with ``trainer.grad_sync=flat``, the default there),
