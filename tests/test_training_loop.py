@@ -605,7 +605,7 @@ def test_cuda_graph_is_ignored_on_cpu(tmp_path: Path) -> None:
     torch.testing.assert_close(weights[0], weights[1], atol=0, rtol=0)
 
 
-def test_cuda_graph_with_ddp_is_a_config_error() -> None:
+def test_cuda_graph_with_several_processes_is_a_config_error() -> None:
     """trainer.cuda_graph=true under several processes (here the default grad_sync, flat) fails before anything is
     built, naming the key and the world size."""
     from types import SimpleNamespace

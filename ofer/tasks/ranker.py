@@ -64,8 +64,8 @@ class RankerTask:
         self.flame = flame
         self.face_idx = flame.face_mask("face")
         check_face_idx("RankerTask", flame, self.face_idx)  # once: the loss then decodes without the check's syncs
-        # face_idx as a buffer, moved with the FLAME layer on the loss's first call: no copy per step (and no
-        # Python state that a compiled loss would see change after its first call)
+        # face_idx as a buffer, moved to the batch's device by the loss's first call (`_inputs`): no copy per step,
+        # and no Python state that a compiled loss would see change after its first call
         self._face = nn.Module()
         self._face.register_buffer("idx", self.face_idx.clone(), persistent=False)
         if getattr(model, "num_face_vertices", len(self.face_idx)) != len(self.face_idx):
