@@ -21,6 +21,7 @@ settings, sizes). Everything loads with `allow_pickle=False`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
@@ -67,7 +68,7 @@ def ranking_targets(cand_mm: Tensor, gt_mm: Tensor, temperature: float = 1.0) ->
     if gt_mm.shape != (B, Vf, 3):
         raise ValueError(f"ranking_targets: gt_mm must have shape ({B}, {Vf}, 3) to match cand_mm "
                          f"{tuple(cand_mm.shape)}, got {tuple(gt_mm.shape)}")
-    if not (temperature > 0 and np.isfinite(temperature)):
+    if not (temperature > 0 and math.isfinite(temperature)):  # math: a Python test, no branch on a tensor when compiled
         raise ValueError(f"ranking_targets: temperature must be a finite number > 0, got {temperature}")
     with torch.no_grad():
         errors = (cand_mm - gt_mm.unsqueeze(1)).abs().mean(dim=(-2, -1))  # (B, N)

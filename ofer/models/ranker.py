@@ -72,7 +72,7 @@ from ofer.flame import FLAME, MM_PER_M
 __all__ = ["IdRanker", "RankLayer", "ShapeRanker", "candidate_vertices", "ranker_input"]
 
 
-def candidate_vertices(flame: FLAME, shapes: Tensor, face_idx: Tensor) -> Tensor:
+def candidate_vertices(flame: FLAME, shapes: Tensor, face_idx: Tensor, *, check: bool = True) -> Tensor:
     """Front-face vertices of N candidate shapes per image, in millimetres.
 
     One FLAME call over all B*N rows, with zero expression and pose (`FLAME.shape_vertices`: at zero pose
@@ -83,6 +83,9 @@ def candidate_vertices(flame: FLAME, shapes: Tensor, face_idx: Tensor) -> Tensor
         shapes: FLAME shape coefficients, shape (B, N, flame.n_shape).
         face_idx: vertex indices (Vf,) of the front face, e.g. `flame.face_mask("face")` (OFER: 1785 of 5023
             in the public code; the `face` region of FLAME_masks has 1787).
+        check: False where the caller has checked `face_idx` with `check_face_idx` already (`RankerTask` does
+            once): the check reads its range back to the host, a sync per call on a GPU and a graph break in a
+            compiled loss.
 
     Returns:
         vertices, shape (B, N, Vf, 3), millimetres.
@@ -90,7 +93,8 @@ def candidate_vertices(flame: FLAME, shapes: Tensor, face_idx: Tensor) -> Tensor
     if shapes.ndim != 3 or shapes.shape[-1] != flame.n_shape:
         raise ValueError(f"candidate_vertices: shapes must have shape (B, N, {flame.n_shape}), "
                          f"got {tuple(shapes.shape)}")
-    _check_face_idx("candidate_vertices", flame, face_idx)
+    if check:
+        check_face_idx("candidate_vertices", flame, face_idx)
     B, N, _ = shapes.shape
     # Only the face rows: the same numbers as decoding all V vertices and then indexing, without the
     # (B*N, V, 3) intermediate (6 GB for 1,024 images x 100 candidates).
@@ -98,7 +102,8 @@ def candidate_vertices(flame: FLAME, shapes: Tensor, face_idx: Tensor) -> Tensor
     return (face * MM_PER_M).view(B, N, face_idx.numel(), 3)
 
 
-def _check_face_idx(caller: str, flame: FLAME, face_idx: Tensor) -> None:
+def check_face_idx(caller: str, flame: FLAME, face_idx: Tensor) -> None:
+    """ValueError naming `caller` unless `face_idx` is a non-empty 1-D integer tensor of FLAME vertex indices."""
     if face_idx.ndim != 1 or face_idx.dtype not in (torch.int64, torch.int32) or face_idx.numel() == 0:
         raise ValueError(f"{caller}: face_idx must be a non-empty 1-D integer tensor, got dtype "
                          f"{face_idx.dtype} and shape {tuple(face_idx.shape)}")
@@ -312,7 +317,7 @@ class ShapeRanker(nn.Module):
         super().__init__()
         if not isinstance(ranker, IdRanker):
             raise TypeError(f"ShapeRanker: ranker must be an IdRanker, got {type(ranker).__name__}")
-        _check_face_idx("ShapeRanker", flame, face_idx)
+        check_face_idx("ShapeRanker", flame, face_idx)
         if face_idx.numel() != ranker.num_face_vertices:
             raise ValueError(f"ShapeRanker: face_idx has {face_idx.numel()} vertices, the ranker expects "
                              f"num_face_vertices={ranker.num_face_vertices}")

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from ofer.eval.metrics import spearman
 from ofer.flame import FLAME, MM_PER_M
-from ofer.models.ranker import candidate_vertices
+from ofer.models.ranker import candidate_vertices, check_face_idx
 from ofer.ranking import listnet_loss, ranking_metrics, ranking_targets
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,11 @@ class RankerTask:
         self.model = model
         self.flame = flame
         self.face_idx = flame.face_mask("face")
+        check_face_idx("RankerTask", flame, self.face_idx)  # once: the loss then decodes without the check's syncs
+        # face_idx as a buffer, moved to the batch's device by the loss's first call (`_inputs`): no copy per step,
+        # and no Python state that a compiled loss would see change after its first call
+        self._face = nn.Module()
+        self._face.register_buffer("idx", self.face_idx.clone(), persistent=False)
         if getattr(model, "num_face_vertices", len(self.face_idx)) != len(self.face_idx):
             raise ValueError(f"IdRanker expects {model.num_face_vertices} face vertices, the FLAME `face` mask has "
                              f"{len(self.face_idx)}")
@@ -99,8 +104,8 @@ class RankerTask:
 
     def _inputs(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
         flame = self.flame.to(batch["candidates"].device)
-        face = self.face_idx.to(batch["candidates"].device)
-        cand = candidate_vertices(flame, batch["candidates"].float(), face)  # (B,N,Vf,3) mm
+        face = self._face.to(batch["candidates"].device).idx
+        cand = candidate_vertices(flame, batch["candidates"].float(), face, check=False)  # (B,N,Vf,3) mm
         gt = flame.shape_vertices(batch["shape"][:, :flame.n_shape].float())[:, face] * MM_PER_M  # (B,Vf,3)
         ctx = torch.cat([batch["arcface_feat"], batch["farl_feat"]], dim=-1).float()  # OFER: ArcFace (+) FaRL
         return cand, gt, ctx

@@ -98,8 +98,7 @@ class DistContext:
         process). Tensors must live on :attr:`device`."""
         if self.enabled:
             for x in tensors:
-                dist.all_reduce(x, op=dist.ReduceOp.SUM)
-                x.div_(self.world_size)
+                self.all_reduce_sum(x).div_(self.world_size)
 
     def broadcast_tensors_(self, tensors: list[Tensor]) -> None:
         """Rank 0's values of ``tensors`` copied into them on every rank (in place; nothing on one process)."""

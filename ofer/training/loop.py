@@ -909,7 +909,7 @@ class _Trainer:
             if cfg.compile:  # what trainer.compile_scope (auto by default) compiles in this run
                 self._event("compile", scope=self.compile_scope)
             if self.ctx.enabled:  # how the processes sync (trainer.grad_sync, auto by default)
-                self._event("grad_sync", mode="flat" if self.sync_flat else "ddp", world_size=self.ctx.world_size)
+                self._event("grad_sync", mode=cfg.grad_sync_mode, world_size=self.ctx.world_size)
             self._resume()
             self.sampler = DeterministicBatchSampler(
                 num_items=self.num_items,
