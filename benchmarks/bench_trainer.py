@@ -21,11 +21,12 @@ process (trainer.batch_size is global, so W times those), each `--grad-sync` val
 the trainer picks, flat with flat params; flat: one all-reduce per flat gradient buffer, the one-process step
 otherwise, CUDA graphs included; ddp: DistributedDataParallel around the model, compiled alone, no CUDA graphs, so
 `--graph false` there); samples/s count all processes, and rank 0 prints and writes the JSON. Goal 5 (scaling over one
-GPU at equal per-GPU batch) is the first command against the second, run in alternation:
+GPU at equal per-GPU batch) is the first command against the second, in one call (`--graph false` for both: the
+ungraphed steps):
 
-    torchrun --standalone --nproc_per_node=2 benchmarks/bench_trainer.py --jobs idgen,expgen --graph false \
+    torchrun --standalone --nproc_per_node=2 benchmarks/bench_trainer.py --jobs idgen,expgen --graph true \
         --json $OUT/trainer_x2.json
-    CUDA_VISIBLE_DEVICES=0 python benchmarks/bench_trainer.py --jobs idgen,expgen --graph false \
+    CUDA_VISIBLE_DEVICES=0 python benchmarks/bench_trainer.py --jobs idgen,expgen --graph true \
         --json $OUT/trainer_x1.json
 """
 from __future__ import annotations

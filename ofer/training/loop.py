@@ -44,8 +44,9 @@ those all-reduces: the whole loss can be compiled, and with ``trainer.cuda_graph
 the step's graph (all ranks capture, or none: a failed capture on one rank sends all of them back to eager steps).
 ``grad_sync=ddp`` (what ``auto`` picks without flat params or with ``ddp_find_unused_parameters=true``) wraps the
 model in DistributedDataParallel. Event ``grad_sync`` names the mode. Measured on 2 x H200 (65,536 rows per GPU,
-bf16, compiled, `benchmarks/bench_trainer.py`; BENCHMARKS.md, "Session of 2026-11-29, eighth"): flat IdGen
-1.82-1.93x one GPU in the same call, ExpGen 1.56-2.09x; the DDP step took 2.6x (ExpGen) to 4.4x (IdGen) as long as
+bf16, compiled, `benchmarks/bench_trainer.py`; BENCHMARKS.md, "Session of 2026-11-29, eighth" and "..., ninth"):
+flat with CUDA graphs IdGen 1.89-1.91x one graphed GPU in the same call, ExpGen 1.86-1.88x; flat without graphs
+IdGen 1.82-1.93x, ExpGen 1.56-2.09x (host-bound); the DDP step took 2.6x (ExpGen) to 4.4x (IdGen) as long as
 flat's in the same call.
 """
 
