@@ -153,6 +153,7 @@ def run(kind: str, graph: bool, args: argparse.Namespace, device: str, pad: bool
     resolved = TrainerConfig.from_mapping(cfg)
     scope = scope if scope == "none" else resolved.compile_scope_for(world > 1)
     sync = resolved.grad_sync_mode if world > 1 else "none"
+    flat = resolved.flat_params_for(world > 1)  # off under DDP, whatever was asked
     ends: dict[int, float] = {}
     prof = None
 
@@ -231,7 +232,7 @@ def main() -> None:
                          "name the scope auto resolved to")
     ap.add_argument("--flat-params", default="true", metavar="true|false|false,true",
                     help="trainer.flat_params values to run (comma list; true, the default: AdamW, clipping and EMA "
-                         "over one buffer per param group)")
+                         "over one buffer per param group; rows record what the trainer used: false under DDP)")
     ap.add_argument("--profile", action="store_true",
                     help="print the profiler tables (CPU and CUDA) of 3 steps after --warmup (those steps are timed "
                          "too: use the timings of a run without it)")

@@ -77,7 +77,8 @@ def test_bench_trainer_host_times_the_loops_own_work(tmp_path: Path) -> None:
 def test_bench_trainer_under_torchrun_runs_each_grad_sync_on_two_gloo_processes(tmp_path: Path) -> None:
     """Two processes on the CPU: a row per --grad-sync value, each trained on both (global batch 2 x 4 items),
     samples/s counting both; rank 0 alone writes the JSON. Rows name what auto resolved to: the sync (flat, with
-    the default flat params) and the compile scope (the whole loss, or the model alone inside DDP)."""
+    the default flat params), the compile scope (the whole loss, or the model alone inside DDP) and whether flat
+    parameters were used (not inside DDP)."""
     out = tmp_path / "trainer_ddp.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "benchmarks/bench_trainer.py", "--cpu", "--jobs", "idgen", "--rows-per-item", "8", "--items-per-step", "4",
@@ -86,8 +87,8 @@ def test_bench_trainer_under_torchrun_runs_each_grad_sync_on_two_gloo_processes(
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["grad_sync"], r["compile_scope"], r["world_size"]) for r in rows] == [
-        ("flat", "loss", 2), ("ddp", "model", 2), ("flat", "loss", 2)]
+    assert [(r["grad_sync"], r["compile_scope"], r["flat_params"], r["world_size"]) for r in rows] == [
+        ("flat", "loss", True, 2), ("ddp", "model", False, 2), ("flat", "loss", True, 2)]
     for r in rows:
         assert "error" not in r, r
         assert r["rows_per_step"] == 4 * 8  # per process

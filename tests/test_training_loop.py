@@ -526,6 +526,8 @@ def test_flat_grad_sync_on_two_gloo_ranks_matches_ddp_and_one_process(tmp_path: 
     assert ck["world_size"] == 2 and ck["step"] == 12
     for sync in ("flat", "ddp"):  # the mode each run used, logged once by rank 0
         assert [(e["mode"], e["world_size"]) for e in _events(tmp_path / sync, "grad_sync")] == [(sync, 2)]
+    # DDP keeps the gradients in its buckets: flat buffers (the default trainer.flat_params) are off there, said once
+    assert len(_events(tmp_path / "ddp", "flat_params_off")) == 1 and not _events(tmp_path / "flat", "flat_params_off")
 
 
 def test_flat_grad_sync_averages_the_buffers_and_allows_the_one_process_step(tmp_path: Path) -> None:
@@ -715,6 +717,8 @@ def test_auto_grad_sync_and_compile_scope_under_several_processes(tmp_path: Path
     cfg = TrainerConfig.from_mapping(toy_trainer_cfg(compile=True, **overrides))
     assert cfg.compile_scope == "auto" and cfg.grad_sync == overrides.get("grad_sync", "auto")
     assert (cfg.grad_sync_mode, cfg.compile_scope_for(True), cfg.compile_scope_for(False)) == (mode, scope, "loss")
+    # flat buffers in one process as configured; under several processes only without DDP's wrapper
+    assert (cfg.flat_params_for(False), cfg.flat_params_for(True)) == (cfg.flat_params, mode == "flat")
     ctx = DistContext(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))  # one real rank of "two"
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
@@ -725,8 +729,9 @@ def test_auto_grad_sync_and_compile_scope_under_several_processes(tmp_path: Path
             assert isinstance(trainer.ddp, torch._dynamo.eval_frame.OptimizedModule)  # the DDP module, compiled
             assert isinstance(trainer.ddp._orig_mod, DistributedDataParallel)
             assert trainer._loss == trainer._task_loss  # the loss itself is not
+            assert trainer.flat is None  # AdamW, clipping, EMA per parameter: DDP's buckets hold the gradients
         else:
-            assert trainer.ddp is trainer.model and trainer.sync_flat
+            assert trainer.ddp is trainer.model and trainer.sync_flat and trainer.flat is not None
             assert trainer._loss is not trainer._task_loss  # the whole loss compiled
     finally:
         dist.destroy_process_group()

@@ -46,8 +46,9 @@ the step's graph (all ranks capture, or none: a failed capture on one rank sends
 model in DistributedDataParallel. Event ``grad_sync`` names the mode. Measured on 2 x H200 (65,536 rows per GPU,
 bf16, compiled, `benchmarks/bench_trainer.py`; BENCHMARKS.md, "Session of 2026-11-29, eighth" and "..., ninth"):
 flat with CUDA graphs IdGen 1.89-1.91x one graphed GPU in the same call, ExpGen 1.86-1.88x; flat without graphs
-IdGen 1.82-1.93x, ExpGen 1.56-2.09x (host-bound); the DDP step took 2.6x (ExpGen) to 4.4x (IdGen) as long as
-flat's in the same call.
+IdGen 1.82-1.93x, ExpGen 1.56-2.09x (host-bound). Under DDP ``trainer.flat_params`` is off (event
+``flat_params_off``): flat buffers inside DDP's wrapper made IdGen steps 2.5x slower (median 98 vs 39 ms), and
+DDP's 39 ms stays slower than flat's 21-25.
 """
 
 from __future__ import annotations
@@ -369,8 +370,11 @@ class _Trainer:
         self.groups = self._check_param_groups(task.param_groups(), self.model)
         self.params = [p for g in self.groups for p in g["params"]]
         # trainer.flat_params: each group's parameters as views of one buffer, so that the gradient norm, clipping,
-        # AdamW and the EMA are one launch per group (ofer/training/flat.py); before DDP, compile and the EMA copy
-        self.flat = FlatParameters(self.model, self.groups) if cfg.flat_params else None
+        # AdamW and the EMA are one launch per group (ofer/training/flat.py); before compile and the EMA copy. Not
+        # under DDP (cfg.flat_params_for): its reducer keeps the gradients in its buckets, and flat buffers inside
+        # it made compiled IdGen steps 2.5x slower on 2 x H200 (BENCHMARKS.md)
+        self.flat_params = cfg.flat_params_for(self.ctx.enabled)
+        self.flat = FlatParameters(self.model, self.groups) if self.flat_params else None
         # what the gradient norm, clipping and AdamW see: the groups' buffers, or the parameters
         self.update_params = self.flat.buffers if self.flat is not None else self.params
         if wrapped:
@@ -911,6 +915,9 @@ class _Trainer:
                 self._event("compile", scope=self.compile_scope)
             if self.ctx.enabled:  # how the processes sync (trainer.grad_sync, auto by default)
                 self._event("grad_sync", mode=cfg.grad_sync_mode, world_size=self.ctx.world_size)
+                if cfg.flat_params and not self.flat_params:
+                    self._event("flat_params_off", reason="grad_sync=ddp keeps the gradients in DDP's buckets; "
+                                "AdamW, clipping and EMA run per parameter")
             self._resume()
             self.sampler = DeterministicBatchSampler(
                 num_items=self.num_items,
