@@ -89,6 +89,7 @@ def test_bench_trainer_under_torchrun_runs_each_grad_sync_on_two_gloo_processes(
     rows = json.loads(out.read_text())["rows"]
     assert [(r["grad_sync"], r["compile_scope"], r["flat_params"], r["world_size"]) for r in rows] == [
         ("flat", "loss", True, 2), ("ddp", "model", False, 2), ("flat", "loss", True, 2)]
+    assert [r["events"] for r in rows] == [[], ["flat_params_off"], []]  # asked for, off inside DDP
     for r in rows:
         assert "error" not in r, r
         assert r["rows_per_step"] == 4 * 8  # per process
