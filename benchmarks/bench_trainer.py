@@ -193,7 +193,8 @@ def run(kind: str, graph: bool, args: argparse.Namespace, device: str, pad: bool
             "s_per_step": s, "s_per_step_median": each[len(each) // 2], "s_per_step_min": each[0],
             "s_per_step_max": each[-1],
             "samples_per_s": rows * world / s, "params": params,
-            "events": sorted({e for e in events if e and e.startswith(("cuda_graph", "reduction_launch", "flat_params"))}),
+            "events": sorted({e for e in events
+                              if e and e.startswith(("cuda_graph", "reduction_launch", "flat_params"))}),
             "reduction_launch": args.reduction_launch, "min_reductions": reduction_launch.MIN_REDUCTIONS,
             "relaunched_kernels": relaunched[0] if relaunched else None}
 
