@@ -48,7 +48,7 @@ bf16, compiled, `benchmarks/bench_trainer.py`; BENCHMARKS.md, "Session of 2026-1
 flat with CUDA graphs IdGen 1.89-1.91x one graphed GPU in the same call, ExpGen 1.86-1.88x; flat without graphs
 IdGen 1.82-1.93x, ExpGen 1.56-2.09x (host-bound). Under DDP ``trainer.flat_params`` is off (event
 ``flat_params_off``): flat buffers inside DDP's wrapper made IdGen steps 2.5x slower (median 98 vs 39 ms), and
-DDP's 39 ms stays slower than flat's 21-25.
+DDP's 31-39 ms stays slower than flat's 21-25.
 """
 
 from __future__ import annotations
