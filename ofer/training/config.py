@@ -144,7 +144,8 @@ class TrainerConfig:
         """``flat_params`` as the loop applies it in one process (``distributed=False``) or several: off under DDP
         (``grad_sync_mode`` ddp), which keeps the gradients in its own buckets. Flat buffers inside DDP's wrapper
         trained the same weights but took 86-802 ms per compiled IdGen step on 2 x H200 (median 98), against
-        31-48 ms (median 39) without them, same machine (BENCHMARKS.md, "Session of 2026-11-29, ninth")."""
+        31-48 ms (median 39) without them on the same machine, 26-36 ms (median 31) on another (BENCHMARKS.md,
+        "Session of 2026-11-29, ninth")."""
         return self.flat_params and not (distributed and self.grad_sync_mode == "ddp")
 
     @property
