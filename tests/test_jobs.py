@@ -41,6 +41,22 @@ def _cfg(name, root, run_dir, *extra):
         return compose(config_name=name, overrides=overrides)
 
 
+def test_trainer_fast_preset_is_the_default_with_the_speed_switches_on(tmp_path):
+    """`trainer=fast` (configs/trainer/fast.yaml) composes into every training job as the default trainer group with
+    bf16, compile and cuda_graph on, and nothing else changed; the result is a valid TrainerConfig."""
+    from omegaconf import OmegaConf
+
+    from ofer.training.config import TrainerConfig
+
+    switches = {"precision": "bf16", "compile": True, "cuda_graph": True}
+    for job in ("train_idgen", "train_expgen", "train_idrank", "train_baseline"):
+        base = OmegaConf.to_container(_cfg(job, tmp_path, tmp_path)["trainer"], resolve=True)
+        fast = OmegaConf.to_container(_cfg(job, tmp_path, tmp_path, "trainer=fast")["trainer"], resolve=True)
+        assert {k: v for k, v in fast.items() if base.get(k) != v} == switches, job
+        assert fast.keys() == base.keys(), job
+        TrainerConfig.from_mapping(fast)
+
+
 SMALL_GEN = ["synthetic.ensure=false", "trainer.ckpt_every=2", "trainer.log_every=1", "eval.num_items=2",
              "eval.num_samples=3", "eval.sampling.steps=3", "trainer.warmup_steps=0", "trainer.progress=false"]
 
