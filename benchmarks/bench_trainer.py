@@ -21,7 +21,7 @@ process (trainer.batch_size is global, so W times those), each `--grad-sync` val
 the trainer picks, flat with flat params; flat: one all-reduce per flat gradient buffer, the one-process step
 otherwise, CUDA graphs included; ddp: DistributedDataParallel around the model, compiled alone, no CUDA graphs, so
 `--graph false` there); samples/s count all processes, and rank 0 prints and writes the JSON. Goal 5 (scaling over one
-GPU at equal per-GPU batch) is the first command against the second, in one call (with `--graph false` in both:
+GPU at equal per-GPU batch) is the first command against the second, in one call (`--graph false` in both times
 the steps without CUDA graphs):
 
     torchrun --standalone --nproc_per_node=2 benchmarks/bench_trainer.py --jobs idgen,expgen --graph true \

@@ -373,8 +373,7 @@ class _Trainer:
         # AdamW and the EMA are one launch per group (ofer/training/flat.py); before compile and the EMA copy. Not
         # under DDP (cfg.flat_params_for): its reducer keeps the gradients in its buckets, and flat buffers inside
         # it made compiled IdGen steps 2.5x slower on 2 x H200 (BENCHMARKS.md)
-        self.flat_params = cfg.flat_params_for(self.ctx.enabled)
-        self.flat = FlatParameters(self.model, self.groups) if self.flat_params else None
+        self.flat = FlatParameters(self.model, self.groups) if cfg.flat_params_for(self.ctx.enabled) else None
         # what the gradient norm, clipping and AdamW see: the groups' buffers, or the parameters
         self.update_params = self.flat.buffers if self.flat is not None else self.params
         if wrapped:
@@ -915,7 +914,7 @@ class _Trainer:
                 self._event("compile", scope=self.compile_scope)
             if self.ctx.enabled:  # how the processes sync (trainer.grad_sync, auto by default)
                 self._event("grad_sync", mode=cfg.grad_sync_mode, world_size=self.ctx.world_size)
-                if cfg.flat_params and not self.flat_params:
+                if cfg.flat_params and self.flat is None:
                     self._event("flat_params_off", reason="grad_sync=ddp keeps the gradients in DDP's buckets; "
                                 "AdamW, clipping and EMA run per parameter")
             self._resume()
