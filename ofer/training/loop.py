@@ -668,9 +668,13 @@ class _Trainer:
             )
 
     def _module_state_tensors(self) -> list[Tensor]:
-        """The model's parameters and tensor buffers, each once (the flat buffers' views included)."""
+        """The model's parameters and tensor buffers, each once; with flat parameters, each group's buffer in place
+        of the parameters that are views of it (one collective per group instead of one per parameter)."""
         seen: set[int] = set()
         out = []
+        if self.flat is not None:
+            out += [b.detach() for b in self.flat.buffers]
+            seen.update(id(p) for p in self.flat.params)
         for t in [*self.model.parameters(), *self.model.buffers()]:
             if id(t) not in seen:
                 seen.add(id(t))
