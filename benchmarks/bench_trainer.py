@@ -20,9 +20,10 @@ Under `torchrun --nproc_per_node=W` every row trains on W processes with `--item
 process (trainer.batch_size is global, so W times those), each `--grad-sync` value a row (auto, the default: what
 the trainer picks, flat with flat params; flat: one all-reduce per flat gradient buffer, the one-process step
 otherwise, CUDA graphs included; ddp: DistributedDataParallel around the model, compiled alone, no CUDA graphs, so
-`--graph false` there); samples/s count all processes, and rank 0 prints and writes the JSON. Goal 5 (scaling over one
-GPU at equal per-GPU batch) is the first command against the second, in one call (`--graph false` in both times
-the steps without CUDA graphs):
+`--graph false` there), and each `--grad-sync-dtype` value (float32, the default, or bfloat16:
+trainer.grad_sync_dtype, the gradients all-reduced in bf16); samples/s count all processes, and rank 0 prints and
+writes the JSON. Goal 5 (scaling over one GPU at equal per-GPU batch) is the first command against the second, in
+one call (`--graph false` in both times the steps without CUDA graphs):
 
     torchrun --standalone --nproc_per_node=2 benchmarks/bench_trainer.py --jobs idgen,expgen --graph true \
         --json $OUT/trainer_x2.json
@@ -57,7 +58,7 @@ from ofer.models.ranker import IdRanker  # noqa: E402
 from ofer.synthetic.assets import ensure_synthetic_flame  # noqa: E402
 from ofer.tasks.ranker import RankerTask  # noqa: E402
 from ofer.training import train  # noqa: E402
-from ofer.training.config import REDUCTION_LAUNCHES, TrainerConfig  # noqa: E402
+from ofer.training.config import GRAD_SYNC_DTYPES, REDUCTION_LAUNCHES, TrainerConfig  # noqa: E402
 
 
 class _Indices(torch.utils.data.Dataset):
@@ -131,13 +132,19 @@ class PoolTask(RankerTask):
         return super().loss(model, {k: v[batch["index"]] for k, v in self.pools.items()})
 
 
+def sync_label(row: dict) -> str:
+    """How a row's processes synced, for the table: e.g. 'flat x2', 'flat bf16 x2', 'none x1'."""
+    dtype = " bf16" if row.get("grad_sync_dtype") == "bfloat16" else ""
+    return f"{row['grad_sync']}{dtype} x{row['world_size']}"
+
+
 def world_size() -> int:
     """Processes of this run (torchrun's WORLD_SIZE; 1 without torchrun)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def run(kind: str, graph: bool, args: argparse.Namespace, device: str, pad: bool = False,
-        scope: str = "auto", flat: bool = True, sync: str = "auto") -> dict:
+        scope: str = "auto", flat: bool = True, sync: str = "auto", sync_dtype: str = "float32") -> dict:
     world = world_size()
     with tempfile.TemporaryDirectory() as flame_dir:
         task = (PoolTask(args.items * world, args.candidates, device, flame_dir) if kind == "idrank"
@@ -148,7 +155,7 @@ def run(kind: str, graph: bool, args: argparse.Namespace, device: str, pad: bool
            "ckpt_every": None, "log_every": 10 ** 6, "lr_scheduler": "constant", "precision": "bf16",
            "compile": device == "cuda" and scope != "none", "cuda_graph": graph,
            "compile_scope": "auto" if scope == "none" else scope, "progress": False, "seed": 0, "flat_params": flat,
-           "reduction_launch": args.reduction_launch, "grad_sync": sync}
+           "reduction_launch": args.reduction_launch, "grad_sync": sync, "grad_sync_dtype": sync_dtype}
     # what the trainer resolves auto to in this run (grad_sync: only where several processes sync)
     resolved = TrainerConfig.from_mapping(cfg)
     scope = scope if scope == "none" else resolved.compile_scope_for(world > 1)
@@ -189,7 +196,8 @@ def run(kind: str, graph: bool, args: argparse.Namespace, device: str, pad: bool
     each = sorted(ends[i + 1] - ends[i] for i in range(args.warmup, args.steps - 1))
     rows = args.rank_batch * args.candidates if kind == "idrank" else args.items_per_step * args.rows_per_item
     return {"job": kind, "cuda_graph": graph, "pad_widths": pad, "compile_scope": scope, "flat_params": flat,
-            "world_size": world, "grad_sync": sync, "rows_per_step": rows,  # per process
+            "world_size": world, "grad_sync": sync, "grad_sync_dtype": sync_dtype if world > 1 else "none",
+            "rows_per_step": rows,  # per process
             "s_per_step": s, "s_per_step_median": each[len(each) // 2], "s_per_step_min": each[0],
             "s_per_step_max": each[-1],
             "samples_per_s": rows * world / s, "params": params,
@@ -255,6 +263,9 @@ def main() -> None:
                          "flat with flat params; ddp: DistributedDataParallel; flat: one all-reduce per flat gradient "
                          "buffer, with the whole loss compiled as in one process); rows name the mode auto resolved "
                          "to; one process: ignored, one row, grad_sync 'none'")
+    ap.add_argument("--grad-sync-dtype", default="float32", metavar="float32|bfloat16|float32,bfloat16",
+                    help="under torchrun: trainer.grad_sync_dtype values to run (the dtype the gradients are "
+                         "all-reduced in); one process: ignored, one row, grad_sync_dtype 'none'")
     add_min_reductions(ap)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -281,17 +292,20 @@ def main() -> None:
         extra = inductor_extra(args.inductor)
         syncs = comma_choices(args.grad_sync, ("auto", "ddp", "flat"), "--grad-sync")
         syncs = syncs if world > 1 else ["auto"]  # one process: nothing to sync, one row
+        sync_dtypes = comma_choices(args.grad_sync_dtype, GRAD_SYNC_DTYPES, "--grad-sync-dtype")
+        sync_dtypes = sync_dtypes if world > 1 else ["float32"]
     except ValueError as exc:
         ap.error(str(exc))
     LOSS_SCOPE_OPTIONS.update(extra)  # the trainer reads this dict when it compiles the loss
     rows = []
     for kind in jobs:
         graphs = (False,) if args.cpu else tuple(v == "true" for v in args.graph.split(","))
-        for graph, pad, ptw, scope, flat, sync in ((g, p, w, c, f, y) for g in graphs for p in pads for w in widths
-                                                   for c in scopes for f in flats for y in syncs):
+        for graph, pad, ptw, scope, flat, sync, sync_dtype in (
+                (g, p, w, c, f, y, d) for g in graphs for p in pads for w in widths for c in scopes for f in flats
+                for y in syncs for d in sync_dtypes):
             ptw = set_project_training(ptw, device)
             try:
-                row = run(kind, graph, args, device, pad, scope, flat, sync)
+                row = run(kind, graph, args, device, pad, scope, flat, sync, sync_dtype)
                 row["project_training_max_width"] = ptw
                 row["inductor_extra"] = extra
                 if peak and kind != "idrank":  # IdRank: no MFU (its rows are candidates, its cost FLAME too)
@@ -299,7 +313,7 @@ def main() -> None:
             except Exception as exc:  # noqa: BLE001 -- reported, the other rows go on
                 row = {"job": kind, "cuda_graph": graph, "pad_widths": pad, "project_training_max_width": ptw,
                        "compile_scope": scope, "flat_params": flat, "world_size": world, "grad_sync": sync,
-                       "error": f"{type(exc).__name__}: {exc}"}
+                       "grad_sync_dtype": sync_dtype, "error": f"{type(exc).__name__}: {exc}"}
             rows.append(row)
             if rank == 0:
                 print(json.dumps(row), flush=True)
@@ -309,12 +323,12 @@ def main() -> None:
         return
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"device: {name}  bf16 GEMM {peak or 0:.0f} TFLOP/s")
-    print(f"{'job':8} {'cuda_graph':>10} {'pad':>5} {'proj':>4} {'scope':>5} {'flat':>5} {'sync':>9} {'ms/step':>9} "
+    print(f"{'job':8} {'cuda_graph':>10} {'pad':>5} {'proj':>4} {'scope':>5} {'flat':>5} {'sync':>14} {'ms/step':>9} "
           f"{'samples/s':>12} {'MFU':>6} {'median':>7} {'min':>7} {'max':>7}")
     for r in rows:
         head = (f"{r['job']:8} {str(r['cuda_graph']):>10} {str(r['pad_widths']):>5} "
                 f"{r['project_training_max_width']:>4} {r['compile_scope']:>5} {str(r['flat_params']):>5} "
-                f"{r['grad_sync'] + ' x' + str(r['world_size']):>9}")
+                f"{sync_label(r):>14}")
         if "error" in r:
             print(f"{head} error: {r['error'][:200]}")
         else:

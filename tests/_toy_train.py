@@ -2,7 +2,8 @@
 
     python tests/_toy_train.py --run-dir X --max-steps N --ckpt-every K --seed S
         [--die-at-step M] [--sleep-per-step [SECONDS]] [--deterministic-loss] [--dump-final]
-        [--device cpu|cuda] [--precision fp32|bf16] [--grad-sync ddp|flat] [--rank-seeded] [--cuda-graph]
+        [--device cpu|cuda] [--precision fp32|bf16] [--grad-sync ddp|flat]
+        [--grad-sync-dtype float32|bfloat16] [--rank-seeded] [--cuda-graph]
 
 (also under ``torchrun --nproc_per_node=2``). ``--die-at-step M`` SIGKILLs the process right after
 step M (and its checkpoint, if one is due); ``--dump-final`` writes ``final_rank{R}.pt`` with the
@@ -144,13 +145,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32")
     p.add_argument("--grad-sync", default="ddp")
+    p.add_argument("--grad-sync-dtype", default="float32")
     p.add_argument("--rank-seeded", action="store_true")
     p.add_argument("--cuda-graph", action="store_true")
     args = p.parse_args(argv)
 
     cfg = toy_trainer_cfg(
         max_steps=args.max_steps, ckpt_every=args.ckpt_every, seed=args.seed, precision=args.precision,
-        grad_sync=args.grad_sync, cuda_graph=args.cuda_graph,
+        grad_sync=args.grad_sync, grad_sync_dtype=args.grad_sync_dtype, cuda_graph=args.cuda_graph,
     )
     model_seed = args.seed + (int(os.environ.get("RANK", "0")) if args.rank_seeded else 0)
     task = make_task(model_seed, deterministic_loss=args.deterministic_loss, record_seen=not args.cuda_graph)

@@ -75,21 +75,24 @@ def test_bench_trainer_host_times_the_loops_own_work(tmp_path: Path) -> None:
 
 
 def test_bench_trainer_under_torchrun_runs_each_grad_sync_on_two_gloo_processes(tmp_path: Path) -> None:
-    """Two processes on the CPU: a row per --grad-sync value, each trained on both (global batch 2 x 4 items),
-    samples/s counting both; rank 0 alone writes the JSON. Rows name what auto resolved to: the sync (flat, with
-    the default flat params), the compile scope (the whole loss, or the model alone inside DDP) and whether flat
-    parameters were used (not inside DDP)."""
+    """Two processes on the CPU: a row per --grad-sync and --grad-sync-dtype value, each trained on both (global
+    batch 2 x 4 items), samples/s counting both; rank 0 alone writes the JSON. Rows name what auto resolved to: the
+    sync (flat, with the default flat params), the compile scope (the whole loss, or the model alone inside DDP) and
+    whether flat parameters were used (not inside DDP)."""
     out = tmp_path / "trainer_ddp.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "benchmarks/bench_trainer.py", "--cpu", "--jobs", "idgen", "--rows-per-item", "8", "--items-per-step", "4",
-           "--items", "8", "--steps", "6", "--warmup", "2", "--grad-sync", "auto,ddp,flat", "--json", str(out)]
+           "--items", "8", "--steps", "6", "--warmup", "2", "--grad-sync", "auto,ddp,flat", "--grad-sync-dtype",
+           "float32,bfloat16", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, check=False, timeout=600, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["grad_sync"], r["compile_scope"], r["flat_params"], r["world_size"]) for r in rows] == [
-        ("flat", "loss", True, 2), ("ddp", "model", False, 2), ("flat", "loss", True, 2)]
-    assert [r["events"] for r in rows] == [[], ["flat_params_off"], []]  # asked for, off inside DDP
+    rows_of = [(s, c, f, 2, d) for s, c, f in (("flat", "loss", True), ("ddp", "model", False), ("flat", "loss", True))
+               for d in ("float32", "bfloat16")]
+    assert [(r["grad_sync"], r["compile_scope"], r["flat_params"], r["world_size"], r["grad_sync_dtype"])
+            for r in rows] == rows_of
+    assert [r["events"] for r in rows] == [[], [], ["flat_params_off"], ["flat_params_off"], [], []]  # off in DDP
     for r in rows:
         assert "error" not in r, r
         assert r["rows_per_step"] == 4 * 8  # per process

@@ -20,6 +20,9 @@ COMPILE_SCOPES = ("auto", "model", "loss")
 REDUCTION_LAUNCHES = ("one_row", "inductor")
 # trainer.grad_sync: DistributedDataParallel, one all-reduce per flat buffer, or auto (flat where it applies)
 GRAD_SYNCS = ("auto", "ddp", "flat")
+# trainer.grad_sync_dtype: the dtype the gradients are all-reduced in (float32: the exact mean of float32 gradients;
+# bfloat16: half the bytes, each rank's gradient rounded once before the sum, as DDP's bf16_compress_hook)
+GRAD_SYNC_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,6 +61,7 @@ class TrainerConfig:
     ddp_find_unused_parameters: bool = False
     ddp_gradient_as_bucket_view: bool = True
     grad_sync: str = "auto"
+    grad_sync_dtype: str = "float32"
     preempt_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR2")
     progress: bool = True
     compile: bool = False
@@ -88,6 +92,7 @@ class TrainerConfig:
         choose("compile_scope", COMPILE_SCOPES)
         choose("reduction_launch", REDUCTION_LAUNCHES)
         choose("grad_sync", GRAD_SYNCS)
+        choose("grad_sync_dtype", GRAD_SYNC_DTYPES)
         positive("max_steps")
         positive("batch_size")
         positive("num_workers", allow_zero=True)

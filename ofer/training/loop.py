@@ -68,6 +68,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
@@ -354,6 +355,8 @@ class _Trainer:
         # destroy_process_group, pytorch#196133 with host syncs after replays): GPU test
         # test_flat_grad_sync_with_cuda_graphs_on_two_gpus_matches_one_process
         self.sync_flat = self.ctx.enabled and cfg.grad_sync_mode == "flat"
+        # trainer.grad_sync_dtype: None sums the gradients in their own dtype (float32)
+        self.sync_dtype = torch.bfloat16 if cfg.grad_sync_dtype == "bfloat16" else None
         wrapped = self.ctx.enabled and not self.sync_flat
         if cfg.cuda_graph and wrapped:
             raise ValueError(f"trainer.cuda_graph=true captures the step of one process or of trainer.grad_sync=flat "
@@ -384,6 +387,8 @@ class _Trainer:
                 find_unused_parameters=cfg.ddp_find_unused_parameters,
                 gradient_as_bucket_view=cfg.ddp_gradient_as_bucket_view,
             )
+            if self.sync_dtype is not None:  # trainer.grad_sync_dtype=bfloat16: torch's own hook for DDP's buckets
+                self.ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
         else:
             self.ddp = self.model
             if self.sync_flat:  # as DDP does when it is built: rank 0's parameters and buffers on every rank
@@ -705,7 +710,7 @@ class _Trainer:
         if self.flat is not None:
             self.flat.gather_grads()
             if self.sync_flat:  # the mean over ranks, as DDP's: one all-reduce per group's buffer
-                self.ctx.all_reduce_mean_(self.flat.grads())
+                self.ctx.all_reduce_mean_(self.flat.grads(), self.sync_dtype)
         grads = [p.grad for p in self.update_params if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
         stats_t = self.ctx.all_reduce_sum(self._stats(terms, loss, grad_norm, stop))
@@ -917,7 +922,8 @@ class _Trainer:
             if cfg.compile:  # what trainer.compile_scope (auto by default) compiles in this run
                 self._event("compile", scope=self.compile_scope)
             if self.ctx.enabled:  # how the processes sync (trainer.grad_sync, auto by default)
-                self._event("grad_sync", mode=cfg.grad_sync_mode, world_size=self.ctx.world_size)
+                self._event("grad_sync", mode=cfg.grad_sync_mode, world_size=self.ctx.world_size,
+                            dtype=cfg.grad_sync_dtype)
                 if cfg.flat_params and self.flat is None:
                     self._event("flat_params_off", reason="grad_sync=ddp keeps the gradients in DDP's buckets; "
                                 "AdamW, clipping and EMA run per parameter")
