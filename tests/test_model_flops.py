@@ -3,7 +3,6 @@ denoiser, against closed forms from the model's configuration (the attention's a
 parameters (every weight matrix multiplied once per row), and its error for an unknown job."""
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -13,18 +12,13 @@ import pytest
 from ofer.models.unet1d import Denoiser
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-
-def _module():
-    spec = importlib.util.spec_from_file_location("model_flops", ROOT / "benchmarks" / "model_flops.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+import model_flops as mf  # noqa: E402
 
 
 @pytest.mark.parametrize("job", ["idgen", "expgen"])
 def test_counted_flops_match_the_closed_forms(job: str) -> None:
-    mf = _module()
     cfg = mf.model_config(job)
     row = mf.count(job, rows=3)
     heads, dh, tokens = cfg["attn_heads"], cfg["attn_head_dim"], cfg["attn_tokens"]
@@ -45,7 +39,6 @@ def test_counted_flops_match_the_closed_forms(job: str) -> None:
 
 def test_paper_sizes_give_the_documented_ratios() -> None:
     # BENCHMARKS.md converts the measured MFU with these ratios (6 blocks of 4 heads x 16 tokens x 32 channels)
-    mf = _module()
     ratios = {job: mf.count(job, rows=2)["ratio"] for job in mf.JOBS}
     assert ratios["idgen"] == pytest.approx(1.0326, abs=1e-4)
     assert ratios["expgen"] == pytest.approx(1.1283, abs=1e-4)
