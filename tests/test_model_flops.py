@@ -30,7 +30,7 @@ def test_counted_flops_match_the_closed_forms(job: str) -> None:
     # every weight matrix (2-D) is multiplied once per row in a parameter matmul; the 1-D parameters (biases, norm
     # gains) and the token mix (inside the activation product above) are not
     model = Denoiser(**cfg)
-    other = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 1 or n.endswith(("token_mix.weight",)))
+    other = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 1 or n.endswith("token_mix.weight"))
     assert row["params"] == sum(p.numel() for p in model.parameters())
     assert row["forward_param_matmuls"] == 2 * (row["params"] - other)
     assert row["with_attention"] == 6 * row["params"] + 3 * attention
